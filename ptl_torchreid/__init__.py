@@ -1,0 +1,6 @@
+"""ptl_torchreid: Progressive Transfer Learning (PTL) and COP pruning for torchreid.
+
+Importing the package registers the ``ptl_*`` models in torchreid's model factory
+and the synthetic datasets in torchreid's dataset registry.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""ptl_torchreid: Progressive Transfer Learning and COP pruning for torchreid."""
+import os.path as osp
+
+from setuptools import find_packages, setup
+
+
+def read_version():
+    path = osp.join(osp.dirname(__file__), "ptl_torchreid", "__init__.py")
+    with open(path) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("__version__ not found in " + path)
+
+
+setup(
+    name="ptl_torchreid",
+    version=read_version(),
+    description="Progressive Transfer Learning (BConv-Cells) and COP filter pruning for torchreid",
+    long_description=open(osp.join(osp.dirname(__file__), "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ptl_torchreid", "ptl_torchreid.*"]),
+    python_requires=">=3.9",
+    # torch and torchvision are resolved together from the registry (see README).
+    install_requires=[
+        "torch",
+        "torchvision",
+        "torchreid==0.2.5",
+        "numpy",
+        "opencv-python-headless",
+        "yacs",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    entry_points={"console_scripts": ["ptl-torchreid=ptl_torchreid.cli:main"]},
+)
