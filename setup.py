@@ -26,6 +26,7 @@ setup(
         "torch",
         "torchvision",
         "torchreid==0.2.5",
+        "gdown",  # imported by torchreid 0.2.5 but not declared by it
         "numpy",
         "opencv-python-headless",
         "yacs",
