@@ -34,7 +34,7 @@ class PTLEngineMixin:
     Keyword arguments (on top of the torchreid engine's own, which must be given by keyword):
 
     - ``reset_policy``: when the carried cell state is zeroed: ``'epoch'`` (at every epoch start), ``'never'``,
-      or ``'iter'`` (every ``reset_every_n_iters`` training iterations, counted over the whole run);
+      or ``'iter'`` (before every ``reset_every_n_iters``-th training step, counted over the whole run);
     - ``freeze_backbone_epochs``: train only the PTL parameters for the first K epochs; -1: throughout;
     - ``amp`` / ``amp_dtype``: autocast (``'auto'``: float16 with a GradScaler on CUDA, bfloat16 on the CPU);
     - ``device``: where to train; default CUDA when ``use_gpu`` and available, else the CPU;
@@ -88,6 +88,7 @@ class PTLEngineMixin:
 
         self.max_epoch = 0
         self.num_batches = 0
+        self.iteration = 0  # training steps taken over the whole run (restored on resume)
         self.best_rank1 = -1.0
         self.epoch_summary = {}  # last epoch's logged values
         self.last_results = {}  # target name -> {'mAP': float, 'cmc': {rank: float}}
@@ -126,10 +127,8 @@ class PTLEngineMixin:
             self.reset_state()
 
     def _on_train_iter_start(self):
-        if self.reset_policy == "iter":
-            global_iter = self.epoch * self.num_batches + self.batch_idx
-            if global_iter % self.reset_every_n_iters == 0:
-                self.reset_state()
+        if self.reset_policy == "iter" and self.iteration % self.reset_every_n_iters == 0:
+            self.reset_state()
 
     # ----------------------------------------------------------------------------------------------------
     # Training
@@ -174,6 +173,7 @@ class PTLEngineMixin:
             data_time.update(time.time() - end)
             self._on_train_iter_start()
             summary = self.forward_backward(data)
+            self.iteration += 1
             batch_time.update(time.time() - end)
             losses.update(summary)
             bar.set_postfix({k: "{:.3f}".format(m.avg) for k, m in losses.meters.items()}, refresh=False)
@@ -343,6 +343,7 @@ class PTLEngineMixin:
         state = {
             "state_dict": self.net.state_dict(),  # cell running buffers included
             "epoch": epoch + 1,
+            "iteration": self.iteration,
             "rank1": rank1,
             "best_rank1": self.best_rank1,
             "results": self.last_results,
@@ -392,6 +393,7 @@ class PTLEngineMixin:
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.best_rank1 = float(state.get("best_rank1", -1.0))
+        self.iteration = int(state.get("iteration", 0))
         self.last_results = state.get("results", {})
         # The carried state is not part of a checkpoint; start from zeros, as at an epoch start.
         self.reset_state()
@@ -403,9 +405,9 @@ def clamp_ranks(ranks, num_gallery, dataset_name=""):
     valid = [r for r in ranks if r <= num_gallery]
     dropped = [r for r in ranks if r > num_gallery]
     if dropped:
-        print("Note: the gallery of {} has only {} images, so Rank-{} cannot be computed and {} skipped "
+        print("Note: the gallery of {} has only {} images, so {} cannot be computed and {} skipped "
               "(set test.ranks to ranks <= {}).".format(dataset_name or "this dataset", num_gallery,
-                                                       ", ".join(map(str, dropped)),
+                                                       ", ".join("Rank-{}".format(r) for r in dropped),
                                                        "is" if len(dropped) == 1 else "are", num_gallery))
     if num_gallery < 1:
         raise ValueError("the gallery of {} is empty: nothing to rank".format(dataset_name or "this dataset"))
