@@ -28,6 +28,7 @@ from ptl_torchreid.config import (
     model_kwargs,
     optimizer_kwargs,
     synthetic_kwargs,
+    torchreid_image_datasets,
 )
 from ptl_torchreid.data.synthetic import register_synthetic_dataset
 from ptl_torchreid.engine import ENGINES, build_optimizer, unwrap_model
@@ -72,7 +73,7 @@ def check_dataset_roots(cfg):
     torchreid's datasets download themselves (or hang offline) when their folder is missing; we check the
     folder first. The embedded synthetic datasets are generated, so they are skipped.
     """
-    registry = vars(torchreid.data.datasets)["__image_datasets"]  # no public getter in torchreid
+    registry = torchreid_image_datasets()
     root = osp.abspath(osp.expanduser(cfg.data.root))
     for name in _dataset_names(cfg):
         if is_synthetic_dataset(name):

@@ -38,6 +38,8 @@ __all__ = [
     "model_kwargs",
     "synthetic_kwargs",
     "is_synthetic_dataset",
+    "torchreid_image_datasets",
+    "torchreid_choices",
     "PTL_STATE_MODES",
     "PTL_EVAL_STATES",
     "PTL_RESET_POLICIES",
@@ -419,6 +421,30 @@ def is_synthetic_dataset(name):
     return name.startswith(SYNTHETIC_PREFIX)
 
 
+# torchreid lookups that have no public API. They belong with the rest of torchreid's layout knowledge in
+# ptl_torchreid._torchreid; they are kept together here so they can move there as one block.
+
+
+def torchreid_image_datasets():
+    """torchreid's image-dataset registry (name -> class), including the registered synthetic datasets."""
+    import ptl_torchreid.data.synthetic  # noqa: F401  (registers the synthetic datasets)
+    from ptl_torchreid import _torchreid
+
+    return vars(_torchreid.torchreid.data.datasets)["__image_datasets"]
+
+
+def torchreid_choices():
+    """Names torchreid accepts for samplers, optimizers and LR schedulers."""
+    from ptl_torchreid import _torchreid
+
+    tr = _torchreid.torchreid
+    return {
+        "samplers": list(tr.data.sampler.AVAI_SAMPLERS),
+        "optimizers": list(tr.optim.optimizer.AVAI_OPTIMS),
+        "schedulers": list(tr.optim.lr_scheduler.AVAI_SCH),
+    }
+
+
 def _available_models():
     import ptl_torchreid.models  # noqa: F401  (registers the ptl_* names)
     from ptl_torchreid import _torchreid
@@ -426,24 +452,15 @@ def _available_models():
     return sorted(_torchreid.model_factory())
 
 
-def _available_datasets():
-    import ptl_torchreid.data.synthetic  # noqa: F401  (registers the synthetic datasets)
-    from ptl_torchreid import _torchreid
-
-    # torchreid keeps its image-dataset registry as a module-level dict with no public getter.
-    return sorted(vars(_torchreid.torchreid.data.datasets)["__image_datasets"])
-
-
 def validate_config(cfg):
     """Reject impossible or inconsistent values before any work starts (raises :class:`ConfigError`)."""
-    import torchreid
-
+    choices = torchreid_choices()
     _choice("model.name", cfg.model.name, _available_models())
     _choice("model.load_weights_mode", cfg.model.load_weights_mode, LOAD_WEIGHTS_MODES)
     _choice("data.type", cfg.data.type, ("image",))
     _choice("loss.name", cfg.loss.name, LOSSES)
 
-    datasets = _available_datasets()
+    datasets = sorted(torchreid_image_datasets())
     for key in ("data.sources", "data.targets"):
         names = cfg.data[key.split(".")[1]]
         _check(len(names) > 0, key, names, "give at least one dataset name")
@@ -471,14 +488,14 @@ def validate_config(cfg):
            "needs at least 2 cameras (query and gallery come from different cameras)")
     _check(syn.seed >= 0, "data.synthetic.seed", syn.seed, "must be >= 0")
 
-    _choice("sampler.train_sampler", cfg.sampler.train_sampler, torchreid.data.sampler.AVAI_SAMPLERS)
-    _choice("sampler.train_sampler_t", cfg.sampler.train_sampler_t, torchreid.data.sampler.AVAI_SAMPLERS)
+    _choice("sampler.train_sampler", cfg.sampler.train_sampler, choices["samplers"])
+    _choice("sampler.train_sampler_t", cfg.sampler.train_sampler_t, choices["samplers"])
     _check(cfg.sampler.num_instances >= 1, "sampler.num_instances", cfg.sampler.num_instances, "must be >= 1")
     _check(cfg.sampler.num_cams >= 1, "sampler.num_cams", cfg.sampler.num_cams, "must be >= 1")
     _check(cfg.sampler.num_datasets >= 1, "sampler.num_datasets", cfg.sampler.num_datasets, "must be >= 1")
 
     tr = cfg.train
-    _choice("train.optim", tr.optim, torchreid.optim.optimizer.AVAI_OPTIMS)
+    _choice("train.optim", tr.optim, choices["optimizers"])
     _check(tr.lr > 0, "train.lr", tr.lr, "the learning rate must be positive")
     _check(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")
     _check(tr.max_epoch >= 0, "train.max_epoch", tr.max_epoch, "must be >= 0")
@@ -492,7 +509,7 @@ def validate_config(cfg):
                "images per batch".format(cfg.sampler.num_instances))
     _check(tr.fixbase_epoch >= 0, "train.fixbase_epoch", tr.fixbase_epoch, "must be >= 0")
     _check(tr.base_lr_mult > 0, "train.base_lr_mult", tr.base_lr_mult, "must be positive")
-    _choice("train.lr_scheduler", tr.lr_scheduler, torchreid.optim.lr_scheduler.AVAI_SCH)
+    _choice("train.lr_scheduler", tr.lr_scheduler, choices["schedulers"])
     _check(len(tr.stepsize) > 0 and all(s > 0 for s in tr.stepsize), "train.stepsize", tr.stepsize,
            "needs one or more positive epoch numbers")
     if tr.lr_scheduler == "multi_step":
