@@ -30,6 +30,7 @@ _CUHK03_CHUNK_ELEMS = 1 << 21
 # torchreid's eval_cuhk03 averages this many random single-gallery-shot samplings.
 _CUHK03_REPEATS = 10
 
+
 def evaluate_rank(
     distmat,
     q_pids,
