@@ -742,9 +742,10 @@ class _Camera:
 
     def describe(self):
         """JSON-friendly summary for the manifest."""
-        return dict(camid=self.index + 1, scene=self.scene, gain=round(float(self.gain), 3), contrast=round(self.contrast, 3),
-                    gamma=round(self.gamma, 3), cast_bgr=[round(float(c), 3) for c in self.cast],
-                    saturation=round(self.saturation, 3), blur=round(self.blur, 3), lowres=round(self.lowres, 3),
+        return dict(camid=self.index + 1, scene=self.scene, gain=round(self.gain, 3),
+                    contrast=round(self.contrast, 3), gamma=round(self.gamma, 3),
+                    cast_bgr=[round(float(c), 3) for c in self.cast], saturation=round(self.saturation, 3),
+                    blur=round(self.blur, 3), lowres=round(self.lowres, 3),
                     noise=round(self.noise, 3), jpeg_quality=self.jpeg, person_scale=round(self.scale, 3),
                     perspective=round(self.perspective, 3), offset=round(self.offset, 3),
                     view_probs=dict(zip(("front", "back", "side"), [round(float(v), 3) for v in self.views])),
@@ -771,7 +772,7 @@ def _make_cameras(params):
             return float(rng.uniform(lo, hi)) if hi > lo else float(lo)
 
         lo, hi = style["gain"]
-        gain = lo + gain_q[c] * (hi - lo)
+        gain = float(lo + gain_q[c] * (hi - lo))
         if style["cast_hue"] is None:
             hue = (hue_base + 360.0 * hue_q[c]) % 360.0
         else:
@@ -792,8 +793,9 @@ def _make_cameras(params):
             index=c, scene=scene, panorama=panorama, shade=shade, gain=gain, contrast=u("contrast"),
             gamma=u("gamma"), cast=cast, cast_hue=hue, saturation=u("saturation"), blur=u("blur"),
             lowres=u("lowres"), noise=u("noise"), jpeg=int(round(u("jpeg"))), scale=u("scale"),
-            perspective=perspective, warp=_perspective_maps(perspective, hc, wc), offset=u("offset"), flip=float(rng.uniform(0.15, 0.85)), views=views,
-            occlusion=u("occlusion"), clutter=tuple(style["clutter"]), light_jitter=float(style["light_jitter"])))
+            perspective=perspective, warp=_perspective_maps(perspective, hc, wc), offset=u("offset"),
+            flip=float(rng.uniform(0.15, 0.85)), views=views, occlusion=u("occlusion"),
+            clutter=tuple(style["clutter"]), light_jitter=float(style["light_jitter"])))
     return cams
 
 
