@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from .._torchreid import torchreid
+from . import check
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,7 +50,6 @@ __all__ = [
     "registered_synthetic_datasets",
     "prepare_synthetic_dataset",
     "read_split",
-    "parse_image_name",
     "make_contact_sheet",
 ]
 
@@ -59,7 +59,6 @@ GENERATOR = "ptl_torchreid.data.synthetic"
 MANIFEST = "manifest.json"
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 _IMAGE_EXTS = ("jpg", "png")
-_NAME_RE = re.compile(r"^(-?\d+)_c(\d+)s(\d+)_(\d+)_(\d+)\.(jpg|png)$")
 _SUPERSAMPLE = 2  # draw at twice the stored size, then area-downsample: cheap anti-aliasing
 
 # Independent random streams, keyed so that any image can be redrawn without drawing the others first.
@@ -1115,19 +1114,17 @@ def _list_images(dir_path):
     return sorted(n for n in os.listdir(dir_path) if n.rsplit(".", 1)[-1] in _IMAGE_EXTS and not n.startswith("."))
 
 
-def parse_image_name(name):
-    """``(pid, camid)`` from a Market-1501-style name such as ``0002_c1s1_000451_01.jpg`` (camid from 0)."""
-    m = _NAME_RE.match(osp.basename(name))
-    if m is None:
-        raise ValueError("{!r} is not a Market-1501-style image name like 0002_c1s1_000451_01.jpg".format(name))
-    return int(m.group(1)), int(m.group(2)) - 1
+def _pid_camid(name):
+    """``(pid, camid)`` of a Market-1501-style name, camid counted from 0 as torchreid's datasets do."""
+    pid, cam = check.parse_image_name(name, "market-style")
+    return pid, cam - 1
 
 
 def read_split(dir_path, relabel=False):
     """``[(img_path, pid, camid)]`` for a split folder, sorted by name; ``relabel`` maps pids to 0..N-1."""
     data = []
     for name in _list_images(dir_path):
-        pid, camid = parse_image_name(name)
+        pid, camid = _pid_camid(name)
         if pid == -1:  # junk, as in Market-1501
             continue
         data.append((osp.join(dir_path, name), pid, camid))
