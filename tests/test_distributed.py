@@ -6,6 +6,7 @@ import math
 import os
 import os.path as osp
 import socket
+import time
 from collections import Counter
 
 import pytest
@@ -96,6 +97,12 @@ def cell_snapshot(model):
 
 def _ddp_cells_worker(rank, out_dir):
     results = {}
+    flag = osp.join(out_dir, "rank0_was_here")
+    with pdist.main_process_first():
+        if rank == 0:
+            time.sleep(0.5)
+            open(flag, "w").close()
+        results["saw_rank0_first"] = osp.exists(flag)
     for mode in ("dataset", "slot"):
         model = pdist.wrap_ddp(make_stack(mode))
         assert set(pdist.cell_buffer_names(model)) <= set(model.parameters_to_ignore)
@@ -181,6 +188,10 @@ def test_unequal_batches_are_weighted_by_size(ddp_cells):
         for key in ("state", "running"):
             for a, b in zip(ddp_cells[r]["unequal"][key], ref[key]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_main_process_first(ddp_cells):
+    assert all(ddp_cells[r]["saw_rank0_first"] for r in range(WORLD))
 
 
 def test_all_gather_variable_sizes_and_weighted_mean(ddp_cells):

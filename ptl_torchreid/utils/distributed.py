@@ -28,6 +28,7 @@ forward, which would overwrite the synchronised running state with rank 0's loca
 every rank's slots with rank 0's. :func:`wrap_ddp` tells DDP to ignore them (other buffers, e.g. BatchNorm
 statistics, are still broadcast from rank 0 as usual).
 """
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -39,7 +40,7 @@ from ..models import unwrap
 from ..models.bconv import BConvCell
 
 __all__ = ["DistContext", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank",
-           "get_world_size", "get_local_rank", "is_main_process", "barrier", "all_gather_tensors",
+           "get_world_size", "get_local_rank", "is_main_process", "barrier", "main_process_first", "all_gather_tensors",
            "all_reduce_mean", "cell_buffer_names", "wrap_ddp", "broadcast_cell_states", "sync_cell_states"]
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -150,6 +151,19 @@ def barrier():
     """Wait for every rank (no-op in a single process)."""
     if get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block on rank 0 first, then on the other ranks: for work that writes shared files (generating a
+    dataset, extracting an archive) which the others then only read."""
+    if not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            barrier()
 
 
 def all_gather_tensors(tensor, cat=True):
