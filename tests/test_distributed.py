@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ptl_torchreid import models
-from ptl_torchreid.data.samplers import DistributedRandomIdentitySampler
+from ptl_torchreid.data.samplers import (DistributedRandomIdentitySampler, ShardSampler,
+                                         build_distributed_train_sampler, rebuild_loader)
 from ptl_torchreid.models.bconv import BConvCell
 from ptl_torchreid.utils import amp
 from ptl_torchreid.utils import distributed as pdist
@@ -337,6 +338,48 @@ def test_sampler_errors_are_clear():
 def test_sampler_defaults_to_single_process():
     s = DistributedRandomIdentitySampler(fake_source(), 8, 4)
     assert (s.num_replicas, s.rank) == (1, 0)
+
+
+def test_shard_sampler_covers_every_item_once():
+    shards = [list(ShardSampler(11, num_replicas=3, rank=r)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+    assert [len(ShardSampler(11, 3, r)) for r in range(3)] == [4, 4, 3]
+    assert list(ShardSampler(5)) == list(range(5))  # single process: everything
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.train = items
+
+    def __len__(self):
+        return len(self.train)
+
+    def __getitem__(self, i):
+        return {"index": i, "pid": self.train[i][1]}
+
+
+@pytest.mark.parametrize("name", ["RandomIdentitySampler", "RandomSampler", "SequentialSampler"])
+def test_distributed_train_loaders_have_equal_batch_counts(name):
+    source = fake_source(num_pids=17)
+    dataset = ListDataset(source)
+    base = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True)
+    loaders = []
+    for r in range(3):
+        sampler = build_distributed_train_sampler(source, name, 8, num_instances=4, seed=3, num_replicas=3, rank=r)
+        sampler.set_epoch(2)
+        loaders.append(rebuild_loader(base, sampler))
+    batches = [[b["index"].tolist() for b in loader] for loader in loaders]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) > 0
+    assert all(len(batch) == 8 for per_rank in batches for batch in per_rank)
+    assert loaders[0].drop_last and loaders[0].batch_size == 8
+    if name != "RandomIdentitySampler":  # plain samplers: (nearly) disjoint index shards
+        flat = [set(i for batch in per_rank for i in batch) for per_rank in batches]
+        assert len(flat[0] & flat[1]) <= 2  # the padding repeats at most world_size - 1 items
+
+
+def test_distributed_train_sampler_rejects_unsupported_names():
+    with pytest.raises(ValueError, match="RandomIdentitySampler, RandomSampler"):
+        build_distributed_train_sampler(fake_source(), "RandomDomainSampler", 8, num_replicas=2, rank=0)
 
 
 # -- mixed precision ----------------------------------------------------------------------------------------------

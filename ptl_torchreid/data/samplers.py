@@ -6,13 +6,21 @@ sees in that epoch. Every rank computes the same per-epoch random plan from ``se
 :meth:`~DistributedRandomIdentitySampler.set_epoch`, so no communication is needed and epochs are reproducible.
 All ranks yield the same number of batches (collectives in the training step would otherwise wait forever for
 the rank that ran out).
+
+:func:`build_distributed_train_sampler` maps torchreid's ``sampler.train_sampler`` names to distributed samplers,
+:class:`ShardSampler` splits an evaluation set between ranks without padding, and :func:`rebuild_loader` makes a
+DataLoader like torchreid's with another sampler.
 """
 from collections import defaultdict
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-__all__ = ["DistributedRandomIdentitySampler"]
+__all__ = ["DistributedRandomIdentitySampler", "ShardSampler", "build_distributed_train_sampler", "rebuild_loader",
+           "DISTRIBUTED_TRAIN_SAMPLERS"]
+
+# torchreid sampler name -> what it becomes under distributed training
+DISTRIBUTED_TRAIN_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "SequentialSampler")
 
 
 def _default_replicas_and_rank():
@@ -148,3 +156,63 @@ class DistributedRandomIdentitySampler(Sampler):
             type(self).__name__, self.num_pids_per_batch, self.num_instances, self.rank, self.num_replicas,
             self.seed, self.epoch, len(self.pids))
 
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + num_replicas, ...`` of a dataset of ``length`` items, in order, without padding:
+    the ranks' shards are disjoint and together cover every item exactly once (for distributed evaluation,
+    where duplicated items would distort the metrics). Shards differ in size by at most one item."""
+
+    def __init__(self, length, num_replicas=None, rank=None):
+        if num_replicas is None or rank is None:
+            world, this_rank = _default_replicas_and_rank()
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = this_rank if rank is None else rank
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError("rank={} is not valid for num_replicas={}".format(rank, num_replicas))
+        self.length, self.num_replicas, self.rank = int(length), int(num_replicas), int(rank)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+def build_distributed_train_sampler(data_source, train_sampler, batch_size, num_instances=4, seed=0,
+                                    num_replicas=None, rank=None):
+    """The distributed counterpart of torchreid's ``build_train_sampler`` for ``train_sampler``:
+
+    - ``RandomIdentitySampler`` -> :class:`DistributedRandomIdentitySampler` (P x K on disjoint identity shards);
+    - ``RandomSampler`` -> ``torch.utils.data.DistributedSampler`` (shuffled, ``seed``);
+    - ``SequentialSampler`` -> ``DistributedSampler`` without shuffling.
+
+    The DistributedSampler pads the shards to equal length, so with ``drop_last=True`` every rank gets the same
+    number of batches. Call ``set_epoch(epoch)`` on the sampler at every epoch start.
+    """
+    if num_replicas is None or rank is None:
+        world, this_rank = _default_replicas_and_rank()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
+    if train_sampler == "RandomIdentitySampler":
+        return DistributedRandomIdentitySampler(data_source, batch_size, num_instances, num_replicas=num_replicas,
+                                                rank=rank, seed=seed)
+    if train_sampler in ("RandomSampler", "SequentialSampler"):
+        return DistributedSampler(data_source, num_replicas=num_replicas, rank=rank,
+                                  shuffle=train_sampler == "RandomSampler", seed=seed, drop_last=False)
+    raise ValueError("sampler.train_sampler={!r} has no distributed version; use one of {} for multi-process "
+                     "training".format(train_sampler, ", ".join(DISTRIBUTED_TRAIN_SAMPLERS)))
+
+
+def rebuild_loader(loader, sampler, drop_last=None):
+    """A DataLoader over ``loader``'s dataset with the same batch size, workers, pinning and collation but
+    ``sampler`` (and ``drop_last`` if given)."""
+    if loader.batch_size is None:
+        raise ValueError("rebuild_loader needs a loader with a batch_size (not a batch_sampler)")
+    kwargs = dict(batch_size=loader.batch_size, sampler=sampler, shuffle=False, num_workers=loader.num_workers,
+                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                  drop_last=loader.drop_last if drop_last is None else drop_last, timeout=loader.timeout,
+                  worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+    if loader.num_workers > 0:
+        kwargs.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
+    return DataLoader(loader.dataset, **kwargs)
