@@ -1,0 +1,99 @@
+"""PTL model factories, registered by name in torchreid's model factory.
+
+After ``import ptl_torchreid``, ``torchreid.models.build_model('ptl_resnet50', num_classes, loss)`` builds a PTL
+model, and ``torchreid.models.show_avai_models()`` lists the ``ptl_*`` names. ``build_model`` below is the same
+with PTL options (state mode, eval state, momentum, input size) on top, and works for plain torchreid models too.
+"""
+import difflib
+import functools
+import warnings
+
+from .. import _torchreid
+from .backbones import BACKBONES, build_backbone, load_imagenet_weights, load_pretrained_weights
+from .bconv import EVAL_STATES, STATE_MODES, BConvCell, check_state_options
+from .ptl import PTLNet
+
+__all__ = ["PTLNet", "BConvCell", "PTL_MODELS", "STATE_MODES", "EVAL_STATES", "build_model", "is_ptl",
+           "unwrap", "register_models", "available_models", "load_pretrained_weights", "check_state_options"]
+
+# ptl model name -> backbone name
+PTL_MODELS = {
+    "ptl_resnet50": "resnet50",
+    "ptl_resnet50_fc512": "resnet50_fc512",
+    "ptl_osnet_x1_0": "osnet_x1_0",
+    "ptl_osnet_x0_75": "osnet_x0_75",
+    "ptl_osnet_x0_5": "osnet_x0_5",
+    "ptl_osnet_x0_25": "osnet_x0_25",
+}
+
+
+def _build_ptl(backbone_name, num_classes, loss="softmax", pretrained=True, use_gpu=None, input_size=(256, 128),
+               state_mode="dataset", eval_state="running", momentum=0.1, widths=None, **kwargs):
+    if kwargs:
+        raise TypeError("unexpected options for a PTL model: {}".format(", ".join(sorted(kwargs))))
+    backbone = build_backbone(backbone_name, num_classes, loss)
+    if pretrained:  # before wrapping, so the backbone's own key names match the ImageNet file
+        load_imagenet_weights(backbone, backbone_name)
+    return PTLNet(backbone, BACKBONES[backbone_name].taps, num_classes, loss=loss, input_size=input_size,
+                  widths=widths, state_mode=state_mode, eval_state=eval_state, momentum=momentum)
+
+
+def _make_factory(name, backbone_name):
+    factory = functools.partial(_build_ptl, backbone_name)
+    functools.update_wrapper(factory, _build_ptl)
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = "PTL model over torchreid's {} (see PTLNet).".format(backbone_name)
+    factory.ptl_torchreid_factory = True  # marks our own entries, so re-registration is idempotent
+    return factory
+
+
+_FACTORIES = {name: _make_factory(name, bb) for name, bb in PTL_MODELS.items()}
+
+
+def register_models():
+    """Add the ``ptl_*`` factories to torchreid's model factory. Idempotent; an existing entry of the same name
+    that is not ours is left in place, with a warning, rather than overwritten."""
+    registry = _torchreid.model_factory()
+    for name, factory in _FACTORIES.items():
+        existing = registry.get(name)
+        if existing is not None and not getattr(existing, "ptl_torchreid_factory", False):
+            warnings.warn("torchreid already has a model named {!r} that is not from ptl_torchreid; it is kept and "
+                          "ptl_torchreid's is not registered under that name".format(name))
+            continue
+        registry[name] = factory
+
+
+def available_models():
+    return sorted(_torchreid.model_factory())
+
+
+def unwrap(model):
+    """The model inside DataParallel / DistributedDataParallel wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def is_ptl(model):
+    return bool(getattr(unwrap(model), "is_ptl", False))
+
+
+def build_model(name, num_classes, loss="softmax", pretrained=False, **ptl_options):
+    """Build a torchreid or PTL model by name. PTL options: ``state_mode``, ``eval_state``, ``momentum``,
+    ``input_size`` and ``widths``; passing one for a plain torchreid model is an error."""
+    registry = _torchreid.model_factory()
+    if name not in registry:
+        close = difflib.get_close_matches(name, registry, n=3)
+        raise KeyError("unknown model name {!r}{}. Available: {}".format(
+            name, "; did you mean {}?".format(" or ".join(close)) if close else "", ", ".join(sorted(registry))))
+    factory = registry[name]
+    if getattr(factory, "ptl_torchreid_factory", False):
+        return factory(num_classes=num_classes, loss=loss, pretrained=pretrained, **ptl_options)
+    if ptl_options:
+        raise ValueError("{} is not a PTL model; PTL options {} do not apply to it".format(
+            name, ", ".join(sorted(ptl_options))))
+    if pretrained and name in BACKBONES:  # same weights as torchreid, but fails fast when offline
+        model = factory(num_classes=num_classes, loss=loss, pretrained=False)
+        load_imagenet_weights(model, name)
+        return model
+    return factory(num_classes=num_classes, loss=loss, pretrained=pretrained)

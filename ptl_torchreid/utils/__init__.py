@@ -1,0 +1,38 @@
+"""Utilities: safe, atomic checkpoints and weight loading."""
+from .checkpoint import (
+    TRUST_OPT_IN,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointMismatchError,
+    CheckpointReadError,
+    CheckpointWriteError,
+    LoadReport,
+    NonFiniteCheckpointError,
+    UntrustedCheckpointError,
+    UntrustedCheckpointWarning,
+    extract_state_dict,
+    load_checkpoint,
+    load_weights,
+    safe_numpy_globals,
+    save_checkpoint,
+    to_plain,
+)
+
+__all__ = [
+    "TRUST_OPT_IN",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointMismatchError",
+    "CheckpointReadError",
+    "CheckpointWriteError",
+    "LoadReport",
+    "NonFiniteCheckpointError",
+    "UntrustedCheckpointError",
+    "UntrustedCheckpointWarning",
+    "extract_state_dict",
+    "load_checkpoint",
+    "load_weights",
+    "safe_numpy_globals",
+    "save_checkpoint",
+    "to_plain",
+]
