@@ -461,6 +461,10 @@ def parse_command_line(argv=None):
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     args = _move_trailing_overrides(build_parser(command).parse_args(argv))
     flags = []
+    if args.resume is not None and args.resume in set(config_keys()):
+        # `--resume train.max_epoch 3`: the override is not a checkpoint path
+        args.opts = [args.resume] + list(args.opts or [])
+        args.resume = "auto"
     if args.resume is not None:
         flags += ["train.resume", args.resume]
     if args.trust_checkpoint:
