@@ -129,7 +129,7 @@ def build_datamanager(cfg):
                 "{}.".format(cfg.data.root, e, ", ".join(_dataset_names(cfg)))
             ) from None
         raise
-    except (AssertionError, ValueError, ZeroDivisionError) as e:
+    except (AssertionError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
         # torchreid's own sanity checks (bare asserts, empty samplers) fail with little context.
         raise DatasetError(_datamanager_failure(cfg, e)) from None
     check_datamanager(datamanager, cfg)
@@ -146,9 +146,9 @@ def _datamanager_failure(cfg, e):
                      "(RandomIdentitySampler puts that many identities in every batch)".format(
                          cfg.train.batch_size // cfg.sampler.num_instances))
     return ("torchreid could not build the data loaders for sources {} / targets {} under data.root = '{}': "
-            "{}{}. Likely causes: {}.".format(list(cfg.data.sources), list(cfg.data.targets), cfg.data.root,
-                                              type(e).__name__, ": " + str(e) if str(e) else " at " + where,
-                                              "; ".join(hints)))
+            "{}{} at {}. Likely causes: {}.".format(list(cfg.data.sources), list(cfg.data.targets), cfg.data.root,
+                                                    type(e).__name__, ": " + str(e) if str(e) else "", where,
+                                                    "; ".join(hints)))
 
 
 def check_datamanager(datamanager, cfg):
@@ -354,12 +354,12 @@ register_command("visrank", "evaluate and save ranked-result images to <save_dir
                  _run_and_report, overrides=["test.evaluate", "True", "test.visrank", "True"])
 
 
-def _dataset_dirs(cfg):
-    """``[(name, folder, naming pattern)]`` of the config's datasets under ``data.root``."""
+def _dataset_dirs(cfg, names):
+    """``[(name, folder, naming pattern)]`` of datasets under ``data.root``."""
     registry = torchreid_image_datasets()
     root = osp.abspath(osp.expanduser(cfg.data.root))
     out = []
-    for name in _dataset_names(cfg):
+    for name in names:
         subdir = getattr(registry.get(name), "dataset_dir", None)
         if not isinstance(subdir, str):
             raise DatasetRootError("dataset '{}' does not say where its files are (no dataset_dir); scan its folder "
@@ -369,12 +369,14 @@ def _dataset_dirs(cfg):
 
 
 def check_data(cfg, args):
-    """The ``check-data`` command: scan dataset folders (every image decoded) and print a report per dataset.
+    """The ``check-data`` command: scan dataset folders (every image decoded) and print a report per dataset:
+    ``--dir``, else the datasets named with -s/-t, else the config's sources and targets, under ``data.root``.
     Returns 0 when every scanned dataset is fine, 1 when a problem was found."""
     if args.dir:
         jobs = [(osp.basename(osp.normpath(args.dir)), args.dir, args.pattern or "market-style")]
     else:
-        jobs = [(n, d, args.pattern or p) for n, d, p in _dataset_dirs(cfg)]
+        names = list(dict.fromkeys((args.sources or []) + (args.targets or []))) or _dataset_names(cfg)
+        jobs = [(n, d, args.pattern or p) for n, d, p in _dataset_dirs(cfg, names)]
     status = 0
     for name, folder, pattern in jobs:
         print("== {} ==".format(name))
