@@ -344,7 +344,8 @@ def _decode(text):
         return text
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        # not a (buildable) literal, e.g. a dict with a list as key: keep the text; type checks follow
         return text
 
 
