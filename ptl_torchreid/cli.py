@@ -49,8 +49,8 @@ from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, unwrap
 from ptl_torchreid.utils.checkpoint import (
-    TRUST_OPT_IN,
     CheckpointError,
+    CheckpointManager,
     CheckpointReadError,
     extract_state_dict,
     load_checkpoint,
@@ -250,7 +250,9 @@ def check_checkpoint_files(cfg):
     a file that would need full unpickling is refused here (unless ``model.trust_checkpoint``), and a corrupt
     one is reported, before datasets are generated or models built."""
     resume = resume_path(cfg)
-    for path in dict.fromkeys(p for p in (cfg.model.load_weights, resume) if p and p != "auto"):
+    if resume == "auto":
+        resume = CheckpointManager(osp.join(cfg.data.save_dir, "model")).latest()
+    for path in dict.fromkeys(p for p in (cfg.model.load_weights, resume) if p):
         load_checkpoint(path, map_location="cpu", trust=cfg.model.trust_checkpoint)
 
 

@@ -4,7 +4,6 @@ import os.path as osp
 import string
 import tempfile
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -1,7 +1,6 @@
 """Safe loading and bad input through the command line: malicious pickles, shape mismatches, corrupt images,
 check-data, dataset problems and config problems, each a clear error before (or instead of) any work."""
 import os
-import os.path as osp
 import time
 from types import SimpleNamespace
 
