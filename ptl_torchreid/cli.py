@@ -5,6 +5,7 @@ Mirrors torchreid's ``scripts/main.py`` flags. Commands live in :data:`COMMANDS`
 model, optimizer, scheduler and engine (used by the commands and by tools).
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
 import sys
@@ -27,13 +28,16 @@ from ptl_torchreid.config import (
     get_default_config,
     model_kwargs,
     optimizer_kwargs,
+    resolve_use_gpu,
     synthetic_kwargs,
     torchreid_image_datasets,
 )
 from ptl_torchreid.data import DatasetRootError, register_synthetic_dataset
+from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.engine import ENGINES, build_optimizer
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_weights
 
 torchreid = _torchreid.torchreid
@@ -44,6 +48,7 @@ __all__ = [
     "build_engine",
     "build_model",
     "check_dataset_roots",
+    "distributed_session",
     "format_results_table",
     "main",
     "parse_command_line",
@@ -87,7 +92,23 @@ def check_dataset_roots(cfg):
 
 def build_datamanager(cfg):
     """The ``torchreid.data.ImageDataManager`` for ``cfg`` (the single place where loaders and samplers are
-    made). Synthetic datasets are (re-)registered with ``data.synthetic`` first; real ones are checked."""
+    made). Synthetic datasets are (re-)registered with ``data.synthetic`` first; real ones are checked.
+
+    Under several ranks, rank 0 builds it first (a synthetic dataset is generated into ``data.root`` then) and
+    the train loaders get distributed samplers (``train.batch_size`` images per rank)."""
+    with pdist.main_process_first():
+        datamanager = _build_image_datamanager(cfg)
+    if pdist.get_world_size() > 1:
+        try:
+            distribute_train_loaders(datamanager, cfg.sampler.train_sampler, cfg.sampler.num_instances,
+                                     seed=cfg.train.seed, train_sampler_t=cfg.sampler.train_sampler_t)
+        except ValueError as e:
+            raise ConfigError("distributed training over {} processes: {}".format(pdist.get_world_size(), e)) \
+                from None
+    return datamanager
+
+
+def _build_image_datamanager(cfg):
     for name in _dataset_names(cfg):
         if is_synthetic_dataset(name):
             register_synthetic_dataset(name, **synthetic_kwargs(cfg))
@@ -164,7 +185,8 @@ def check_paths(cfg):
 def run(cfg):
     """Train and/or evaluate as ``cfg`` says; returns ``{target: {'mAP': x, 'cmc': {rank: y}}}``."""
     check_paths(cfg)
-    torchreid.utils.set_random_seed(cfg.train.seed)
+    # a seed per rank: the ranks' augmentations differ (DDP copies rank 0's initial weights to all ranks)
+    torchreid.utils.set_random_seed(cfg.train.seed + pdist.get_rank())
     engine = build_engine(cfg)
     kwargs = engine_run_kwargs(cfg)
     kwargs["start_epoch"] = engine.start_epoch
@@ -196,6 +218,26 @@ def format_results_table(results):
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+@contextlib.contextmanager
+def distributed_session(cfg):
+    """Join the ``torchrun`` process group, if launched by ``torchrun`` (``nccl`` with ``use_gpu``, else
+    ``gloo``; each process on ``cuda:LOCAL_RANK``), for the block; standard output of ranks other than 0 is
+    discarded. Without ``torchrun`` it runs the block as a single process."""
+    joined = not pdist.is_distributed()
+    ctx = pdist.init_distributed(device="cuda" if resolve_use_gpu(cfg) else "cpu")
+    try:
+        with pdist.quiet_unless_main():
+            yield ctx
+    finally:
+        if joined:
+            pdist.cleanup_distributed()
+
+
+def _log_file(path):
+    """Standard output copied into ``path`` on rank 0; nothing on the other ranks."""
+    return _Tee(path) if pdist.is_main_process() else contextlib.nullcontext()
 
 
 class _Tee:
@@ -309,9 +351,10 @@ def main(argv=None):
     try:
         command, args, cfg = parse_command_line(argv)
         log_name = "{}-{}.log".format(command, time.strftime("%Y-%m-%d-%H-%M-%S"))
-        with _Tee(osp.join(cfg.data.save_dir, log_name)):
-            print("ptl_torchreid {} | torch {} | device {}".format(
-                __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu"))
+        with distributed_session(cfg) as ctx, _log_file(osp.join(cfg.data.save_dir, log_name)):
+            print("ptl_torchreid {} | torch {} | device {}{}".format(
+                __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
+                " | {} processes ({})".format(ctx.world_size, ctx.backend) if ctx.distributed else ""))
             print("Configuration:\n{}".format(cfg.dump()))
             COMMANDS[command].run(cfg, args)
     except (ConfigError, DatasetRootError, CheckpointError) as e:

@@ -6,7 +6,8 @@ Key names follow torchreid's own, so a torchreid YAML config (image-reid) merges
   share one config and differ only in ``model.name``);
 - ``data.synthetic``: size and seed of the embedded synthetic datasets;
 - ``model.load_weights_mode`` / ``model.trust_checkpoint``: how ``model.load_weights`` is read;
-- ``train.amp`` / ``train.amp_dtype`` / ``train.progress_bar``; ``use_gpu`` may be ``'auto'``.
+- ``train.amp`` / ``train.amp_dtype`` / ``train.channels_last`` / ``train.progress_bar``; ``use_gpu`` may be
+  ``'auto'``.
 
 Merging is strict: an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and
 the nearest valid key; :func:`validate_config` then rejects impossible values before any work starts.
@@ -117,7 +118,7 @@ def get_default_config():
     cfg.train.weight_decay = 5e-4
     cfg.train.max_epoch = 60
     cfg.train.start_epoch = 0
-    cfg.train.batch_size = 32
+    cfg.train.batch_size = 32  # per process: under torchrun the global batch is this x the number of processes
     cfg.train.fixbase_epoch = 0
     cfg.train.open_layers = ["classifier"]
     cfg.train.staged_lr = False
@@ -130,6 +131,7 @@ def get_default_config():
     cfg.train.seed = 1
     cfg.train.amp = False  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on the CPU
     cfg.train.amp_dtype = "auto"  # 'auto' | 'fp16' | 'bf16'
+    cfg.train.channels_last = False  # model and batches in channels_last memory format (faster AMP convolutions)
     cfg.train.progress_bar = True  # tqdm bars for training and feature extraction
 
     cfg.sgd = CN()
@@ -685,7 +687,10 @@ def engine_kwargs(cfg):
         "freeze_backbone_epochs": cfg.ptl.freeze_backbone_epochs,
         "amp": cfg.train.amp,
         "amp_dtype": cfg.train.amp_dtype,
+        "channels_last": cfg.train.channels_last,
         "progress_bar": cfg.train.progress_bar,
+        # under DDP: fixbase freezes layers after wrapping (PTL backbone freezing is detected by the engine)
+        "find_unused_parameters": True if cfg.train.fixbase_epoch > 0 else None,
     }
     if cfg.loss.name == "triplet":
         kwargs.update(

@@ -1,11 +1,14 @@
-"""Distributed training pieces: cell-state synchronisation across 2 gloo processes (checked against one process
-over the combined batches), DDP wrapping, gathering, the identity-balanced distributed sampler, mixed precision
-helpers and the GPU benchmark's CPU path."""
+"""Distributed training: cell-state synchronisation across 2 gloo processes (checked against one process over the
+combined batches), DDP wrapping, gathering, a 2-process run of the command line (train, sharded evaluation,
+rank-0 output), the identity-balanced distributed sampler, mixed precision and channels_last, and the GPU
+benchmark's CPU path."""
 import importlib.util
+import io
 import math
 import os
 import os.path as osp
 import socket
+import sys
 import time
 from collections import Counter
 
@@ -129,6 +132,7 @@ def _ddp_cells_worker(rank, out_dir):
 def _workers(rank, out_dir):
     _ddp_cells_worker(rank, out_dir)
     _ddp_ptl_worker(rank, out_dir)
+    _cli_worker(rank, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +271,133 @@ def test_ptl_model_states_agree_across_ranks_under_ddp_and_bf16(spawned):
     for a, b in zip(r0["states"] + r0["running"], r1["states"] + r1["running"]):
         assert a.dtype == torch.float32
         assert torch.equal(a, b)
+
+
+# -- the command line under 2 processes: train, evaluate, rank-0 output ---------------------------------------------
+
+# Tiny synthetic data and model input; 2 epochs, the first with the backbone frozen (DDP must then skip its
+# gradients), so the per-epoch sampler plan and both DDP regimes run.
+CLI_OPTS = [
+    "data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']",
+    "data.synthetic.num_train_ids", "6", "data.synthetic.num_test_ids", "3",
+    "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
+    "data.height", "64", "data.width", "32", "data.workers", "0", "data.transforms", "['random_flip']",
+    "sampler.train_sampler", "RandomIdentitySampler", "sampler.num_instances", "2",
+    "model.name", "ptl_osnet_x0_25", "model.pretrained", "False", "use_gpu", "False",
+    "train.batch_size", "4", "train.max_epoch", "2", "train.lr", "0.001", "train.progress_bar", "False",
+    "train.print_freq", "1", "ptl.freeze_backbone_epochs", "1", "test.batch_size", "5", "test.ranks", "[1, 2]",
+]
+
+
+def _files_under(folder):
+    return sorted(osp.relpath(osp.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def _cli_worker(rank, out_dir):
+    from ptl_torchreid import cli
+
+    engines = []
+    build_engine = cli.build_engine
+
+    def recording_build_engine(*args, **kwargs):
+        engines.append(build_engine(*args, **kwargs))
+        return engines[-1]
+
+    cli.build_engine = recording_build_engine
+    # each rank gets its own save_dir, so that what each rank writes can be told apart
+    save_dir = osp.join(out_dir, "cli", "rank{}".format(rank))
+    stdout, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        status = cli.main(["--root", osp.join(out_dir, "cli-data")] + CLI_OPTS + ["data.save_dir", save_dir])
+        printed = sys.stdout.getvalue()
+    finally:
+        sys.stdout = stdout
+    assert pdist.is_distributed()  # the command line left the launcher's process group alone
+    engine = engines[0]
+    net = engine.net
+    gallery = engine.test_loader["synthetic_reid"]["gallery"]
+    engine.set_model_mode("eval")
+    # every rank gets all features, in dataset order (numpy ids as tensors: the file loads weights-only)
+    sharded = [torch.as_tensor(x) for x in engine.extract_features_sharded(gallery)]
+    local = [torch.as_tensor(x) for x in engine.extract_features_from(gallery)]
+    torch.save({"status": status, "printed": printed, "results": engine.last_results,
+                "summary": engine.epoch_summary, "ddp": engine.ddp,
+                "find_unused": engine.model.find_unused_parameters,
+                "sampler": type(engine.train_loader.sampler).__name__, "batches": engine.num_batches,
+                "states": [c.state.clone() for c in net.cells()],
+                "running": [c.running_state.clone() for c in net.cells()],
+                "buffers": {k: v.clone() for k, v in net.named_buffers() if "running_mean" in k},
+                "backbone": [p.detach().clone() for p in net.backbone.parameters()][:4],
+                "sharded": sharded, "local": local, "gallery_pids": [item[1] for item in gallery.dataset.data]},
+               osp.join(out_dir, "cli_rank{}.pt".format(rank)))
+
+
+@pytest.fixture(scope="module")
+def cli_run(spawned):
+    return [torch.load(spawned / "cli_rank{}.pt".format(r)) for r in range(WORLD)], spawned
+
+
+def test_cli_trains_with_ddp_and_distributed_identity_sampler(cli_run):
+    ranks, _ = cli_run
+    for r in ranks:
+        assert r["status"] == 0
+        assert r["ddp"] and r["find_unused"]  # backbone freezing turns on find_unused_parameters
+        assert r["sampler"] == "DistributedRandomIdentitySampler"
+        assert r["batches"] == ranks[0]["batches"] > 0
+        assert math.isfinite(r["summary"]["loss"])
+    # the logged loss is the mean over all ranks' samples, the same on every rank
+    assert ranks[0]["summary"]["loss"] == pytest.approx(ranks[1]["summary"]["loss"], rel=1e-12)
+    for a, b in zip(ranks[0]["backbone"], ranks[1]["backbone"]):
+        assert torch.equal(a, b)
+
+
+def test_cli_cell_states_identical_across_ranks(cli_run):
+    ranks, _ = cli_run
+    assert len(ranks[0]["states"]) == 6
+    for a, b in zip(ranks[0]["states"] + ranks[0]["running"], ranks[1]["states"] + ranks[1]["running"]):
+        assert torch.equal(a, b)
+    assert any(s.abs().sum() > 0 for s in ranks[0]["running"])
+
+
+def test_cli_only_rank0_prints_logs_and_saves(cli_run):
+    ranks, out = cli_run
+    files = _files_under(str(out / "cli" / "rank0"))
+    assert "model/model.pth.tar-2" in files and "model/model-best.pth.tar" in files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert any(f.startswith("train-") and f.endswith(".log") for f in files)
+    assert _files_under(str(out / "cli" / "rank1")) == []
+    assert "2 processes (gloo)" in ranks[0]["printed"] and "** Results (synthetic_reid) **" in ranks[0]["printed"]
+    assert ranks[1]["printed"] == ""
+
+
+def test_sharded_feature_extraction_restores_dataset_order(cli_run):
+    ranks, _ = cli_run
+    for r in ranks:
+        feats, pids, camids = r["sharded"]
+        local_feats, local_pids, local_camids = r["local"]
+        assert pids.tolist() == local_pids.tolist() == r["gallery_pids"]
+        assert camids.tolist() == local_camids.tolist()
+        torch.testing.assert_close(feats, local_feats, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ranks[0]["sharded"][0], ranks[1]["sharded"][0])
+
+
+def test_cli_sharded_evaluation_matches_single_process(cli_run, tmp_path):
+    """Both ranks report the same results, equal to one process evaluating rank 0's checkpoint."""
+    from ptl_torchreid.cli import run
+    from ptl_torchreid.config import load_config
+
+    ranks, out = cli_run
+    assert ranks[0]["results"] == ranks[1]["results"]
+    dist_res = ranks[0]["results"]["synthetic_reid"]
+    # the ranks evaluated with the same (rank 0's) BatchNorm statistics as the checkpoint holds
+    for k, v in ranks[0]["buffers"].items():
+        assert torch.equal(v, ranks[1]["buffers"][k]), k
+    checkpoint = str(out / "cli" / "rank0" / "model" / "model.pth.tar-2")
+    cfg = load_config(opts=CLI_OPTS + ["data.root", str(out / "cli-data"), "data.save_dir", str(tmp_path),
+                                       "test.evaluate", "True", "model.load_weights", checkpoint])
+    single = run(cfg)["synthetic_reid"]
+    assert single["mAP"] == pytest.approx(dist_res["mAP"], abs=1e-6)
+    assert single["cmc"] == pytest.approx(dist_res["cmc"], abs=1e-6)
 
 
 # -- the sampler --------------------------------------------------------------------------------------------------
@@ -418,6 +549,28 @@ def test_bf16_autocast_training_step_on_cpu_is_finite():
         assert math.isfinite(loss.detach().item())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert all(c.state.dtype == torch.float32 and torch.isfinite(c.state).all() for c in model.cells())
+
+
+def test_engine_bf16_channels_last_training_is_finite(tmp_path):
+    """The engine's AMP path with channels_last: model and batches in channels_last, bf16 forward, finite loss."""
+    from ptl_torchreid.cli import build_engine
+    from ptl_torchreid.config import engine_run_kwargs, load_config
+
+    cfg = load_config(opts=CLI_OPTS + ["data.root", str(tmp_path / "data"), "data.save_dir", str(tmp_path / "log"),
+                                       "train.max_epoch", "1", "ptl.freeze_backbone_epochs", "0",
+                                       "train.amp", "True", "train.amp_dtype", "bf16", "train.channels_last", "True"])
+    engine = build_engine(cfg)
+    assert engine.channels_last and engine.memory_format is torch.channels_last and not engine.ddp
+    conv = next(p for p in engine.net.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    seen = []
+    engine.net.register_forward_pre_hook(
+        lambda m, inp: seen.append((inp[0].is_contiguous(memory_format=torch.channels_last),
+                                    torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+    results = engine.run(**engine_run_kwargs(cfg))
+    assert math.isfinite(engine.epoch_summary["loss"]) and 0 <= results["synthetic_reid"]["mAP"] <= 1
+    assert seen and all(cl for cl, _ in seen)
+    assert (True, torch.bfloat16) in seen  # training forwards ran under bf16 autocast
 
 
 # -- GPU benchmark script, CPU path ------------------------------------------------------------------------------
