@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -225,6 +226,26 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
         pdist.wrap_ddp(model)
 
 
+@pytest.mark.parametrize("rank, local_rank, expected", [
+    (0, 0, ["block", "barrier", "barrier"]),  # rank 0 first
+    (2, 0, ["barrier", "block", "barrier"]),  # then the first process of each other node
+    (1, 1, ["barrier", "barrier", "block"]),  # then everyone else
+])
+def test_main_process_first_phases(monkeypatch, rank, local_rank, expected):
+    events = []
+    monkeypatch.setattr(pdist, "get_rank", lambda: rank)
+    monkeypatch.setattr(pdist, "get_local_rank", lambda: local_rank)
+    monkeypatch.setattr(pdist, "barrier", lambda: events.append("barrier"))
+    with pdist.main_process_first():
+        events.append("block")
+    assert events == expected
+    events.clear()
+    with pytest.raises(KeyError):  # a failing block still releases the ranks waiting for it
+        with pdist.main_process_first():
+            raise KeyError
+    assert events.count("barrier") == 2
+
+
 def test_init_distributed_reports_missing_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -398,6 +419,28 @@ def test_cli_sharded_evaluation_matches_single_process(cli_run, tmp_path):
     single = run(cfg)["synthetic_reid"]
     assert single["mAP"] == pytest.approx(dist_res["mAP"], abs=1e-6)
     assert single["cmc"] == pytest.approx(dist_res["cmc"], abs=1e-6)
+
+
+def test_engine_refuses_plain_sampler_and_fixbase_without_unused_parameters():
+    from ptl_torchreid.config import engine_kwargs, load_config
+    from ptl_torchreid.engine import PTLEngineMixin
+
+    source = fake_source()
+    plain = SimpleNamespace(train_loader=SimpleNamespace(sampler=torch.utils.data.RandomSampler(source)),
+                            world_size=2, epoch=3)
+    with pytest.raises(ValueError, match="distribute_train_loaders"):
+        PTLEngineMixin._set_sampler_epoch(plain)
+    sampler = DistributedRandomIdentitySampler(source, 8, 4, num_replicas=2, rank=1)
+    PTLEngineMixin._set_sampler_epoch(SimpleNamespace(train_loader=SimpleNamespace(sampler=sampler), world_size=2,
+                                                      epoch=3))
+    assert sampler.epoch == 3
+    fake = SimpleNamespace(ddp=True, model=SimpleNamespace(find_unused_parameters=False))
+    with pytest.raises(ValueError, match="find_unused_parameters=True"):
+        PTLEngineMixin._check_distributed_run(fake, 1, ["classifier"])
+    PTLEngineMixin._check_distributed_run(fake, 0, ["classifier"])
+    # the command line asks for it with fixbase epochs and leaves it to the engine otherwise
+    assert engine_kwargs(load_config(opts=["train.fixbase_epoch", "2"]))["find_unused_parameters"] is True
+    assert engine_kwargs(load_config())["find_unused_parameters"] is None
 
 
 # -- the sampler --------------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -157,14 +156,17 @@ def barrier():
 
 @contextlib.contextmanager
 def main_process_first():
-    """Run the block on rank 0 first, then on the other ranks: for work that writes shared files (generating a
-    dataset, extracting an archive) which the others then only read."""
-    if not is_main_process():
+    """Run the block on rank 0 first, then on the first process of every other node (``LOCAL_RANK`` 0), then on
+    the remaining ranks: for work that writes files (generating a dataset, extracting an archive) which the later
+    ones then only read. With a file system shared by the nodes only rank 0 does the work; without one, one
+    process per node does it. A block that raises still releases the ranks waiting for it."""
+    phase = 0 if get_rank() == 0 else (1 if get_local_rank() == 0 else 2)
+    for _ in range(phase):
         barrier()
     try:
         yield
     finally:
-        if is_main_process():
+        for _ in range(2 - phase):
             barrier()
 
 
@@ -177,7 +179,6 @@ def quiet_unless_main():
         return
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         yield
-        sys.stdout.flush()
 
 
 def collective_device():
