@@ -89,7 +89,7 @@ class PTLEngineMixin:
         if self.device.type == "cuda" and self.device.index is None:
             # the current device: cuda:LOCAL_RANK once init_distributed has run
             self.device = torch.device("cuda", torch.cuda.current_device())
-        # torchreid's losses move their targets with .cuda() when use_gpu is set: keep it tied to the device.
+        # torchreid's losses move their targets to CUDA when use_gpu is set: keep it tied to the device.
         kwargs["use_gpu"] = self.device.type == "cuda"
         self.channels_last = bool(channels_last)
         # input batches follow the model's format; preserve_format leaves them untouched
