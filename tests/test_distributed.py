@@ -25,6 +25,7 @@ from ptl_torchreid.data.samplers import (DistributedRandomIdentitySampler, Shard
 from ptl_torchreid.models.bconv import BConvCell
 from ptl_torchreid.utils import amp
 from ptl_torchreid.utils import distributed as pdist
+from ptl_torchreid.utils.resume import EpochLoader
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 WORLD = 2
@@ -329,7 +330,8 @@ def _cli_worker(rank, out_dir):
     save_dir = osp.join(out_dir, "cli", "rank{}".format(rank))
     stdout, sys.stdout = sys.stdout, io.StringIO()
     try:
-        status = cli.main(["--root", osp.join(out_dir, "cli-data")] + CLI_OPTS + ["data.save_dir", save_dir])
+        status = cli.main(["--root", osp.join(out_dir, "cli-data")] + CLI_OPTS
+                          + ["data.save_dir", save_dir, "train.checkpoint_every_n_iters", "2"])
         printed = sys.stdout.getvalue()
     finally:
         sys.stdout = stdout
@@ -351,6 +353,40 @@ def _cli_worker(rank, out_dir):
                 "backbone": [p.detach().clone() for p in net.backbone.parameters()][:4],
                 "sharded": sharded, "local": local, "gallery_pids": [item[1] for item in gallery.dataset.data]},
                osp.join(out_dir, "cli_rank{}.pt".format(rank)))
+    _reliability_checks(rank, out_dir, engine, save_dir)
+
+
+def _reliability_checks(rank, out_dir, engine, save_dir):
+    """Resume, a non-finite loss and a failed checkpoint write under 2 ranks (no further training)."""
+    from ptl_torchreid.engine import NonFiniteLossError
+    from ptl_torchreid.utils.checkpoint import CheckpointError
+
+    out = {}
+    # 'auto' resolves to rank 0's latest checkpoint on every rank (rank 1's own save_dir is empty)
+    torch.manual_seed(100 + rank)  # the RNG states come from rank 0's checkpoint
+    for p in engine.net.parameters():
+        p.data.add_(float(rank))
+    out["start"] = engine.resume("auto", save_dir=save_dir)
+    out["weights"] = [p.detach().clone() for p in engine.net.parameters()][:4]
+    out["iteration"] = engine.iteration
+    engine._restore_rng_state(engine._pending_rng)
+    out["rand"] = torch.rand(3)
+    # a NaN loss on rank 1 only stops both ranks
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    try:
+        engine._check_finite_loss(loss, {"loss": float(loss)})
+    except NonFiniteLossError as e:
+        out["nonfinite"] = str(e)
+
+    class FailingManager:
+        def save(self, state, **where):
+            raise CheckpointError("disk full")
+
+    try:
+        out["written"] = engine._write_checkpoint(FailingManager(), lambda: {"x": 1}, iteration=1)
+    except CheckpointError as e:
+        out["write_error"] = str(e)
+    torch.save(out, osp.join(out_dir, "reliability_rank{}.pt".format(rank)))
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +427,28 @@ def test_cli_only_rank0_prints_logs_and_saves(cli_run):
     assert ranks[1]["printed"] == ""
 
 
+def test_cli_iteration_checkpoints_written_by_rank0_only(cli_run):
+    ranks, out = cli_run
+    files = _files_under(str(out / "cli" / "rank0"))
+    assert any(f.startswith("model/model-iter") for f in files)
+    assert _files_under(str(out / "cli" / "rank1")) == []
+
+
+def test_resume_loads_rank0_checkpoint_on_every_rank(spawned):
+    r0, r1 = (torch.load(spawned / "reliability_rank{}.pt".format(r)) for r in range(WORLD))
+    assert r0["start"] == r1["start"] == 2 and r0["iteration"] == r1["iteration"] > 0
+    for a, b in zip(r0["weights"], r1["weights"]):
+        assert torch.equal(a, b)  # the ranks' different weights were replaced by the same checkpoint's
+    assert torch.equal(r0["rand"], r1["rand"])  # rank 0's RNG states, restored on every rank
+
+
+def test_non_finite_loss_and_failed_write_stop_every_rank(spawned):
+    r0, r1 = (torch.load(spawned / "reliability_rank{}.pt".format(r)) for r in range(WORLD))
+    assert "on another rank" in r0["nonfinite"] and "loss nan on rank 1" in r1["nonfinite"]
+    assert r0["write_error"] == "disk full" and "rank 0 could not write" in r1["write_error"]
+    assert "written" not in r0 and "written" not in r1
+
+
 def test_sharded_feature_extraction_restores_dataset_order(cli_run):
     ranks, _ = cli_run
     for r in ranks:
@@ -429,11 +487,14 @@ def test_engine_refuses_plain_sampler_and_fixbase_without_unused_parameters():
     plain = SimpleNamespace(train_loader=SimpleNamespace(sampler=torch.utils.data.RandomSampler(source)),
                             world_size=2, epoch=3)
     with pytest.raises(ValueError, match="distribute_train_loaders"):
-        PTLEngineMixin._set_sampler_epoch(plain)
+        PTLEngineMixin._check_train_sampler(plain)
     sampler = DistributedRandomIdentitySampler(source, 8, 4, num_replicas=2, rank=1)
-    PTLEngineMixin._set_sampler_epoch(SimpleNamespace(train_loader=SimpleNamespace(sampler=sampler), world_size=2,
-                                                      epoch=3))
-    assert sampler.epoch == 3
+    PTLEngineMixin._check_train_sampler(SimpleNamespace(train_loader=SimpleNamespace(sampler=sampler),
+                                                        world_size=2, epoch=3))
+    # the epoch reaches the sampler through the epoch loader, which plans each epoch
+    loader = torch.utils.data.DataLoader(list(range(len(source))), batch_size=8, sampler=sampler)
+    plan = EpochLoader(loader, seed=0).plan(3)
+    assert sampler.epoch == 3 and plan == sampler.plan(3)[1]
     fake = SimpleNamespace(ddp=True, model=SimpleNamespace(find_unused_parameters=False))
     with pytest.raises(ValueError, match="find_unused_parameters=True"):
         PTLEngineMixin._check_distributed_run(fake, 1, ["classifier"])
