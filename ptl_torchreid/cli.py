@@ -5,6 +5,7 @@ Mirrors torchreid's ``scripts/main.py`` flags. Commands live in :data:`COMMANDS`
 model, optimizer, scheduler and engine (used by the commands and by tools).
 """
 import argparse
+import contextlib
 import os
 import os.path as osp
 import sys
@@ -28,6 +29,7 @@ from ptl_torchreid.config import (
     get_default_config,
     model_kwargs,
     optimizer_kwargs,
+    resolve_use_gpu,
     resume_path,
     synthetic_kwargs,
     torchreid_image_datasets,
@@ -44,10 +46,12 @@ from ptl_torchreid.data import (
     reset_skipped_images,
     skipped_images,
 )
+from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.engine import ENGINES, NonFiniteLossError, build_optimizer
 from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -68,6 +72,7 @@ __all__ = [
     "check_datamanager",
     "check_dataset_roots",
     "check_data",
+    "distributed_session",
     "format_results_table",
     "main",
     "parse_command_line",
@@ -113,7 +118,23 @@ def build_datamanager(cfg):
     """The ``torchreid.data.ImageDataManager`` for ``cfg`` (the single place where loaders and samplers are
     made). Synthetic datasets are (re-)registered with ``data.synthetic`` first; real ones are checked. Images
     are read with the strict reader (an unreadable file raises an error naming it instead of torchreid's endless
-    retries; ``data.skip_corrupt`` skips and counts such samples instead)."""
+    retries; ``data.skip_corrupt`` skips and counts such samples instead).
+
+    Under several ranks, rank 0 builds it first (a synthetic dataset is generated into ``data.root`` then) and
+    the train loaders get distributed samplers (``train.batch_size`` images per rank)."""
+    with pdist.main_process_first():
+        datamanager = _build_image_datamanager(cfg)
+    if pdist.get_world_size() > 1:
+        try:
+            distribute_train_loaders(datamanager, cfg.sampler.train_sampler, cfg.sampler.num_instances,
+                                     seed=cfg.train.seed, train_sampler_t=cfg.sampler.train_sampler_t)
+        except ValueError as e:
+            raise ConfigError("distributed training over {} processes: {}".format(pdist.get_world_size(), e)) \
+                from None
+    return datamanager
+
+
+def _build_image_datamanager(cfg):
     for name in _dataset_names(cfg):
         if is_synthetic_dataset(name):
             register_synthetic_dataset(name, **synthetic_kwargs(cfg))
@@ -259,6 +280,9 @@ def check_checkpoint_files(cfg):
 def run(cfg):
     """Train and/or evaluate as ``cfg`` says; returns ``{target: {'mAP': x, 'cmc': {rank: y}}}``."""
     check_paths(cfg)
+    # The same seed on every rank: the global RNG streams stay identical across ranks (so rank 0's RNG state in a
+    # checkpoint resumes all of them); data order and augmentation differ per rank through the training loader's
+    # seeds, derived from (train.seed, epoch, rank).
     torchreid.utils.set_random_seed(cfg.train.seed)
     engine = build_engine(cfg)
     kwargs = engine_run_kwargs(cfg)
@@ -297,6 +321,26 @@ def format_results_table(results):
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+@contextlib.contextmanager
+def distributed_session(cfg):
+    """Join the ``torchrun`` process group, if launched by ``torchrun`` (``nccl`` with ``use_gpu``, else
+    ``gloo``; each process on ``cuda:LOCAL_RANK``), for the block; standard output of ranks other than 0 is
+    discarded. Without ``torchrun`` it runs the block as a single process."""
+    joined = not pdist.is_distributed()
+    ctx = pdist.init_distributed(device="cuda" if resolve_use_gpu(cfg) else "cpu")
+    try:
+        with pdist.quiet_unless_main():
+            yield ctx
+    finally:
+        if joined:
+            pdist.cleanup_distributed()
+
+
+def _log_file(path):
+    """Standard output copied into ``path`` on rank 0; nothing on the other ranks."""
+    return _Tee(path) if pdist.is_main_process() else contextlib.nullcontext()
 
 
 class _Tee:
@@ -496,9 +540,10 @@ def main(argv=None):
             status = cmd.run(cfg, args)
         else:
             log_name = "{}-{}.log".format(command, time.strftime("%Y-%m-%d-%H-%M-%S"))
-            with _Tee(osp.join(cfg.data.save_dir, log_name)):
-                print("ptl_torchreid {} | torch {} | device {}".format(
-                    __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu"))
+            with distributed_session(cfg) as ctx, _log_file(osp.join(cfg.data.save_dir, log_name)):
+                print("ptl_torchreid {} | torch {} | device {}{}".format(
+                    __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
+                    " | {} processes ({})".format(ctx.world_size, ctx.backend) if ctx.distributed else ""))
                 print("Configuration:\n{}".format(cfg.dump()))
                 status = cmd.run(cfg, args)
     except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError) as e:

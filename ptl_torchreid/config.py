@@ -6,7 +6,8 @@ Key names follow torchreid's own, so a torchreid YAML config (image-reid) merges
   share one config and differ only in ``model.name``);
 - ``data.synthetic``: size and seed of the embedded synthetic datasets;
 - ``model.load_weights_mode`` / ``model.trust_checkpoint``: how ``model.load_weights`` is read;
-- ``train.amp`` / ``train.amp_dtype`` / ``train.progress_bar``; ``use_gpu`` may be ``'auto'``;
+- ``train.amp`` / ``train.amp_dtype`` / ``train.channels_last`` / ``train.progress_bar``; ``use_gpu`` may be
+  ``'auto'``;
 - ``train.resume`` (a checkpoint or ``'auto'``; ``model.resume`` is torchreid's name for it),
   ``train.checkpoint_every_n_iters``, ``train.keep_last``, ``data.skip_corrupt``: see docs/RELIABILITY.md.
 
@@ -125,7 +126,7 @@ def get_default_config():
     cfg.train.weight_decay = 5e-4
     cfg.train.max_epoch = 60
     cfg.train.start_epoch = 0
-    cfg.train.batch_size = 32
+    cfg.train.batch_size = 32  # per process: under torchrun the global batch is this x the number of processes
     cfg.train.fixbase_epoch = 0
     cfg.train.open_layers = ["classifier"]
     cfg.train.staged_lr = False
@@ -138,6 +139,7 @@ def get_default_config():
     cfg.train.seed = 1
     cfg.train.amp = False  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on the CPU
     cfg.train.amp_dtype = "auto"  # 'auto' | 'fp16' | 'bf16'
+    cfg.train.channels_last = False  # model and batches in channels_last memory format (faster AMP convolutions)
     cfg.train.progress_bar = True  # tqdm bars for training and feature extraction
     cfg.train.resume = ""  # checkpoint to resume from, or 'auto': the latest one in data.save_dir (if any)
     cfg.train.checkpoint_every_n_iters = 0  # also checkpoint every N training steps (0: only after evaluations)
@@ -722,7 +724,10 @@ def engine_kwargs(cfg):
         "freeze_backbone_epochs": cfg.ptl.freeze_backbone_epochs,
         "amp": cfg.train.amp,
         "amp_dtype": cfg.train.amp_dtype,
+        "channels_last": cfg.train.channels_last,
         "progress_bar": cfg.train.progress_bar,
+        # under DDP: fixbase freezes layers after wrapping (PTL backbone freezing is detected by the engine)
+        "find_unused_parameters": True if cfg.train.fixbase_epoch > 0 else None,
         "seed": cfg.train.seed,
         "checkpoint_every_n_iters": cfg.train.checkpoint_every_n_iters,
         "keep_last": cfg.train.keep_last or None,

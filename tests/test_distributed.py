@@ -1,13 +1,17 @@
-"""Distributed training pieces: cell-state synchronisation across 2 gloo processes (checked against one process
-over the combined batches), DDP wrapping, gathering, the identity-balanced distributed sampler, mixed precision
-helpers and the GPU benchmark's CPU path."""
+"""Distributed training: cell-state synchronisation across 2 gloo processes (checked against one process over the
+combined batches), DDP wrapping, gathering, a 2-process run of the command line (train, sharded evaluation,
+rank-0 output), the identity-balanced distributed sampler, mixed precision and channels_last, and the GPU
+benchmark's CPU path."""
 import importlib.util
+import io
 import math
 import os
 import os.path as osp
 import socket
+import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +25,7 @@ from ptl_torchreid.data.samplers import (DistributedRandomIdentitySampler, Shard
 from ptl_torchreid.models.bconv import BConvCell
 from ptl_torchreid.utils import amp
 from ptl_torchreid.utils import distributed as pdist
+from ptl_torchreid.utils.resume import EpochLoader
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 WORLD = 2
@@ -129,6 +134,7 @@ def _ddp_cells_worker(rank, out_dir):
 def _workers(rank, out_dir):
     _ddp_cells_worker(rank, out_dir)
     _ddp_ptl_worker(rank, out_dir)
+    _cli_worker(rank, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +227,26 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
         pdist.wrap_ddp(model)
 
 
+@pytest.mark.parametrize("rank, local_rank, expected", [
+    (0, 0, ["block", "barrier", "barrier"]),  # rank 0 first
+    (2, 0, ["barrier", "block", "barrier"]),  # then the first process of each other node
+    (1, 1, ["barrier", "barrier", "block"]),  # then everyone else
+])
+def test_main_process_first_phases(monkeypatch, rank, local_rank, expected):
+    events = []
+    monkeypatch.setattr(pdist, "get_rank", lambda: rank)
+    monkeypatch.setattr(pdist, "get_local_rank", lambda: local_rank)
+    monkeypatch.setattr(pdist, "barrier", lambda: events.append("barrier"))
+    with pdist.main_process_first():
+        events.append("block")
+    assert events == expected
+    events.clear()
+    with pytest.raises(KeyError):  # a failing block still releases the ranks waiting for it
+        with pdist.main_process_first():
+            raise KeyError
+    assert events.count("barrier") == 2
+
+
 def test_init_distributed_reports_missing_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -267,6 +293,215 @@ def test_ptl_model_states_agree_across_ranks_under_ddp_and_bf16(spawned):
     for a, b in zip(r0["states"] + r0["running"], r1["states"] + r1["running"]):
         assert a.dtype == torch.float32
         assert torch.equal(a, b)
+
+
+# -- the command line under 2 processes: train, evaluate, rank-0 output ---------------------------------------------
+
+# Tiny synthetic data and model input; 2 epochs, the first with the backbone frozen (DDP must then skip its
+# gradients), so the per-epoch sampler plan and both DDP regimes run.
+CLI_OPTS = [
+    "data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']",
+    "data.synthetic.num_train_ids", "6", "data.synthetic.num_test_ids", "3",
+    "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
+    "data.height", "64", "data.width", "32", "data.workers", "0", "data.transforms", "['random_flip']",
+    "sampler.train_sampler", "RandomIdentitySampler", "sampler.num_instances", "2",
+    "model.name", "ptl_osnet_x0_25", "model.pretrained", "False", "use_gpu", "False",
+    "train.batch_size", "4", "train.max_epoch", "2", "train.lr", "0.001", "train.progress_bar", "False",
+    "train.print_freq", "1", "ptl.freeze_backbone_epochs", "1", "test.batch_size", "5", "test.ranks", "[1, 2]",
+]
+
+
+def _files_under(folder):
+    return sorted(osp.relpath(osp.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def _cli_worker(rank, out_dir):
+    from ptl_torchreid import cli
+
+    engines = []
+    build_engine = cli.build_engine
+
+    def recording_build_engine(*args, **kwargs):
+        engines.append(build_engine(*args, **kwargs))
+        return engines[-1]
+
+    cli.build_engine = recording_build_engine
+    # each rank gets its own save_dir, so that what each rank writes can be told apart
+    save_dir = osp.join(out_dir, "cli", "rank{}".format(rank))
+    stdout, sys.stdout = sys.stdout, io.StringIO()
+    try:
+        status = cli.main(["--root", osp.join(out_dir, "cli-data")] + CLI_OPTS
+                          + ["data.save_dir", save_dir, "train.checkpoint_every_n_iters", "2"])
+        printed = sys.stdout.getvalue()
+    finally:
+        sys.stdout = stdout
+    assert pdist.is_distributed()  # the command line left the launcher's process group alone
+    engine = engines[0]
+    net = engine.net
+    gallery = engine.test_loader["synthetic_reid"]["gallery"]
+    engine.set_model_mode("eval")
+    # every rank gets all features, in dataset order (numpy ids as tensors: the file loads weights-only)
+    sharded = [torch.as_tensor(x) for x in engine.extract_features_sharded(gallery)]
+    local = [torch.as_tensor(x) for x in engine.extract_features_from(gallery)]
+    torch.save({"status": status, "printed": printed, "results": engine.last_results,
+                "summary": engine.epoch_summary, "ddp": engine.ddp,
+                "find_unused": engine.model.find_unused_parameters,
+                "sampler": type(engine.train_loader.sampler).__name__, "batches": engine.num_batches,
+                "states": [c.state.clone() for c in net.cells()],
+                "running": [c.running_state.clone() for c in net.cells()],
+                "buffers": {k: v.clone() for k, v in net.named_buffers() if "running_mean" in k},
+                "backbone": [p.detach().clone() for p in net.backbone.parameters()][:4],
+                "sharded": sharded, "local": local, "gallery_pids": [item[1] for item in gallery.dataset.data]},
+               osp.join(out_dir, "cli_rank{}.pt".format(rank)))
+    _reliability_checks(rank, out_dir, engine, save_dir)
+
+
+def _reliability_checks(rank, out_dir, engine, save_dir):
+    """Resume, a non-finite loss and a failed checkpoint write under 2 ranks (no further training)."""
+    from ptl_torchreid.engine import NonFiniteLossError
+    from ptl_torchreid.utils.checkpoint import CheckpointError
+
+    out = {}
+    # 'auto' resolves to rank 0's latest checkpoint on every rank (rank 1's own save_dir is empty)
+    torch.manual_seed(100 + rank)  # the RNG states come from rank 0's checkpoint
+    for p in engine.net.parameters():
+        p.data.add_(float(rank))
+    out["start"] = engine.resume("auto", save_dir=save_dir)
+    out["weights"] = [p.detach().clone() for p in engine.net.parameters()][:4]
+    out["iteration"] = engine.iteration
+    engine._restore_rng_state(engine._pending_rng)
+    out["rand"] = torch.rand(3)
+    # a NaN loss on rank 1 only stops both ranks
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    try:
+        engine._check_finite_loss(loss, {"loss": float(loss)})
+    except NonFiniteLossError as e:
+        out["nonfinite"] = str(e)
+
+    class FailingManager:
+        def save(self, state, **where):
+            raise CheckpointError("disk full")
+
+    try:
+        out["written"] = engine._write_checkpoint(FailingManager(), lambda: {"x": 1}, iteration=1)
+    except CheckpointError as e:
+        out["write_error"] = str(e)
+    torch.save(out, osp.join(out_dir, "reliability_rank{}.pt".format(rank)))
+
+
+@pytest.fixture(scope="module")
+def cli_run(spawned):
+    return [torch.load(spawned / "cli_rank{}.pt".format(r)) for r in range(WORLD)], spawned
+
+
+def test_cli_trains_with_ddp_and_distributed_identity_sampler(cli_run):
+    ranks, _ = cli_run
+    for r in ranks:
+        assert r["status"] == 0
+        assert r["ddp"] and r["find_unused"]  # backbone freezing turns on find_unused_parameters
+        assert r["sampler"] == "DistributedRandomIdentitySampler"
+        assert r["batches"] == ranks[0]["batches"] > 0
+        assert math.isfinite(r["summary"]["loss"])
+    # the logged loss is the mean over all ranks' samples, the same on every rank
+    assert ranks[0]["summary"]["loss"] == pytest.approx(ranks[1]["summary"]["loss"], rel=1e-12)
+    for a, b in zip(ranks[0]["backbone"], ranks[1]["backbone"]):
+        assert torch.equal(a, b)
+
+
+def test_cli_cell_states_identical_across_ranks(cli_run):
+    ranks, _ = cli_run
+    assert len(ranks[0]["states"]) == 6
+    for a, b in zip(ranks[0]["states"] + ranks[0]["running"], ranks[1]["states"] + ranks[1]["running"]):
+        assert torch.equal(a, b)
+    assert any(s.abs().sum() > 0 for s in ranks[0]["running"])
+
+
+def test_cli_only_rank0_prints_logs_and_saves(cli_run):
+    ranks, out = cli_run
+    files = _files_under(str(out / "cli" / "rank0"))
+    assert "model/model.pth.tar-2" in files and "model/model-best.pth.tar" in files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert any(f.startswith("train-") and f.endswith(".log") for f in files)
+    assert _files_under(str(out / "cli" / "rank1")) == []
+    assert "2 processes (gloo)" in ranks[0]["printed"] and "** Results (synthetic_reid) **" in ranks[0]["printed"]
+    assert ranks[1]["printed"] == ""
+
+
+def test_cli_iteration_checkpoints_written_by_rank0_only(cli_run):
+    ranks, out = cli_run
+    files = _files_under(str(out / "cli" / "rank0"))
+    assert any(f.startswith("model/model-iter") for f in files)
+    assert _files_under(str(out / "cli" / "rank1")) == []
+
+
+def test_resume_loads_rank0_checkpoint_on_every_rank(spawned):
+    r0, r1 = (torch.load(spawned / "reliability_rank{}.pt".format(r)) for r in range(WORLD))
+    assert r0["start"] == r1["start"] == 2 and r0["iteration"] == r1["iteration"] > 0
+    for a, b in zip(r0["weights"], r1["weights"]):
+        assert torch.equal(a, b)  # the ranks' different weights were replaced by the same checkpoint's
+    assert torch.equal(r0["rand"], r1["rand"])  # rank 0's RNG states, restored on every rank
+
+
+def test_non_finite_loss_and_failed_write_stop_every_rank(spawned):
+    r0, r1 = (torch.load(spawned / "reliability_rank{}.pt".format(r)) for r in range(WORLD))
+    assert "on another rank" in r0["nonfinite"] and "loss nan on rank 1" in r1["nonfinite"]
+    assert r0["write_error"] == "disk full" and "rank 0 could not write" in r1["write_error"]
+    assert "written" not in r0 and "written" not in r1
+
+
+def test_sharded_feature_extraction_restores_dataset_order(cli_run):
+    ranks, _ = cli_run
+    for r in ranks:
+        feats, pids, camids = r["sharded"]
+        local_feats, local_pids, local_camids = r["local"]
+        assert pids.tolist() == local_pids.tolist() == r["gallery_pids"]
+        assert camids.tolist() == local_camids.tolist()
+        torch.testing.assert_close(feats, local_feats, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ranks[0]["sharded"][0], ranks[1]["sharded"][0])
+
+
+def test_cli_sharded_evaluation_matches_single_process(cli_run, tmp_path):
+    """Both ranks report the same results, equal to one process evaluating rank 0's checkpoint."""
+    from ptl_torchreid.cli import run
+    from ptl_torchreid.config import load_config
+
+    ranks, out = cli_run
+    assert ranks[0]["results"] == ranks[1]["results"]
+    dist_res = ranks[0]["results"]["synthetic_reid"]
+    # the ranks evaluated with the same (rank 0's) BatchNorm statistics as the checkpoint holds
+    for k, v in ranks[0]["buffers"].items():
+        assert torch.equal(v, ranks[1]["buffers"][k]), k
+    checkpoint = str(out / "cli" / "rank0" / "model" / "model.pth.tar-2")
+    cfg = load_config(opts=CLI_OPTS + ["data.root", str(out / "cli-data"), "data.save_dir", str(tmp_path),
+                                       "test.evaluate", "True", "model.load_weights", checkpoint])
+    single = run(cfg)["synthetic_reid"]
+    assert single["mAP"] == pytest.approx(dist_res["mAP"], abs=1e-6)
+    assert single["cmc"] == pytest.approx(dist_res["cmc"], abs=1e-6)
+
+
+def test_engine_refuses_plain_sampler_and_fixbase_without_unused_parameters():
+    from ptl_torchreid.config import engine_kwargs, load_config
+    from ptl_torchreid.engine import PTLEngineMixin
+
+    source = fake_source()
+    plain = SimpleNamespace(train_loader=SimpleNamespace(sampler=torch.utils.data.RandomSampler(source)),
+                            world_size=2, epoch=3)
+    with pytest.raises(ValueError, match="distribute_train_loaders"):
+        PTLEngineMixin._check_train_sampler(plain)
+    sampler = DistributedRandomIdentitySampler(source, 8, 4, num_replicas=2, rank=1)
+    PTLEngineMixin._check_train_sampler(SimpleNamespace(train_loader=SimpleNamespace(sampler=sampler),
+                                                        world_size=2, epoch=3))
+    # the epoch reaches the sampler through the epoch loader, which plans each epoch
+    loader = torch.utils.data.DataLoader(list(range(len(source))), batch_size=8, sampler=sampler)
+    plan = EpochLoader(loader, seed=0).plan(3)
+    assert sampler.epoch == 3 and plan == sampler.plan(3)[1]
+    fake = SimpleNamespace(ddp=True, model=SimpleNamespace(find_unused_parameters=False))
+    with pytest.raises(ValueError, match="find_unused_parameters=True"):
+        PTLEngineMixin._check_distributed_run(fake, 1, ["classifier"])
+    PTLEngineMixin._check_distributed_run(fake, 0, ["classifier"])
+    # the command line asks for it with fixbase epochs and leaves it to the engine otherwise
+    assert engine_kwargs(load_config(opts=["train.fixbase_epoch", "2"]))["find_unused_parameters"] is True
+    assert engine_kwargs(load_config())["find_unused_parameters"] is None
 
 
 # -- the sampler --------------------------------------------------------------------------------------------------
@@ -418,6 +653,28 @@ def test_bf16_autocast_training_step_on_cpu_is_finite():
         assert math.isfinite(loss.detach().item())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert all(c.state.dtype == torch.float32 and torch.isfinite(c.state).all() for c in model.cells())
+
+
+def test_engine_bf16_channels_last_training_is_finite(tmp_path):
+    """The engine's AMP path with channels_last: model and batches in channels_last, bf16 forward, finite loss."""
+    from ptl_torchreid.cli import build_engine
+    from ptl_torchreid.config import engine_run_kwargs, load_config
+
+    cfg = load_config(opts=CLI_OPTS + ["data.root", str(tmp_path / "data"), "data.save_dir", str(tmp_path / "log"),
+                                       "train.max_epoch", "1", "ptl.freeze_backbone_epochs", "0",
+                                       "train.amp", "True", "train.amp_dtype", "bf16", "train.channels_last", "True"])
+    engine = build_engine(cfg)
+    assert engine.channels_last and engine.memory_format is torch.channels_last and not engine.ddp
+    conv = next(p for p in engine.net.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    seen = []
+    engine.net.register_forward_pre_hook(
+        lambda m, inp: seen.append((inp[0].is_contiguous(memory_format=torch.channels_last),
+                                    torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+    results = engine.run(**engine_run_kwargs(cfg))
+    assert math.isfinite(engine.epoch_summary["loss"]) and 0 <= results["synthetic_reid"]["mAP"] <= 1
+    assert seen and all(cl for cl, _ in seen)
+    assert (True, torch.bfloat16) in seen  # training forwards ran under bf16 autocast
 
 
 # -- GPU benchmark script, CPU path ------------------------------------------------------------------------------

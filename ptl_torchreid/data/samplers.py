@@ -8,8 +8,9 @@ All ranks yield the same number of batches (collectives in the training step wou
 the rank that ran out).
 
 :func:`build_distributed_train_sampler` maps torchreid's ``sampler.train_sampler`` names to distributed samplers,
-:class:`ShardSampler` splits an evaluation set between ranks without padding, and :func:`rebuild_loader` makes a
-DataLoader like torchreid's with another sampler.
+:class:`ShardSampler` splits an evaluation set between ranks without padding, :func:`rebuild_loader` makes a
+DataLoader like torchreid's with another sampler, and :func:`distribute_train_loaders` gives a torchreid data
+manager distributed train loaders.
 """
 from collections import defaultdict
 
@@ -17,7 +18,7 @@ import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 __all__ = ["DistributedRandomIdentitySampler", "ShardSampler", "build_distributed_train_sampler", "rebuild_loader",
-           "DISTRIBUTED_TRAIN_SAMPLERS"]
+           "distribute_train_loaders", "DISTRIBUTED_TRAIN_SAMPLERS"]
 
 # torchreid sampler name -> what it becomes under distributed training
 DISTRIBUTED_TRAIN_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "SequentialSampler")
@@ -216,3 +217,24 @@ def rebuild_loader(loader, sampler, drop_last=None):
     if loader.num_workers > 0:
         kwargs.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
     return DataLoader(loader.dataset, **kwargs)
+
+
+def distribute_train_loaders(datamanager, train_sampler, num_instances=4, seed=0, train_sampler_t=None,
+                             num_replicas=None, rank=None):
+    """Replace ``datamanager.train_loader`` (and ``train_loader_t`` when the target train sets are loaded) of a
+    torchreid data manager by loaders with the distributed samplers of :func:`build_distributed_train_sampler`,
+    keeping their per-rank batch size, workers and ``drop_last=True``. Returns the data manager.
+
+    ``train_sampler`` / ``train_sampler_t`` are torchreid's sampler names (``sampler.train_sampler`` /
+    ``sampler.train_sampler_t``); ``train_sampler_t`` defaults to ``train_sampler``.
+    """
+    specs = [("train_loader", train_sampler)]
+    if getattr(datamanager, "train_loader_t", None) is not None:
+        specs.append(("train_loader_t", train_sampler_t or train_sampler))
+    for attr, name in specs:
+        loader = getattr(datamanager, attr)
+        sampler = build_distributed_train_sampler(loader.dataset.train, name, loader.batch_size,
+                                                  num_instances=num_instances, seed=seed,
+                                                  num_replicas=num_replicas, rank=rank)
+        setattr(datamanager, attr, rebuild_loader(loader, sampler, drop_last=True))
+    return datamanager

@@ -1,12 +1,14 @@
 """The PTL engine mixin, shared by the softmax and the softmax+triplet engines.
 
 It adds to torchreid's ``Engine``: PTL cell-state handling (reset policy; evaluation with the frozen state),
-backbone freezing, device placement and mixed precision, per-epoch logging (console + TensorBoard), progress
-bars, vectorised ranking evaluation with rank clamping, weights-only-safe atomic checkpoints with ``model-best``,
-checkpoints every N iterations, exact resume (mid-epoch included) and a stop on a non-finite loss.
+backbone freezing, device placement, mixed precision and channels_last, per-epoch logging (console +
+TensorBoard), progress bars, vectorised ranking evaluation with rank clamping, weights-only-safe atomic
+checkpoints with ``model-best``, checkpoints every N iterations, exact resume (mid-epoch included), a stop on a
+non-finite loss, and distributed training (DDP, synchronised cell states, sharded evaluation, rank-0 output).
 A concrete engine only supplies :meth:`compute_losses`.
 """
 import datetime
+import functools
 import math
 import os.path as osp
 import time
@@ -17,9 +19,11 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ptl_torchreid._torchreid import torchreid
+from ptl_torchreid.data.samplers import ShardSampler, rebuild_loader
 from ptl_torchreid.metrics import evaluate_rank
 from ptl_torchreid.models import is_ptl, unwrap
-from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler
+from ptl_torchreid.utils import distributed as pdist
+from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler, memory_format
 from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
@@ -38,6 +42,15 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf; training stopped before the step changed the weights."""
 
 
+def _output_on_main_rank(method):
+    """Run an engine method with standard output discarded on every rank but 0 (one log per run)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with pdist.quiet_unless_main():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class PTLEngineMixin:
     """Mix in before a torchreid image engine: ``class E(PTLEngineMixin, torchreid.engine.ImageSoftmaxEngine)``.
 
@@ -48,22 +61,38 @@ class PTLEngineMixin:
     - ``freeze_backbone_epochs``: train only the PTL parameters for the first K epochs; -1: throughout;
     - ``amp`` / ``amp_dtype``: autocast (``'auto'``: fp16 with a GradScaler on CUDA, bf16 on the CPU; or
       ``'fp16'`` / ``'bf16'``);
-    - ``device``: where to train; default CUDA when ``use_gpu`` and available, else the CPU;
+    - ``channels_last``: keep the model and the input batches in channels_last memory format (faster
+      convolutions with AMP on tensor-core GPUs);
+    - ``device``: where to train; default CUDA (the current CUDA device) when ``use_gpu`` and available, else
+      the CPU;
+    - ``find_unused_parameters``: DDP's flag, used under a process group of more than one rank. ``None``
+      (default) turns it on when backbone freezing is configured, because frozen parameters get no gradient;
+      set it to True for torchreid's fixbase epochs;
     - ``progress_bar``: tqdm bars for training and feature extraction;
     - ``checkpoint_extras``: plain-typed entries added to every checkpoint (e.g. the config as YAML text);
     - ``keep_last``: periodic checkpoints kept (None: all, as torchreid); ``model-best`` is always kept;
     - ``seed``: the run's seed; the order of each epoch's batches and each sample's augmentation derive from
-      ``(seed, epoch)``, which is what lets :meth:`resume` continue mid-epoch exactly;
+      ``(seed, epoch, rank)``, which is what lets :meth:`resume` continue mid-epoch exactly (and gives the ranks
+      of a distributed run different augmentations);
     - ``checkpoint_every_n_iters``: also save a checkpoint every N training steps (0: only after evaluations,
       as torchreid); written to ``<save_dir>/model/model-iter<N>.pth.tar`` by :meth:`run`.
 
     A scheduler is always present: without one a constant schedule is used, so checkpoints always hold one.
     PTL-specific behaviour applies only when ``ptl_torchreid.models.is_ptl(model)``.
+
+    Distributed training: when a process group of more than one rank exists (``utils.distributed.init_distributed``
+    under ``torchrun``), the model is wrapped in DistributedDataParallel, the train loader must carry a
+    distributed sampler (``data.samplers.distribute_train_loaders``), cell states are synchronised after every
+    step, evaluation extracts features on disjoint shards of the test sets and gathers them (metrics are
+    computed on rank 0 and shared), and only rank 0 prints, writes TensorBoard and saves checkpoints. Stops are
+    agreed by all ranks (a non-finite loss on any rank, a failed checkpoint write on rank 0), and :meth:`resume`
+    loads the same checkpoint on every rank.
     """
 
     def __init__(self, datamanager, model, optimizer, *, reset_policy="epoch", reset_every_n_iters=0,
-                 freeze_backbone_epochs=0, amp=False, amp_dtype="auto", device=None, progress_bar=True,
-                 checkpoint_extras=None, keep_last=None, seed=0, checkpoint_every_n_iters=0, **kwargs):
+                 freeze_backbone_epochs=0, amp=False, amp_dtype="auto", channels_last=False, device=None,
+                 find_unused_parameters=None, progress_bar=True, checkpoint_extras=None, keep_last=None, seed=0,
+                 checkpoint_every_n_iters=0, **kwargs):
         if reset_policy not in RESET_POLICIES:
             raise ValueError("reset_policy must be one of {}, got {!r}".format(RESET_POLICIES, reset_policy))
         if reset_policy == "iter" and reset_every_n_iters < 1:
@@ -79,9 +108,20 @@ class PTLEngineMixin:
         if device is None:
             device = "cuda" if (use_gpu and torch.cuda.is_available()) else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # the current device: cuda:LOCAL_RANK once init_distributed has run
+            self.device = torch.device("cuda", torch.cuda.current_device())
         # torchreid's losses move their targets to CUDA when use_gpu is set: keep it tied to the device.
         kwargs["use_gpu"] = self.device.type == "cuda"
+        self.channels_last = bool(channels_last)
+        # input batches follow the model's format; preserve_format leaves them untouched
+        self.memory_format = memory_format(True) if self.channels_last else torch.preserve_format
         model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=self.memory_format)
+        self.world_size = pdist.get_world_size()
+        self.is_main = pdist.is_main_process()
+        model = self._wrap_distributed(model, find_unused_parameters, freeze_backbone_epochs)
         if kwargs.get("scheduler") is None:
             kwargs["scheduler"] = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=1.0)
         super().__init__(datamanager, model, optimizer, **kwargs)
@@ -89,7 +129,7 @@ class PTLEngineMixin:
         self.reset_policy = reset_policy
         self.reset_every_n_iters = int(reset_every_n_iters)
         self.freeze_backbone_epochs = int(freeze_backbone_epochs)
-        self.progress_bar = bool(progress_bar)
+        self.progress_bar = bool(progress_bar) and self.is_main
         self.checkpoint_extras = dict(checkpoint_extras or {})
         self.is_ptl = is_ptl(model)
 
@@ -113,8 +153,55 @@ class PTLEngineMixin:
         self.save_dir = None  # set by run(); iteration checkpoints go to <save_dir>/model
         self.last_rank1 = None  # Rank-1 of the latest evaluation that was saved
         self._epoch_loader = None
+        self._step_batch_size = 0  # images in this rank's latest training batch
         self._resume_at = None  # (epoch, batches of it already trained, epoch meters), set by resume()
         self._pending_rng = None  # RNG states to restore when training (re)starts, set by resume()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Distributed training
+    # ----------------------------------------------------------------------------------------------------
+
+    def _wrap_distributed(self, model, find_unused_parameters, freeze_backbone_epochs):
+        """DDP-wrapped ``model`` when more than one rank runs (else ``model``): the one place the engine wraps."""
+        if self.world_size == 1:
+            return model
+        if find_unused_parameters is None:
+            # freezing switches requires_grad off after wrapping; DDP must not wait for those gradients
+            find_unused_parameters = is_ptl(model) and freeze_backbone_epochs != 0
+        return pdist.wrap_ddp(model, device=self.device, find_unused_parameters=bool(find_unused_parameters))
+
+    @property
+    def ddp(self):
+        """Whether the model is wrapped in DistributedDataParallel."""
+        return isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+
+    def _check_train_sampler(self):
+        """Refuse a plain train sampler under several ranks, which would feed every rank the same batches. (The
+        sampler gets each epoch through ``set_epoch`` from :meth:`epoch_loader`, which plans the epoch.)"""
+        sampler = getattr(self.train_loader, "sampler", None)
+        if self.world_size > 1 and getattr(sampler, "num_replicas", None) != self.world_size:
+            raise ValueError(
+                "distributed training over {} ranks needs a distributed train sampler, but the train loader uses "
+                "{}; call ptl_torchreid.data.samplers.distribute_train_loaders(datamanager, ...) before building "
+                "the engine (the command line does this)".format(self.world_size, type(sampler).__name__))
+
+    def _sync_cell_states(self, batch_size):
+        """After the optimizer step: average the cells' states over the ranks (weighted by batch size)."""
+        if self.world_size > 1 and self.is_ptl:
+            pdist.sync_cell_states(self.model, batch_size=batch_size)
+
+    def _average_meters_over_ranks(self, losses):
+        """Turn each rank's epoch averages into averages over all ranks' samples (for logging)."""
+        if self.world_size == 1:
+            return
+        for meter in losses.meters.values():
+            meter.avg = pdist.all_reduce_mean(meter.avg, weight=max(meter.count, 1))
+
+    def _check_distributed_run(self, fixbase_epoch, open_layers):
+        if self.ddp and fixbase_epoch > 0 and open_layers and not self.model.find_unused_parameters:
+            raise ValueError(
+                "fixbase epochs freeze layers after the model was wrapped in DistributedDataParallel; build the "
+                "engine with find_unused_parameters=True (the command line does so when train.fixbase_epoch > 0)")
 
     # ----------------------------------------------------------------------------------------------------
     # PTL state and freezing
@@ -142,13 +229,14 @@ class PTLEngineMixin:
         self.set_model_mode("train")
         fixbase = open_layers is not None and (self.epoch + 1) <= fixbase_epoch
         # torchreid's fixbase (only `open_layers` train) opens or closes layers and sets train mode...
-        self.two_stepped_transfer_learning(self.epoch, fixbase_epoch, open_layers)
+        self.two_stepped_transfer_learning(self.epoch, fixbase_epoch, open_layers, model=self.net)
         # ...then PTL freezing, unless fixbase already froze more than that this epoch.
         if self.is_ptl and not fixbase:
             self.net.freeze_backbone(self.backbone_frozen(self.epoch))
         # A resumed epoch continues with the carried state its checkpoint holds.
         if self.reset_policy == "epoch" and not resuming:
             self.reset_state()
+        self._check_train_sampler()
 
     def _on_train_iter_start(self):
         if self.reset_policy == "iter" and self.iteration % self.reset_every_n_iters == 0:
@@ -167,7 +255,7 @@ class PTLEngineMixin:
 
     def forward_backward(self, data):
         imgs, pids = self.parse_data_for_train(data)
-        imgs = imgs.to(self.device, non_blocking=True)
+        imgs = imgs.to(self.device, non_blocking=True, memory_format=self.memory_format)
         pids = pids.to(self.device, non_blocking=True)
         with self._autocast():
             outputs = self.model(imgs)
@@ -181,6 +269,7 @@ class PTLEngineMixin:
         self.scaler.update()
         return summary
 
+    @_output_on_main_rank
     def train(self, print_freq=10, fixbase_epoch=0, open_layers=None):
         losses = torchreid.utils.MetricMeter()
         batch_time = torchreid.utils.AverageMeter()
@@ -198,6 +287,7 @@ class PTLEngineMixin:
             data_time.update(time.time() - end)
             self._on_train_iter_start()
             summary = self.forward_backward(data)
+            self._step_batch_size = len(self.parse_data_for_train(data)[1])
             self.iteration += 1
             batch_time.update(time.time() - end)
             losses.update(summary)
@@ -214,6 +304,7 @@ class PTLEngineMixin:
                 )
             end = time.time()
         bar.close()
+        self._average_meters_over_ranks(losses)
         self._log_epoch(losses, time.time() - epoch_start)
         self.update_lr()
 
@@ -256,6 +347,7 @@ class PTLEngineMixin:
     # Run loop
     # ----------------------------------------------------------------------------------------------------
 
+    @_output_on_main_rank
     def run(self, save_dir="log", max_epoch=0, start_epoch=0, print_freq=10, fixbase_epoch=0, open_layers=None,
             start_eval=0, eval_freq=-1, test_only=False, dist_metric="euclidean", normalize_feature=False,
             visrank=False, visrank_topk=10, use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
@@ -273,7 +365,8 @@ class PTLEngineMixin:
             self.test(rerank=rerank, **test_kwargs)
             return self.last_results
 
-        if self.writer is None:
+        self._check_distributed_run(fixbase_epoch, open_layers)
+        if self.writer is None and self.is_main:
             self.writer = SummaryWriter(log_dir=save_dir)
         time_start = time.time()
         self.start_epoch = start_epoch
@@ -294,19 +387,31 @@ class PTLEngineMixin:
             if trained:
                 self.save_model(self.epoch, rank1, save_dir)
         print("Elapsed {}".format(datetime.timedelta(seconds=round(time.time() - time_start))))
-        self.writer.close()
-        self.writer = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         return self.last_results
 
     # ----------------------------------------------------------------------------------------------------
     # Evaluation
     # ----------------------------------------------------------------------------------------------------
 
+    @_output_on_main_rank
     def test(self, *args, **kwargs):
         """torchreid's ``test`` (puts the model in eval mode, so cell states are frozen); fills
-        :attr:`last_results` and returns the Rank-1 of the last target, as torchreid does."""
+        :attr:`last_results` and returns the Rank-1 of the last target, as torchreid does.
+
+        Under several ranks every rank takes part (each extracts the features of its shard of the test sets) and
+        every rank gets the same results."""
         self.last_results = {}
+        if self.world_size > 1:
+            # after training each rank holds BatchNorm statistics of its own last batch: evaluate with rank 0's
+            pdist.broadcast_buffers(self.model)
         return super().test(*args, **kwargs)
+
+    def extract_features(self, input):
+        # The bare model under DDP: its forward would broadcast buffers, a collective out of step across ranks.
+        return (self.net if self.ddp else self.model)(input)
 
     @torch.no_grad()
     def extract_features_from(self, loader, desc="features"):
@@ -314,7 +419,7 @@ class PTLEngineMixin:
         feats, pids, camids = [], [], []
         for data in tqdm(loader, desc=desc, disable=not self.progress_bar, leave=False, dynamic_ncols=True):
             imgs, p, c = self.parse_data_for_eval(data)
-            imgs = imgs.to(self.device, non_blocking=True)
+            imgs = imgs.to(self.device, non_blocking=True, memory_format=self.memory_format)
             with self._autocast():
                 f = self.extract_features(imgs)
             feats.append(f.float().cpu())
@@ -323,15 +428,57 @@ class PTLEngineMixin:
         return torch.cat(feats), torch.cat(pids).numpy(), torch.cat(camids).numpy()
 
     @torch.no_grad()
+    def extract_features_sharded(self, loader, desc="features"):
+        """:meth:`extract_features_from` over all ranks: each rank extracts a disjoint shard of the loader's
+        dataset (items ``rank, rank + world_size, ...``), the shards are gathered, and every rank gets all
+        features, pids and camids in the dataset's order, as one process would compute them."""
+        if self.world_size == 1:
+            return self.extract_features_from(loader, desc)
+        n, world = len(loader.dataset), self.world_size
+        if n < world:
+            raise ValueError("the test set '{}' has {} images, fewer than the {} ranks: evaluate it with fewer "
+                             "processes".format(desc, n, world))
+        feats, pids, camids = self.extract_features_from(rebuild_loader(loader, ShardSampler(n), drop_last=False),
+                                                         desc)
+        device = pdist.collective_device()
+        order = torch.cat([torch.arange(r, n, world) for r in range(world)])  # dataset index of each gathered row
+        out = []
+        for t in (feats, torch.as_tensor(pids), torch.as_tensor(camids)):
+            gathered = pdist.all_gather_tensors(t.to(device)).cpu()
+            restored = torch.empty_like(gathered)
+            restored[order] = gathered
+            out.append(restored)
+        return out[0], out[1].numpy(), out[2].numpy()
+
+    @torch.no_grad()
     def _evaluate(self, dataset_name="", query_loader=None, gallery_loader=None, dist_metric="euclidean",
                   normalize_feature=False, visrank=False, visrank_topk=10, save_dir="", use_metric_cuhk03=False,
                   ranks=(1, 5, 10, 20), rerank=False):
-        """The one evaluation function: features -> distances -> vectorised CMC/mAP (torchreid's protocol)."""
+        """The one evaluation function: features -> distances -> vectorised CMC/mAP (torchreid's protocol).
+
+        Under several ranks the features are extracted on shards and gathered; the distances, metrics and
+        ranked-result images are computed on rank 0 only (one distance matrix in memory per run) and the results
+        broadcast, so every rank returns the same values."""
         t0 = time.time()
-        qf, q_pids, q_camids = self.extract_features_from(query_loader, "query " + dataset_name)
-        gf, g_pids, g_camids = self.extract_features_from(gallery_loader, "gallery " + dataset_name)
+        qf, q_pids, q_camids = self.extract_features_sharded(query_loader, "query " + dataset_name)
+        gf, g_pids, g_camids = self.extract_features_sharded(gallery_loader, "gallery " + dataset_name)
         print("Extracted features: query {}x{}, gallery {}x{} ({:.1f}s)".format(
             qf.size(0), qf.size(1), gf.size(0), gf.size(1), time.time() - t0))
+        outcome = None
+        if self.is_main:
+            outcome = self._rank_and_report(dataset_name, qf, gf, q_pids, g_pids, q_camids, g_camids,
+                                            dist_metric=dist_metric, normalize_feature=normalize_feature,
+                                            visrank=visrank, visrank_topk=visrank_topk, save_dir=save_dir,
+                                            use_metric_cuhk03=use_metric_cuhk03, ranks=ranks, rerank=rerank)
+        rank1, mAP, result = pdist.broadcast_object(outcome)
+        self.last_results[dataset_name] = result
+        return rank1, mAP
+
+    def _rank_and_report(self, dataset_name, qf, gf, q_pids, g_pids, q_camids, g_camids, dist_metric="euclidean",
+                         normalize_feature=False, visrank=False, visrank_topk=10, save_dir="",
+                         use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
+        """Distances, CMC/mAP, printed results and optional ranked-result images; returns
+        ``(rank1, mAP, {'mAP': ..., 'cmc': {rank: ...}})``."""
         if normalize_feature:
             qf = F.normalize(qf, p=2, dim=1)
             gf = F.normalize(gf, p=2, dim=1)
@@ -346,7 +493,6 @@ class PTLEngineMixin:
         cmc, mAP = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max(ranks),
                                  use_metric_cuhk03=use_metric_cuhk03)
         result = {"mAP": float(mAP), "cmc": {int(r): float(cmc[r - 1]) for r in ranks}}
-        self.last_results[dataset_name] = result
         print("** Results ({}) **".format(dataset_name))
         print("mAP: {:.1%}".format(result["mAP"]))
         print("CMC curve")
@@ -359,7 +505,7 @@ class PTLEngineMixin:
                 width=self.datamanager.width, height=self.datamanager.height,
                 save_dir=osp.join(save_dir, "visrank_" + dataset_name), topk=min(visrank_topk, distmat.shape[1]),
             )
-        return float(cmc[0]), float(mAP)
+        return float(cmc[0]), float(mAP), result
 
     # ----------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -381,7 +527,7 @@ class PTLEngineMixin:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "seed": self.seed,
-            "rng": capture_rng_state(),
+            "rng": self._capture_rng_state(),
         }
         state.update(self.checkpoint_extras)
         return to_plain(state)
@@ -404,10 +550,13 @@ class PTLEngineMixin:
 
     def _save_checkpoint(self, epoch, rank1, save_dir, is_best=False):
         """Write ``<save_dir>/model/model.pth.tar-<epoch>`` (torchreid's naming) atomically, and
-        ``model-best.pth.tar`` when ``is_best``. Weights with NaN/inf are refused, keeping the last good files."""
+        ``model-best.pth.tar`` when ``is_best``. Weights with NaN/inf are refused, keeping the last good files.
+        Only rank 0 writes (the ranks hold the same weights); the others return None."""
         manager = self.checkpoint_manager(save_dir)
-        path = self._write_checkpoint(manager, self.checkpoint_state(epoch, rank1), epoch=epoch + 1,
+        path = self._write_checkpoint(manager, lambda: self.checkpoint_state(epoch, rank1), epoch=epoch + 1,
                                       is_best=is_best)
+        if path is None:
+            return None
         print('Checkpoint saved to "{}"'.format(path))
         if is_best:
             print('Best so far (Rank-1 {:.1%}) saved to "{}"'.format(rank1, manager.best_path))
@@ -420,12 +569,16 @@ class PTLEngineMixin:
         ``save_dir``: :attr:`save_dir`). Returns the epoch to start from (pass it to :meth:`run` as
         ``start_epoch``); a checkpoint taken mid-epoch makes that epoch continue after its last trained batch.
         With ``'auto'`` and no checkpoint yet, prints so and returns None (start from scratch).
+
+        Under several ranks every rank calls it and loads the same file (rank 0's choice for ``'auto'``), so the
+        ranks continue with identical weights, optimizer and cell states.
         """
         if path == "auto":
             save_dir = save_dir if save_dir is not None else self.save_dir
             if save_dir is None:
                 raise ValueError("resume('auto') needs save_dir: where the run writes its checkpoints")
-            path = self.checkpoint_manager(save_dir).latest()
+            # rank 0's choice, so that every rank resumes from the same file
+            path = pdist.broadcast_object(self.checkpoint_manager(save_dir).latest() if self.is_main else None)
             if path is None:
                 print('No checkpoint in "{}" to resume from: starting from scratch'.format(
                     osp.join(save_dir, "model")))
@@ -473,14 +626,27 @@ class PTLEngineMixin:
         self._load_resume_position(state)
 
     def _write_checkpoint(self, manager, state, **where):
-        """The single place the engine writes checkpoints: atomically, through ``manager``. A failed write
-        (disk full, permission denied) or diverged weights stop training; nothing is reported as saved."""
-        try:
-            return manager.save(state, **where)
-        except CheckpointError:
+        """The single place the engine writes checkpoints: atomically, through ``manager``; ``state`` is the
+        checkpoint or a function returning it. A failed write (disk full, permission denied) or diverged weights
+        stop training; nothing is reported as saved.
+
+        Under several ranks only rank 0 builds and writes the checkpoint (the ranks hold the same weights) and the
+        others return None; every rank must call this, since all of them stop together when rank 0's write
+        fails (a rank left running would wait forever in its next collective)."""
+        error, path = None, None
+        if self.is_main:
+            try:
+                path = manager.save(state() if callable(state) else state, **where)
+            except CheckpointError as e:
+                error = e
+        if pdist.any_rank(error is not None):
             print("Training stopped at epoch {}, iteration {}: the checkpoint was not saved (see the error "
                   "below); the previous checkpoints are intact.".format(self.epoch + 1, self.iteration))
-            raise
+            if error is not None:
+                raise error
+            raise CheckpointError("rank 0 could not write the checkpoint (its error says why); this rank stops "
+                                  "with it")
+        return path
 
     # ----------------------------------------------------------------------------------------------------
     # Reliability: exact resume, iteration checkpoints, non-finite loss
@@ -505,11 +671,14 @@ class PTLEngineMixin:
             meter.sum, meter.count = float(total), int(count)
             meter.avg = meter.sum / max(meter.count, 1)
         if self._pending_rng is not None:
-            restore_rng_state(self._pending_rng)
+            self._restore_rng_state(self._pending_rng)
             self._pending_rng = None
         return start
 
     def _after_train_step(self, losses):
+        """After the optimizer step (and the scaler's update): the cells' states are made the same on all ranks
+        first, so that an iteration checkpoint holds the synchronised states."""
+        self._sync_cell_states(self._step_batch_size)
         n = self.checkpoint_every_n_iters
         if n > 0 and self.iteration % n == 0 and self.save_dir is not None:
             self.save_iteration_checkpoint(losses)
@@ -528,12 +697,32 @@ class PTLEngineMixin:
     def save_iteration_checkpoint(self, losses=None):
         """Write ``<save_dir>/model/model-iter<iteration>.pth.tar`` (atomic; the ``latest`` pointer follows)."""
         manager = self.checkpoint_manager(self.save_dir)
-        path = self._write_checkpoint(manager, self.iteration_checkpoint_state(losses), iteration=self.iteration)
+        path = self._write_checkpoint(manager, lambda: self.iteration_checkpoint_state(losses),
+                                      iteration=self.iteration)
+        if path is None:
+            return None
         if self.progress_bar:
             tqdm.write('Checkpoint saved to "{}"'.format(path))
         else:
             print('Checkpoint saved to "{}"'.format(path))
         return path
+
+    def _capture_rng_state(self):
+        """The global RNG states for a checkpoint. All ranks are seeded alike and draw alike (their data
+        randomness comes from :meth:`epoch_loader`'s per-rank seeds), so rank 0's states, the ones saved, are
+        every rank's; on CUDA each rank draws from its own device, so only that device's state is kept."""
+        state = capture_rng_state()
+        if self.world_size > 1 and self.device.type == "cuda" and state["cuda"]:
+            state["cuda"] = [torch.cuda.get_rng_state(self.device)]
+        return state
+
+    def _restore_rng_state(self, state):
+        cuda = state.get("cuda") or []
+        if self.world_size > 1 and self.device.type == "cuda" and len(cuda) == 1:
+            restore_rng_state(dict(state, cuda=[]))
+            torch.cuda.set_rng_state(cuda[0].cpu().to(torch.uint8), self.device)
+        else:
+            restore_rng_state(state)
 
     def _load_resume_position(self, state):
         seed = state.get("seed")
@@ -553,9 +742,16 @@ class PTLEngineMixin:
 
     def _check_finite_loss(self, loss, summary):
         """Stop before a NaN/inf loss reaches the weights; say where it happened and what is safe on disk."""
-        if math.isfinite(float(loss.detach().float().sum())):
+        value = float(loss.detach().float().sum())
+        # Decided together: a rank that stopped alone would leave the others waiting in the gradient all-reduce.
+        if not pdist.any_rank(not math.isfinite(value)):
             return
-        parts = ", ".join("{} {:.4g}".format(k, v) for k, v in summary.items() if isinstance(v, float))
+        if math.isfinite(value):
+            what = "on another rank"
+        else:
+            what = ", ".join("{} {:.4g}".format(k, v) for k, v in summary.items() if isinstance(v, float))
+            what = (what or "loss {}".format(value)) + (" on rank {}".format(pdist.get_rank())
+                                                         if self.world_size > 1 else "")
         latest = None
         if self.save_dir is not None:
             latest = self.checkpoint_manager(self.save_dir).latest()
@@ -565,8 +761,7 @@ class PTLEngineMixin:
             "Non-finite loss ({}) at epoch {}, batch {}/{} (iteration {} of the run). Training stopped before this "
             "step changed the weights. {}. Usual causes: a learning rate too high (train.lr, ptl.lr_mult), fp16 "
             "overflow (train.amp_dtype bf16), or corrupt input.".format(
-                parts or "loss {}".format(float(loss.detach().float().sum())), self.epoch + 1, self.batch_idx + 1,
-                self.num_batches, self.iteration + 1, saved))
+                what, self.epoch + 1, self.batch_idx + 1, self.num_batches, self.iteration + 1, saved))
 
 
 def resolve_precision(amp, amp_dtype, device):

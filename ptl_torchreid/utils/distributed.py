@@ -40,8 +40,9 @@ from ..models import unwrap
 from ..models.bconv import BConvCell
 
 __all__ = ["DistContext", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank",
-           "get_world_size", "get_local_rank", "is_main_process", "barrier", "main_process_first", "all_gather_tensors",
-           "all_reduce_mean", "cell_buffer_names", "wrap_ddp", "broadcast_cell_states", "sync_cell_states"]
+           "get_world_size", "get_local_rank", "is_main_process", "barrier", "main_process_first", "quiet_unless_main",
+           "collective_device", "all_gather_tensors", "all_reduce_mean", "any_rank", "broadcast_object",
+           "cell_buffer_names", "wrap_ddp", "broadcast_buffers", "broadcast_cell_states", "sync_cell_states"]
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -155,15 +156,36 @@ def barrier():
 
 @contextlib.contextmanager
 def main_process_first():
-    """Run the block on rank 0 first, then on the other ranks: for work that writes shared files (generating a
-    dataset, extracting an archive) which the others then only read."""
-    if not is_main_process():
+    """Run the block on rank 0 first, then on the first process of every other node (``LOCAL_RANK`` 0), then on
+    the remaining ranks: for work that writes files (generating a dataset, extracting an archive) which the later
+    ones then only read. With a file system shared by the nodes only rank 0 does the work; without one, one
+    process per node does it. A block that raises still releases the ranks waiting for it."""
+    phase = 0 if get_rank() == 0 else (1 if get_local_rank() == 0 else 2)
+    for _ in range(phase):
         barrier()
     try:
         yield
     finally:
-        if is_main_process():
+        for _ in range(2 - phase):
             barrier()
+
+
+@contextlib.contextmanager
+def quiet_unless_main():
+    """Discard standard output on every rank but 0, so that a run prints one log (errors and warnings go to
+    standard error and still show on every rank)."""
+    if is_main_process():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+def collective_device():
+    """The device collectives of the default group run on: the current CUDA device for nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_gather_tensors(tensor, cat=True):
@@ -200,7 +222,7 @@ def all_reduce_mean(value, weight=1.0):
         return value
     is_tensor = torch.is_tensor(value)
     t = value.detach().float().reshape(-1) if is_tensor else torch.tensor([float(value)], dtype=torch.float64)
-    device = t.device if is_tensor else _collective_device()
+    device = t.device if is_tensor else collective_device()
     buf = torch.cat([t.to(device, torch.float64) * float(weight),
                      torch.tensor([float(weight)], dtype=torch.float64, device=device)])
     dist.all_reduce(buf)
@@ -210,10 +232,23 @@ def all_reduce_mean(value, weight=1.0):
     return float(mean.item())
 
 
-def _collective_device():
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def any_rank(flag):
+    """Whether ``flag`` is true on at least one rank (every rank gets the same answer): for decisions that all
+    ranks must take together, such as skipping a step, since a rank that leaves a collective out stalls the rest."""
+    if get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, src=0):
+    """Rank ``src``'s ``obj`` (any picklable object) on every rank; ``obj`` is ignored on the other ranks."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=collective_device())
+    return box[0]
 
 
 # -- BConv-Cell states ------------------------------------------------------------------------------------------
@@ -260,6 +295,22 @@ def wrap_ddp(model, device=None, find_unused_parameters=False, **ddp_kwargs):
         ddp_kwargs.setdefault("device_ids", [device.index if device.index is not None else torch.cuda.current_device()])
     return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters,
                                                      **ddp_kwargs)
+
+
+@torch.no_grad()
+def broadcast_buffers(model, src=0):
+    """Copy every buffer except the cells' (which :func:`sync_cell_states` keeps in agreement) from rank ``src``.
+
+    DDP broadcasts buffers before each training forward, so after the last step every rank has updated its
+    BatchNorm statistics with its own batch; call this before evaluating with the unwrapped model so that all
+    ranks compute features with the same statistics (those a rank-0 checkpoint holds)."""
+    if get_world_size() == 1:
+        return
+    net = unwrap(model)
+    skip = set(cell_buffer_names(net))
+    for name, buf in net.named_buffers():
+        if name not in skip and buf is not None:
+            dist.broadcast(buf, src)
 
 
 @torch.no_grad()
