@@ -130,7 +130,7 @@ def get_default_config():
     cfg.train.seed = 1
     cfg.train.amp = False  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on the CPU
     cfg.train.amp_dtype = "auto"  # 'auto' | 'fp16' | 'bf16'
-    cfg.train.progress_bar = True  # tqdm bars for training and feature extraction
+    cfg.train.progress_bar = True  # tqdm bars for training and feature extraction (on a terminal)
 
     cfg.sgd = CN()
     cfg.sgd.momentum = 0.9

@@ -37,7 +37,7 @@ class PTLEngineMixin:
     - ``amp`` / ``amp_dtype``: autocast (``'auto'``: fp16 with a GradScaler on CUDA, bf16 on the CPU; or
       ``'fp16'`` / ``'bf16'``);
     - ``device``: where to train; default CUDA when ``use_gpu`` and available, else the CPU;
-    - ``progress_bar``: tqdm bars for training and feature extraction;
+    - ``progress_bar``: tqdm bars for training and feature extraction (shown on a terminal only);
     - ``checkpoint_extras``: plain-typed entries added to every checkpoint (e.g. the config as YAML text);
     - ``keep_last``: periodic checkpoints kept (None: all, as torchreid); ``model-best`` is always kept.
 
@@ -131,6 +131,10 @@ class PTLEngineMixin:
     # Training
     # ----------------------------------------------------------------------------------------------------
 
+    def _bar_disabled(self):
+        # tqdm's None: show the bar on a terminal only, so log files and CI output stay readable.
+        return None if self.progress_bar else True
+
     def _autocast(self):
         return autocast_context(self.device.type, self.precision)
 
@@ -162,7 +166,7 @@ class PTLEngineMixin:
         self.num_batches = len(self.train_loader)
         max_epoch = max(self.max_epoch, self.epoch + 1)
         bar = tqdm(self.train_loader, total=self.num_batches, desc="epoch {}/{}".format(self.epoch + 1, max_epoch),
-                   disable=not self.progress_bar, leave=False, dynamic_ncols=True)
+                   disable=self._bar_disabled(), leave=False, dynamic_ncols=True)
         epoch_start = end = time.time()
         for self.batch_idx, data in enumerate(bar):
             data_time.update(time.time() - end)
@@ -280,7 +284,7 @@ class PTLEngineMixin:
     def extract_features_from(self, loader, desc="features"):
         """Features, pids and camids of a test loader (model must be in eval mode)."""
         feats, pids, camids = [], [], []
-        for data in tqdm(loader, desc=desc, disable=not self.progress_bar, leave=False, dynamic_ncols=True):
+        for data in tqdm(loader, desc=desc, disable=self._bar_disabled(), leave=False, dynamic_ncols=True):
             imgs, p, c = self.parse_data_for_eval(data)
             imgs = imgs.to(self.device, non_blocking=True)
             with self._autocast():
