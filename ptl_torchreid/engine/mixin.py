@@ -61,7 +61,7 @@ class PTLEngineMixin:
         if device is None:
             device = "cuda" if (use_gpu and torch.cuda.is_available()) else "cpu"
         self.device = torch.device(device)
-        # torchreid's losses move their targets with .cuda() when use_gpu is set: keep it tied to the device.
+        # torchreid's losses move their targets to the current CUDA device when use_gpu is set: tie it to ours.
         kwargs["use_gpu"] = self.device.type == "cuda"
         model.to(self.device)
         if kwargs.get("scheduler") is None:
