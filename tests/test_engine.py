@@ -296,8 +296,8 @@ def test_plain_weights_load_into_ptl_backbone(tmp_path):
     plain = build_model(load_config(opts=TINY + ["model.name", "osnet_x0_25"]), num_classes=7)
     path = str(tmp_path / "plain.pth.tar")
     torch.save({"state_dict": plain.state_dict(), "epoch": 3}, path)
-    ptl = build_model(load_config(opts=TINY + ["model.name", "ptl_osnet_x0_25", "model.load_weights", path]),
-                      num_classes=5)
+    ptl = build_model(load_config(opts=TINY + ["model.name", "ptl_osnet_x0_25", "model.load_weights", path,
+                                               "model.load_weights_mode", "match"]), num_classes=5)
     plain_sd = plain.state_dict()
     backbone_sd = ptl.backbone.state_dict()
     assert backbone_sd and all(torch.equal(v, plain_sd[k]) for k, v in backbone_sd.items())
