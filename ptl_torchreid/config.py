@@ -140,7 +140,7 @@ def get_default_config():
     cfg.train.amp = False  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on the CPU
     cfg.train.amp_dtype = "auto"  # 'auto' | 'fp16' | 'bf16'
     cfg.train.channels_last = False  # model and batches in channels_last memory format (faster AMP convolutions)
-    cfg.train.progress_bar = True  # tqdm bars for training and feature extraction
+    cfg.train.progress_bar = True  # tqdm bars for training and feature extraction (on a terminal)
     cfg.train.resume = ""  # checkpoint to resume from, or 'auto': the latest one in data.save_dir (if any)
     cfg.train.checkpoint_every_n_iters = 0  # also checkpoint every N training steps (0: only after evaluations)
     cfg.train.keep_last = 0  # periodic checkpoints kept on disk, newest first (0: all); model-best is kept

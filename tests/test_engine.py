@@ -288,3 +288,16 @@ def test_rerank_and_cosine_evaluation(data_root, datamanager, tmp_path):
     engine.test(ranks=[1], dist_metric="cosine", normalize_feature=True, rerank=True)
     res = engine.last_results["synthetic_reid"]
     assert 0.0 <= res["mAP"] <= 1.0 and 0.0 <= res["cmc"][1] <= 1.0
+
+
+def test_plain_weights_load_into_ptl_backbone(tmp_path):
+    """model.load_weights with a plain torchreid checkpoint and a PTL model: the weights go into the backbone
+    (the transfer setting: a plain model trained on one dataset, fine-tuned with PTL on another)."""
+    plain = build_model(load_config(opts=TINY + ["model.name", "osnet_x0_25"]), num_classes=7)
+    path = str(tmp_path / "plain.pth.tar")
+    torch.save({"state_dict": plain.state_dict(), "epoch": 3}, path)
+    ptl = build_model(load_config(opts=TINY + ["model.name", "ptl_osnet_x0_25", "model.load_weights", path,
+                                               "model.load_weights_mode", "match"]), num_classes=5)
+    plain_sd = plain.state_dict()
+    backbone_sd = ptl.backbone.state_dict()
+    assert backbone_sd and all(torch.equal(v, plain_sd[k]) for k, v in backbone_sd.items())

@@ -68,7 +68,7 @@ class PTLEngineMixin:
     - ``find_unused_parameters``: DDP's flag, used under a process group of more than one rank. ``None``
       (default) turns it on when backbone freezing is configured, because frozen parameters get no gradient;
       set it to True for torchreid's fixbase epochs;
-    - ``progress_bar``: tqdm bars for training and feature extraction;
+    - ``progress_bar``: tqdm bars for training and feature extraction (shown on a terminal only);
     - ``checkpoint_extras``: plain-typed entries added to every checkpoint (e.g. the config as YAML text);
     - ``keep_last``: periodic checkpoints kept (None: all, as torchreid); ``model-best`` is always kept;
     - ``seed``: the run's seed; the order of each epoch's batches and each sample's augmentation derive from
@@ -246,6 +246,10 @@ class PTLEngineMixin:
     # Training
     # ----------------------------------------------------------------------------------------------------
 
+    def _bar_disabled(self):
+        # tqdm's None: show the bar on a terminal only, so log files and CI output stay readable.
+        return None if self.progress_bar else True
+
     def _autocast(self):
         return autocast_context(self.device.type, self.precision)
 
@@ -280,7 +284,7 @@ class PTLEngineMixin:
         self.num_batches = len(loader.plan(self.epoch))
         max_epoch = max(self.max_epoch, self.epoch + 1)
         bar = tqdm(loader.batches(self.epoch, start), total=self.num_batches, initial=start,
-                   desc="epoch {}/{}".format(self.epoch + 1, max_epoch), disable=not self.progress_bar, leave=False,
+                   desc="epoch {}/{}".format(self.epoch + 1, max_epoch), disable=self._bar_disabled(), leave=False,
                    dynamic_ncols=True)
         epoch_start = end = time.time()
         for self.batch_idx, data in enumerate(bar, start):
@@ -417,7 +421,7 @@ class PTLEngineMixin:
     def extract_features_from(self, loader, desc="features"):
         """Features, pids and camids of a test loader (model must be in eval mode)."""
         feats, pids, camids = [], [], []
-        for data in tqdm(loader, desc=desc, disable=not self.progress_bar, leave=False, dynamic_ncols=True):
+        for data in tqdm(loader, desc=desc, disable=self._bar_disabled(), leave=False, dynamic_ncols=True):
             imgs, p, c = self.parse_data_for_eval(data)
             imgs = imgs.to(self.device, non_blocking=True, memory_format=self.memory_format)
             with self._autocast():
