@@ -11,7 +11,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Cython evaluation")
     import torchreid
 
-__all__ = ["torchreid", "model_factory", "dataset_module", "osnet_module", "resnet_module"]
+__all__ = ["torchreid", "model_factory", "dataset_module", "osnet_module", "resnet_module", "image_dataset_registry",
+           "training_choices"]
 
 
 def model_factory():
@@ -32,3 +33,17 @@ def osnet_module():
 def resnet_module():
     """torchreid's ResNet module (constructors, ``model_urls``)."""
     return torchreid.models.resnet
+
+
+def image_dataset_registry():
+    """torchreid's image-dataset registry (name -> class) behind ``torchreid.data.register_image_dataset``."""
+    return vars(torchreid.data.datasets)["__image_datasets"]
+
+
+def training_choices():
+    """Names torchreid accepts for samplers, optimizers and LR schedulers (it has no public API for them)."""
+    return {
+        "samplers": list(torchreid.data.sampler.AVAI_SAMPLERS),
+        "optimizers": list(torchreid.optim.optimizer.AVAI_OPTIMS),
+        "schedulers": list(torchreid.optim.lr_scheduler.AVAI_SCH),
+    }

@@ -455,26 +455,20 @@ def torchreid_image_datasets():
     import ptl_torchreid.data  # noqa: F401  (registers the synthetic datasets)
     from ptl_torchreid import _torchreid
 
-    return vars(_torchreid.torchreid.data.datasets)["__image_datasets"]
+    return _torchreid.image_dataset_registry()
 
 
 def torchreid_choices():
     """Names torchreid accepts for samplers, optimizers and LR schedulers."""
     from ptl_torchreid import _torchreid
 
-    tr = _torchreid.torchreid
-    return {
-        "samplers": list(tr.data.sampler.AVAI_SAMPLERS),
-        "optimizers": list(tr.optim.optimizer.AVAI_OPTIMS),
-        "schedulers": list(tr.optim.lr_scheduler.AVAI_SCH),
-    }
+    return _torchreid.training_choices()
 
 
 def _available_models():
-    import ptl_torchreid.models  # noqa: F401  (registers the ptl_* names)
-    from ptl_torchreid import _torchreid
+    from ptl_torchreid.models import available_models  # importing registers the ptl_* names
 
-    return sorted(_torchreid.model_factory())
+    return available_models()
 
 
 def validate_config(cfg):
