@@ -22,11 +22,6 @@ SHORT = [
 ]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("reid-data"))
-
-
 def demo_args(data_root, save_dir, *extra):
     return ["--config-file", DEMO, "--root", data_root] + SHORT + ["data.save_dir", str(save_dir)] + list(extra)
 

@@ -10,21 +10,9 @@ from ptl_torchreid.cli import build_datamanager, build_engine, build_model
 from ptl_torchreid.config import engine_run_kwargs, load_config
 from ptl_torchreid.engine import ENGINES, PTLImageSoftmaxEngine, build_optimizer, clamp_ranks
 from ptl_torchreid.models import is_ptl
+from tiny import TINY_RUN
 
-TINY = [
-    "data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']",
-    "data.synthetic.num_train_ids", "4", "data.synthetic.num_test_ids", "3",
-    "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
-    "data.height", "64", "data.width", "32", "data.workers", "0", "data.transforms", "['random_flip']",
-    "sampler.train_sampler", "RandomIdentitySampler", "sampler.num_instances", "2",
-    "train.batch_size", "4", "train.max_epoch", "1", "train.lr", "0.001", "train.progress_bar", "False",
-    "train.print_freq", "1000", "test.batch_size", "16", "model.pretrained", "False", "use_gpu", "False",
-]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("reid-data"))
+TINY = TINY_RUN + ["data.transforms", "['random_flip']", "train.lr", "0.001"]
 
 
 def tiny_cfg(data_root, save_dir, *opts):

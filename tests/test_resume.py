@@ -21,28 +21,17 @@ from ptl_torchreid.config import engine_run_kwargs, load_config
 from ptl_torchreid.engine import NonFiniteLossError, PTLImageSoftmaxEngine
 from ptl_torchreid.utils.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
 from ptl_torchreid.utils.resume import EpochLoader, capture_rng_state, restore_rng_state, seeded_rng
+from tiny import TINY_RUN
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # Tiny synthetic data and ptl_osnet_x0_25 at 64x32: about 4 batches per epoch. Random flip, crop and erasing
 # make the data pipeline consume random numbers, which an exact resume must reproduce.
-TINY = [
-    "model.name", "ptl_osnet_x0_25", "model.pretrained", "False", "use_gpu", "False",
-    "data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']",
-    "data.synthetic.num_train_ids", "4", "data.synthetic.num_test_ids", "3",
-    "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
-    "data.height", "64", "data.width", "32", "data.workers", "0",
+TINY = TINY_RUN + [
     "data.transforms", "['random_flip', 'random_crop', 'random_erase']",
-    "sampler.train_sampler", "RandomIdentitySampler", "sampler.num_instances", "2",
-    "train.batch_size", "4", "train.max_epoch", "3", "train.lr", "0.001", "train.progress_bar", "False",
-    "train.print_freq", "1000", "train.seed", "7", "train.lr_scheduler", "single_step", "train.stepsize", "[2]",
-    "test.batch_size", "16", "test.ranks", "[1]", "test.eval_freq", "1",
+    "train.max_epoch", "3", "train.lr", "0.001", "train.seed", "7", "train.lr_scheduler", "single_step",
+    "train.stepsize", "[2]", "test.ranks", "[1]", "test.eval_freq", "1",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("reid-data"))
 
 
 def tiny_cfg(data_root, save_dir, *opts):

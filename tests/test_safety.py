@@ -13,26 +13,11 @@ from ptl_torchreid.cli import build_datamanager, build_model, check_datamanager,
 from ptl_torchreid.config import ConfigError, load_config
 from ptl_torchreid.data import DatasetError
 from ptl_torchreid.utils.checkpoint import UntrustedCheckpointWarning, load_checkpoint, save_checkpoint
-
-TINY = [
-    "model.name", "ptl_osnet_x0_25", "model.pretrained", "False", "use_gpu", "False",
-    "data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']",
-    "data.synthetic.num_train_ids", "4", "data.synthetic.num_test_ids", "3",
-    "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
-    "data.height", "64", "data.width", "32", "data.workers", "0",
-    "sampler.train_sampler", "RandomIdentitySampler", "sampler.num_instances", "2",
-    "train.batch_size", "4", "train.max_epoch", "1", "train.progress_bar", "False", "train.print_freq", "1000",
-    "test.batch_size", "16", "test.ranks", "[1]",
-]
+from tiny import run_opts
 
 
 def args_for(root, save_dir, *extra):
-    return TINY + ["data.root", str(root), "data.save_dir", str(save_dir)] + list(extra)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("reid-data"))
+    return run_opts(root, save_dir, "test.ranks", "[1]", *extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,22 @@
+"""Settings of the tiny runs that the engine, CLI, resume and safety tests train: seconds each on a CPU."""
+
+# Tiny synthetic dataset, 64x32 images, P x K = 2 x 2 batches, no loader workers.
+TINY_DATA = [
+    "data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']",
+    "data.synthetic.num_train_ids", "4", "data.synthetic.num_test_ids", "3",
+    "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
+    "data.height", "64", "data.width", "32", "data.workers", "0",
+    "sampler.train_sampler", "RandomIdentitySampler", "sampler.num_instances", "2",
+]
+
+# ptl_osnet_x0_25 from scratch on the CPU, one quiet epoch.
+TINY_RUN = TINY_DATA + [
+    "model.name", "ptl_osnet_x0_25", "model.pretrained", "False", "use_gpu", "False",
+    "train.batch_size", "4", "train.max_epoch", "1", "train.progress_bar", "False", "train.print_freq", "1000",
+    "test.batch_size", "16",
+]
+
+
+def run_opts(root, save_dir, *extra):
+    """TINY_RUN for a data root and a save dir, then ``extra`` overrides (later keys win)."""
+    return TINY_RUN + ["data.root", str(root), "data.save_dir", str(save_dir)] + list(extra)
