@@ -24,9 +24,15 @@ __all__ = ["DistributedRandomIdentitySampler", "ShardSampler", "build_distribute
 DISTRIBUTED_TRAIN_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "SequentialSampler")
 
 
-def _default_replicas_and_rank():
+def _replicas_and_rank(num_replicas, rank):
+    """Fill in the process group's world size / rank where not given, and check them."""
     from ..utils.distributed import get_rank, get_world_size
-    return get_world_size(), get_rank()
+
+    num_replicas = get_world_size() if num_replicas is None else num_replicas
+    rank = get_rank() if rank is None else rank
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError("rank={} is not valid for num_replicas={}".format(rank, num_replicas))
+    return int(num_replicas), int(rank)
 
 
 class DistributedRandomIdentitySampler(Sampler):
@@ -56,12 +62,7 @@ class DistributedRandomIdentitySampler(Sampler):
             raise ValueError("batch_size={} must be a multiple of num_instances={} so that every batch holds whole "
                              "identities; change sampler.num_instances or the train batch size".format(
                                  batch_size, num_instances))
-        if num_replicas is None or rank is None:
-            world, this_rank = _default_replicas_and_rank()
-            num_replicas = world if num_replicas is None else num_replicas
-            rank = this_rank if rank is None else rank
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError("rank={} is not valid for num_replicas={}".format(rank, num_replicas))
+        num_replicas, rank = _replicas_and_rank(num_replicas, rank)
         self.data_source = data_source
         self.batch_size = int(batch_size)
         self.num_instances = int(num_instances)
@@ -165,12 +166,7 @@ class ShardSampler(Sampler):
     where duplicated items would distort the metrics). Shards differ in size by at most one item."""
 
     def __init__(self, length, num_replicas=None, rank=None):
-        if num_replicas is None or rank is None:
-            world, this_rank = _default_replicas_and_rank()
-            num_replicas = world if num_replicas is None else num_replicas
-            rank = this_rank if rank is None else rank
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError("rank={} is not valid for num_replicas={}".format(rank, num_replicas))
+        num_replicas, rank = _replicas_and_rank(num_replicas, rank)
         self.length, self.num_replicas, self.rank = int(length), int(num_replicas), int(rank)
 
     def __iter__(self):
@@ -191,10 +187,7 @@ def build_distributed_train_sampler(data_source, train_sampler, batch_size, num_
     The DistributedSampler pads the shards to equal length, so with ``drop_last=True`` every rank gets the same
     number of batches. Call ``set_epoch(epoch)`` on the sampler at every epoch start.
     """
-    if num_replicas is None or rank is None:
-        world, this_rank = _default_replicas_and_rank()
-        num_replicas = world if num_replicas is None else num_replicas
-        rank = this_rank if rank is None else rank
+    num_replicas, rank = _replicas_and_rank(num_replicas, rank)
     if train_sampler == "RandomIdentitySampler":
         return DistributedRandomIdentitySampler(data_source, batch_size, num_instances, num_replicas=num_replicas,
                                                 rank=rank, seed=seed)
