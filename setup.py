@@ -26,7 +26,8 @@ setup(
         "torch",
         "torchvision",
         "torchreid==0.2.5",
-        "gdown",  # imported by torchreid 0.2.5 but not declared by it
+        "gdown",  # gdown and scipy are imported by torchreid 0.2.5 but not declared by it
+        "scipy",
         "numpy",
         "opencv-python-headless",
         "yacs",
