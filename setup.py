@@ -28,6 +28,8 @@ setup(
         "torchreid==0.2.5",
         "gdown",  # gdown and scipy are imported by torchreid 0.2.5 but not declared by it
         "scipy",
+        "h5py",  # h5py and imageio: torchreid needs them to prepare CUHK03 from its .mat file
+        "imageio",
         "numpy",
         "opencv-python-headless",
         "yacs",
