@@ -386,6 +386,16 @@ def test_faster_rounds_channels_to_multiples_of_8():
     assert any(after % 8 for _, before, after in rep1.groups)
 
 
+def test_group_cost_sum_prunes_coupled_groups_harder():
+    model = build_model("osnet_x0_25", num_classes=3)
+
+    def coupled_kept(group_cost):
+        _, rep = prune_cop(model, flops_reduction=0.3, preset="faster", group_cost=group_cost, return_report=True)
+        return np.mean([after / before for name, before, after in rep.groups if "coupled" in name])
+
+    assert coupled_kept("sum") < coupled_kept("mean")
+
+
 def test_params_and_rate_targets():
     model = build_model("osnet_x0_25", num_classes=3)
     _, rep = prune_cop(model, params_reduction=0.25, preset="smaller", return_report=True)
@@ -423,6 +433,7 @@ def test_rate_zero_changes_nothing_and_original_is_untouched():
     (dict(prune_rate=0.1, preset="fastest"), "unknown preset 'fastest'"),
     (dict(prune_rate=0.1, alpha=-1), "alpha=-1 is not valid"),
     (dict(prune_rate=0.1, round_to=0), "round_to=0 is not valid"),
+    (dict(prune_rate=0.1, group_cost="max"), "group_cost='max' is not valid"),
     (dict(prune_rate=0.1, exclude=["nope"]), "exclude names ['nope'] are not modules"),
 ])
 def test_invalid_arguments_give_clear_errors(kwargs, message):

@@ -5,7 +5,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..models import unwrap
-from .criterion import PRESETS, COPSelector
+from .criterion import GROUP_COSTS, PRESET_OPTIONS, PRESETS, COPSelector
 from .graph import build_graph
 from .measure import count_flops, count_params
 from .surgery import shrink
@@ -29,6 +29,8 @@ class PruneReport:
     flops_after: int
     params_before: int
     params_after: int
+    round_to: int = 1
+    group_cost: str = "mean"
     filters_removed: int = 0
     filters_total: int = 0
     groups: list = field(default_factory=list)  # (group name, channels before, channels after)
@@ -49,15 +51,17 @@ class PruneReport:
     def as_dict(self):
         """Plain types only (fits a ``weights_only`` checkpoint)."""
         return dict(preset=self.preset, alpha=self.alpha, beta=self.beta, gamma=self.gamma, target=self.target,
-                    value=float(self.value), input_size=list(self.input_size), flops_before=int(self.flops_before),
+                    value=float(self.value), round_to=int(self.round_to), group_cost=str(self.group_cost),
+                    input_size=list(self.input_size), flops_before=int(self.flops_before),
                     flops_after=int(self.flops_after), params_before=int(self.params_before),
                     params_after=int(self.params_after), filters_removed=int(self.filters_removed),
                     filters_total=int(self.filters_total),
                     groups=[[str(n), int(a), int(b)] for n, a, b in self.groups], notes=list(self.notes))
 
     def __str__(self):
-        lines = ["COP pruning, preset {} (alpha={:g}, beta={:g}, gamma={:g}), target {}={:g}".format(
-                     self.preset, self.alpha, self.beta, self.gamma, self.target, self.value),
+        lines = ["COP pruning, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}), target "
+                 "{}={:g}".format(self.preset, self.alpha, self.beta, self.gamma, self.round_to, self.group_cost,
+                                  self.target, self.value),
                  "  FLOPs  {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.flops_before, self.flops_after,
                                                                    self.flops_reduction),
                  "  params {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.params_before, self.params_after,
@@ -99,7 +103,7 @@ def _weights(preset, alpha, beta, gamma):
 
 def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced",
               input_size=(256, 128), alpha=None, beta=None, gamma=None, topk=3, round_to=None, min_channels=1,
-              exclude=(), inplace=False, tolerance=0.02, return_report=False, verbose=False):
+              exclude=(), group_cost=None, inplace=False, tolerance=0.02, return_report=False, verbose=False):
     """Prune ``model`` with COP and return the smaller model (an ordinary module with fewer channels).
 
     Exactly one target:
@@ -109,11 +113,15 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
 
     Args:
         preset: ``'faster'`` (alpha, beta, gamma = 1, 3, 0), ``'smaller'`` (1, 0, 3) or ``'balanced'`` (1, 1, 1);
-            ``alpha``/``beta``/``gamma`` override single weights.
+            ``alpha``/``beta``/``gamma`` override single weights. The preset also sets the defaults of
+            ``round_to`` and ``group_cost`` (``PRESET_OPTIONS``).
         input_size: (height, width) the model runs at; FLOPs depend on it.
         topk: k of the redundancy (mean of the top-k correlations).
         round_to: keep a multiple of this many channels per group; default 8 for ``'faster'`` (channel counts
             that vectorised CPU/GPU kernels handle well), 1 (filter by filter, as in the paper) otherwise.
+        group_cost: F_l / P_l of channels coupled across layers (residual stages): ``'mean'`` (each layer plus
+            its consumer, averaged over the coupled layers; default of ``'smaller'``/``'balanced'``) or ``'sum'``
+            (every layer the channels touch, what a cut really saves; default of ``'faster'``).
         min_channels: smallest number of channels a group keeps.
         exclude: names of modules whose input and output channels are kept.
         inplace: prune ``model`` itself instead of a copy.
@@ -126,8 +134,13 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     """
     target, value = check_target(flops_reduction, params_reduction, prune_rate)
     a, b, c = _weights(preset, alpha, beta, gamma)
+    if group_cost is not None and group_cost not in GROUP_COSTS:
+        raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
+                                                                              ", ".join(GROUP_COSTS)))
     if round_to is None:
-        round_to = 8 if preset == "faster" else 1
+        round_to = PRESET_OPTIONS[preset]["round_to"]
+    if group_cost is None:
+        group_cost = PRESET_OPTIONS[preset]["group_cost"]
     for name, v in (("topk", topk), ("round_to", round_to), ("min_channels", min_channels)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError("{}={!r} is not valid; use an integer >= 1".format(name, v))
@@ -138,7 +151,8 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
 
     flops_before, params_before = count_flops(net, input_size), count_params(net)
     graph = build_graph(net, input_size, exclude=exclude)
-    selector = COPSelector(graph, a, b, c, topk=topk, round_to=round_to, min_channels=min_channels)
+    selector = COPSelector(graph, a, b, c, topk=topk, round_to=round_to, min_channels=min_channels,
+                           group_cost=group_cost)
     flops_outside = flops_before - selector.flops        # layers the graph does not change
     params_outside = params_before - selector.params
 
@@ -173,7 +187,8 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     for note in graph.notes:
         if verbose:
             print("note: " + note)
-    report = PruneReport(preset=preset, alpha=a, beta=b, gamma=c, target=target, value=value,
+    report = PruneReport(preset=preset, alpha=a, beta=b, gamma=c, target=target, value=value, round_to=round_to,
+                         group_cost=group_cost,
                          input_size=input_size, flops_before=flops_before, flops_after=flops_after,
                          params_before=params_before, params_after=params_after,
                          filters_removed=int(selector.removed_filters), filters_total=int(selector.total_filters),

@@ -23,13 +23,23 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["PRESETS", "pearson_correlation", "normalize_correlation", "redundancy", "importance",
-           "group_correlation", "CostModel", "COPSelector"]
+__all__ = ["PRESETS", "PRESET_OPTIONS", "GROUP_COSTS", "pearson_correlation", "normalize_correlation", "redundancy",
+           "importance", "group_correlation", "CostModel", "COPSelector"]
+
+GROUP_COSTS = ("mean", "sum")
 
 PRESETS = {
     "faster": (1.0, 3.0, 0.0),    # weights FLOPs: prefers layers that cost the most computation
     "smaller": (1.0, 0.0, 3.0),   # weights parameters: prefers layers that hold the most weights
     "balanced": (1.0, 1.0, 1.0),
+}
+# Further per-preset defaults of prune_cop. "faster" keeps channel counts that vectorised kernels like and lets a
+# coupled (residual) group's cost count every layer its channels touch, i.e. what a cut there really saves; that is
+# what turns the FLOP weighting into measured latency (see docs/BENCHMARKS.md).
+PRESET_OPTIONS = {
+    "faster": dict(round_to=8, group_cost="sum"),
+    "smaller": dict(round_to=1, group_cost="mean"),
+    "balanced": dict(round_to=1, group_cost="mean"),
 }
 
 
@@ -219,9 +229,15 @@ class COPSelector:
             removal). With ``round_to=8`` a selected group drops its 8 least important filters (one at a time,
             updating redundancy) so that channel counts stay friendly to vectorised kernels.
         min_channels: never keep fewer channels than this in a group.
+        group_cost: how a group of coupled layers (a residual stage) gets its F_l / P_l: ``'mean'`` over its
+            producing layers (each layer plus its consumer, averaged) or ``'sum'`` (every layer its channels
+            touch: what removing one of its channels saves).
     """
 
-    def __init__(self, graph, alpha, beta, gamma, topk=3, round_to=1, min_channels=1):
+    def __init__(self, graph, alpha, beta, gamma, topk=3, round_to=1, min_channels=1, group_cost="mean"):
+        if group_cost not in GROUP_COSTS:
+            raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
+                                                                                  ", ".join(GROUP_COSTS)))
         self.graph = graph
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.round_to = max(1, int(round_to))
@@ -242,7 +258,10 @@ class COPSelector:
         self.rec_groups = [[] for _ in graph.records]
         self.group_flops = np.zeros(len(self.order))
         self.group_params = np.zeros(len(self.order))
-        self.group_producers = np.array([max(1, len(graph.groups[gi].producers)) for gi in self.order], float)
+        self.group_cost = group_cost
+        # 'mean': a coupled group costs what one of its layers plus consumer costs, on average; 'sum': all of it.
+        self.group_producers = np.array([max(1, len(graph.groups[gi].producers)) if group_cost == "mean" else 1
+                                         for gi in self.order], float)
         for gi in self.order:
             s = self.slot[gi]
             for r in graph.groups[gi].members:
