@@ -378,12 +378,14 @@ def test_flop_target_consistent_groups_and_running_model(name):
             assert cell.conv.out_channels == 4 * cell.out_channels == 4 * cell.running_state.shape[1]
 
 
-def test_faster_rounds_channels_to_multiples_of_8():
+def test_faster_rounds_channels_to_multiples_of_16():
     model = build_model("osnet_x0_25", num_classes=3)
     _, rep = prune_cop(model, flops_reduction=0.3, preset="faster", return_report=True)
-    assert all(after % 8 == 0 or after == before for _, before, after in rep.groups)
-    _, rep1 = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=1, return_report=True)
-    assert any(after % 8 for _, before, after in rep1.groups)
+    assert all(after % 16 == 0 or after == before for _, before, after in rep.groups)
+    assert any(after < before for _, before, after in rep.groups)
+    _, rep8 = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=8, return_report=True)
+    assert all(after % 8 == 0 or after == before for _, before, after in rep8.groups)
+    assert any(after % 16 for _, before, after in rep8.groups)
 
 
 def test_group_cost_sum_prunes_coupled_groups_harder():

@@ -117,7 +117,7 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
             ``round_to`` and ``group_cost`` (``PRESET_OPTIONS``).
         input_size: (height, width) the model runs at; FLOPs depend on it.
         topk: k of the redundancy (mean of the top-k correlations).
-        round_to: keep a multiple of this many channels per group; default 8 for ``'faster'`` (channel counts
+        round_to: keep a multiple of this many channels per group; default 16 for ``'faster'`` (channel counts
             that vectorised CPU/GPU kernels handle well), 1 (filter by filter, as in the paper) otherwise.
         group_cost: F_l / P_l of channels coupled across layers (residual stages): ``'mean'`` (each layer plus
             its consumer, averaged over the coupled layers; default of ``'smaller'``/``'balanced'``) or ``'sum'``

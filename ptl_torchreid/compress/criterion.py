@@ -33,11 +33,12 @@ PRESETS = {
     "smaller": (1.0, 0.0, 3.0),   # weights parameters: prefers layers that hold the most weights
     "balanced": (1.0, 1.0, 1.0),
 }
-# Further per-preset defaults of prune_cop. "faster" keeps channel counts that vectorised kernels like and lets a
+# Further per-preset defaults of prune_cop. "faster" keeps channel counts that vectorised kernels like (multiples
+# of 16: the channel block of AVX-512 convolution kernels, and a multiple of 8 for GPU tensor cores) and lets a
 # coupled (residual) group's cost count every layer its channels touch, i.e. what a cut there really saves; that is
-# what turns the FLOP weighting into measured latency (see docs/BENCHMARKS.md).
+# what turns the FLOP weighting into measured latency (tools/benchmark_prune.py).
 PRESET_OPTIONS = {
-    "faster": dict(round_to=8, group_cost="sum"),
+    "faster": dict(round_to=16, group_cost="sum"),
     "smaller": dict(round_to=1, group_cost="mean"),
     "balanced": dict(round_to=1, group_cost="mean"),
 }

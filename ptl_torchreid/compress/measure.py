@@ -5,7 +5,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_params", "measure_latency"]
+__all__ = ["count_flops", "count_params", "measure_latency", "compare_latency"]
 
 
 def _dummy(model, input_size, batch_size):
@@ -62,3 +62,40 @@ def measure_latency(model, input_size=(256, 128), batch_size=32, repeats=10, war
         torch.set_num_threads(threads)
         model.train(was_training)
     return dict(median=statistics.median(runs), min=min(runs), mean=statistics.fmean(runs), runs=runs)
+
+
+@torch.inference_mode()
+def compare_latency(models, input_size=(256, 128), batch_size=32, rounds=5, warmup=1, num_threads=None):
+    """Latency of several models measured in interleaved rounds (one forward of each model per round), so that
+    load from other processes affects all of them alike.
+
+    Args:
+        models: dict name -> module.
+    Returns: dict name -> dict(median, min, mean, runs) in seconds per forward of a ``batch_size`` batch.
+    """
+    modes = {name: m.training for name, m in models.items()}
+    threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    inputs = {name: _dummy(m, input_size, batch_size) for name, m in models.items()}
+    runs = {name: [] for name in models}
+    try:
+        for m in models.values():
+            m.eval()
+        for _ in range(warmup):
+            for name, m in models.items():
+                m(inputs[name])
+        for _ in range(rounds):
+            for name, m in models.items():
+                x = inputs[name]
+                t = time.perf_counter()
+                m(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                runs[name].append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+        for name, m in models.items():
+            m.train(modes[name])
+    return {name: dict(median=statistics.median(r), min=min(r), mean=statistics.fmean(r), runs=r)
+            for name, r in runs.items()}
