@@ -19,5 +19,5 @@ from .surgery import apply_channel_config, channel_config, shrink
 
 __all__ = ["prune_cop", "PruneReport", "PRESETS", "PRESET_OPTIONS", "check_target", "kept_fraction", "build_graph",
            "ChannelGraph", "UnsupportedLayerError", "shrink", "channel_config", "apply_channel_config", "count_flops",
-           "count_params", "measure_latency", "compare_latency", "save_pruned_model", "load_pruned_model", "pruning_info",
-           "is_pruned_checkpoint", "register_pruned_model", "build_kwargs_of"]
+           "count_params", "measure_latency", "compare_latency", "save_pruned_model", "load_pruned_model",
+           "pruning_info", "is_pruned_checkpoint", "register_pruned_model", "build_kwargs_of"]
