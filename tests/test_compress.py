@@ -324,18 +324,24 @@ def test_bconv_cell_output_channel_removes_all_four_gate_rows():
         def forward(self, x):
             return self.out(self.cell(x))
 
-    model = Net().eval()
+    model = Net()
+    model.cell.configure(state_mode="slot")
+    model.train()
+    model(torch.randn(2, 3, 8, 8))  # a carried per-slot training state, shape (2, 6, 8, 8)
+    model.eval()
     with torch.no_grad():
         model.cell.running_state.normal_()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         h = model.cell(x)
+    state = model.cell.state.clone()
     graph = build_graph(model, input_size=(8, 8))
     g = graph.group_of("cell")
     alive = np.ones(graph.num_units, dtype=bool)
     alive[g.offset + np.array([0, 4])] = False
     shrink(graph, alive)
     assert model.cell.conv.weight.shape == (16, 3, 3, 3) and model.cell.running_state.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(model.cell.state, state[:, [1, 2, 3, 5]])
     with torch.no_grad():
         torch.testing.assert_close(model.cell(x), h[:, [1, 2, 3, 5]])  # each channel keeps its own gates
     model.train()
