@@ -314,9 +314,12 @@ class _Tracer(TorchFunctionMode):
             reason = {"excluded": "excluded by the caller ({})",
                       "barrier": "{} normalises or mixes across channels",
                       "grouped": "{} is a grouped (not depthwise) convolution"}[kind].format(name)
-            if kind == "grouped":
-                self.notes.append("{}: grouped convolutions are not pruned; its input and output channels "
-                                  "are kept".format(name))
+            note = {"grouped": "{}: grouped convolutions are not pruned; its input and output channels are kept",
+                    "barrier": "{}: {} normalises across channels; its input and output channels are kept",
+                    "excluded": "{}: excluded; its input and output channels are kept"}[kind].format(
+                        name, type(module).__name__)
+            if note not in self.notes:
+                self.notes.append(note)
             for t in tensors:
                 if self.get(t) is not None:
                     self.uf.freeze(self.get(t), reason)
@@ -340,10 +343,8 @@ class _Tracer(TorchFunctionMode):
         rec.calls += 1
         if kind == "linear":
             rec.positions += y.numel() // (y.shape[-1] * self.batch)
-        elif kind == "cell":
-            rec.positions += y[0, 0].numel()
-        elif kind in ("conv", "depthwise"):
-            rec.positions += y[0, 0].numel()
+        elif kind in ("conv", "depthwise", "cell"):
+            rec.positions += y.numel() // (y.shape[0] * y.shape[1])  # output pixels per sample
         self.set(y, out_labels)
 
     # -- torch functions between leaves ----------------------------------------------------------------------
