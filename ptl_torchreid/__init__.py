@@ -8,3 +8,4 @@ __version__ = "0.1.0"
 from . import models  # noqa: E402  (registers the ptl_* models in torchreid)
 
 models.register_models()
+from . import data  # noqa: E402,F401  (registers the synthetic datasets in torchreid)

@@ -1,0 +1,4 @@
+"""Evaluation metrics: vectorised CMC / mAP with torchreid's protocol."""
+from .rank import evaluate_rank
+
+__all__ = ["evaluate_rank"]

@@ -1,0 +1,716 @@
+"""Configuration: torchreid's ``scripts/default_config.py`` layout plus a ``ptl`` section.
+
+Key names follow torchreid's own, so a torchreid YAML config (image-reid) merges unchanged. Additions:
+
+- ``ptl``: everything PTL-specific (ignored for plain torchreid models, so a baseline and its PTL twin can
+  share one config and differ only in ``model.name``);
+- ``data.synthetic``: size and seed of the embedded synthetic datasets;
+- ``model.load_weights_mode`` / ``model.trust_checkpoint``: how ``model.load_weights`` is read;
+- ``train.amp`` / ``train.amp_dtype`` / ``train.progress_bar``; ``use_gpu`` may be ``'auto'``.
+
+Merging is strict: an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and
+the nearest valid key; :func:`validate_config` then rejects impossible values before any work starts.
+"""
+import ast
+import difflib
+import os.path as osp
+
+import yaml
+from yacs.config import CfgNode as CN
+
+__all__ = [
+    "ConfigError",
+    "config_keys",
+    "nearest_keys",
+    "resolve_use_gpu",
+    "is_ptl_model_name",
+    "get_default_config",
+    "load_config",
+    "merge_from_file",
+    "merge_from_list",
+    "validate_config",
+    "expand_save_dir",
+    "imagedata_kwargs",
+    "optimizer_kwargs",
+    "lr_scheduler_kwargs",
+    "engine_run_kwargs",
+    "engine_kwargs",
+    "model_kwargs",
+    "synthetic_kwargs",
+    "is_synthetic_dataset",
+    "torchreid_image_datasets",
+    "torchreid_choices",
+    "PTL_STATE_MODES",
+    "PTL_EVAL_STATES",
+    "PTL_RESET_POLICIES",
+]
+
+PTL_STATE_MODES = ("dataset", "slot")
+PTL_EVAL_STATES = ("running", "zero")
+PTL_RESET_POLICIES = ("epoch", "never", "iter")
+LOSSES = ("softmax", "triplet")
+DIST_METRICS = ("euclidean", "cosine")
+TRANSFORMS = ("random_flip", "random_crop", "random_patch", "color_jitter", "random_erase")
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+LOAD_WEIGHTS_MODES = ("strict", "match")
+# The embedded synthetic datasets all share this name prefix (synthetic_reid, synthetic_source, ...).
+SYNTHETIC_PREFIX = "synthetic"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and how to fix it."""
+
+
+def get_default_config():
+    """Default configuration (a yacs ``CfgNode``), torchreid's key names plus the PTL additions."""
+    cfg = CN()
+
+    cfg.model = CN()
+    cfg.model.name = "resnet50"
+    cfg.model.pretrained = True  # ImageNet weights for the backbone (torchreid downloads them if absent)
+    cfg.model.load_weights = ""  # initial weights for fine-tuning or testing (a checkpoint path)
+    cfg.model.load_weights_mode = "match"  # 'match': load what fits and list the rest; 'strict': all or error
+    cfg.model.trust_checkpoint = False  # allow full unpickling of load_weights/resume files (runs code!)
+    cfg.model.resume = ""  # checkpoint to resume training from
+
+    cfg.data = CN()
+    cfg.data.type = "image"
+    cfg.data.root = "reid-data"
+    cfg.data.sources = ["market1501"]
+    cfg.data.targets = ["market1501"]
+    cfg.data.workers = 4
+    cfg.data.split_id = 0
+    cfg.data.height = 256
+    cfg.data.width = 128
+    cfg.data.combineall = False
+    cfg.data.transforms = ["random_flip"]
+    cfg.data.k_tfm = 1
+    cfg.data.norm_mean = [0.485, 0.456, 0.406]
+    cfg.data.norm_std = [0.229, 0.224, 0.225]
+    cfg.data.save_dir = "log"
+    cfg.data.load_train_targets = False
+    # Embedded synthetic datasets (synthetic_reid / synthetic_source / synthetic_target), generated into
+    # data.root on first use.
+    cfg.data.synthetic = CN()
+    cfg.data.synthetic.num_train_ids = 64
+    cfg.data.synthetic.num_test_ids = 48
+    cfg.data.synthetic.num_cameras = 4
+    cfg.data.synthetic.images_per_id_per_camera = 2
+    cfg.data.synthetic.seed = 0
+
+    cfg.market1501 = CN()
+    cfg.market1501.use_500k_distractors = False
+    cfg.cuhk03 = CN()
+    cfg.cuhk03.labeled_images = False
+    cfg.cuhk03.classic_split = False
+    cfg.cuhk03.use_metric_cuhk03 = False
+
+    cfg.sampler = CN()
+    cfg.sampler.train_sampler = "RandomSampler"
+    cfg.sampler.train_sampler_t = "RandomSampler"
+    cfg.sampler.num_instances = 4
+    cfg.sampler.num_cams = 1
+    cfg.sampler.num_datasets = 1
+
+    cfg.train = CN()
+    cfg.train.optim = "adam"
+    cfg.train.lr = 0.0003
+    cfg.train.weight_decay = 5e-4
+    cfg.train.max_epoch = 60
+    cfg.train.start_epoch = 0
+    cfg.train.batch_size = 32
+    cfg.train.fixbase_epoch = 0
+    cfg.train.open_layers = ["classifier"]
+    cfg.train.staged_lr = False
+    cfg.train.new_layers = ["classifier"]
+    cfg.train.base_lr_mult = 0.1
+    cfg.train.lr_scheduler = "single_step"
+    cfg.train.stepsize = [20]
+    cfg.train.gamma = 0.1
+    cfg.train.print_freq = 20
+    cfg.train.seed = 1
+    cfg.train.amp = False  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on the CPU
+    cfg.train.amp_dtype = "auto"  # 'auto' | 'float16' | 'bfloat16'
+    cfg.train.progress_bar = True  # tqdm bars for training and feature extraction
+
+    cfg.sgd = CN()
+    cfg.sgd.momentum = 0.9
+    cfg.sgd.dampening = 0.0
+    cfg.sgd.nesterov = False
+    cfg.rmsprop = CN()
+    cfg.rmsprop.alpha = 0.99
+    cfg.adam = CN()
+    cfg.adam.beta1 = 0.9
+    cfg.adam.beta2 = 0.999
+
+    cfg.loss = CN()
+    cfg.loss.name = "softmax"
+    cfg.loss.softmax = CN()
+    cfg.loss.softmax.label_smooth = True
+    cfg.loss.triplet = CN()
+    cfg.loss.triplet.margin = 0.3
+    cfg.loss.triplet.weight_t = 1.0
+    cfg.loss.triplet.weight_x = 0.0
+
+    cfg.test = CN()
+    cfg.test.batch_size = 100
+    cfg.test.dist_metric = "euclidean"
+    cfg.test.normalize_feature = False
+    cfg.test.ranks = [1, 5, 10, 20]
+    cfg.test.evaluate = False
+    cfg.test.eval_freq = -1
+    cfg.test.start_eval = 0
+    cfg.test.rerank = False
+    cfg.test.visrank = False
+    cfg.test.visrank_topk = 10
+
+    # PTL-specific settings; ignored (with a note) for plain torchreid models.
+    cfg.ptl = CN()
+    cfg.ptl.state_mode = "dataset"  # 'dataset': one state shared by the batch; 'slot': per-sample slots
+    cfg.ptl.eval_state = "running"  # state used in eval mode: 'running' average or 'zero'
+    cfg.ptl.momentum = 0.1  # momentum of the running (eval) state, as in BatchNorm
+    cfg.ptl.reset_policy = "epoch"  # when the carried state is zeroed: 'epoch' | 'never' | 'iter'
+    cfg.ptl.reset_every_n_iters = 0  # period for reset_policy 'iter'
+    cfg.ptl.freeze_backbone_epochs = 0  # train only cells + head for the first K epochs; -1: throughout
+    cfg.ptl.lr_mult = 1.0  # learning-rate multiplier for the PTL parameters (cells, fusion, head)
+
+    cfg.use_gpu = "auto"  # 'auto' (CUDA when available), True or False
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merging with clear errors
+# ---------------------------------------------------------------------------------------------------------
+
+# Keys that accept more than their default's type.
+_EXTRA_TYPES = {"use_gpu": (bool, str)}
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def config_keys(node=None, prefix=""):
+    """All leaf keys of a config (default: the default config), dotted."""
+    if node is None:
+        node = get_default_config()
+    keys = []
+    for k, v in node.items():
+        full = prefix + k
+        if isinstance(v, CN):
+            keys.extend(config_keys(v, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def nearest_keys(key, cfg, n=3):
+    """Valid keys of ``cfg`` closest to ``key`` (whole dotted name first, then the last component)."""
+    keys = config_keys(cfg)
+    found = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+    if not found:
+        leaf = key.split(".")[-1]
+        by_leaf = {}
+        for k in keys:
+            by_leaf.setdefault(k.split(".")[-1], []).append(k)
+        for name in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.6):
+            found.extend(by_leaf[name])
+    return found[:n]
+
+
+def _unknown_key_error(key, cfg, source):
+    near = nearest_keys(key, cfg)
+    hint = " Did you mean {}?".format(" or ".join(repr(k) for k in near)) if near else ""
+    return ConfigError("unknown config key '{}'{}.{}".format(key, source, hint))
+
+
+def _type_name(t):
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        t, t.__name__
+    )
+
+
+def _coerce_scalar(value, default, key, source):
+    """Coerce ``value`` to the type of ``default``; raise ConfigError if that is not a faithful conversion."""
+    want = type(default)
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    if want is bool and isinstance(value, str):
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if want is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(
+        "config key '{}'{} must be {} (like the default {!r}), got {!r}".format(
+            key, source, _type_name(want), default, value
+        )
+    )
+
+
+def _coerce(value, default, key, source):
+    leaf = key.split(".")[-1]
+    extra = _EXTRA_TYPES.get(key) or _EXTRA_TYPES.get(leaf)
+    if extra is not None:
+        if isinstance(value, str) and bool in extra and value.lower() in _TRUE + _FALSE and value != "auto":
+            return value.lower() in _TRUE
+        if isinstance(value, extra):
+            return value
+        raise ConfigError(
+            "config key '{}'{} must be one of the types {}, got {!r}".format(
+                key, source, ", ".join(t.__name__ for t in extra), value
+            )
+        )
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]  # a single value for a list key, e.g. `data.sources market1501`
+        if default:
+            value = [_coerce_scalar(v, default[0], key, source) for v in value]
+        return value
+    if isinstance(value, (list, tuple)):
+        raise ConfigError(
+            "config key '{}'{} takes a single value (like the default {!r}), got the list {!r}".format(
+                key, source, default, value
+            )
+        )
+    return _coerce_scalar(value, default, key, source)
+
+
+def _set_key(cfg, key, value, source=""):
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], CN):
+            raise _unknown_key_error(key, cfg, source)
+        node = node[part]
+    leaf = parts[-1]
+    if leaf not in node:
+        raise _unknown_key_error(key, cfg, source)
+    if isinstance(node[leaf], CN):
+        raise ConfigError(
+            "config key '{}'{} is a section; set one of its keys instead: {}".format(
+                key, source, ", ".join(key + "." + k for k in node[leaf])
+            )
+        )
+    node[leaf] = _coerce(value, node[leaf], key, source)
+
+
+def _flatten(d, prefix=""):
+    for k, v in d.items():
+        full = prefix + str(k)
+        if isinstance(v, dict):
+            yield from _flatten(v, full + ".")
+        else:
+            yield full, v
+
+
+def merge_from_file(cfg, path):
+    """Merge a YAML file into ``cfg`` (strict: unknown keys and wrong types are errors)."""
+    if not osp.isfile(path):
+        raise ConfigError("config file not found: {}".format(path))
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError("config file {} is not valid YAML: {}".format(path, e)) from None
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise ConfigError("config file {} must hold a mapping of sections, got {}".format(path, type(data).__name__))
+    source = " (in {})".format(path)
+    for key, value in _flatten(data):
+        _set_key(cfg, key, value, source)
+    return cfg
+
+
+def _decode(text):
+    """Decode a command-line value the way yacs does (Python literals; anything else is a string)."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def merge_from_list(cfg, opts):
+    """Merge ``['KEY', 'VALUE', ...]`` overrides (strict, with the nearest valid key on a typo)."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ConfigError(
+            "overrides must be KEY VALUE pairs, got an odd number of items: {}".format(" ".join(map(str, opts)))
+        )
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if not isinstance(key, str) or key.startswith("-"):
+            raise ConfigError(
+                "expected a config KEY, got {!r}; options (--config-file, -s, ...) must come before the "
+                "KEY VALUE overrides".format(key)
+            )
+        _set_key(cfg, key, _decode(value), " (command-line override)")
+    return cfg
+
+
+def load_config(config_file=None, opts=None, sources=None, targets=None, transforms=None, root=None,
+                validate=True):
+    """Defaults <- YAML file <- torchreid-style flags <- ``KEY VALUE`` overrides, then validated."""
+    cfg = get_default_config()
+    if config_file:
+        merge_from_file(cfg, config_file)
+    # The flags of torchreid's scripts/main.py, applied like its reset_config().
+    if root:
+        cfg.data.root = root
+    if sources:
+        cfg.data.sources = list(sources)
+    if targets:
+        cfg.data.targets = list(targets)
+    if transforms:
+        cfg.data.transforms = list(transforms)
+    merge_from_list(cfg, opts)
+    expand_save_dir(cfg)
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def expand_save_dir(cfg):
+    """Fill the placeholders ``{model}``, ``{sources}``, ``{targets}``, ``{loss}`` in ``data.save_dir``.
+
+    This lets a PTL config and its baseline twin differ only in ``model.name`` yet log to different folders.
+    """
+    values = {
+        "model": cfg.model.name,
+        "sources": "+".join(cfg.data.sources),
+        "targets": "+".join(cfg.data.targets),
+        "loss": cfg.loss.name,
+    }
+    try:
+        cfg.data.save_dir = cfg.data.save_dir.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            "data.save_dir = '{}' has an invalid placeholder ({}); available: {}".format(
+                cfg.data.save_dir, e, ", ".join("{" + k + "}" for k in values))
+        ) from None
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3, cutoff=0.5)
+        hint = " Did you mean {}?".format(" or ".join(repr(c) for c in near)) if near else ""
+        raise ConfigError("{} = {!r} is not valid.{} Valid values: {}.".format(
+            key, value, hint, ", ".join(map(str, choices))))
+
+
+def _check(cond, key, value, requirement):
+    if not cond:
+        raise ConfigError("{} = {!r} is invalid: {}".format(key, value, requirement))
+
+
+def is_synthetic_dataset(name):
+    """Whether ``name`` is one of the embedded synthetic datasets (generated, never downloaded)."""
+    return name.startswith(SYNTHETIC_PREFIX)
+
+
+# torchreid lookups that have no public API. They belong with the rest of torchreid's layout knowledge in
+# ptl_torchreid._torchreid; they are kept together here so they can move there as one block.
+
+
+def torchreid_image_datasets():
+    """torchreid's image-dataset registry (name -> class), including the registered synthetic datasets."""
+    import ptl_torchreid.data.synthetic  # noqa: F401  (registers the synthetic datasets)
+    from ptl_torchreid import _torchreid
+
+    return vars(_torchreid.torchreid.data.datasets)["__image_datasets"]
+
+
+def torchreid_choices():
+    """Names torchreid accepts for samplers, optimizers and LR schedulers."""
+    from ptl_torchreid import _torchreid
+
+    tr = _torchreid.torchreid
+    return {
+        "samplers": list(tr.data.sampler.AVAI_SAMPLERS),
+        "optimizers": list(tr.optim.optimizer.AVAI_OPTIMS),
+        "schedulers": list(tr.optim.lr_scheduler.AVAI_SCH),
+    }
+
+
+def _available_models():
+    import ptl_torchreid.models  # noqa: F401  (registers the ptl_* names)
+    from ptl_torchreid import _torchreid
+
+    return sorted(_torchreid.model_factory())
+
+
+def validate_config(cfg):
+    """Reject impossible or inconsistent values before any work starts (raises :class:`ConfigError`)."""
+    choices = torchreid_choices()
+    _choice("model.name", cfg.model.name, _available_models())
+    _choice("model.load_weights_mode", cfg.model.load_weights_mode, LOAD_WEIGHTS_MODES)
+    _choice("data.type", cfg.data.type, ("image",))
+    _choice("loss.name", cfg.loss.name, LOSSES)
+
+    datasets = sorted(torchreid_image_datasets())
+    for key in ("data.sources", "data.targets"):
+        names = cfg.data[key.split(".")[1]]
+        _check(len(names) > 0, key, names, "give at least one dataset name")
+        for name in names:
+            _choice(key, name, datasets)
+    if cfg.data.load_train_targets:
+        overlap = set(cfg.data.sources) & set(cfg.data.targets)
+        _check(not overlap, "data.load_train_targets", True,
+               "sources and targets must not overlap (both contain {})".format(sorted(overlap)))
+    for t in cfg.data.transforms:
+        _choice("data.transforms", t.lower(), TRANSFORMS)
+    _check(cfg.data.height > 0, "data.height", cfg.data.height, "must be positive")
+    _check(cfg.data.width > 0, "data.width", cfg.data.width, "must be positive")
+    _check(cfg.data.workers >= 0, "data.workers", cfg.data.workers, "must be >= 0")
+    _check(cfg.data.k_tfm >= 1, "data.k_tfm", cfg.data.k_tfm, "must be >= 1")
+    _check(cfg.data.split_id >= 0, "data.split_id", cfg.data.split_id, "must be >= 0")
+    _check(len(cfg.data.norm_mean) == 3, "data.norm_mean", cfg.data.norm_mean, "needs 3 values (RGB)")
+    _check(len(cfg.data.norm_std) == 3 and all(s > 0 for s in cfg.data.norm_std), "data.norm_std",
+           cfg.data.norm_std, "needs 3 positive values (RGB)")
+    _check(bool(cfg.data.save_dir), "data.save_dir", cfg.data.save_dir, "must not be empty")
+    syn = cfg.data.synthetic
+    for k in ("num_train_ids", "num_test_ids", "images_per_id_per_camera"):
+        _check(syn[k] >= 1, "data.synthetic." + k, syn[k], "must be >= 1")
+    _check(syn.num_cameras >= 2, "data.synthetic.num_cameras", syn.num_cameras,
+           "needs at least 2 cameras (query and gallery come from different cameras)")
+    _check(syn.seed >= 0, "data.synthetic.seed", syn.seed, "must be >= 0")
+
+    _choice("sampler.train_sampler", cfg.sampler.train_sampler, choices["samplers"])
+    _choice("sampler.train_sampler_t", cfg.sampler.train_sampler_t, choices["samplers"])
+    _check(cfg.sampler.num_instances >= 1, "sampler.num_instances", cfg.sampler.num_instances, "must be >= 1")
+    _check(cfg.sampler.num_cams >= 1, "sampler.num_cams", cfg.sampler.num_cams, "must be >= 1")
+    _check(cfg.sampler.num_datasets >= 1, "sampler.num_datasets", cfg.sampler.num_datasets, "must be >= 1")
+
+    tr = cfg.train
+    _choice("train.optim", tr.optim, choices["optimizers"])
+    _check(tr.lr > 0, "train.lr", tr.lr, "the learning rate must be positive")
+    _check(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")
+    _check(tr.max_epoch >= 0, "train.max_epoch", tr.max_epoch, "must be >= 0")
+    _check(0 <= tr.start_epoch <= max(tr.max_epoch, 0), "train.start_epoch", tr.start_epoch,
+           "must be between 0 and train.max_epoch ({})".format(tr.max_epoch))
+    _check(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "must be >= 1")
+    if "RandomIdentitySampler" in (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t):
+        _check(tr.batch_size >= cfg.sampler.num_instances and tr.batch_size % cfg.sampler.num_instances == 0,
+               "train.batch_size", tr.batch_size,
+               "RandomIdentitySampler needs a multiple of sampler.num_instances ({}): P identities x K "
+               "images per batch".format(cfg.sampler.num_instances))
+    _check(tr.fixbase_epoch >= 0, "train.fixbase_epoch", tr.fixbase_epoch, "must be >= 0")
+    _check(tr.base_lr_mult > 0, "train.base_lr_mult", tr.base_lr_mult, "must be positive")
+    _choice("train.lr_scheduler", tr.lr_scheduler, choices["schedulers"])
+    _check(len(tr.stepsize) > 0 and all(s > 0 for s in tr.stepsize), "train.stepsize", tr.stepsize,
+           "needs one or more positive epoch numbers")
+    if tr.lr_scheduler == "multi_step":
+        _check(list(tr.stepsize) == sorted(tr.stepsize), "train.stepsize", tr.stepsize,
+               "multi_step milestones must be increasing")
+    _check(tr.gamma > 0, "train.gamma", tr.gamma, "must be positive")
+    _check(tr.print_freq >= 1, "train.print_freq", tr.print_freq, "must be >= 1")
+    _check(tr.seed >= 0, "train.seed", tr.seed, "must be >= 0")
+    _choice("train.amp_dtype", tr.amp_dtype, AMP_DTYPES)
+
+    _check(cfg.sgd.momentum >= 0, "sgd.momentum", cfg.sgd.momentum, "must be >= 0")
+    _check(cfg.sgd.dampening >= 0, "sgd.dampening", cfg.sgd.dampening, "must be >= 0")
+    _check(0 < cfg.rmsprop.alpha <= 1, "rmsprop.alpha", cfg.rmsprop.alpha, "must be in (0, 1]")
+    _check(0 <= cfg.adam.beta1 < 1, "adam.beta1", cfg.adam.beta1, "must be in [0, 1)")
+    _check(0 <= cfg.adam.beta2 < 1, "adam.beta2", cfg.adam.beta2, "must be in [0, 1)")
+
+    tl = cfg.loss.triplet
+    _check(tl.margin >= 0, "loss.triplet.margin", tl.margin, "must be >= 0")
+    _check(tl.weight_t >= 0, "loss.triplet.weight_t", tl.weight_t, "must be >= 0")
+    _check(tl.weight_x >= 0, "loss.triplet.weight_x", tl.weight_x, "must be >= 0")
+    if cfg.loss.name == "triplet":
+        _check(tl.weight_t + tl.weight_x > 0, "loss.triplet.weight_t", tl.weight_t,
+               "weight_t and weight_x cannot both be 0")
+        # As torchreid's check_cfg: with no softmax term the classifier is outside the graph.
+        _check(not (tl.weight_x == 0 and tr.fixbase_epoch > 0), "train.fixbase_epoch", tr.fixbase_epoch,
+               "must be 0 when loss.triplet.weight_x is 0 (the classifier would get no gradient)")
+
+    te = cfg.test
+    _check(te.batch_size >= 1, "test.batch_size", te.batch_size, "must be >= 1")
+    _choice("test.dist_metric", te.dist_metric, DIST_METRICS)
+    _check(len(te.ranks) > 0 and all(r >= 1 for r in te.ranks), "test.ranks", te.ranks,
+           "needs one or more ranks >= 1")
+    _check(te.eval_freq == -1 or te.eval_freq >= 1, "test.eval_freq", te.eval_freq,
+           "must be -1 (evaluate after training only) or >= 1")
+    _check(te.start_eval >= 0, "test.start_eval", te.start_eval, "must be >= 0")
+    _check(te.visrank_topk >= 1, "test.visrank_topk", te.visrank_topk, "must be >= 1")
+    _check(not te.visrank or te.evaluate, "test.visrank", te.visrank,
+           "ranked-result visualisation runs in test mode only; also set test.evaluate True (or use the "
+           "'visrank' command)")
+
+    p = cfg.ptl
+    _choice("ptl.state_mode", p.state_mode, PTL_STATE_MODES)
+    _choice("ptl.eval_state", p.eval_state, PTL_EVAL_STATES)
+    _choice("ptl.reset_policy", p.reset_policy, PTL_RESET_POLICIES)
+    if p.reset_policy == "iter":
+        _check(p.reset_every_n_iters >= 1, "ptl.reset_every_n_iters", p.reset_every_n_iters,
+               "must be >= 1 when ptl.reset_policy is 'iter'")
+    _check(p.reset_every_n_iters >= 0, "ptl.reset_every_n_iters", p.reset_every_n_iters, "must be >= 0")
+    _check(p.freeze_backbone_epochs >= -1, "ptl.freeze_backbone_epochs", p.freeze_backbone_epochs,
+           "must be -1 (frozen throughout), 0 (never frozen) or a number of epochs")
+    _check(p.lr_mult > 0, "ptl.lr_mult", p.lr_mult, "must be positive")
+    _check(0 < p.momentum <= 1, "ptl.momentum", p.momentum, "must be in (0, 1]")
+
+    _check(isinstance(cfg.use_gpu, bool) or cfg.use_gpu == "auto", "use_gpu", cfg.use_gpu,
+           "must be 'auto', True or False")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kwargs mappers (torchreid's, plus ours)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_use_gpu(cfg):
+    """``use_gpu`` as a bool: 'auto' means CUDA when available."""
+    import torch
+
+    if cfg.use_gpu == "auto":
+        return torch.cuda.is_available()
+    return bool(cfg.use_gpu) and torch.cuda.is_available()
+
+
+def imagedata_kwargs(cfg):
+    """Arguments of ``torchreid.data.ImageDataManager``."""
+    return {
+        "root": cfg.data.root,
+        "sources": list(cfg.data.sources),
+        "targets": list(cfg.data.targets),
+        "height": cfg.data.height,
+        "width": cfg.data.width,
+        "transforms": list(cfg.data.transforms),
+        "k_tfm": cfg.data.k_tfm,
+        "norm_mean": list(cfg.data.norm_mean),
+        "norm_std": list(cfg.data.norm_std),
+        "use_gpu": resolve_use_gpu(cfg),
+        "split_id": cfg.data.split_id,
+        "combineall": cfg.data.combineall,
+        "load_train_targets": cfg.data.load_train_targets,
+        "batch_size_train": cfg.train.batch_size,
+        "batch_size_test": cfg.test.batch_size,
+        "workers": cfg.data.workers,
+        "num_instances": cfg.sampler.num_instances,
+        "num_cams": cfg.sampler.num_cams,
+        "num_datasets": cfg.sampler.num_datasets,
+        "train_sampler": cfg.sampler.train_sampler,
+        "train_sampler_t": cfg.sampler.train_sampler_t,
+        "cuhk03_labeled": cfg.cuhk03.labeled_images,
+        "cuhk03_classic_split": cfg.cuhk03.classic_split,
+        "market1501_500k": cfg.market1501.use_500k_distractors,
+    }
+
+
+def synthetic_kwargs(cfg):
+    """Parameters for ``ptl_torchreid.data.synthetic.register_synthetic_dataset``."""
+    s = cfg.data.synthetic
+    return {
+        "num_train_ids": s.num_train_ids,
+        "num_test_ids": s.num_test_ids,
+        "num_cameras": s.num_cameras,
+        "images_per_id_per_camera": s.images_per_id_per_camera,
+        "seed": s.seed,
+    }
+
+
+def model_kwargs(cfg, num_classes):
+    """Arguments of ``ptl_torchreid.models.build_model`` (PTL options only for ``ptl_*`` models)."""
+    kwargs = {
+        "name": cfg.model.name,
+        "num_classes": num_classes,
+        "loss": cfg.loss.name,
+        "pretrained": cfg.model.pretrained,
+    }
+    if is_ptl_model_name(cfg.model.name):
+        kwargs.update(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum)
+    return kwargs
+
+
+def is_ptl_model_name(name):
+    """Whether a registered model name is a PTL model (all are registered as ``ptl_<backbone>``)."""
+    return name.startswith("ptl_")
+
+
+def optimizer_kwargs(cfg):
+    """Arguments of ``ptl_torchreid.engine.build_optimizer`` (torchreid's plus ``lr_mult``)."""
+    return {
+        "optim": cfg.train.optim,
+        "lr": cfg.train.lr,
+        "weight_decay": cfg.train.weight_decay,
+        "momentum": cfg.sgd.momentum,
+        "sgd_dampening": cfg.sgd.dampening,
+        "sgd_nesterov": cfg.sgd.nesterov,
+        "rmsprop_alpha": cfg.rmsprop.alpha,
+        "adam_beta1": cfg.adam.beta1,
+        "adam_beta2": cfg.adam.beta2,
+        "staged_lr": cfg.train.staged_lr,
+        "new_layers": list(cfg.train.new_layers),
+        "base_lr_mult": cfg.train.base_lr_mult,
+        "lr_mult": cfg.ptl.lr_mult,
+    }
+
+
+def lr_scheduler_kwargs(cfg):
+    """Arguments of ``torchreid.optim.build_lr_scheduler``."""
+    stepsize = list(cfg.train.stepsize)
+    return {
+        "lr_scheduler": cfg.train.lr_scheduler,
+        # torchreid's single_step takes an int (it would take the last item of a list anyway).
+        "stepsize": stepsize[-1] if cfg.train.lr_scheduler == "single_step" else stepsize,
+        "gamma": cfg.train.gamma,
+        "max_epoch": cfg.train.max_epoch,
+    }
+
+
+def engine_kwargs(cfg):
+    """Keyword arguments of the PTL engine for ``loss.name`` (see ``ptl_torchreid.engine.ENGINES``)."""
+    kwargs = {
+        "use_gpu": resolve_use_gpu(cfg),
+        "label_smooth": cfg.loss.softmax.label_smooth,
+        "reset_policy": cfg.ptl.reset_policy,
+        "reset_every_n_iters": cfg.ptl.reset_every_n_iters,
+        "freeze_backbone_epochs": cfg.ptl.freeze_backbone_epochs,
+        "amp": cfg.train.amp,
+        "amp_dtype": cfg.train.amp_dtype,
+        "progress_bar": cfg.train.progress_bar,
+    }
+    if cfg.loss.name == "triplet":
+        kwargs.update(
+            margin=cfg.loss.triplet.margin,
+            weight_t=cfg.loss.triplet.weight_t,
+            weight_x=cfg.loss.triplet.weight_x,
+        )
+    return kwargs
+
+
+def engine_run_kwargs(cfg):
+    """Arguments of ``engine.run`` (torchreid's)."""
+    return {
+        "save_dir": cfg.data.save_dir,
+        "max_epoch": cfg.train.max_epoch,
+        "start_epoch": cfg.train.start_epoch,
+        "fixbase_epoch": cfg.train.fixbase_epoch,
+        "open_layers": list(cfg.train.open_layers),
+        "start_eval": cfg.test.start_eval,
+        "eval_freq": cfg.test.eval_freq,
+        "test_only": cfg.test.evaluate,
+        "print_freq": cfg.train.print_freq,
+        "dist_metric": cfg.test.dist_metric,
+        "normalize_feature": cfg.test.normalize_feature,
+        "visrank": cfg.test.visrank,
+        "visrank_topk": cfg.test.visrank_topk,
+        "use_metric_cuhk03": cfg.cuhk03.use_metric_cuhk03,
+        "ranks": list(cfg.test.ranks),
+        "rerank": cfg.test.rerank,
+    }

@@ -1,0 +1,218 @@
+"""Identity-balanced sampling for distributed training.
+
+:class:`DistributedRandomIdentitySampler` gives every rank torchreid's ``RandomIdentitySampler`` batches (P
+identities x K images, P = batch_size // num_instances), drawn from a shard of the identities that no other rank
+sees in that epoch. Every rank computes the same per-epoch random plan from ``seed`` and the epoch set with
+:meth:`~DistributedRandomIdentitySampler.set_epoch`, so no communication is needed and epochs are reproducible.
+All ranks yield the same number of batches (collectives in the training step would otherwise wait forever for
+the rank that ran out).
+
+:func:`build_distributed_train_sampler` maps torchreid's ``sampler.train_sampler`` names to distributed samplers,
+:class:`ShardSampler` splits an evaluation set between ranks without padding, and :func:`rebuild_loader` makes a
+DataLoader like torchreid's with another sampler.
+"""
+from collections import defaultdict
+
+import numpy as np
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+__all__ = ["DistributedRandomIdentitySampler", "ShardSampler", "build_distributed_train_sampler", "rebuild_loader",
+           "DISTRIBUTED_TRAIN_SAMPLERS"]
+
+# torchreid sampler name -> what it becomes under distributed training
+DISTRIBUTED_TRAIN_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "SequentialSampler")
+
+
+def _default_replicas_and_rank():
+    from ..utils.distributed import get_rank, get_world_size
+    return get_world_size(), get_rank()
+
+
+class DistributedRandomIdentitySampler(Sampler):
+    """P x K identity sampler over disjoint per-epoch identity shards.
+
+    Args:
+        data_source: torchreid's train list of ``(img_path, pid, camid[, dsetid])`` tuples, the same on every rank.
+        batch_size: images per batch on each rank (torchreid's ``train_batch_size``; the global batch is
+            ``batch_size * num_replicas``). A multiple of ``num_instances``.
+        num_instances: K, images per identity in a batch.
+        num_replicas, rank: world size and this process's rank; default from the process group (1 and 0
+            without one).
+        seed: base seed, the same on all ranks; epoch ``e`` uses the plan of ``(seed, e)``.
+
+    Each epoch the identities are shuffled and dealt to the ranks so that the shards hold nearly equal numbers of
+    K-image chunks; each rank then forms batches as ``RandomIdentitySampler`` does (an identity with fewer than K
+    images is sampled with replacement, leftover images that do not fill a chunk are dropped, batches stop when
+    fewer than P identities have chunks left). Every rank is cut to the smallest rank's batch count.
+    Use it with a DataLoader of the same ``batch_size`` and ``drop_last=True`` (as torchreid builds it).
+    """
+
+    def __init__(self, data_source, batch_size, num_instances, num_replicas=None, rank=None, seed=0):
+        if num_instances < 1 or batch_size < num_instances:
+            raise ValueError("batch_size={} must be at least num_instances={} (and num_instances >= 1)".format(
+                batch_size, num_instances))
+        if batch_size % num_instances:
+            raise ValueError("batch_size={} must be a multiple of num_instances={} so that every batch holds whole "
+                             "identities; change sampler.num_instances or the train batch size".format(
+                                 batch_size, num_instances))
+        if num_replicas is None or rank is None:
+            world, this_rank = _default_replicas_and_rank()
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = this_rank if rank is None else rank
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError("rank={} is not valid for num_replicas={}".format(rank, num_replicas))
+        self.data_source = data_source
+        self.batch_size = int(batch_size)
+        self.num_instances = int(num_instances)
+        self.num_pids_per_batch = self.batch_size // self.num_instances
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.seed = int(seed)
+        self.epoch = 0
+
+        index_dic = defaultdict(list)
+        for index, items in enumerate(data_source):
+            index_dic[items[1]].append(index)
+        self.pids = sorted(index_dic)  # data_source order is the same everywhere; sorting removes any doubt
+        self.index_dic = {pid: index_dic[pid] for pid in self.pids}
+        needed = self.num_pids_per_batch * self.num_replicas
+        if len(self.pids) < needed:
+            raise ValueError("the training set has {} identities but {} ranks x {} identities per batch need at "
+                             "least {}; lower the batch size, raise num_instances, or use fewer processes".format(
+                                 len(self.pids), self.num_replicas, self.num_pids_per_batch, needed))
+        self._cache = (None, None)
+
+    def set_epoch(self, epoch):
+        """Select the plan of ``epoch``; call it at every epoch start, with the same value on all ranks."""
+        self.epoch = int(epoch)
+
+    # -- planning -----------------------------------------------------------------------------------------------
+    def _chunks(self, rng, pid):
+        idxs = np.asarray(self.index_dic[pid])
+        if len(idxs) < self.num_instances:
+            idxs = rng.choice(idxs, size=self.num_instances, replace=True)
+        idxs = rng.permutation(idxs)
+        usable = len(idxs) - len(idxs) % self.num_instances
+        return [idxs[i:i + self.num_instances].tolist() for i in range(0, usable, self.num_instances)]
+
+    def _shards(self, rng, chunks):
+        """Deal shuffled identities to the rank whose shard has the fewest chunks so far."""
+        shards = [[] for _ in range(self.num_replicas)]
+        load = [0] * self.num_replicas
+        for i in rng.permutation(len(self.pids)):
+            pid = self.pids[i]
+            r = min(range(self.num_replicas), key=lambda k: (load[k], k))
+            shards[r].append(pid)
+            load[r] += len(chunks[pid])
+        return shards
+
+    def _batches(self, rng, shard, chunks):
+        remaining = {pid: list(chunks[pid]) for pid in shard}
+        available = list(shard)
+        batches = []
+        while len(available) >= self.num_pids_per_batch:
+            picked = rng.choice(len(available), size=self.num_pids_per_batch, replace=False)
+            batch, emptied = [], []
+            for j in picked:
+                pid = available[j]
+                batch.extend(remaining[pid].pop(0))
+                if not remaining[pid]:
+                    emptied.append(pid)
+            for pid in emptied:
+                available.remove(pid)
+            batches.append(batch)
+        return batches
+
+    def plan(self, epoch=None):
+        """The batches (lists of dataset indices) of every rank for ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed, epoch])
+        chunks = {pid: self._chunks(rng, pid) for pid in self.pids}
+        shards = self._shards(rng, chunks)
+        per_rank = [self._batches(np.random.default_rng([self.seed, epoch, r]), shard, chunks)
+                    for r, shard in enumerate(shards)]
+        n = min(len(b) for b in per_rank)
+        return [b[:n] for b in per_rank]
+
+    def _indices(self):
+        if self._cache[0] != self.epoch:
+            batches = self.plan()[self.rank]
+            self._cache = (self.epoch, [i for b in batches for i in b])
+        return self._cache[1]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self):
+        return len(self._indices())
+
+    @property
+    def num_batches(self):
+        """Batches per rank in the current epoch (the same on every rank)."""
+        return len(self) // self.batch_size
+
+    def __repr__(self):
+        return "{}(P={}, K={}, rank={}/{}, seed={}, epoch={}, identities={})".format(
+            type(self).__name__, self.num_pids_per_batch, self.num_instances, self.rank, self.num_replicas,
+            self.seed, self.epoch, len(self.pids))
+
+
+
+class ShardSampler(Sampler):
+    """Indices ``rank, rank + num_replicas, ...`` of a dataset of ``length`` items, in order, without padding:
+    the ranks' shards are disjoint and together cover every item exactly once (for distributed evaluation,
+    where duplicated items would distort the metrics). Shards differ in size by at most one item."""
+
+    def __init__(self, length, num_replicas=None, rank=None):
+        if num_replicas is None or rank is None:
+            world, this_rank = _default_replicas_and_rank()
+            num_replicas = world if num_replicas is None else num_replicas
+            rank = this_rank if rank is None else rank
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError("rank={} is not valid for num_replicas={}".format(rank, num_replicas))
+        self.length, self.num_replicas, self.rank = int(length), int(num_replicas), int(rank)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+def build_distributed_train_sampler(data_source, train_sampler, batch_size, num_instances=4, seed=0,
+                                    num_replicas=None, rank=None):
+    """The distributed counterpart of torchreid's ``build_train_sampler`` for ``train_sampler``:
+
+    - ``RandomIdentitySampler`` -> :class:`DistributedRandomIdentitySampler` (P x K on disjoint identity shards);
+    - ``RandomSampler`` -> ``torch.utils.data.DistributedSampler`` (shuffled, ``seed``);
+    - ``SequentialSampler`` -> ``DistributedSampler`` without shuffling.
+
+    The DistributedSampler pads the shards to equal length, so with ``drop_last=True`` every rank gets the same
+    number of batches. Call ``set_epoch(epoch)`` on the sampler at every epoch start.
+    """
+    if num_replicas is None or rank is None:
+        world, this_rank = _default_replicas_and_rank()
+        num_replicas = world if num_replicas is None else num_replicas
+        rank = this_rank if rank is None else rank
+    if train_sampler == "RandomIdentitySampler":
+        return DistributedRandomIdentitySampler(data_source, batch_size, num_instances, num_replicas=num_replicas,
+                                                rank=rank, seed=seed)
+    if train_sampler in ("RandomSampler", "SequentialSampler"):
+        return DistributedSampler(data_source, num_replicas=num_replicas, rank=rank,
+                                  shuffle=train_sampler == "RandomSampler", seed=seed, drop_last=False)
+    raise ValueError("sampler.train_sampler={!r} has no distributed version; use one of {} for multi-process "
+                     "training".format(train_sampler, ", ".join(DISTRIBUTED_TRAIN_SAMPLERS)))
+
+
+def rebuild_loader(loader, sampler, drop_last=None):
+    """A DataLoader over ``loader``'s dataset with the same batch size, workers, pinning and collation but
+    ``sampler`` (and ``drop_last`` if given)."""
+    if loader.batch_size is None:
+        raise ValueError("rebuild_loader needs a loader with a batch_size (not a batch_sampler)")
+    kwargs = dict(batch_size=loader.batch_size, sampler=sampler, shuffle=False, num_workers=loader.num_workers,
+                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                  drop_last=loader.drop_last if drop_last is None else drop_last, timeout=loader.timeout,
+                  worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+    if loader.num_workers > 0:
+        kwargs.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
+    return DataLoader(loader.dataset, **kwargs)

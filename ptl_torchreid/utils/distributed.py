@@ -1,0 +1,324 @@
+"""torch.distributed helpers: launch from ``torchrun``, rank queries, gathering, DDP wrapping and the
+synchronisation of BConv-Cell states across ranks.
+
+Launch: ``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+:func:`init_distributed` reads them and creates the default process group (``nccl`` for CUDA, ``gloo`` for the
+CPU). Without ``WORLD_SIZE`` it does nothing and every helper here behaves as a single process (rank 0 of 1).
+
+Cell states. A BConv-Cell carries a state from one mini-batch to the next and keeps ``running_state``, a running
+average of the batch-mean state used at evaluation. Under DDP every rank sees a different batch, so the ranks'
+states drift apart unless they are synchronised. :func:`sync_cell_states`, called after every training step, makes
+them agree (one all-reduce, like SyncBatchNorm):
+
+* ``state_mode='dataset'``: the carried state is the batch mean of C_t. The batch mean over the union of the
+  ranks' batches is the batch-size-weighted average of the per-rank means, and ``running_state`` is updated
+  linearly from that mean, so averaging both (weighted by batch size) gives every rank exactly what one process
+  would hold after a step over the concatenated batch -- provided the cells' inputs are per-sample, i.e. the
+  layers in front of them do not mix samples. Training-mode BatchNorm does mix them (it normalises with the
+  batch's statistics), so for a full PTL model the match is exact only with SyncBatchNorm; the ranks' states are
+  equal either way.
+* ``state_mode='slot'``: the carried state holds one slot per sample position, so there is nothing to average:
+  each rank keeps its own slots. With equal per-rank batches of size B, rank r's slots are exactly slots
+  ``r*B .. (r+1)*B-1`` of the single-process state over the batches concatenated in rank order, so the ranks
+  together hold the single-process state. ``running_state`` (a running average of batch means) is averaged as in
+  dataset mode, so evaluation uses the same state on every rank.
+
+DDP itself must leave the cells' buffers alone: by default it re-broadcasts every buffer from rank 0 before each
+forward, which would overwrite the synchronised running state with rank 0's local one and, in slot mode, replace
+every rank's slots with rank 0's. :func:`wrap_ddp` tells DDP to ignore them (other buffers, e.g. BatchNorm
+statistics, are still broadcast from rank 0 as usual).
+"""
+import contextlib
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..models import unwrap
+from ..models.bconv import BConvCell
+
+__all__ = ["DistContext", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank",
+           "get_world_size", "get_local_rank", "is_main_process", "barrier", "main_process_first", "all_gather_tensors",
+           "all_reduce_mean", "cell_buffer_names", "wrap_ddp", "broadcast_cell_states", "sync_cell_states"]
+
+_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its global rank, the number of processes, its rank on this node, the
+    process-group backend (``None`` without a process group) and the device it should compute on."""
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: object
+    device: torch.device
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def _default_device(local_rank):
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(backend=None, device=None, timeout=None):
+    """Create the default process group from the ``torchrun`` environment and return a :class:`DistContext`.
+
+    Args:
+        backend: ``'nccl'``, ``'gloo'`` or ``None`` to choose: ``nccl`` when the device is CUDA, else ``gloo``.
+        device: the device to train on; ``None`` gives ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+            A CUDA device without an index becomes ``cuda:LOCAL_RANK`` and is made the current device.
+        timeout: seconds (or a ``datetime.timedelta``) before a collective that does not complete fails.
+
+    Without ``WORLD_SIZE`` in the environment (a plain ``python`` launch) nothing is initialised and the context
+    says rank 0 of 1. Calling it again after the group exists returns the same context.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        dev = torch.device(device) if device is not None else _default_device(0)
+        return DistContext(0, 1, 0, None, dev)
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise RuntimeError("WORLD_SIZE is set but {} {} not: launch with torchrun (which sets them all), or set "
+                           "them yourself for a manual launch".format(", ".join(missing),
+                                                                      "is" if len(missing) == 1 else "are"))
+    world_size = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+
+    dev = torch.device(device) if device is not None else _default_device(local_rank)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise RuntimeError("LOCAL_RANK={} asks for {} but only {} CUDA device(s) are visible: start at most that "
+                               "many processes per node (torchrun --nproc-per-node)".format(
+                                   local_rank, dev, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
+    if backend is None:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError("backend 'nccl' needs CUDA devices but the device is {}; use backend 'gloo' for CPU "
+                         "training".format(dev))
+
+    if not dist.is_initialized():
+        kwargs = dict(backend=backend, init_method="env://", world_size=world_size, rank=rank)
+        if timeout is not None:
+            kwargs["timeout"] = timeout if isinstance(timeout, datetime.timedelta) else \
+                datetime.timedelta(seconds=float(timeout))
+        dist.init_process_group(**kwargs)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), dev)
+
+
+def cleanup_distributed():
+    """Destroy the default process group, if one exists."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def is_distributed():
+    """Whether a default process group exists (of any size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_local_rank():
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
+
+
+def is_main_process():
+    """True on rank 0 (and in a single process): the one that logs and writes files."""
+    return get_rank() == 0
+
+
+def barrier():
+    """Wait for every rank (no-op in a single process)."""
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Run the block on rank 0 first, then on the other ranks: for work that writes shared files (generating a
+    dataset, extracting an archive) which the others then only read."""
+    if not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            barrier()
+
+
+def all_gather_tensors(tensor, cat=True):
+    """Gather ``tensor`` from every rank; the sizes along dim 0 may differ between ranks (the other dims must
+    agree). Returns the rank-ordered concatenation, or the list of per-rank tensors with ``cat=False``.
+
+    Each rank's tensor is padded to the largest dim-0 size, gathered, and trimmed back.
+    The tensor must live on a device the backend supports (CUDA for nccl).
+    """
+    if tensor.dim() == 0:
+        raise ValueError("all_gather_tensors needs a tensor with at least one dimension; use tensor.view(1)")
+    if get_world_size() == 1:
+        return tensor if cat else [tensor]
+    world = get_world_size()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    longest = max(sizes)
+    # gloo has no bool collectives; uint8 carries the same values.
+    send = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+    if send.shape[0] < longest:
+        send = torch.cat([send, send.new_zeros((longest - send.shape[0],) + tuple(send.shape[1:]))], 0)
+    send = send.contiguous()
+    received = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(received, send)
+    parts = [r[:n].to(tensor.dtype) for r, n in zip(received, sizes)]
+    return torch.cat(parts, 0) if cat else parts
+
+
+def all_reduce_mean(value, weight=1.0):
+    """Weighted mean over ranks of a float or tensor (e.g. a loss for logging); weights are per rank."""
+    if get_world_size() == 1:
+        return value
+    is_tensor = torch.is_tensor(value)
+    t = value.detach().float().reshape(-1) if is_tensor else torch.tensor([float(value)], dtype=torch.float64)
+    device = t.device if is_tensor else _collective_device()
+    buf = torch.cat([t.to(device, torch.float64) * float(weight),
+                     torch.tensor([float(weight)], dtype=torch.float64, device=device)])
+    dist.all_reduce(buf)
+    mean = buf[:-1] / buf[-1]
+    if is_tensor:
+        return mean.to(value.dtype).reshape(value.shape).to(value.device)
+    return float(mean.item())
+
+
+def _collective_device():
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# -- BConv-Cell states ------------------------------------------------------------------------------------------
+
+def _cells(model):
+    return [m for m in unwrap(model).modules() if isinstance(m, BConvCell)]
+
+
+def cell_buffer_names(model):
+    """Fully qualified names of the BConv-Cells' buffers (carried state, running state, step counter), relative
+    to the unwrapped model; these are synchronised by :func:`sync_cell_states`, not by DDP."""
+    names = []
+    for prefix, m in unwrap(model).named_modules():
+        if isinstance(m, BConvCell):
+            stem = prefix + "." if prefix else ""
+            names.extend(stem + b for b in ("state", "running_state", "num_batches_tracked"))
+    return names
+
+
+def wrap_ddp(model, device=None, find_unused_parameters=False, **ddp_kwargs):
+    """Wrap ``model`` in DistributedDataParallel for the current process group, with the BConv-Cells' buffers
+    excluded from DDP's buffer broadcast (see the module docstring) and the cells' states broadcast once from
+    rank 0 so that every rank starts from the same state.
+
+    Args:
+        device: the model's device; for CUDA it becomes DDP's single ``device_ids`` entry.
+        find_unused_parameters: set it when some parameters may get no gradient in a step, e.g. when layers are
+            frozen (``requires_grad=False``) after wrapping, as backbone freezing or torchreid's fixbase do.
+        ddp_kwargs: passed on to DistributedDataParallel.
+    """
+    if not is_distributed():
+        raise RuntimeError("wrap_ddp needs a process group: call init_distributed() first (under torchrun)")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError("the model is already wrapped in DistributedDataParallel")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    names = cell_buffer_names(model)
+    if names:
+        ignored = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names))
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        broadcast_cell_states(model)
+    if device.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [device.index if device.index is not None else torch.cuda.current_device()])
+    return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters,
+                                                     **ddp_kwargs)
+
+
+@torch.no_grad()
+def broadcast_cell_states(model, src=0):
+    """Copy every cell's ``running_state``, step counter and carried state from rank ``src`` to all ranks. If the
+    carried state is unset on any rank, it is reset everywhere (the next step starts from zeros)."""
+    cells = _cells(model)
+    if get_world_size() == 1 or not cells:
+        return
+    device = cells[0].running_state.device
+    has_state = torch.tensor([float(all(c.state is not None for c in cells))], device=device)
+    dist.all_reduce(has_state, op=dist.ReduceOp.MIN)
+    shapes = torch.tensor([d for c in cells for d in (c.state.shape if c.state is not None else (0, 0, 0, 0))],
+                          dtype=torch.long, device=device)
+    if has_state.item() > 0:
+        # slot-mode states may differ in batch size between ranks: adopt rank src's shapes
+        dist.broadcast(shapes, src)
+        for c, shape in zip(cells, shapes.view(-1, 4).tolist()):
+            if tuple(c.state.shape) != tuple(shape):
+                c.state = c.state.new_zeros(shape)
+    else:
+        for c in cells:
+            c.reset_state()
+    for c in cells:
+        dist.broadcast(c.running_state, src)
+        dist.broadcast(c.num_batches_tracked, src)
+        if c.state is not None:
+            c.state = c.state.contiguous()
+            dist.broadcast(c.state, src)
+
+
+@torch.no_grad()
+def sync_cell_states(model, batch_size=None):
+    """All-reduce the BConv-Cells' states after a training step so that every rank holds the same state.
+
+    Each rank's contribution is weighted by ``batch_size`` (its number of samples in the step; ``None`` means
+    equal weights), so unequal batches still give the state one process would hold for their union. Averaged:
+    ``running_state`` of every cell, and the carried ``state`` of cells in ``'dataset'`` mode; ``'slot'`` mode
+    states stay per rank (see the module docstring). One collective for the whole model; a no-op in a single
+    process. Every rank must call it at the same point (after the same number of forward passes).
+    """
+    cells = _cells(model)
+    if get_world_size() == 1 or not cells:
+        return
+    tensors = []
+    for c in cells:
+        tensors.append(c.running_state)
+        if c.state_mode == "dataset" and c.state is not None:
+            tensors.append(c.state)
+    weight = 1.0 if batch_size is None else float(batch_size)
+    if weight <= 0:
+        raise ValueError("batch_size must be positive, got {}".format(batch_size))
+    device = cells[0].running_state.device
+    flat = torch.cat([t.reshape(-1).to(device, torch.float32) for t in tensors]
+                     + [torch.ones(1, device=device)]) * weight
+    dist.all_reduce(flat)
+    flat = flat[:-1] / flat[-1]
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n

@@ -1,0 +1,439 @@
+"""Distributed training pieces: cell-state synchronisation across 2 gloo processes (checked against one process
+over the combined batches), DDP wrapping, gathering, the identity-balanced distributed sampler, mixed precision
+helpers and the GPU benchmark's CPU path."""
+import importlib.util
+import math
+import os
+import os.path as osp
+import socket
+import time
+from collections import Counter
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ptl_torchreid import models
+from ptl_torchreid.data.samplers import (DistributedRandomIdentitySampler, ShardSampler,
+                                         build_distributed_train_sampler, rebuild_loader)
+from ptl_torchreid.models.bconv import BConvCell
+from ptl_torchreid.utils import amp
+from ptl_torchreid.utils import distributed as pdist
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+WORLD = 2
+STEPS = 3
+B = 4  # per-rank batch
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args):
+    """Run ``fn(rank, *args)`` in WORLD processes under a torchrun-like environment."""
+    port = free_port()
+    mp.spawn(_entry, args=(fn, port) + args, nprocs=WORLD, join=True)
+
+
+def _entry(rank, fn, port, *args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    ctx = pdist.init_distributed(device="cpu", timeout=60)
+    assert ctx.backend == "gloo" and ctx.rank == rank and ctx.world_size == WORLD
+    try:
+        fn(rank, *args)
+    finally:
+        pdist.cleanup_distributed()
+
+
+# -- a bare stack of cells: their inputs are per-sample, so one process over the union batch is the reference -----
+
+class CellStack(nn.Module):
+    def __init__(self, state_mode):
+        super().__init__()
+        self.c1 = BConvCell(3, 4, state_size=(4, 4), stride=2, state_mode=state_mode, momentum=0.1)
+        self.c2 = BConvCell(4, 5, state_size=(4, 4), state_mode=state_mode, momentum=None)  # cumulative average
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.c2(self.c1(x)).mean((2, 3)))
+
+
+def make_stack(state_mode):
+    torch.manual_seed(0)
+    return CellStack(state_mode)
+
+
+def global_batches(total):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(total, 3, 8, 8, generator=g), torch.randint(0, 3, (total,), generator=g))
+            for _ in range(STEPS)]
+
+
+def train_steps(model, batches, sync=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if sync is not None:
+            sync(x.shape[0])
+    return model
+
+
+def cell_snapshot(model):
+    net = models.unwrap(model)
+    return {"state": [c.state.clone() for c in (net.c1, net.c2)],
+            "running": [c.running_state.clone() for c in (net.c1, net.c2)],
+            "steps": [int(c.num_batches_tracked) for c in (net.c1, net.c2)],
+            "weights": [p.detach().clone() for p in net.parameters()]}
+
+
+def _ddp_cells_worker(rank, out_dir):
+    results = {}
+    flag = osp.join(out_dir, "rank0_was_here")
+    with pdist.main_process_first():
+        if rank == 0:
+            time.sleep(0.5)
+            open(flag, "w").close()
+        results["saw_rank0_first"] = osp.exists(flag)
+    for mode in ("dataset", "slot"):
+        model = pdist.wrap_ddp(make_stack(mode))
+        assert set(pdist.cell_buffer_names(model)) <= set(model.parameters_to_ignore)
+        mine = [(x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]) for x, y in global_batches(WORLD * B)]
+        train_steps(model, mine, sync=lambda n: pdist.sync_cell_states(model, batch_size=n))
+        results[mode] = cell_snapshot(model)
+    # unequal batches (3 and 5 samples), forward only: sync weights by batch size
+    model = make_stack("dataset").train()
+    x = global_batches(8)[0][0]
+    with torch.no_grad():
+        part = x[:3] if rank == 0 else x[3:]
+        model(part)
+        pdist.sync_cell_states(model, batch_size=part.shape[0])
+    results["unequal"] = cell_snapshot(model)
+    # gathering tensors of different lengths
+    t = torch.arange(rank + 2, dtype=torch.float32).view(-1, 1).repeat(1, 3) + 10 * rank
+    results["gathered"] = pdist.all_gather_tensors(t)
+    results["gathered_bool"] = pdist.all_gather_tensors(torch.tensor([True, False][: rank + 1]))
+    results["mean"] = pdist.all_reduce_mean(float(rank + 1), weight=rank + 1)
+    torch.save(results, osp.join(out_dir, "rank{}.pt".format(rank)))
+
+
+def _workers(rank, out_dir):
+    _ddp_cells_worker(rank, out_dir)
+    _ddp_ptl_worker(rank, out_dir)
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """One 2-process gloo run (process start-up dominates the cost) whose per-rank results the tests check."""
+    out = tmp_path_factory.mktemp("ddp")
+    spawn(_workers, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_cells(spawned):
+    return [torch.load(spawned / "rank{}.pt".format(r)) for r in range(WORLD)]
+
+
+def test_dataset_mode_states_match_single_process_over_union(ddp_cells):
+    ref = cell_snapshot(train_steps(make_stack("dataset").train(), global_batches(WORLD * B)))
+    for r in range(WORLD):
+        got = ddp_cells[r]["dataset"]
+        for key in ("state", "running", "weights"):
+            for a, b in zip(got[key], ref[key]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert got["steps"] == ref["steps"] == [STEPS, STEPS]
+    for a, b in zip(ddp_cells[0]["dataset"]["state"], ddp_cells[1]["dataset"]["state"]):
+        assert torch.equal(a, b)  # identical on the ranks, not just close
+
+
+def test_dataset_mode_unsynchronised_states_would_differ(ddp_cells):
+    """Guards the test above: a rank's own batch alone gives another state than the union."""
+    model = make_stack("dataset").train()
+    with torch.no_grad():
+        model(global_batches(WORLD * B)[0][0][:B])
+    solo = model.c2.state
+    union = make_stack("dataset").train()
+    with torch.no_grad():
+        union(global_batches(WORLD * B)[0][0])
+    assert not torch.allclose(solo, union.c2.state, atol=1e-4)
+
+
+def test_slot_mode_ranks_hold_their_slices_and_share_running_state(ddp_cells):
+    ref = cell_snapshot(train_steps(make_stack("slot").train(), global_batches(WORLD * B)))
+    for i in range(2):
+        assert ddp_cells[0]["slot"]["state"][i].shape[0] == B
+        joined = torch.cat([ddp_cells[r]["slot"]["state"][i] for r in range(WORLD)], 0)
+        torch.testing.assert_close(joined, ref["state"][i], rtol=1e-5, atol=1e-6)
+        for r in range(WORLD):
+            torch.testing.assert_close(ddp_cells[r]["slot"]["running"][i], ref["running"][i], rtol=1e-5, atol=1e-6)
+    # DDP left each rank's own slots in place (its buffer broadcast from rank 0 would have copied rank 0's)
+    assert not torch.allclose(ddp_cells[0]["slot"]["state"][0], ddp_cells[1]["slot"]["state"][0])
+
+
+def test_unequal_batches_are_weighted_by_size(ddp_cells):
+    model = make_stack("dataset").train()
+    with torch.no_grad():
+        model(global_batches(8)[0][0])
+    ref = cell_snapshot(model)
+    for r in range(WORLD):
+        for key in ("state", "running"):
+            for a, b in zip(ddp_cells[r]["unequal"][key], ref[key]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_main_process_first(ddp_cells):
+    assert all(ddp_cells[r]["saw_rank0_first"] for r in range(WORLD))
+
+
+def test_all_gather_variable_sizes_and_weighted_mean(ddp_cells):
+    expected = torch.cat([torch.arange(r + 2, dtype=torch.float32).view(-1, 1).repeat(1, 3) + 10 * r
+                          for r in range(WORLD)])
+    for r in range(WORLD):
+        assert torch.equal(ddp_cells[r]["gathered"], expected)
+        assert ddp_cells[r]["gathered_bool"].tolist() == [True, True, False]
+        assert ddp_cells[r]["mean"] == pytest.approx((1 * 1 + 2 * 2) / 3)
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = pdist.init_distributed(device="cpu")
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.distributed, ctx.is_main) == (0, 1, None, False, True)
+    assert pdist.get_rank() == 0 and pdist.get_world_size() == 1 and pdist.is_main_process()
+    pdist.barrier()
+    t = torch.arange(3)
+    assert pdist.all_gather_tensors(t) is t
+    model = make_stack("dataset").train()
+    model(torch.randn(2, 3, 8, 8))
+    before = model.c1.state.clone()
+    pdist.sync_cell_states(model, batch_size=2)
+    assert torch.equal(model.c1.state, before)
+    with pytest.raises(RuntimeError, match="init_distributed"):
+        pdist.wrap_ddp(model)
+
+
+def test_init_distributed_reports_missing_torchrun_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        pdist.init_distributed(device="cpu")
+    for v, val in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(v, val)
+    with pytest.raises(ValueError, match="gloo"):
+        pdist.init_distributed(backend="nccl", device="cpu")
+
+
+# -- a full PTL model under DDP ---------------------------------------------------------------------------------
+
+def small_ptl():
+    torch.manual_seed(0)
+    return models.build_model("ptl_osnet_x0_25", num_classes=4, pretrained=False, input_size=(64, 32))
+
+
+def _ddp_ptl_worker(rank, out_dir):
+    model = pdist.wrap_ddp(small_ptl().train())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(10 + rank)  # different data on each rank
+    for _ in range(2):
+        x, y = torch.randn(4, 3, 64, 32, generator=g), torch.randint(0, 4, (4,), generator=g)
+        with amp.autocast_context("cpu", "bf16"):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pdist.sync_cell_states(model, batch_size=x.shape[0])
+    net = models.unwrap(model)
+    torch.save({"states": [c.state for c in net.cells()], "running": [c.running_state for c in net.cells()],
+                "loss": float(loss), "weight": net.classifier.weight.detach().clone()},
+               osp.join(out_dir, "ptl_rank{}.pt".format(rank)))
+
+
+def test_ptl_model_states_agree_across_ranks_under_ddp_and_bf16(spawned):
+    r0, r1 = (torch.load(spawned / "ptl_rank{}.pt".format(r)) for r in range(WORLD))
+    assert math.isfinite(r0["loss"]) and math.isfinite(r1["loss"])
+    assert r0["loss"] != r1["loss"]  # the ranks did see different data
+    torch.testing.assert_close(r0["weight"], r1["weight"])  # DDP kept the weights equal
+    assert len(r0["states"]) == 6
+    for a, b in zip(r0["states"] + r0["running"], r1["states"] + r1["running"]):
+        assert a.dtype == torch.float32
+        assert torch.equal(a, b)
+
+
+# -- the sampler --------------------------------------------------------------------------------------------------
+
+def fake_source(num_pids=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 14, (num_pids,), generator=g).tolist()
+    return [("img_{}_{}.jpg".format(pid, i), pid, i % 3, 0) for pid, n in enumerate(counts) for i in range(n)]
+
+
+def rank_batches(source, world, epoch, batch_size=8, k=4, seed=5):
+    out = []
+    for r in range(world):
+        s = DistributedRandomIdentitySampler(source, batch_size, k, num_replicas=world, rank=r, seed=seed)
+        s.set_epoch(epoch)
+        idx = list(s)
+        assert len(idx) == len(s) and len(idx) % batch_size == 0
+        out.append([idx[i:i + batch_size] for i in range(0, len(idx), batch_size)])
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_gives_pk_batches_on_disjoint_shards(world):
+    source = fake_source()
+    per_rank = rank_batches(source, world, epoch=0)
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) > 0  # equal batch counts
+    pids_of_rank = []
+    for batches in per_rank:
+        pids = set()
+        for batch in batches:
+            counts = Counter(source[i][1] for i in batch)
+            assert len(counts) == 2 and set(counts.values()) == {4}  # P=2 identities x K=4 images
+            pids |= set(counts)
+        pids_of_rank.append(pids)
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not pids_of_rank[a] & pids_of_rank[b]
+
+
+def test_sampler_epochs_are_reproducible_and_differ():
+    source = fake_source()
+    assert rank_batches(source, 2, epoch=3) == rank_batches(source, 2, epoch=3)
+    assert rank_batches(source, 2, epoch=3) != rank_batches(source, 2, epoch=4)
+    assert rank_batches(source, 2, epoch=3, seed=1) != rank_batches(source, 2, epoch=3, seed=2)
+    # shards change from epoch to epoch, so every rank sees all identities over time
+    seen = set()
+    for epoch in range(6):
+        seen |= {source[i][1] for batch in rank_batches(source, 2, epoch)[0] for i in batch}
+    assert len(seen) > len({p for _, p, _, _ in source}) * 0.8
+
+
+def test_sampler_within_epoch_uses_each_image_once_when_enough_images():
+    source = [("x", pid, 0) for pid in range(12) for _ in range(8)]  # 3-tuples as in older torchreid lists
+    for batches in rank_batches(source, 2, epoch=0):
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat))
+
+
+def test_sampler_errors_are_clear():
+    source = fake_source(num_pids=3)
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        DistributedRandomIdentitySampler(source, 6, 4, num_replicas=1, rank=0)
+    with pytest.raises(ValueError, match="identities"):
+        DistributedRandomIdentitySampler(source, 8, 4, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="rank"):
+        DistributedRandomIdentitySampler(source, 8, 4, num_replicas=2, rank=2)
+
+
+def test_sampler_defaults_to_single_process():
+    s = DistributedRandomIdentitySampler(fake_source(), 8, 4)
+    assert (s.num_replicas, s.rank) == (1, 0)
+
+
+def test_shard_sampler_covers_every_item_once():
+    shards = [list(ShardSampler(11, num_replicas=3, rank=r)) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(11))
+    assert [len(ShardSampler(11, 3, r)) for r in range(3)] == [4, 4, 3]
+    assert list(ShardSampler(5)) == list(range(5))  # single process: everything
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.train = items
+
+    def __len__(self):
+        return len(self.train)
+
+    def __getitem__(self, i):
+        return {"index": i, "pid": self.train[i][1]}
+
+
+@pytest.mark.parametrize("name", ["RandomIdentitySampler", "RandomSampler", "SequentialSampler"])
+def test_distributed_train_loaders_have_equal_batch_counts(name):
+    source = fake_source(num_pids=17)
+    dataset = ListDataset(source)
+    base = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True, drop_last=True)
+    loaders = []
+    for r in range(3):
+        sampler = build_distributed_train_sampler(source, name, 8, num_instances=4, seed=3, num_replicas=3, rank=r)
+        sampler.set_epoch(2)
+        loaders.append(rebuild_loader(base, sampler))
+    batches = [[b["index"].tolist() for b in loader] for loader in loaders]
+    assert len({len(b) for b in batches}) == 1 and len(batches[0]) > 0
+    assert all(len(batch) == 8 for per_rank in batches for batch in per_rank)
+    assert loaders[0].drop_last and loaders[0].batch_size == 8
+    if name != "RandomIdentitySampler":  # plain samplers: (nearly) disjoint index shards
+        flat = [set(i for batch in per_rank for i in batch) for per_rank in batches]
+        assert len(flat[0] & flat[1]) <= 2  # the padding repeats at most world_size - 1 items
+
+
+def test_distributed_train_sampler_rejects_unsupported_names():
+    with pytest.raises(ValueError, match="RandomIdentitySampler, RandomSampler"):
+        build_distributed_train_sampler(fake_source(), "RandomDomainSampler", 8, num_replicas=2, rank=0)
+
+
+# -- mixed precision ----------------------------------------------------------------------------------------------
+
+def test_precision_names_and_scaler():
+    assert amp.normalize_precision("bfloat16") == "bf16" and amp.normalize_precision(None) == "fp32"
+    assert amp.normalize_precision(torch.float16) == "fp16" and amp.normalize_precision(torch.float32) == "fp32"
+    assert amp.autocast_dtype("bf16") is torch.bfloat16 and amp.autocast_dtype("fp32") is None
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        amp.normalize_precision("int8")
+    assert amp.make_grad_scaler("cpu", "fp16").is_enabled()
+    assert not amp.make_grad_scaler("cpu", "bf16").is_enabled()
+    assert not amp.make_grad_scaler("cpu", "fp32").is_enabled()
+    assert amp.memory_format(True) is torch.channels_last
+    with amp.autocast_context("cpu", "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    with amp.autocast_context("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") is torch.bfloat16
+
+
+def test_bf16_autocast_training_step_on_cpu_is_finite():
+    model = small_ptl().train().to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = amp.make_grad_scaler("cpu", "bf16")
+    torch.manual_seed(1)
+    for _ in range(2):
+        x = torch.randn(4, 3, 64, 32).contiguous(memory_format=torch.channels_last)
+        with amp.autocast_context("cpu", "bf16"):
+            logits = model(x)
+            assert logits.dtype == torch.bfloat16  # the forward really ran in bf16
+            loss = F.cross_entropy(logits.float(), torch.tensor([0, 1, 2, 3]))
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        assert math.isfinite(loss.detach().item())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(c.state.dtype == torch.float32 and torch.isfinite(c.state).all() for c in model.cells())
+
+
+# -- GPU benchmark script, CPU path ------------------------------------------------------------------------------
+
+def test_benchmark_script_cpu_path(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmark_gpu", osp.join(REPO, "tools", "benchmark_gpu.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.md"
+    results, text = bench.main(["--device", "cpu", "--iters", "2", "--batch-size", "4", "--height", "64",
+                                "--width", "32", "--warmup", "0", "--out", str(out)])
+    assert [(r["model"], r["mode"]) for r in results] == [
+        (m, mode) for m in ("resnet50", "ptl_resnet50") for mode in ("fp32", "amp", "amp_cl")]
+    assert all(r["images_per_s"] > 0 and r["peak_mib"] is None for r in results)
+    written = out.read_text()
+    assert "| ptl_resnet50 | AMP (bf16) | " in written and "CPU" in written
+    assert "AMP (bf16) / fp32 ptl_resnet50:" in written
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--modes", "fp64"])
