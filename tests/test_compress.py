@@ -394,6 +394,18 @@ def test_faster_rounds_channels_to_multiples_of_16():
     assert any(after % 16 for _, before, after in rep8.groups)
 
 
+@pytest.mark.parametrize("value", [0.2, 0.3, 0.45])
+def test_coarse_rounding_still_lands_within_two_points(value):
+    # At 64x32 one 16-channel cut of an early OSNet layer is worth several percent of the FLOPs; the last cuts
+    # go to groups whose cut fits the remaining distance.
+    model = build_model("osnet_x0_25", num_classes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _, rep = prune_cop(model, flops_reduction=value, preset="faster", input_size=(64, 32), return_report=True)
+    assert value <= rep.flops_reduction <= value + 0.02
+    assert all(after % 16 == 0 or after == before for _, before, after in rep.groups)
+
+
 def test_group_cost_sum_prunes_coupled_groups_harder():
     model = build_model("osnet_x0_25", num_classes=3)
 
@@ -576,3 +588,55 @@ def test_resnet50_presets_direction_and_half_flops():
     assert np.mean([kf[n] for n in early]) < np.mean([ks[n] for n in early])
     assert np.mean([ks[n] for n in late]) < np.mean([kf[n] for n in late])
     assert small.params_reduction > fast.params_reduction
+
+
+# -- the prune command ------------------------------------------------------------------------------------------
+DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic_demo.yaml")
+TINY = ["model.name", "osnet_x0_25", "data.synthetic.num_train_ids", "4", "data.synthetic.num_test_ids", "3",
+        "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2", "data.height", "64",
+        "data.width", "32", "data.workers", "0", "train.batch_size", "8", "sampler.num_instances", "2",
+        "train.max_epoch", "1", "train.progress_bar", "False"]
+
+
+def test_prune_command_prunes_finetunes_evaluates_and_saves(tmp_path, capsys):
+    from ptl_torchreid.cli import main
+
+    root, save = str(tmp_path / "data"), tmp_path / "run"
+    assert main(["--config-file", DEMO, "--root", root] + TINY + ["data.save_dir", str(save / "train")]) == 0
+    trained = str(save / "train" / "model" / "model.pth.tar-1")
+    capsys.readouterr()
+    assert main(["prune", "--config-file", DEMO, "--root", root, "--flops-reduction", "0.3", "--preset", "faster",
+                 "--latency-batch", "2", "--latency-rounds", "1"] + TINY +
+                ["data.save_dir", str(save / "prune"), "model.load_weights", trained]) == 0
+    out = capsys.readouterr().out
+    for row in ("| params |", "| FLOPs (64x32) |", "| latency s (batch 2, cpu) |", "| Rank-1 (synthetic_reid) |",
+                "| mAP (synthetic_reid) |"):
+        assert row in out
+    pruned_file = save / "prune" / "model" / "pruned.pth.tar"
+    info = pruning_info(str(pruned_file))
+    assert info["arch"] == "osnet_x0_25" and 0.28 <= 1 - info["report"]["flops_after"] / info["report"][
+        "flops_before"] <= 0.32
+    # The engine's own checkpoints of the fine-tuning carry the channel configuration too.
+    engine_ckpt = load_pruned_model(str(save / "prune" / "model" / "model.pth.tar-1"))
+    assert count_params(engine_ckpt) == count_params(load_pruned_model(str(pruned_file)))
+    after = torch.load(str(pruned_file), weights_only=True)["results"]["synthetic_reid"]["mAP"]
+    # Any command reloads the pruned model from model.load_weights, without pruning again.
+    assert main(["test", "--config-file", DEMO, "--root", root] + TINY +
+                ["data.save_dir", str(save / "test"), "model.load_weights", str(pruned_file)]) == 0
+    out = capsys.readouterr().out
+    assert "Loaded the pruned osnet_x0_25" in out and "mAP: {:.1%}".format(after) in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--flops-reduction", "1.5"], "flops_reduction=1.5 is not valid"),
+    ([], "exactly one pruning target"),
+    (["--prune-rate", "0.2", "--alpha", "-1"], "alpha=-1.0 is not valid"),
+])
+def test_prune_command_rejects_bad_options_before_any_work(tmp_path, capsys, flags, message):
+    from ptl_torchreid.cli import main
+
+    weights = str(tmp_path / "w.pth")
+    torch.save({"state_dict": {}}, weights)
+    assert main(["prune", "--config-file", DEMO] + flags + TINY + ["data.save_dir", str(tmp_path),
+                                                                    "model.load_weights", weights]) == 2
+    assert message in capsys.readouterr().err

@@ -1,13 +1,22 @@
-"""Prune a trained ReID model with COP and save it with its channel configuration.
+"""Prune a trained ReID model with COP.
 
-    PYTHONPATH=. python tools/prune.py --arch resnet50 --weights log/resnet50/model.pth.tar \\
+With a config file this is the ``prune`` command of the CLI: prune ``model.load_weights``, fine-tune with the
+engine on the config's data, evaluate, save (see ``python -m ptl_torchreid prune --help``)::
+
+    PYTHONPATH=. python tools/prune.py --config-file configs/osnet_x0_25_synthetic_source_to_target.yaml \
+        --flops-reduction 0.5 --preset faster \
+        model.load_weights log/osnet_x0_25_synthetic_source/model/model-best.pth.tar
+
+Without one it only prunes a checkpoint (no data needed) and saves it::
+
+    PYTHONPATH=. python tools/prune.py --arch resnet50 --weights log/resnet50/model.pth.tar \
         --flops-reduction 0.5 --preset faster --out log/resnet50_cop50.pth
-
     PYTHONPATH=. python tools/prune.py --weights log/resnet50_cop50.pth --params-reduction 0.3 --out smaller.pth
 
-It prints parameters, FLOPs (torch.utils.flop_counter) and measured CPU latency before and after. The saved file
-reloads without the pruning run: ``ptl_torchreid.compress.load_pruned_model(path)``, or through torchreid with
-``register_pruned_model(path)`` (e.g. for ``torchreid.utils.FeatureExtractor``).
+Both print parameters, FLOPs (torch.utils.flop_counter) and measured latency before and after (and Rank-1/mAP
+with a config). Saved files reload without the pruning run: ``ptl_torchreid.compress.load_pruned_model(path)``,
+as ``model.load_weights`` of any command, or through torchreid with ``register_pruned_model(path)`` (e.g. for
+``torchreid.utils.FeatureExtractor``).
 """
 import argparse
 import os.path as osp
@@ -79,6 +88,11 @@ def load_model(args):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--config-file" or a.startswith("--config-file=") for a in argv):
+        from ptl_torchreid.cli import main as cli_main
+
+        return cli_main(["prune"] + argv)
     args = build_parser().parse_args(argv)
     size = (args.height, args.width)
     model, arch = load_model(args)
@@ -113,4 +127,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -10,7 +10,7 @@ from .graph import build_graph
 from .measure import count_flops, count_params
 from .surgery import shrink
 
-__all__ = ["prune_cop", "PruneReport", "check_target", "kept_fraction"]
+__all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction"]
 
 _TARGETS = ("flops_reduction", "params_reduction", "prune_rate")
 
@@ -101,6 +101,25 @@ def _weights(preset, alpha, beta, gamma):
     return float(a), float(b), float(c)
 
 
+def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced", alpha=None,
+                  beta=None, gamma=None, topk=3, round_to=None, min_channels=1, group_cost=None):
+    """Validate ``prune_cop``'s options (everything but the model) and resolve the preset's defaults.
+    Returns dict(target, value, weights, round_to, group_cost); raises ValueError naming the bad option."""
+    target, value = check_target(flops_reduction, params_reduction, prune_rate)
+    weights = _weights(preset, alpha, beta, gamma)
+    if group_cost is not None and group_cost not in GROUP_COSTS:
+        raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
+                                                                              ", ".join(GROUP_COSTS)))
+    if round_to is None:
+        round_to = PRESET_OPTIONS[preset]["round_to"]
+    if group_cost is None:
+        group_cost = PRESET_OPTIONS[preset]["group_cost"]
+    for name, v in (("topk", topk), ("round_to", round_to), ("min_channels", min_channels)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError("{}={!r} is not valid; use an integer >= 1".format(name, v))
+    return dict(target=target, value=value, weights=weights, round_to=round_to, group_cost=group_cost)
+
+
 def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced",
               input_size=(256, 128), alpha=None, beta=None, gamma=None, topk=3, round_to=None, min_channels=1,
               exclude=(), group_cost=None, inplace=False, tolerance=0.02, return_report=False, verbose=False):
@@ -132,18 +151,10 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     and anything downstream stay compatible. BatchNorm statistics, BConv-Cell running states and concatenation
     consumers are sliced with their channels. The module is left in the training mode it had.
     """
-    target, value = check_target(flops_reduction, params_reduction, prune_rate)
-    a, b, c = _weights(preset, alpha, beta, gamma)
-    if group_cost is not None and group_cost not in GROUP_COSTS:
-        raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
-                                                                              ", ".join(GROUP_COSTS)))
-    if round_to is None:
-        round_to = PRESET_OPTIONS[preset]["round_to"]
-    if group_cost is None:
-        group_cost = PRESET_OPTIONS[preset]["group_cost"]
-    for name, v in (("topk", topk), ("round_to", round_to), ("min_channels", min_channels)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError("{}={!r} is not valid; use an integer >= 1".format(name, v))
+    opts = check_options(flops_reduction, params_reduction, prune_rate, preset, alpha, beta, gamma, topk,
+                         round_to, min_channels, group_cost)
+    target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
+    round_to, group_cost = opts["round_to"], opts["group_cost"]
     input_size = tuple(int(s) for s in input_size)
     net = unwrap(model)
     if not inplace:
@@ -163,8 +174,19 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
             return params_outside + selector.params <= (1.0 - value) * params_before
         return selector.removed_filters >= value * selector.total_filters
 
+    def accept(flops, params, filters):
+        # Near the target, a cut that would overshoot it by more than half the tolerance yields to the next
+        # group in importance order whose cut fits (only matters with coarse round_to on small models).
+        if target == "flops_reduction":
+            after = 1 - (flops_outside + selector.flops - flops) / flops_before
+        elif target == "params_reduction":
+            after = 1 - (params_outside + selector.params - params) / params_before
+        else:
+            after = (selector.removed_filters + filters) / max(1, selector.total_filters)
+        return after <= value + tolerance / 2
+
     while value > 0 and not reached():
-        if not selector.step():
+        if not selector.step(accept):
             got = {"flops_reduction": 1 - (flops_outside + selector.flops) / flops_before,
                    "params_reduction": 1 - (params_outside + selector.params) / params_before,
                    "prune_rate": selector.removed_filters / max(1, selector.total_filters)}[target]

@@ -145,8 +145,9 @@ class CostModel:
         self.flops = [self._flops(i) for i in range(len(self.records))]
         self.params = [self._params(i) for i in range(len(self.records))]
 
-    def _weight(self, i):
-        kind, cin, cout, kk = self.records[i].kind, self.in_count[i], self.out_count[i], self.kernel[i]
+    def _weight(self, i, d_in=0, d_out=0):
+        kind, kk = self.records[i].kind, self.kernel[i]
+        cin, cout = self.in_count[i] - d_in, self.out_count[i] - d_out
         if kind in ("conv", "linear"):
             return cout * cin * kk
         if kind == "cell":
@@ -155,17 +156,21 @@ class CostModel:
             return cout * kk
         return 0
 
-    def _flops(self, i):
-        return 2 * self._weight(i) * self.records[i].positions
+    def _flops(self, i, d_in=0, d_out=0):
+        return 2 * self._weight(i, d_in, d_out) * self.records[i].positions
 
-    def _params(self, i):
-        kind, cout = self.records[i].kind, self.out_count[i]
+    def _params(self, i, d_in=0, d_out=0):
+        kind, cout = self.records[i].kind, self.out_count[i] - d_out
         if kind == "norm":
             return 2 * cout if getattr(self.records[i].module, "weight", None) is not None else 0
         if kind == "prelu":
             return cout
         bias = (4 * cout if kind == "cell" else cout) if self.bias[i] else 0
-        return self._weight(i) + bias
+        return self._weight(i, d_in, d_out) + bias
+
+    def saving(self, i, d_in, d_out):
+        """(FLOPs, params) record i would lose with ``d_in`` fewer inputs and ``d_out`` fewer outputs."""
+        return self.flops[i] - self._flops(i, d_in, d_out), self.params[i] - self._params(i, d_in, d_out)
 
     def update(self, i, d_in, d_out):
         """Change record i's channel counts; returns (delta flops, delta params)."""
@@ -337,16 +342,40 @@ class COPSelector:
                 self.group_flops[s] += df
                 self.group_params[s] += dp
 
-    def step(self):
+    def chunk_saving(self, gi):
+        """(FLOPs, params, filters) the next cut of group ``gi`` would remove (from its current channel counts)."""
+        st = self.states[gi]
+        q = st.n_alive - self.next_keep(gi)
+        d_in, d_out = {}, {}
+        units = np.flatnonzero(st.alive)[:q] + st.group.offset
+        for gu in units.tolist():
+            for i, a, b in self.unit_touch[gu]:
+                d_in[i] = d_in.get(i, 0) + a
+                d_out[i] = d_out.get(i, 0) + b
+        flops = params = 0
+        for i in d_in:
+            f, p = self.costs.saving(i, d_in[i], d_out[i])
+            flops, params = flops + f, params + p
+        return flops, params, int(self.unit_filters[units].sum())
+
+    def step(self, accept=None):
         """Cut the globally least important group down to its next allowed size. Returns the list of
-        (group index, unit) removed, empty when nothing can be pruned any more."""
+        (group index, unit) removed, empty when nothing can be pruned any more.
+
+        ``accept(flops, params, filters)``, when given, judges the saving of a candidate cut; a rejected
+        candidate (e.g. one overshooting the target by a whole chunk) passes the turn to the next group in
+        importance order. When no candidate is accepted the least important one is cut anyway.
+        """
         if not self.order:
             return []
         imp = self.group_importance()
-        s = int(np.argmin(imp))
-        if not math.isfinite(imp[s]):
+        ranked = [s for s in np.argsort(imp, kind="stable").tolist() if math.isfinite(imp[s])]
+        if not ranked:
             return []
-        gi = self.order[s]
+        chosen = ranked[0]
+        if accept is not None:
+            chosen = next((s for s in ranked if accept(*self.chunk_saving(self.order[s]))), ranked[0])
+        gi = self.order[chosen]
         st = self.states[gi]
         keep = self.next_keep(gi)
         removed = []

@@ -20,7 +20,7 @@ from ..utils.checkpoint import extract_state_dict, load_checkpoint, save_checkpo
 from .surgery import apply_channel_config, channel_config
 
 __all__ = ["save_pruned_model", "load_pruned_model", "pruning_info", "is_pruned_checkpoint",
-           "register_pruned_model", "build_kwargs_of"]
+           "register_pruned_model", "build_kwargs_of", "make_pruning_info"]
 
 FORMAT = 1
 
@@ -46,6 +46,21 @@ def _num_classes(net):
     return int(classifier.out_features)
 
 
+def make_pruning_info(model, arch, num_classes=None, loss=None, build_kwargs=None, report=None):
+    """The ``pruning`` entry of a checkpoint (plain types): what :func:`load_pruned_model` needs to rebuild
+    ``model``. Put it into any checkpoint of the pruned model (e.g. a training engine's ``checkpoint_extras``)
+    to make that checkpoint reloadable too."""
+    from ..models import unwrap
+
+    net = unwrap(model)
+    return dict(format=FORMAT, method="cop", arch=str(arch),
+                num_classes=int(num_classes if num_classes is not None else _num_classes(net)),
+                loss=str(loss if loss is not None else getattr(net, "loss", "softmax")),
+                build_kwargs=dict(build_kwargs) if build_kwargs is not None else build_kwargs_of(net),
+                channels=channel_config(net),
+                report=report.as_dict() if hasattr(report, "as_dict") else report)
+
+
 def save_pruned_model(model, path, arch, num_classes=None, loss=None, build_kwargs=None, report=None,
                       extra=None):
     """Save a pruned model with its channel configuration.
@@ -63,20 +78,21 @@ def save_pruned_model(model, path, arch, num_classes=None, loss=None, build_kwar
     from ..models import unwrap
 
     net = unwrap(model)
-    info = dict(format=FORMAT, method="cop", arch=str(arch),
-                num_classes=int(num_classes if num_classes is not None else _num_classes(net)),
-                loss=str(loss if loss is not None else getattr(net, "loss", "softmax")),
-                build_kwargs=dict(build_kwargs) if build_kwargs is not None else build_kwargs_of(net),
-                channels=channel_config(net),
-                report=report.as_dict() if hasattr(report, "as_dict") else report)
     state = dict(extra or {})
-    state.update(state_dict=net.state_dict(), pruning=info)
-    save_checkpoint(state, path)
-    return path
+    state.update(state_dict=net.state_dict(),
+                 pruning=make_pruning_info(net, arch, num_classes, loss, build_kwargs, report))
+    return save_checkpoint(state, path)
 
 
-def is_pruned_checkpoint(checkpoint):
-    """True for a checkpoint dict saved by :func:`save_pruned_model`."""
+def is_pruned_checkpoint(checkpoint, trust=False):
+    """True for a checkpoint (dict, or path to a file) holding a ``pruning`` entry with a channel
+    configuration, as written by :func:`save_pruned_model`."""
+    if checkpoint is None:
+        return False
+    if not isinstance(checkpoint, dict):
+        if not osp.isfile(str(checkpoint)):
+            return False
+        checkpoint = load_checkpoint(str(checkpoint), map_location="cpu", trust=trust)
     return isinstance(checkpoint, dict) and isinstance(checkpoint.get("pruning"), dict) and \
         "channels" in checkpoint["pruning"]
 
@@ -100,8 +116,16 @@ def pruning_info(path_or_checkpoint, map_location="cpu", trust=False):
     return checkpoint["pruning"]
 
 
-def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False):
-    """Rebuild a pruned model from a file written by :func:`save_pruned_model` (no pruning run needed)."""
+def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_classes=None, loss=None):
+    """Rebuild a pruned model from a checkpoint holding a ``pruning`` entry (no pruning run needed).
+
+    Args:
+        path_or_checkpoint: a file written by :func:`save_pruned_model` (or by a training engine given
+            :func:`make_pruning_info` as a checkpoint extra), or the loaded dict.
+        num_classes: when given and different from the saved classifier's, the classifier is replaced by a
+            freshly initialised one of this size (fine-tuning on other identities); the rest loads strictly.
+        loss: sets the model's ``loss`` (torchreid's forward contract) when given.
+    """
     from ..models import build_model
 
     checkpoint, where = _load(path_or_checkpoint, map_location, trust)
@@ -121,6 +145,14 @@ def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False):
     except RuntimeError as e:
         raise RuntimeError("weights in {} do not fit {} with the saved channel configuration: {}".format(
             where, info["arch"], e)) from e
+    if num_classes is not None and int(num_classes) != int(info["num_classes"]):
+        old = model.classifier
+        model.classifier = torch.nn.Linear(old.in_features, int(num_classes), bias=old.bias is not None)
+        torch.nn.init.normal_(model.classifier.weight, 0, 0.01)
+        if old.bias is not None:
+            torch.nn.init.zeros_(model.classifier.bias)
+    if loss is not None:
+        model.loss = loss
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model
