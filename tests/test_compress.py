@@ -455,6 +455,7 @@ def test_rate_zero_changes_nothing_and_original_is_untouched():
     (dict(prune_rate=0.1, round_to=0), "round_to=0 is not valid"),
     (dict(prune_rate=0.1, group_cost="max"), "group_cost='max' is not valid"),
     (dict(prune_rate=0.1, exclude=["nope"]), "exclude names ['nope'] are not modules"),
+    (dict(prune_rate=0.1, tolerance=-1), "tolerance=-1 is not valid"),
 ])
 def test_invalid_arguments_give_clear_errors(kwargs, message):
     with pytest.raises(ValueError) as info:
@@ -532,6 +533,14 @@ def test_operations_that_move_channels_by_position_keep_them():
     assert graph.group_of("a").prunable
     assert "__setitem__" in graph.group_of("b").frozen
     assert "permute" in graph.group_of("c").frozen
+
+
+def test_ptl_model_must_be_pruned_at_its_input_size():
+    model = build_model("ptl_osnet_x0_25", num_classes=3, input_size=(128, 64))
+    with pytest.raises(ValueError, match=r"built for input_size=\(128, 64\).*pass input_size=\(128, 64\)"):
+        prune_cop(model, prune_rate=0.1)
+    pruned = prune_cop(model, prune_rate=0.1, input_size=(128, 64))
+    pruned.eval()(torch.randn(2, 3, 128, 64))
 
 
 def test_unreachable_target_is_explained():

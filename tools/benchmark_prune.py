@@ -10,7 +10,15 @@ embedding latency of every model at batch 32, 256x128, in interleaved rounds (on
 round, so load from other processes hits all of them alike). FLOPs come from torch.utils.flop_counter.
 Section 2 prunes ptl_resnet50 down to ResNet-50's FLOPs ("PTL at baseline cost").
 
-Accuracy after fine-tuning is measured by the ``prune`` command / tools/prune.py with the training engine.
+``--accuracy`` adds section 3, accuracy on the synthetic transfer pair with the training engine (CPU: set
+OMP_NUM_THREADS=1 on a shared machine; about an hour on one core):
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python tools/benchmark_prune.py --accuracy --work-dir log/bench_prune
+
+ResNet-50 is trained on synthetic_source; then, with the same fine-tuning budget on synthetic_target, the
+unpruned model, COP (faster, balanced) and Torch-Pruning L1 / random at equal FLOPs (50% at 128x64) are
+fine-tuned and evaluated (Rank-1, mAP). For "PTL at baseline cost", ptl_resnet50 (backbone from the same
+source model) is trained on synthetic_target, pruned to ResNet-50's FLOPs and fine-tuned again.
 """
 import argparse
 import copy
@@ -25,6 +33,7 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from ptl_torchreid import _torchreid  # noqa: E402
 from ptl_torchreid.compress import compare_latency, count_flops, count_params, prune_cop  # noqa: E402
 from ptl_torchreid.models import build_model  # noqa: E402
 
@@ -76,15 +85,130 @@ def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_t
     return best[0]
 
 
-def _row(name, model, base, lat, base_lat, input_size):
-    flops, params = count_flops(model, input_size), count_params(model)
-    return "| {} | {:.2f} | {:.1%} | {:.2f} | {:.3f} | {:.3f} | {:.2f}x |".format(
-        name, flops / 1e9, 1 - flops / base["flops"], params / 1e6, lat["median"], lat["min"],
-        base_lat["median"] / lat["median"])
+# -- accuracy (section 3) ---------------------------------------------------------------------------------------
+SOURCE_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs",
+                         "osnet_x0_25_synthetic_source.yaml")
+TARGET_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs",
+                         "osnet_x0_25_synthetic_source_to_target.yaml")
 
 
-HEADER = ("| model | GFLOPs | FLOP reduction | params (M) | latency median (s) | latency min (s) | speed-up |\n"
-          "|---|---|---|---|---|---|---|")
+def _config(path, root, save_dir, epochs, extra=()):
+    from ptl_torchreid.config import load_config
+
+    opts = ["model.name", "resnet50", "data.root", root, "data.save_dir", save_dir, "train.max_epoch", str(epochs),
+            "train.stepsize", str([max(1, int(epochs * 0.75))]), "train.progress_bar", "False",
+            "model.load_weights", ""] + list(extra)
+    return load_config(path, opts)
+
+
+def _train(cfg, model):
+    """Train ``model`` with the engine as ``cfg`` says and return its results on the first target."""
+    from ptl_torchreid import cli
+    from ptl_torchreid.config import engine_run_kwargs
+
+    _torchreid.torchreid.utils.set_random_seed(cfg.train.seed)
+    dm = cli.build_datamanager(cfg)
+    if model.classifier.out_features != dm.num_train_pids:  # new identities: new classifier
+        model.classifier = torch.nn.Linear(model.classifier.in_features, dm.num_train_pids)
+        torch.nn.init.normal_(model.classifier.weight, 0, 0.01)
+        torch.nn.init.zeros_(model.classifier.bias)
+    engine = cli.build_engine(cfg, dm, model)
+    t = time.perf_counter()
+    results = engine.run(**engine_run_kwargs(cfg))
+    res = next(iter(results.values()))
+    return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
+
+
+def accuracy_section(args):
+    from ptl_torchreid.cli import load_initial_weights
+
+    work, root = args.work_dir, osp.join(args.work_dir, "reid-data")
+    size = (128, 64)
+    lines = ["## Accuracy on the synthetic transfer pair (synthetic_source -> synthetic_target, 128x64)", "",
+             "Source: resnet50 trained {} epochs on synthetic_source; every model below then gets the same budget "
+             "of {} epochs on synthetic_target (triplet + softmax, Adam, the recipe of configs/"
+             "osnet_x0_25_synthetic_source_to_target.yaml). Pruned models are cut from the source model to 50% of "
+             "its FLOPs at 128x64 (Torch-Pruning to equal FLOPs), then fine-tuned.".format(
+                 args.source_epochs, args.target_epochs), "",
+             "| model | GFLOPs (128x64) | params (M) | Rank-1 | mAP | train min |", "|---|---|---|---|---|---|"]
+    source_ckpt = args.source_weights
+    if not source_ckpt:
+        cfg = _config(SOURCE_CONFIG, root, osp.join(work, "source"), args.source_epochs)
+        torch.manual_seed(0)
+        model = build_model("resnet50", num_classes=1, loss="triplet")
+        _train(cfg, model)
+        source_ckpt = osp.join(work, "source", "model", "model-best.pth.tar")
+
+    def source_model():
+        m = build_model("resnet50", num_classes=1, loss="triplet")
+        load_initial_weights(m, source_ckpt)
+        return m.eval()
+
+    def finetune(name, model, tag):
+        cfg = _config(TARGET_CONFIG, root, osp.join(work, tag), args.target_epochs)
+        res = _train(cfg, model)
+        lines.append("| {} | {:.3f} | {:.2f} | {:.1%} | {:.1%} | {:.1f} |".format(
+            name, count_flops(model, size) / 1e9, count_params(model) / 1e6, res["rank1"], res["mAP"],
+            res["minutes"]))
+        print("\n".join(lines), flush=True)
+        return model
+
+    finetune("resnet50 (unpruned)", source_model(), "baseline")
+    cop_faster = prune_cop(source_model(), flops_reduction=0.5, preset="faster", input_size=size)
+    target = count_flops(cop_faster, size)
+    finetune("COP faster", cop_faster, "cop_faster")
+    finetune("COP balanced", prune_cop(source_model(), flops_reduction=0.5, preset="balanced", input_size=size),
+             "cop_balanced")
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        lines.append("(torch-pruning not installed: peers skipped)")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            l1 = _torch_pruning_to_flops(source_model(), target, size, tp.importance.MagnitudeImportance(p=1))
+            rnd = _torch_pruning_to_flops(source_model(), target, size, tp.importance.RandomImportance())
+        finetune("Torch-Pruning L1 (global)", l1, "tp_l1")
+        finetune("Torch-Pruning random (global)", rnd, "tp_random")
+
+    # PTL at baseline cost.
+    base_flops = count_flops(source_model(), size)
+    ptl = build_model("ptl_resnet50", num_classes=1, loss="triplet", input_size=size)
+    load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
+    ptl = finetune("ptl_resnet50 (unpruned)", ptl, "ptl")
+    small = prune_cop(ptl, flops_reduction=1 - base_flops / count_flops(ptl, size), preset="faster",
+                      input_size=size)
+    args_epochs = args.target_epochs
+    args.target_epochs = max(1, args_epochs // 2)
+    finetune("ptl_resnet50 pruned to resnet50's FLOPs (+{} epochs)".format(args.target_epochs), small,
+             "ptl_pruned")
+    args.target_epochs = args_epochs
+    return lines + [""]
+
+
+def _table(models, lats, base_name, base_flops, size, threads):
+    """Markdown table: cost columns, then latency and speed-up (vs ``base_name``) per thread count; with one
+    thread also the speed-up in process CPU time, which load from other processes does not distort."""
+    head = "| model | GFLOPs | FLOP reduction | params (M) |"
+    sep = "|---|---|---|---|"
+    for t in threads:
+        head += " latency {0} thr. (s) | speed-up {0} thr. |".format(t)
+        sep += "---|---|"
+        if t == 1:
+            head += " speed-up 1 thr. (CPU time) |"
+            sep += "---|"
+    rows = [head, sep]
+    for name, model in models.items():
+        flops = count_flops(model, size)
+        row = "| {} | {:.2f} | {:.1%} | {:.2f} |".format(name, flops / 1e9, 1 - flops / base_flops,
+                                                        count_params(model) / 1e6)
+        for t in threads:
+            lat, base = lats[t][name], lats[t][base_name]
+            row += " {:.3f} | {:.2f}x |".format(lat["median"], base["median"] / lat["median"])
+            if t == 1:
+                row += " {:.2f}x |".format(base["cpu_median"] / lat["cpu_median"])
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -94,19 +218,30 @@ def main(argv=None):
     parser.add_argument("--height", type=int, default=256)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts to measure with (default: 1 and torch's default)")
     parser.add_argument("--no-peers", action="store_true", help="skip the Torch-Pruning comparison")
     parser.add_argument("--skip-ptl", action="store_true", help="skip section 2")
     parser.add_argument("--out", default=None, help="also write the markdown here")
+    parser.add_argument("--accuracy", action="store_true", help="add section 3: accuracy after fine-tuning")
+    parser.add_argument("--only-accuracy", action="store_true", help="run section 3 only")
+    parser.add_argument("--work-dir", default="log/bench_prune", help="data and checkpoints of section 3")
+    parser.add_argument("--source-weights", default="", help="reuse a resnet50 trained on synthetic_source")
+    parser.add_argument("--source-epochs", type=int, default=20)
+    parser.add_argument("--target-epochs", type=int, default=10)
     args = parser.parse_args(argv)
     size = (args.height, args.width)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or sorted({1, torch.get_num_threads()})
     lines = ["# COP pruning benchmark", "",
-             "{}, {} cores visible, torch {} with {} threads; load average at start {}.".format(
-                 _cpu_name(), os.cpu_count(), torch.__version__, torch.get_num_threads(), _load()),
-             "Latency: eval-mode embedding of a batch of {} at {}x{}, {} interleaved rounds; speed-up = ratio of "
-             "medians.".format(args.batch_size, size[0], size[1], args.rounds), ""]
+             "{}, {} cores visible, torch {}; load average at start {}.".format(
+                 _cpu_name(), os.cpu_count(), torch.__version__, _load()),
+             "Latency: median over {} interleaved rounds of an eval-mode embedding of a batch of {} at {}x{}, with "
+             "{} torch threads; speed-up = ratio of medians.".format(
+                 args.rounds, args.batch_size, size[0], size[1], " and ".join(map(str, threads))), ""]
+
+    if args.only_accuracy:
+        lines += accuracy_section(args)
+        return _emit(lines, args)
 
     # -- section 1 ----------------------------------------------------------------------------------------------
     torch.manual_seed(0)
@@ -136,10 +271,9 @@ def main(argv=None):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     models[name] = _torch_pruning_to_flops(base, target, size, imp, round_to)
-    lat = compare_latency(models, size, args.batch_size, rounds=args.rounds)
-    b = dict(flops=base_flops)
-    lines += ["## ResNet-50 at a {:.0%} FLOP reduction".format(args.reduction), "", HEADER]
-    lines += [_row(n, m, b, lat[n], lat["resnet50 (unpruned)"], size) for n, m in models.items()]
+    lats = {t: compare_latency(models, size, args.batch_size, rounds=args.rounds, num_threads=t) for t in threads}
+    lines += ["## ResNet-50 at a {:.0%} FLOP reduction".format(args.reduction), ""]
+    lines += _table(models, lats, "resnet50 (unpruned)", base_flops, size, threads)
     lines += [""] + ["- " + n for n in notes] + [""]
 
     # -- section 2 ----------------------------------------------------------------------------------------------
@@ -149,19 +283,25 @@ def main(argv=None):
         ptl_flops = count_flops(ptl, size)
         reduction = 1 - base_flops / ptl_flops
         pruned = prune_cop(ptl, flops_reduction=reduction, preset="faster", input_size=size)
-        lat2 = compare_latency({"resnet50": base, "ptl_resnet50": ptl, "ptl_resnet50 pruned": pruned}, size,
-                               args.batch_size, rounds=args.rounds)
-        lines += ["## PTL at baseline cost: ptl_resnet50 pruned (faster) to ResNet-50's FLOPs "
-                  "(reduction {:.1%})".format(reduction), "", HEADER]
-        lines += [_row(n, m, b, lat2[n], lat2["resnet50"], size)
-                  for n, m in (("resnet50", base), ("ptl_resnet50", ptl), ("ptl_resnet50 pruned", pruned))]
+        trio = {"resnet50": base, "ptl_resnet50": ptl, "ptl_resnet50 pruned": pruned}
+        lats = {t: compare_latency(trio, size, args.batch_size, rounds=args.rounds, num_threads=t) for t in threads}
+        lines += ["## PTL at baseline cost: ptl_resnet50 pruned (faster) by {:.1%} to ResNet-50's FLOPs".format(
+            reduction), ""]
+        lines += _table(trio, lats, "resnet50", base_flops, size, threads)
         lines += [""]
+    if args.accuracy:
+        lines += accuracy_section(args)
+    return _emit(lines, args)
+
+
+def _emit(lines, args):
     lines.append("Load average at end: {}.".format(_load()))
     text = "\n".join(lines)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -144,8 +144,10 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
         min_channels: smallest number of channels a group keeps.
         exclude: names of modules whose input and output channels are kept.
         inplace: prune ``model`` itself instead of a copy.
-        tolerance: a FLOP target missed by more than this (as counted after surgery) gives a warning.
+        tolerance: a FLOP target missed by more than this (as counted after surgery) gives a warning; near the
+            target, cuts that would overshoot by more than half of it give way to cuts that fit.
         return_report: also return a :class:`PruneReport`.
+        verbose: print the report, the channels kept per layer group and the graph's notes.
 
     Channels that reach the model's output (the embedding) are never pruned, so the feature size, the classifier
     and anything downstream stay compatible. BatchNorm statistics, BConv-Cell running states and concatenation
@@ -155,8 +157,15 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
                          round_to, min_channels, group_cost)
     target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
     round_to, group_cost = opts["round_to"], opts["group_cost"]
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or tolerance < 0:
+        raise ValueError("tolerance={!r} is not valid; use a fraction >= 0 (0.02 = 2 points)".format(tolerance))
     input_size = tuple(int(s) for s in input_size)
     net = unwrap(model)
+    built_for = getattr(net, "input_size", None)  # PTL models: the cells' state shapes follow it
+    if built_for is not None and tuple(built_for) != input_size:
+        raise ValueError("the model was built for input_size={} but pruning was asked at input_size={}; pass "
+                         "input_size={} (FLOPs and the cells' states depend on it)".format(
+                             tuple(built_for), input_size, tuple(built_for)))
     if not inplace:
         net = copy.deepcopy(net)
 
@@ -206,17 +215,17 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     if target == "flops_reduction" and abs((1 - flops_after / flops_before) - value) > tolerance:
         warnings.warn("FLOP reduction {:.3f} misses the requested {:.3f} by more than {}".format(
             1 - flops_after / flops_before, value, tolerance), RuntimeWarning)
-    for note in graph.notes:
-        if verbose:
-            print("note: " + note)
     report = PruneReport(preset=preset, alpha=a, beta=b, gamma=c, target=target, value=value, round_to=round_to,
-                         group_cost=group_cost,
-                         input_size=input_size, flops_before=flops_before, flops_after=flops_after,
+                         group_cost=group_cost, input_size=input_size, flops_before=flops_before,
+                         flops_after=flops_after,
                          params_before=params_before, params_after=params_after,
                          filters_removed=int(selector.removed_filters), filters_total=int(selector.total_filters),
                          groups=sizes, notes=list(graph.notes))
     if verbose:
         print(report)
+        print(report.layer_table())
+        for note in graph.notes:
+            print("note: " + note)
     return (net, report) if return_report else net
 
 

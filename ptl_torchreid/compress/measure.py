@@ -71,7 +71,9 @@ def compare_latency(models, input_size=(256, 128), batch_size=32, rounds=5, warm
 
     Args:
         models: dict name -> module.
-    Returns: dict name -> dict(median, min, mean, runs) in seconds per forward of a ``batch_size`` batch.
+    Returns: dict name -> dict(median, min, mean, runs, cpu_median) in seconds per forward of a ``batch_size``
+    batch; ``cpu_median`` is the process CPU time, which other processes do not inflate (with one thread it is
+    the compute time even on a busy machine; with more it also counts threads waiting for each other).
     """
     modes = {name: m.training for name, m in models.items()}
     threads = torch.get_num_threads()
@@ -79,6 +81,7 @@ def compare_latency(models, input_size=(256, 128), batch_size=32, rounds=5, warm
         torch.set_num_threads(int(num_threads))
     inputs = {name: _dummy(m, input_size, batch_size) for name, m in models.items()}
     runs = {name: [] for name in models}
+    cpu = {name: [] for name in models}
     try:
         for m in models.values():
             m.eval()
@@ -88,14 +91,15 @@ def compare_latency(models, input_size=(256, 128), batch_size=32, rounds=5, warm
         for _ in range(rounds):
             for name, m in models.items():
                 x = inputs[name]
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 m(x)
                 if x.is_cuda:
                     torch.cuda.synchronize(x.device)
                 runs[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
     finally:
         torch.set_num_threads(threads)
         for name, m in models.items():
             m.train(modes[name])
-    return {name: dict(median=statistics.median(r), min=min(r), mean=statistics.fmean(r), runs=r)
-            for name, r in runs.items()}
+    return {name: dict(median=statistics.median(r), min=min(r), mean=statistics.fmean(r), runs=r,
+                       cpu_median=statistics.median(cpu[name])) for name, r in runs.items()}
