@@ -9,6 +9,7 @@ import os
 import os.path as osp
 import sys
 import time
+import traceback
 from collections import namedtuple
 
 import torch
@@ -27,35 +28,53 @@ from ptl_torchreid.config import (
     get_default_config,
     model_kwargs,
     optimizer_kwargs,
+    resume_path,
     synthetic_kwargs,
     torchreid_image_datasets,
 )
 from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
-from ptl_torchreid.data.synthetic import register_synthetic_dataset
-from ptl_torchreid.engine import ENGINES, build_optimizer, unwrap_model
+from ptl_torchreid.data import (
+    PATTERNS,
+    DatasetError,
+    DatasetRootError,
+    ImageReadError,
+    check_dataset_root,
+    format_report,
+    install_strict_reader,
+    register_synthetic_dataset,
+    reset_skipped_images,
+    skipped_images,
+)
+from ptl_torchreid.engine import ENGINES, NonFiniteLossError, build_optimizer
+from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
-from ptl_torchreid.models import is_ptl
-from ptl_torchreid.utils.checkpoint import load_checkpoint, load_weights
+from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.utils.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointReadError,
+    extract_state_dict,
+    load_checkpoint,
+    load_weights,
+)
 
 torchreid = _torchreid.torchreid
 
 __all__ = [
     "COMMANDS",
-    "DatasetNotFoundError",
     "build_datamanager",
     "build_engine",
     "build_model",
+    "check_checkpoint_files",
+    "check_datamanager",
     "check_dataset_roots",
+    "check_data",
     "format_results_table",
     "main",
     "parse_command_line",
     "register_command",
     "run",
 ]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where the config says; nothing is downloaded."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +103,7 @@ def check_dataset_roots(cfg):
             continue  # a user-registered dataset that does not follow torchreid's layout convention
         expected = osp.join(root, subdir)
         if not osp.isdir(expected):
-            raise DatasetNotFoundError(
+            raise DatasetRootError(
                 "dataset '{}' was not found: expected its files under {} (data.root = '{}'). ptl-torchreid "
                 "does not download datasets; put {} there (torchreid's layout) or point --root / data.root at "
                 "the folder that contains '{}'.".format(name, expected, cfg.data.root, name, subdir)
@@ -93,26 +112,73 @@ def check_dataset_roots(cfg):
 
 def build_datamanager(cfg):
     """The ``torchreid.data.ImageDataManager`` for ``cfg`` (the single place where loaders and samplers are
-    made). Synthetic datasets are (re-)registered with ``data.synthetic`` first; real ones are checked."""
+    made). Synthetic datasets are (re-)registered with ``data.synthetic`` first; real ones are checked. Images
+    are read with the strict reader (an unreadable file raises an error naming it instead of torchreid's endless
+    retries; ``data.skip_corrupt`` skips and counts such samples instead)."""
     for name in _dataset_names(cfg):
         if is_synthetic_dataset(name):
             register_synthetic_dataset(name, **synthetic_kwargs(cfg))
     check_dataset_roots(cfg)
+    install_strict_reader(skip_corrupt=cfg.data.skip_corrupt)
     try:
-        return torchreid.data.ImageDataManager(**imagedata_kwargs(cfg))
+        datamanager = torchreid.data.ImageDataManager(**imagedata_kwargs(cfg))
     except RuntimeError as e:
         # torchreid's check_before_run: a dataset folder exists but lacks a required sub-folder or file.
         if "is not found" in str(e):
-            raise DatasetNotFoundError(
+            raise DatasetRootError(
                 "incomplete dataset under data.root = '{}': {}. Check the folder layout torchreid expects for "
                 "{}.".format(cfg.data.root, e, ", ".join(_dataset_names(cfg)))
             ) from None
         raise
+    except (AssertionError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
+        # torchreid's own sanity checks (bare asserts, empty samplers) fail with little context.
+        raise DatasetError(_datamanager_failure(cfg, e)) from None
+    check_datamanager(datamanager, cfg)
+    return datamanager
 
 
-def _state_dict_keys(checkpoint):
-    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
-    return [k[len("module."):] if k.startswith("module.") else k for k in sd]
+def _datamanager_failure(cfg, e):
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    where = '{} ("{}", line {})'.format((frame.line or "").strip(), osp.basename(frame.filename), frame.lineno)
+    hints = ["an empty or incomplete dataset folder (scan it with: ptl-torchreid check-data --root {} -s {})".format(
+        cfg.data.root, " ".join(_dataset_names(cfg)))]
+    if "RandomIdentitySampler" in (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t):
+        hints.append("fewer training identities than train.batch_size / sampler.num_instances = {} "
+                     "(RandomIdentitySampler puts that many identities in every batch)".format(
+                         cfg.train.batch_size // cfg.sampler.num_instances))
+    return ("torchreid could not build the data loaders for sources {} / targets {} under data.root = '{}': "
+            "{}{} at {}. Likely causes: {}.".format(list(cfg.data.sources), list(cfg.data.targets), cfg.data.root,
+                                                    type(e).__name__, ": " + str(e) if str(e) else "", where,
+                                                    "; ".join(hints)))
+
+
+def check_datamanager(datamanager, cfg):
+    """Dataset problems that would otherwise surface only after training: an empty training set, an empty
+    query or gallery, a test set with fewer than two cameras, no query with a cross-camera gallery match
+    (each a :class:`DatasetError`); a gallery smaller than the largest of ``test.ranks`` is noted."""
+    training = cfg.train.max_epoch > cfg.train.start_epoch and not cfg.test.evaluate
+    if training and datamanager.num_train_pids < 1:
+        raise DatasetError("the training set of {} holds no identities under data.root = '{}'; check the dataset "
+                           "with: ptl-torchreid check-data".format(list(cfg.data.sources), cfg.data.root))
+    for name, splits in datamanager.test_dataset.items():
+        query, gallery = splits["query"], splits["gallery"]
+        for split, items in (("query", query), ("gallery", gallery)):
+            if not items:
+                raise DatasetError("the {} set of target '{}' is empty (data.root = '{}'): nothing to evaluate; "
+                                   "check the dataset with: ptl-torchreid check-data".format(split, name,
+                                                                                           cfg.data.root))
+        cams = {item[2] for item in query} | {item[2] for item in gallery}
+        if len(cams) < 2:
+            raise DatasetError("the test set of target '{}' has images from {} camera(s) only; ReID evaluation "
+                               "needs at least 2, since gallery images from the query's own camera are "
+                               "discarded".format(name, len(cams)))
+        gallery_cams = {}
+        for item in gallery:
+            gallery_cams.setdefault(item[1], set()).add(item[2])
+        if not any(gallery_cams.get(q[1], set()) - {q[2]} for q in query):
+            raise DatasetError("no query of target '{}' has a gallery image of the same identity from another "
+                               "camera, so every query would be discarded; check the query/gallery split".format(name))
+        clamp_ranks(cfg.test.ranks, len(gallery), name)  # notes now, not after training
 
 
 def load_initial_weights(model, path, mode="match", trust=False):
@@ -122,14 +188,18 @@ def load_initial_weights(model, path, mode="match", trust=False):
     model pretrained on one dataset, fine-tuned with PTL on another); a PTL checkpoint loads into the whole
     model.
     """
-    net = unwrap_model(model)
+    net = unwrap(model)
     target = net
-    if is_ptl(net):
-        keys = _state_dict_keys(load_checkpoint(path, map_location="cpu", trust=trust))
-        if keys and not any(k.startswith("backbone.") for k in keys):
-            target = net.backbone
-            print('Loading plain model weights from "{}" into the PTL backbone'.format(path))
-    return load_weights(target, path, mode=mode, trust=trust)
+    checkpoint = load_checkpoint(path, map_location="cpu", trust=trust)
+    try:
+        state_dict = extract_state_dict(checkpoint)
+    except ValueError as e:
+        raise CheckpointReadError('model.load_weights = "{}" holds no model weights: {}'.format(path, e)) from None
+    if is_ptl(net) and not any(k.startswith("backbone.") for k in state_dict):
+        target = net.backbone
+        print('Loading plain model weights from "{}" into the PTL backbone'.format(path))
+    print('Loading weights from "{}" (model.load_weights_mode = {})'.format(path, mode))
+    return load_weights(target, state_dict, mode=mode)
 
 
 def build_model(cfg, num_classes):
@@ -169,18 +239,32 @@ def build_engine(cfg, datamanager=None, model=None):
                         checkpoint_extras={"config": cfg.dump(), "model_name": cfg.model.name},
                         **engine_kwargs(cfg))
     engine.start_epoch = cfg.train.start_epoch
-    if cfg.model.resume:
-        engine.start_epoch = engine.resume(cfg.model.resume, trust=cfg.model.trust_checkpoint)
+    resume = resume_path(cfg)
+    if resume:
+        start = engine.resume(resume, trust=cfg.model.trust_checkpoint, save_dir=cfg.data.save_dir)
+        if start is not None:
+            engine.start_epoch = start
     return engine
 
 
 def check_paths(cfg):
     """Files named in the config exist (checked before any work starts)."""
-    for key in ("model.load_weights", "model.resume"):
+    for key in ("model.load_weights", "model.resume", "train.resume"):
         section, leaf = key.split(".")
         path = cfg[section][leaf]
-        if path and not osp.isfile(path):
+        if path and path != "auto" and not osp.isfile(path):
             raise ConfigError("{} = '{}': no such file".format(key, path))
+
+
+def check_checkpoint_files(cfg):
+    """Read the checkpoints named by ``model.load_weights`` and the resume keys once, before any work starts:
+    a file that would need full unpickling is refused here (unless ``model.trust_checkpoint``), and a corrupt
+    one is reported, before datasets are generated or models built."""
+    resume = resume_path(cfg)
+    if resume == "auto":
+        resume = CheckpointManager(osp.join(cfg.data.save_dir, "model")).latest()
+    for path in dict.fromkeys(p for p in (cfg.model.load_weights, resume) if p):
+        load_checkpoint(path, map_location="cpu", trust=cfg.model.trust_checkpoint)
 
 
 def run(cfg):
@@ -190,9 +274,15 @@ def run(cfg):
     engine = build_engine(cfg)
     kwargs = engine_run_kwargs(cfg)
     kwargs["start_epoch"] = engine.start_epoch
-    if cfg.test.evaluate and not (cfg.model.load_weights or cfg.model.resume):
+    if cfg.test.evaluate and not (cfg.model.load_weights or resume_path(cfg)):
         print("Warning: evaluating a model without trained weights (set model.load_weights).")
-    return engine.run(**kwargs)
+    reset_skipped_images()
+    results = engine.run(**kwargs)
+    if cfg.data.skip_corrupt:
+        print("Skipped {} unreadable image(s) during this run (data.skip_corrupt is on; each was replaced by "
+              "another sample of the same identity). Find them with: ptl-torchreid check-data".format(
+                  skipped_images()))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,14 +342,16 @@ class _Tee:
 # Commands
 # ---------------------------------------------------------------------------------------------------------
 
-Command = namedtuple("Command", "name help run overrides add_arguments")
+Command = namedtuple("Command", "name help run overrides add_arguments tool")
 COMMANDS = {}
 
 
-def register_command(name, help, run_fn, overrides=(), add_arguments=None):
-    """Add a CLI command. ``run_fn(cfg, args)`` returns results (or None); ``overrides`` are ``KEY VALUE``
-    pairs applied after the user's; ``add_arguments(parser)`` adds command-specific flags."""
-    COMMANDS[name] = Command(name, help, run_fn, list(overrides), add_arguments)
+def register_command(name, help, run_fn, overrides=(), add_arguments=None, tool=False):
+    """Add a CLI command. ``run_fn(cfg, args)`` returns results (or None), or an int: the exit status;
+    ``overrides`` are ``KEY VALUE`` pairs applied after the user's; ``add_arguments(parser)`` adds
+    command-specific flags. A ``tool`` command (e.g. check-data) runs without a log file in ``data.save_dir``
+    and without the dataset-folder and checkpoint checks done before training commands."""
+    COMMANDS[name] = Command(name, help, run_fn, list(overrides), add_arguments, bool(tool))
 
 
 def _run_and_report(cfg, args):
@@ -273,6 +365,64 @@ register_command("test", "evaluate only (sets test.evaluate True); give weights 
                  _run_and_report, overrides=["test.evaluate", "True"])
 register_command("visrank", "evaluate and save ranked-result images to <save_dir>/visrank_<target>",
                  _run_and_report, overrides=["test.evaluate", "True", "test.visrank", "True"])
+
+
+def _dataset_dirs(cfg, names):
+    """``[(name, folder, naming pattern)]`` of datasets under ``data.root``."""
+    registry = torchreid_image_datasets()
+    root = osp.abspath(osp.expanduser(cfg.data.root))
+    out = []
+    for name in names:
+        subdir = getattr(registry.get(name), "dataset_dir", None)
+        if not isinstance(subdir, str):
+            raise DatasetRootError("dataset '{}' does not say where its files are (no dataset_dir); scan its folder "
+                                   "with --dir".format(name))
+        out.append((name, osp.join(root, subdir), name if name in PATTERNS else "market-style"))
+    return out
+
+
+def check_data(cfg, args):
+    """The ``check-data`` command: scan dataset folders (every image decoded) and print a report per dataset:
+    ``--dir``, else the datasets named with -s/-t, else the config's sources and targets, under ``data.root``.
+    Returns 0 when every scanned dataset is fine, 1 when a problem was found."""
+    if args.dir:
+        jobs = [(osp.basename(osp.normpath(args.dir)), args.dir, args.pattern or "market-style")]
+    else:
+        names = list(dict.fromkeys((args.sources or []) + (args.targets or []))) or _dataset_names(cfg)
+        jobs = [(n, d, args.pattern or p) for n, d, p in _dataset_dirs(cfg, names)]
+    status = 0
+    for name, folder, pattern in jobs:
+        print("== {} ==".format(name))
+        if not args.dir and is_synthetic_dataset(name) and not osp.isdir(folder):
+            print('"{}" is not generated yet; it is generated (and valid) on first use.'.format(folder))
+            continue
+        try:
+            report = check_dataset_root(folder, pattern=pattern, num_workers=args.scan_workers)
+        except DatasetRootError as e:
+            print("Problem: {}".format(e))
+            status = 1
+            continue
+        print(format_report(report, max_files=args.max_files))
+        if not report.ok:
+            status = 1
+    print("check-data: {}".format("no problems found" if status == 0 else "problems found (see above)"))
+    return status
+
+
+def _check_data_arguments(parser):
+    parser.add_argument("--dir", type=str, default="",
+                        help="scan this dataset folder (Market-1501 layout) instead of the config's datasets "
+                             "under data.root")
+    parser.add_argument("--pattern", choices=sorted(PATTERNS), default=None,
+                        help="file-name convention for identities and cameras (default: by dataset name, "
+                             "else market-style)")
+    parser.add_argument("--max-files", type=int, default=20, help="problem files listed per kind")
+    parser.add_argument("--scan-workers", type=int, default=4, help="threads decoding images")
+
+
+register_command("check-data", "scan the datasets (-s/-t under --root, or --dir) for unreadable, empty or mislabeled "
+                 "images and layout problems; exit status 1 when any is found", check_data,
+                 add_arguments=_check_data_arguments, tool=True)
 
 
 def _run_prune(cfg, args):
@@ -305,6 +455,13 @@ def build_parser(command="train"):
     parser.add_argument("-t", "--targets", type=str, nargs="+", help="target datasets (data.targets)")
     parser.add_argument("--transforms", type=str, nargs="+", help="training augmentations (data.transforms)")
     parser.add_argument("--root", type=str, default="", help="path to the dataset root (data.root)")
+    parser.add_argument("--resume", type=str, nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="resume training from CHECKPOINT, or, without a value, from the latest checkpoint "
+                             "in data.save_dir when there is one (train.resume)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="allow checkpoints that cannot be read weights-only (legacy pickles) to be fully "
+                             "unpickled. Unpickling can run arbitrary code contained in the file: use it only "
+                             "for files from a source you trust (model.trust_checkpoint)")
     parser.add_argument("--version", action="version", version="ptl_torchreid " + __version__)
     if cmd.add_arguments is not None:
         cmd.add_arguments(parser)
@@ -334,11 +491,26 @@ def parse_command_line(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     args = _move_trailing_overrides(build_parser(command).parse_args(argv))
-    cfg = load_config(args.config_file or None, list(args.opts or []) + COMMANDS[command].overrides,
+    flags = []
+    if args.resume is not None and args.resume in set(config_keys()):
+        # `--resume train.max_epoch 3`: the override is not a checkpoint path
+        args.opts = [args.resume] + list(args.opts or [])
+        args.resume = "auto"
+    if args.resume is not None:
+        flags += ["train.resume", args.resume]
+    if args.trust_checkpoint:
+        flags += ["model.trust_checkpoint", "True"]
+    cfg = load_config(args.config_file or None, list(args.opts or []) + flags + COMMANDS[command].overrides,
                       sources=args.sources, targets=args.targets, transforms=args.transforms,
                       root=args.root or None)
-    check_paths(cfg)
-    check_dataset_roots(cfg)
+    if not COMMANDS[command].tool:
+        check_paths(cfg)
+        check_dataset_roots(cfg)
+        if cfg.model.trust_checkpoint:
+            print("Warning: model.trust_checkpoint is on: a checkpoint that cannot be read weights-only will be "
+                  "fully unpickled, which runs any code it contains. Use it only for files you trust.",
+                  file=sys.stderr)
+        check_checkpoint_files(cfg)
     return command, args, cfg
 
 
@@ -346,13 +518,18 @@ def main(argv=None):
     """Entry point of ``ptl-torchreid`` and ``python -m ptl_torchreid``; returns the exit status."""
     try:
         command, args, cfg = parse_command_line(argv)
-        log_name = "{}-{}.log".format(command, time.strftime("%Y-%m-%d-%H-%M-%S"))
-        with _Tee(osp.join(cfg.data.save_dir, log_name)):
-            print("ptl_torchreid {} | torch {} | device {}".format(
-                __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu"))
-            print("Configuration:\n{}".format(cfg.dump()))
-            COMMANDS[command].run(cfg, args)
-    except (ConfigError, DatasetNotFoundError) as e:
+        cmd = COMMANDS[command]
+        if cmd.tool:
+            status = cmd.run(cfg, args)
+        else:
+            log_name = "{}-{}.log".format(command, time.strftime("%Y-%m-%d-%H-%M-%S"))
+            with _Tee(osp.join(cfg.data.save_dir, log_name)):
+                print("ptl_torchreid {} | torch {} | device {}".format(
+                    __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu"))
+                print("Configuration:\n{}".format(cfg.dump()))
+                status = cmd.run(cfg, args)
+    except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError) as e:
+        # Errors whose message says what is wrong and how to fix it; a traceback would only bury it.
         print("ptl-torchreid: error: {}".format(e), file=sys.stderr)
         return 2
-    return 0
+    return status if type(status) is int else 0

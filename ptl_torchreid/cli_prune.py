@@ -17,7 +17,7 @@ from ptl_torchreid.compress import (PRESETS, compare_latency, count_flops, count
                                     prune_cop, save_pruned_model)
 from ptl_torchreid.compress.cop import check_options
 from ptl_torchreid.compress.criterion import GROUP_COSTS
-from ptl_torchreid.config import ConfigError, engine_run_kwargs
+from ptl_torchreid.config import ConfigError, engine_run_kwargs, resume_path
 
 __all__ = ["add_prune_arguments", "run_prune", "prune_options"]
 
@@ -88,8 +88,9 @@ def run_prune(cfg, args):
     options = prune_options(args)
     if not cfg.model.load_weights:
         raise ConfigError("prune needs the trained model to prune: set model.load_weights")
-    if cfg.model.resume:
-        raise ConfigError("prune starts from model.load_weights and does not resume; unset model.resume")
+    if resume_path(cfg):
+        raise ConfigError("prune starts from model.load_weights and does not resume; unset train.resume / "
+                          "model.resume")
     torchreid.utils.set_random_seed(cfg.train.seed)
     datamanager = cli.build_datamanager(cfg)
     model = cli.build_model(cfg, datamanager.num_train_pids)

@@ -6,7 +6,9 @@ Key names follow torchreid's own, so a torchreid YAML config (image-reid) merges
   share one config and differ only in ``model.name``);
 - ``data.synthetic``: size and seed of the embedded synthetic datasets;
 - ``model.load_weights_mode`` / ``model.trust_checkpoint``: how ``model.load_weights`` is read;
-- ``train.amp`` / ``train.amp_dtype`` / ``train.progress_bar``; ``use_gpu`` may be ``'auto'``.
+- ``train.amp`` / ``train.amp_dtype`` / ``train.progress_bar``; ``use_gpu`` may be ``'auto'``;
+- ``train.resume`` (a checkpoint or ``'auto'``; ``model.resume`` is torchreid's name for it),
+  ``train.checkpoint_every_n_iters``, ``train.keep_last``, ``data.skip_corrupt``: see docs/RELIABILITY.md.
 
 Merging is strict: an unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and
 the nearest valid key; :func:`validate_config` then rejects impossible values before any work starts.
@@ -35,6 +37,7 @@ __all__ = [
     "lr_scheduler_kwargs",
     "engine_run_kwargs",
     "engine_kwargs",
+    "resume_path",
     "model_kwargs",
     "synthetic_kwargs",
     "is_synthetic_dataset",
@@ -51,10 +54,8 @@ PTL_RESET_POLICIES = ("epoch", "never", "iter")
 LOSSES = ("softmax", "triplet")
 DIST_METRICS = ("euclidean", "cosine")
 TRANSFORMS = ("random_flip", "random_crop", "random_patch", "color_jitter", "random_erase")
-AMP_DTYPES = ("auto", "float16", "bfloat16")
+AMP_DTYPES = ("auto", "fp16", "bf16")
 LOAD_WEIGHTS_MODES = ("strict", "match")
-# The embedded synthetic datasets all share this name prefix (synthetic_reid, synthetic_source, ...).
-SYNTHETIC_PREFIX = "synthetic"
 
 
 class ConfigError(ValueError):
@@ -69,9 +70,11 @@ def get_default_config():
     cfg.model.name = "resnet50"
     cfg.model.pretrained = True  # ImageNet weights for the backbone (torchreid downloads them if absent)
     cfg.model.load_weights = ""  # initial weights for fine-tuning or testing (a checkpoint path)
-    cfg.model.load_weights_mode = "match"  # 'match': load what fits and list the rest; 'strict': all or error
+    # 'strict': every tensor must fit, else an error listing the mismatching keys; 'match': load what fits by
+    # name and shape and print what was skipped (fine-tuning from another dataset: a new classifier size).
+    cfg.model.load_weights_mode = "strict"
     cfg.model.trust_checkpoint = False  # allow full unpickling of load_weights/resume files (runs code!)
-    cfg.model.resume = ""  # checkpoint to resume training from
+    cfg.model.resume = ""  # torchreid's key for train.resume (either may be set)
 
     cfg.data = CN()
     cfg.data.type = "image"
@@ -89,14 +92,18 @@ def get_default_config():
     cfg.data.norm_std = [0.229, 0.224, 0.225]
     cfg.data.save_dir = "log"
     cfg.data.load_train_targets = False
+    # Unreadable training images: False -> stop with an error naming the file; True -> replace the sample by
+    # another of the same identity, count it and report the count at the end of training.
+    cfg.data.skip_corrupt = False
     # Embedded synthetic datasets (synthetic_reid / synthetic_source / synthetic_target), generated into
-    # data.root on first use.
+    # data.root on first use. -1 keeps the named dataset's own default (the transfer pair's two domains
+    # differ in size and cameras); a value applies to every synthetic dataset of the run.
     cfg.data.synthetic = CN()
-    cfg.data.synthetic.num_train_ids = 64
-    cfg.data.synthetic.num_test_ids = 48
-    cfg.data.synthetic.num_cameras = 4
-    cfg.data.synthetic.images_per_id_per_camera = 2
-    cfg.data.synthetic.seed = 0
+    cfg.data.synthetic.num_train_ids = -1
+    cfg.data.synthetic.num_test_ids = -1
+    cfg.data.synthetic.num_cameras = -1
+    cfg.data.synthetic.images_per_id_per_camera = -1
+    cfg.data.synthetic.seed = -1
 
     cfg.market1501 = CN()
     cfg.market1501.use_500k_distractors = False
@@ -130,8 +137,11 @@ def get_default_config():
     cfg.train.print_freq = 20
     cfg.train.seed = 1
     cfg.train.amp = False  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on the CPU
-    cfg.train.amp_dtype = "auto"  # 'auto' | 'float16' | 'bfloat16'
+    cfg.train.amp_dtype = "auto"  # 'auto' | 'fp16' | 'bf16'
     cfg.train.progress_bar = True  # tqdm bars for training and feature extraction
+    cfg.train.resume = ""  # checkpoint to resume from, or 'auto': the latest one in data.save_dir (if any)
+    cfg.train.checkpoint_every_n_iters = 0  # also checkpoint every N training steps (0: only after evaluations)
+    cfg.train.keep_last = 0  # periodic checkpoints kept on disk, newest first (0: all); model-best is kept
 
     cfg.sgd = CN()
     cfg.sgd.momentum = 0.9
@@ -334,7 +344,8 @@ def _decode(text):
         return text
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        # not a (buildable) literal, e.g. a dict with a list as key: keep the text; type checks follow
         return text
 
 
@@ -390,7 +401,7 @@ def expand_save_dir(cfg):
     }
     try:
         cfg.data.save_dir = cfg.data.save_dir.format(**values)
-    except (KeyError, IndexError, ValueError) as e:
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ConfigError(
             "data.save_dir = '{}' has an invalid placeholder ({}); available: {}".format(
                 cfg.data.save_dir, e, ", ".join("{" + k + "}" for k in values))
@@ -416,9 +427,21 @@ def _check(cond, key, value, requirement):
         raise ConfigError("{} = {!r} is invalid: {}".format(key, value, requirement))
 
 
+def resume_path(cfg):
+    """The checkpoint to resume from: ``train.resume`` or torchreid's ``model.resume`` ('' when neither is set;
+    ``'auto'``: the latest checkpoint in ``data.save_dir``, if any)."""
+    a, b = cfg.train.resume, cfg.model.resume
+    if a and b and a != b:
+        raise ConfigError("train.resume = {!r} and model.resume = {!r} name different checkpoints; model.resume is "
+                          "torchreid's name for train.resume, set only one of them".format(a, b))
+    return a or b
+
+
 def is_synthetic_dataset(name):
     """Whether ``name`` is one of the embedded synthetic datasets (generated, never downloaded)."""
-    return name.startswith(SYNTHETIC_PREFIX)
+    from ptl_torchreid.data import registered_synthetic_datasets
+
+    return name in registered_synthetic_datasets()
 
 
 # torchreid lookups that have no public API. They belong with the rest of torchreid's layout knowledge in
@@ -427,7 +450,7 @@ def is_synthetic_dataset(name):
 
 def torchreid_image_datasets():
     """torchreid's image-dataset registry (name -> class), including the registered synthetic datasets."""
-    import ptl_torchreid.data.synthetic  # noqa: F401  (registers the synthetic datasets)
+    import ptl_torchreid.data  # noqa: F401  (registers the synthetic datasets)
     from ptl_torchreid import _torchreid
 
     return vars(_torchreid.torchreid.data.datasets)["__image_datasets"]
@@ -481,12 +504,16 @@ def validate_config(cfg):
     _check(len(cfg.data.norm_std) == 3 and all(s > 0 for s in cfg.data.norm_std), "data.norm_std",
            cfg.data.norm_std, "needs 3 positive values (RGB)")
     _check(bool(cfg.data.save_dir), "data.save_dir", cfg.data.save_dir, "must not be empty")
+    _check(bool(cfg.data.root), "data.root", cfg.data.root, "must not be empty (the folder holding the datasets)")
     syn = cfg.data.synthetic
-    for k in ("num_train_ids", "num_test_ids", "images_per_id_per_camera"):
-        _check(syn[k] >= 1, "data.synthetic." + k, syn[k], "must be >= 1")
-    _check(syn.num_cameras >= 2, "data.synthetic.num_cameras", syn.num_cameras,
-           "needs at least 2 cameras (query and gallery come from different cameras)")
-    _check(syn.seed >= 0, "data.synthetic.seed", syn.seed, "must be >= 0")
+    unset = " (or -1 for the dataset's own default)"
+    _check(syn.num_train_ids == -1 or syn.num_train_ids >= 2, "data.synthetic.num_train_ids", syn.num_train_ids,
+           "softmax training needs at least 2 identities" + unset)
+    for k in ("num_test_ids", "images_per_id_per_camera"):
+        _check(syn[k] == -1 or syn[k] >= 1, "data.synthetic." + k, syn[k], "must be >= 1" + unset)
+    _check(syn.num_cameras == -1 or syn.num_cameras >= 2, "data.synthetic.num_cameras", syn.num_cameras,
+           "needs at least 2 cameras (query and gallery come from different cameras)" + unset)
+    _check(syn.seed >= -1, "data.synthetic.seed", syn.seed, "must be >= 0" + unset)
 
     _choice("sampler.train_sampler", cfg.sampler.train_sampler, choices["samplers"])
     _choice("sampler.train_sampler_t", cfg.sampler.train_sampler_t, choices["samplers"])
@@ -502,11 +529,21 @@ def validate_config(cfg):
     _check(0 <= tr.start_epoch <= max(tr.max_epoch, 0), "train.start_epoch", tr.start_epoch,
            "must be between 0 and train.max_epoch ({})".format(tr.max_epoch))
     _check(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "must be >= 1")
-    if "RandomIdentitySampler" in (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t):
-        _check(tr.batch_size >= cfg.sampler.num_instances and tr.batch_size % cfg.sampler.num_instances == 0,
-               "train.batch_size", tr.batch_size,
+    samplers = (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t)
+    if "RandomIdentitySampler" in samplers:
+        _check(tr.batch_size >= cfg.sampler.num_instances, "train.batch_size", tr.batch_size,
+               "RandomIdentitySampler takes sampler.num_instances ({}) images per identity, so the batch must "
+               "hold at least that many".format(cfg.sampler.num_instances))
+        _check(tr.batch_size % cfg.sampler.num_instances == 0, "train.batch_size", tr.batch_size,
                "RandomIdentitySampler needs a multiple of sampler.num_instances ({}): P identities x K "
                "images per batch".format(cfg.sampler.num_instances))
+    if "RandomDomainSampler" in samplers:
+        _check(tr.batch_size % cfg.sampler.num_cams == 0, "train.batch_size", tr.batch_size,
+               "RandomDomainSampler needs a multiple of sampler.num_cams ({})".format(cfg.sampler.num_cams))
+    if "RandomDatasetSampler" in samplers:
+        _check(tr.batch_size % cfg.sampler.num_datasets == 0, "train.batch_size", tr.batch_size,
+               "RandomDatasetSampler needs a multiple of sampler.num_datasets ({})".format(
+                   cfg.sampler.num_datasets))
     _check(tr.fixbase_epoch >= 0, "train.fixbase_epoch", tr.fixbase_epoch, "must be >= 0")
     _check(tr.base_lr_mult > 0, "train.base_lr_mult", tr.base_lr_mult, "must be positive")
     _choice("train.lr_scheduler", tr.lr_scheduler, choices["schedulers"])
@@ -519,6 +556,10 @@ def validate_config(cfg):
     _check(tr.print_freq >= 1, "train.print_freq", tr.print_freq, "must be >= 1")
     _check(tr.seed >= 0, "train.seed", tr.seed, "must be >= 0")
     _choice("train.amp_dtype", tr.amp_dtype, AMP_DTYPES)
+    _check(tr.checkpoint_every_n_iters >= 0, "train.checkpoint_every_n_iters", tr.checkpoint_every_n_iters,
+           "must be >= 0 (0: checkpoints only after evaluations)")
+    _check(tr.keep_last >= 0, "train.keep_last", tr.keep_last, "must be >= 0 (0: keep every checkpoint)")
+    resume_path(cfg)  # both resume keys set to different checkpoints is an error
 
     _check(cfg.sgd.momentum >= 0, "sgd.momentum", cfg.sgd.momentum, "must be >= 0")
     _check(cfg.sgd.dampening >= 0, "sgd.dampening", cfg.sgd.dampening, "must be >= 0")
@@ -613,15 +654,9 @@ def imagedata_kwargs(cfg):
 
 
 def synthetic_kwargs(cfg):
-    """Parameters for ``ptl_torchreid.data.synthetic.register_synthetic_dataset``."""
-    s = cfg.data.synthetic
-    return {
-        "num_train_ids": s.num_train_ids,
-        "num_test_ids": s.num_test_ids,
-        "num_cameras": s.num_cameras,
-        "images_per_id_per_camera": s.images_per_id_per_camera,
-        "seed": s.seed,
-    }
+    """Parameters for ``ptl_torchreid.data.register_synthetic_dataset``: the ``data.synthetic`` values that are
+    set (not -1); the others keep the named dataset's defaults."""
+    return {k: v for k, v in cfg.data.synthetic.items() if v != -1}
 
 
 def model_kwargs(cfg, num_classes):
@@ -633,13 +668,17 @@ def model_kwargs(cfg, num_classes):
         "pretrained": cfg.model.pretrained,
     }
     if is_ptl_model_name(cfg.model.name):
-        kwargs.update(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum)
+        # The cells' state shapes follow the input size, so the model is built for data.height x data.width.
+        kwargs.update(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum,
+                      input_size=(cfg.data.height, cfg.data.width))
     return kwargs
 
 
 def is_ptl_model_name(name):
-    """Whether a registered model name is a PTL model (all are registered as ``ptl_<backbone>``)."""
-    return name.startswith("ptl_")
+    """Whether ``name`` is one of the PTL models (``ptl_torchreid.models.PTL_MODELS``)."""
+    from ptl_torchreid.models import PTL_MODELS
+
+    return name in PTL_MODELS
 
 
 def optimizer_kwargs(cfg):
@@ -684,6 +723,9 @@ def engine_kwargs(cfg):
         "amp": cfg.train.amp,
         "amp_dtype": cfg.train.amp_dtype,
         "progress_bar": cfg.train.progress_bar,
+        "seed": cfg.train.seed,
+        "checkpoint_every_n_iters": cfg.train.checkpoint_every_n_iters,
+        "keep_last": cfg.train.keep_last or None,
     }
     if cfg.loss.name == "triplet":
         kwargs.update(

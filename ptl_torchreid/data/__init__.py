@@ -4,8 +4,23 @@ Importing this package registers the synthetic datasets ``synthetic_reid`` (the 
 transfer pair ``synthetic_source`` / ``synthetic_target`` in torchreid, so that
 ``torchreid.data.ImageDataManager(root=..., sources='synthetic_reid')`` generates and loads them.
 """
-from .check import DatasetReport, DatasetRootError, check_dataset_root, format_report, parse_image_name
-from .reader import ImageReadError, install_strict_reader, read_image, skipped_images, uninstall_strict_reader
+from .check import (
+    PATTERNS,
+    DatasetError,
+    DatasetReport,
+    DatasetRootError,
+    check_dataset_root,
+    format_report,
+    parse_image_name,
+)
+from .reader import (
+    ImageReadError,
+    install_strict_reader,
+    read_image,
+    reset_skipped_images,
+    skipped_images,
+    uninstall_strict_reader,
+)
 from .synthetic import (
     DEFAULT_DATASETS,
     FORMAT_VERSION,
@@ -25,6 +40,8 @@ _register_defaults()
 del _register_defaults
 
 __all__ = [
+    "PATTERNS",
+    "DatasetError",
     "DatasetReport",
     "DatasetRootError",
     "ImageReadError",
@@ -32,6 +49,7 @@ __all__ = [
     "format_report",
     "install_strict_reader",
     "read_image",
+    "reset_skipped_images",
     "skipped_images",
     "uninstall_strict_reader",
     "DEFAULT_DATASETS",

@@ -20,6 +20,7 @@ __all__ = [
     "SPLITS",
     "IMAGE_EXTENSIONS",
     "DatasetRootError",
+    "DatasetError",
     "FileProblem",
     "SplitReport",
     "DatasetReport",
@@ -61,6 +62,11 @@ PATTERNS: Dict[str, NamingPattern] = {
 
 class DatasetRootError(FileNotFoundError):
     """The dataset directory is missing, empty, or does not have the expected layout."""
+
+
+class DatasetError(ValueError):
+    """The dataset loads but cannot serve the run: no training identities, an empty query or gallery, fewer than
+    two cameras in the test set, ..."""
 
 
 @dataclass

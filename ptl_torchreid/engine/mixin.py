@@ -2,10 +2,10 @@
 
 It adds to torchreid's ``Engine``: PTL cell-state handling (reset policy; evaluation with the frozen state),
 backbone freezing, device placement and mixed precision, per-epoch logging (console + TensorBoard), progress
-bars, vectorised ranking evaluation with rank clamping, and weights-only-safe checkpoints with ``model-best``.
+bars, vectorised ranking evaluation with rank clamping, weights-only-safe atomic checkpoints with ``model-best``,
+checkpoints every N iterations, exact resume (mid-epoch included) and a stop on a non-finite loss.
 A concrete engine only supplies :meth:`compute_losses`.
 """
-import contextlib
 import datetime
 import math
 import os.path as osp
@@ -17,15 +17,25 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ptl_torchreid._torchreid import torchreid
-from ptl_torchreid.engine.optim import unwrap_model
 from ptl_torchreid.metrics import evaluate_rank
-from ptl_torchreid.models import is_ptl
-from ptl_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint, to_plain
+from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler
+from ptl_torchreid.utils.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointManager,
+    load_checkpoint,
+    to_plain,
+)
+from ptl_torchreid.utils.resume import EpochLoader, capture_rng_state, restore_rng_state
 
-__all__ = ["PTLEngineMixin", "RESET_POLICIES"]
+__all__ = ["PTLEngineMixin", "NonFiniteLossError", "RESET_POLICIES", "clamp_ranks", "resolve_precision"]
 
 RESET_POLICIES = ("epoch", "never", "iter")
-_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; training stopped before the step changed the weights."""
 
 
 class PTLEngineMixin:
@@ -36,10 +46,16 @@ class PTLEngineMixin:
     - ``reset_policy``: when the carried cell state is zeroed: ``'epoch'`` (at every epoch start), ``'never'``,
       or ``'iter'`` (before every ``reset_every_n_iters``-th training step, counted over the whole run);
     - ``freeze_backbone_epochs``: train only the PTL parameters for the first K epochs; -1: throughout;
-    - ``amp`` / ``amp_dtype``: autocast (``'auto'``: float16 with a GradScaler on CUDA, bfloat16 on the CPU);
+    - ``amp`` / ``amp_dtype``: autocast (``'auto'``: fp16 with a GradScaler on CUDA, bf16 on the CPU; or
+      ``'fp16'`` / ``'bf16'``);
     - ``device``: where to train; default CUDA when ``use_gpu`` and available, else the CPU;
     - ``progress_bar``: tqdm bars for training and feature extraction;
-    - ``checkpoint_extras``: plain-typed entries added to every checkpoint (e.g. the config as YAML text).
+    - ``checkpoint_extras``: plain-typed entries added to every checkpoint (e.g. the config as YAML text);
+    - ``keep_last``: periodic checkpoints kept (None: all, as torchreid); ``model-best`` is always kept;
+    - ``seed``: the run's seed; the order of each epoch's batches and each sample's augmentation derive from
+      ``(seed, epoch)``, which is what lets :meth:`resume` continue mid-epoch exactly;
+    - ``checkpoint_every_n_iters``: also save a checkpoint every N training steps (0: only after evaluations,
+      as torchreid); written to ``<save_dir>/model/model-iter<N>.pth.tar`` by :meth:`run`.
 
     A scheduler is always present: without one a constant schedule is used, so checkpoints always hold one.
     PTL-specific behaviour applies only when ``ptl_torchreid.models.is_ptl(model)``.
@@ -47,12 +63,14 @@ class PTLEngineMixin:
 
     def __init__(self, datamanager, model, optimizer, *, reset_policy="epoch", reset_every_n_iters=0,
                  freeze_backbone_epochs=0, amp=False, amp_dtype="auto", device=None, progress_bar=True,
-                 checkpoint_extras=None, **kwargs):
+                 checkpoint_extras=None, keep_last=None, seed=0, checkpoint_every_n_iters=0, **kwargs):
         if reset_policy not in RESET_POLICIES:
             raise ValueError("reset_policy must be one of {}, got {!r}".format(RESET_POLICIES, reset_policy))
         if reset_policy == "iter" and reset_every_n_iters < 1:
             raise ValueError("reset_policy 'iter' needs reset_every_n_iters >= 1, got {}".format(
                 reset_every_n_iters))
+        if checkpoint_every_n_iters < 0:
+            raise ValueError("checkpoint_every_n_iters must be >= 0 (0: off), got {}".format(checkpoint_every_n_iters))
         if freeze_backbone_epochs < -1:
             raise ValueError("freeze_backbone_epochs must be -1 (throughout), 0 (never) or K > 0, got {}".format(
                 freeze_backbone_epochs))
@@ -61,7 +79,7 @@ class PTLEngineMixin:
         if device is None:
             device = "cuda" if (use_gpu and torch.cuda.is_available()) else "cpu"
         self.device = torch.device(device)
-        # torchreid's losses move their targets with .cuda() when use_gpu is set: keep it tied to the device.
+        # torchreid's losses move their targets to CUDA when use_gpu is set: keep it tied to the device.
         kwargs["use_gpu"] = self.device.type == "cuda"
         model.to(self.device)
         if kwargs.get("scheduler") is None:
@@ -75,16 +93,13 @@ class PTLEngineMixin:
         self.checkpoint_extras = dict(checkpoint_extras or {})
         self.is_ptl = is_ptl(model)
 
-        self.amp = bool(amp)
-        if amp_dtype == "auto":
-            amp_dtype = "float16" if self.device.type == "cuda" else "bfloat16"
-        if amp_dtype not in _AMP_DTYPES:
-            raise ValueError("amp_dtype must be 'auto', 'float16' or 'bfloat16', got {!r}".format(amp_dtype))
-        self.amp_dtype = _AMP_DTYPES[amp_dtype]
-        # Loss scaling is needed for float16 gradients only; bfloat16 has float32's range.
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        )
+        self.precision = resolve_precision(amp, amp_dtype, self.device)
+        self.amp = self.precision != "fp32"
+        self.amp_dtype = autocast_dtype(self.precision)
+        # Loss scaling for fp16 only; a disabled scaler passes through, so the step is the same for all.
+        self.scaler = make_grad_scaler(self.device.type, self.precision)
+        self.keep_last = keep_last
+        self._checkpoint_managers = {}
 
         self.max_epoch = 0
         self.num_batches = 0
@@ -93,6 +108,14 @@ class PTLEngineMixin:
         self.epoch_summary = {}  # last epoch's logged values
         self.last_results = {}  # target name -> {'mAP': float, 'cmc': {rank: float}}
 
+        self.seed = int(seed)
+        self.checkpoint_every_n_iters = int(checkpoint_every_n_iters)
+        self.save_dir = None  # set by run(); iteration checkpoints go to <save_dir>/model
+        self.last_rank1 = None  # Rank-1 of the latest evaluation that was saved
+        self._epoch_loader = None
+        self._resume_at = None  # (epoch, batches of it already trained, epoch meters), set by resume()
+        self._pending_rng = None  # RNG states to restore when training (re)starts, set by resume()
+
     # ----------------------------------------------------------------------------------------------------
     # PTL state and freezing
     # ----------------------------------------------------------------------------------------------------
@@ -100,7 +123,7 @@ class PTLEngineMixin:
     @property
     def net(self):
         """The model without DataParallel / DDP wrappers."""
-        return unwrap_model(self.model)
+        return unwrap(self.model)
 
     def reset_state(self):
         """Zero the carried cell states (no-op for a plain torchreid model)."""
@@ -108,14 +131,14 @@ class PTLEngineMixin:
             self.net.reset_state()
 
     def state_norm(self):
-        """Mean L2 norm of the carried cell states, or None for a plain torchreid model."""
+        """The model's ``state_norm()`` (magnitude of the carried cell states), or None for a plain model."""
         return float(self.net.state_norm()) if self.is_ptl else None
 
     def backbone_frozen(self, epoch):
         """Whether the backbone is frozen in ``epoch`` (0-based) under ``freeze_backbone_epochs``."""
         return self.is_ptl and (self.freeze_backbone_epochs == -1 or epoch < self.freeze_backbone_epochs)
 
-    def _on_train_epoch_start(self, fixbase_epoch, open_layers):
+    def _on_train_epoch_start(self, fixbase_epoch, open_layers, resuming=False):
         self.set_model_mode("train")
         fixbase = open_layers is not None and (self.epoch + 1) <= fixbase_epoch
         # torchreid's fixbase (only `open_layers` train) opens or closes layers and sets train mode...
@@ -123,7 +146,8 @@ class PTLEngineMixin:
         # ...then PTL freezing, unless fixbase already froze more than that this epoch.
         if self.is_ptl and not fixbase:
             self.net.freeze_backbone(self.backbone_frozen(self.epoch))
-        if self.reset_policy == "epoch":
+        # A resumed epoch continues with the carried state its checkpoint holds.
+        if self.reset_policy == "epoch" and not resuming:
             self.reset_state()
 
     def _on_train_iter_start(self):
@@ -135,9 +159,7 @@ class PTLEngineMixin:
     # ----------------------------------------------------------------------------------------------------
 
     def _autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device.type, self.precision)
 
     def compute_losses(self, outputs, pids):
         """Return ``(loss, summary)`` for the model outputs; ``summary`` maps names to floats."""
@@ -152,6 +174,7 @@ class PTLEngineMixin:
         # Losses in float32 whatever the autocast dtype.
         outputs = _to_float(outputs)
         loss, summary = self.compute_losses(outputs, pids)
+        self._check_finite_loss(loss, summary)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -162,20 +185,23 @@ class PTLEngineMixin:
         losses = torchreid.utils.MetricMeter()
         batch_time = torchreid.utils.AverageMeter()
         data_time = torchreid.utils.AverageMeter()
-        self._on_train_epoch_start(fixbase_epoch, open_layers)
+        start = self._begin_train_epoch(fixbase_epoch, open_layers, losses)
 
-        self.num_batches = len(self.train_loader)
+        loader = self.epoch_loader()
+        self.num_batches = len(loader.plan(self.epoch))
         max_epoch = max(self.max_epoch, self.epoch + 1)
-        bar = tqdm(self.train_loader, total=self.num_batches, desc="epoch {}/{}".format(self.epoch + 1, max_epoch),
-                   disable=not self.progress_bar, leave=False, dynamic_ncols=True)
+        bar = tqdm(loader.batches(self.epoch, start), total=self.num_batches, initial=start,
+                   desc="epoch {}/{}".format(self.epoch + 1, max_epoch), disable=not self.progress_bar, leave=False,
+                   dynamic_ncols=True)
         epoch_start = end = time.time()
-        for self.batch_idx, data in enumerate(bar):
+        for self.batch_idx, data in enumerate(bar, start):
             data_time.update(time.time() - end)
             self._on_train_iter_start()
             summary = self.forward_backward(data)
             self.iteration += 1
             batch_time.update(time.time() - end)
             losses.update(summary)
+            self._after_train_step(losses)
             bar.set_postfix({k: "{:.3f}".format(m.avg) for k, m in losses.meters.items()}, refresh=False)
             if (self.batch_idx + 1) % print_freq == 0:
                 remaining = (self.num_batches - self.batch_idx - 1) + (max_epoch - self.epoch - 1) * self.num_batches
@@ -252,6 +278,7 @@ class PTLEngineMixin:
         time_start = time.time()
         self.start_epoch = start_epoch
         self.max_epoch = max_epoch
+        self.save_dir = save_dir
         print("=> Start training")
         trained = False
         for self.epoch in range(start_epoch, max_epoch):
@@ -339,10 +366,13 @@ class PTLEngineMixin:
     # ----------------------------------------------------------------------------------------------------
 
     def checkpoint_state(self, epoch, rank1):
-        """Everything a checkpoint holds, as tensors and plain Python types only (loads with weights_only)."""
+        """Everything a checkpoint taken after epoch ``epoch`` (0-based) holds, as tensors and plain Python types
+        only (loads with weights_only): weights with the cells' carried states and running buffers, optimizer,
+        scheduler, AMP scaler, progress, best Rank-1, the run's seed and the RNG states."""
         state = {
-            "state_dict": self.net.state_dict(),  # cell running buffers included
-            "epoch": epoch + 1,
+            "state_dict": self.net.state_dict(),  # cell running buffers and carried states included
+            "epoch": epoch + 1,  # epochs completed: training resumes at this (0-based) epoch
+            "batch": 0,  # batches of that epoch already trained (> 0 in iteration checkpoints)
             "iteration": self.iteration,
             "rank1": rank1,
             "best_rank1": self.best_rank1,
@@ -350,6 +380,8 @@ class PTLEngineMixin:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "seed": self.seed,
+            "rng": capture_rng_state(),
         }
         state.update(self.checkpoint_extras)
         return to_plain(state)
@@ -360,43 +392,191 @@ class PTLEngineMixin:
         if not math.isnan(rank1) and rank1 > self.best_rank1:
             self.best_rank1 = rank1
             is_best = True
+        self.last_rank1 = rank1
         self._save_checkpoint(epoch, rank1, save_dir, is_best=is_best)
 
+    def checkpoint_manager(self, save_dir):
+        """The :class:`CheckpointManager` of ``<save_dir>/model`` (torchreid's checkpoint folder)."""
+        folder = osp.join(save_dir, "model")
+        if folder not in self._checkpoint_managers:
+            self._checkpoint_managers[folder] = CheckpointManager(folder, keep_last=self.keep_last)
+        return self._checkpoint_managers[folder]
+
     def _save_checkpoint(self, epoch, rank1, save_dir, is_best=False):
-        """Write ``<save_dir>/model/model.pth.tar-<epoch>`` (torchreid's layout), and ``model-best.pth.tar``."""
-        state = self.checkpoint_state(epoch, rank1)
-        path = osp.join(save_dir, "model", "model.pth.tar-{}".format(epoch + 1))
-        save_checkpoint(state, path)
+        """Write ``<save_dir>/model/model.pth.tar-<epoch>`` (torchreid's naming) atomically, and
+        ``model-best.pth.tar`` when ``is_best``. Weights with NaN/inf are refused, keeping the last good files."""
+        manager = self.checkpoint_manager(save_dir)
+        path = self._write_checkpoint(manager, self.checkpoint_state(epoch, rank1), epoch=epoch + 1,
+                                      is_best=is_best)
         print('Checkpoint saved to "{}"'.format(path))
         if is_best:
-            best = osp.join(save_dir, "model", "model-best.pth.tar")
-            save_checkpoint(state, best)
-            print('Best so far (Rank-1 {:.1%}) saved to "{}"'.format(rank1, best))
+            print('Best so far (Rank-1 {:.1%}) saved to "{}"'.format(rank1, manager.best_path))
         return path
 
-    def resume(self, path, trust=False):
-        """Restore model, optimizer, scheduler, AMP scaler and best Rank-1 from a checkpoint of this engine.
+    def resume(self, path, trust=False, save_dir=None):
+        """Restore everything a checkpoint of this engine holds (see :meth:`load_checkpoint_state`).
 
-        Returns the epoch to start from (pass it to :meth:`run` as ``start_epoch``).
+        ``path`` is a checkpoint file, or ``'auto'``: the latest checkpoint in ``<save_dir>/model`` (default
+        ``save_dir``: :attr:`save_dir`). Returns the epoch to start from (pass it to :meth:`run` as
+        ``start_epoch``); a checkpoint taken mid-epoch makes that epoch continue after its last trained batch.
+        With ``'auto'`` and no checkpoint yet, prints so and returns None (start from scratch).
         """
+        if path == "auto":
+            save_dir = save_dir if save_dir is not None else self.save_dir
+            if save_dir is None:
+                raise ValueError("resume('auto') needs save_dir: where the run writes its checkpoints")
+            path = self.checkpoint_manager(save_dir).latest()
+            if path is None:
+                print('No checkpoint in "{}" to resume from: starting from scratch'.format(
+                    osp.join(save_dir, "model")))
+                return None
         state = load_checkpoint(path, map_location=self.device, trust=trust)
-        self.load_checkpoint_state(state)
-        print('Resumed from "{}" (epoch {}, best Rank-1 {:.1%})'.format(path, state["epoch"],
-                                                                        max(self.best_rank1, 0.0)))
+        if not isinstance(state, dict) or "state_dict" not in state or "optimizer" not in state:
+            raise CheckpointMismatchError(None, 'Cannot resume from "{}": it is not a training checkpoint of this '
+                                                "engine (no state_dict/optimizer entries). To start from its "
+                                                "weights, give it as model.load_weights instead.".format(path))
+        self.load_checkpoint_state(state, source=path)
+        batch, epoch = int(state.get("batch", 0)), int(state["epoch"]) + 1
+        where = "epoch {}, after batch {}".format(epoch, batch) if batch else "start of epoch {}".format(epoch)
+        print('Resumed from "{}" ({}, iteration {}, best Rank-1 {:.1%})'.format(
+            path, where, self.iteration, max(self.best_rank1, 0.0)))
         return int(state["epoch"])
 
-    def load_checkpoint_state(self, state):
-        """Inverse of :meth:`checkpoint_state`."""
-        self.net.load_state_dict(state["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_checkpoint_state(self, state, source="the checkpoint"):
+        """Inverse of :meth:`checkpoint_state` (and of iteration checkpoints). A checkpoint of another model or
+        optimizer setup raises :class:`CheckpointMismatchError` listing what does not match."""
+        name = self.checkpoint_extras.get("model_name")
+        if name is not None and state.get("model_name") not in (None, name):
+            raise CheckpointMismatchError(None, 'Cannot resume from "{}": it was saved for model "{}", this run '
+                                                'builds "{}".'.format(source, state["model_name"], name))
+        try:
+            self.net.load_state_dict(state["state_dict"])
+        except RuntimeError as e:
+            raise CheckpointMismatchError(None, 'Cannot resume from "{}": its weights do not fit this model (was '
+                                                "it saved with another model or data.height/width?).\n{}".format(
+                                                    source, e)) from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointMismatchError(None, 'Cannot resume from "{}": its optimizer state does not fit this '
+                                                "run's optimizer ({}); resume with the optimizer settings (train."
+                                                "optim, ptl.lr_mult groups) it was saved with.".format(
+                                                    source, e)) from None
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.best_rank1 = float(state.get("best_rank1", -1.0))
         self.iteration = int(state.get("iteration", 0))
         self.last_results = state.get("results", {})
-        # The carried state is not part of a checkpoint; start from zeros, as at an epoch start.
-        self.reset_state()
+        rank1 = state.get("rank1")
+        self.last_rank1 = float(rank1) if isinstance(rank1, (int, float)) else None
+        self._load_resume_position(state)
+
+    def _write_checkpoint(self, manager, state, **where):
+        """The single place the engine writes checkpoints: atomically, through ``manager``. A failed write
+        (disk full, permission denied) or diverged weights stop training; nothing is reported as saved."""
+        try:
+            return manager.save(state, **where)
+        except CheckpointError:
+            print("Training stopped at epoch {}, iteration {}: the checkpoint was not saved (see the error "
+                  "below); the previous checkpoints are intact.".format(self.epoch + 1, self.iteration))
+            raise
+
+    # ----------------------------------------------------------------------------------------------------
+    # Reliability: exact resume, iteration checkpoints, non-finite loss
+    # ----------------------------------------------------------------------------------------------------
+
+    def epoch_loader(self):
+        """The :class:`~ptl_torchreid.utils.resume.EpochLoader` over :attr:`train_loader` and :attr:`seed`."""
+        el = self._epoch_loader
+        if el is None or el.loader is not self.train_loader or el.seed != self.seed:
+            self._epoch_loader = EpochLoader(self.train_loader, self.seed)
+        return self._epoch_loader
+
+    def _begin_train_epoch(self, fixbase_epoch, open_layers, losses):
+        """Start (or resume) the epoch :attr:`epoch`; returns the number of its batches already trained."""
+        start, meters = 0, None
+        if self._resume_at is not None and self._resume_at[0] == self.epoch:
+            _, start, meters = self._resume_at
+        self._resume_at = None
+        self._on_train_epoch_start(fixbase_epoch, open_layers, resuming=start > 0)
+        for name, (total, count) in (meters or {}).items():
+            meter = losses.meters[name]
+            meter.sum, meter.count = float(total), int(count)
+            meter.avg = meter.sum / max(meter.count, 1)
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+        return start
+
+    def _after_train_step(self, losses):
+        n = self.checkpoint_every_n_iters
+        if n > 0 and self.iteration % n == 0 and self.save_dir is not None:
+            self.save_iteration_checkpoint(losses)
+
+    def iteration_checkpoint_state(self, losses=None):
+        """The state after the current training step, mid-epoch: the epoch in progress and the batches of it
+        already trained, plus this epoch's loss meters (so the epoch's logged averages survive a resume)."""
+        state = self.checkpoint_state(self.epoch, self.last_rank1)
+        state["epoch"] = self.epoch
+        state["batch"] = self.batch_idx + 1
+        state["num_batches"] = self.num_batches
+        if losses is not None:
+            state["epoch_meters"] = {name: [float(m.sum), int(m.count)] for name, m in losses.meters.items()}
+        return state
+
+    def save_iteration_checkpoint(self, losses=None):
+        """Write ``<save_dir>/model/model-iter<iteration>.pth.tar`` (atomic; the ``latest`` pointer follows)."""
+        manager = self.checkpoint_manager(self.save_dir)
+        path = self._write_checkpoint(manager, self.iteration_checkpoint_state(losses), iteration=self.iteration)
+        if self.progress_bar:
+            tqdm.write('Checkpoint saved to "{}"'.format(path))
+        else:
+            print('Checkpoint saved to "{}"'.format(path))
+        return path
+
+    def _load_resume_position(self, state):
+        seed = state.get("seed")
+        if seed is not None and int(seed) != self.seed:
+            print("Note: the checkpoint was trained with seed {} (this run: {}); continuing with {} so that the "
+                  "data order stays that of the interrupted run.".format(seed, self.seed, seed))
+            self.seed = int(seed)
+        batch = int(state.get("batch", 0))
+        self._resume_at = (int(state["epoch"]), batch, state.get("epoch_meters")) if batch > 0 else None
+        self._pending_rng = state.get("rng")
+        if batch > 0 and "num_batches" in state:
+            planned = len(self.epoch_loader().plan(int(state["epoch"])))
+            if planned != int(state["num_batches"]):
+                print("Warning: epoch {} now has {} batches but had {} when the checkpoint was taken (changed batch "
+                      "size, sampler or data?); the rest of the epoch will not match the interrupted run.".format(
+                          int(state["epoch"]) + 1, planned, int(state["num_batches"])))
+
+    def _check_finite_loss(self, loss, summary):
+        """Stop before a NaN/inf loss reaches the weights; say where it happened and what is safe on disk."""
+        if math.isfinite(float(loss.detach().float().sum())):
+            return
+        parts = ", ".join("{} {:.4g}".format(k, v) for k, v in summary.items() if isinstance(v, float))
+        latest = None
+        if self.save_dir is not None:
+            latest = self.checkpoint_manager(self.save_dir).latest()
+        saved = ('The last good checkpoint, "{}", is unchanged; resume from it with --resume (train.resume) '
+                 "once the cause is fixed".format(latest) if latest else "No checkpoint had been written yet")
+        raise NonFiniteLossError(
+            "Non-finite loss ({}) at epoch {}, batch {}/{} (iteration {} of the run). Training stopped before this "
+            "step changed the weights. {}. Usual causes: a learning rate too high (train.lr, ptl.lr_mult), fp16 "
+            "overflow (train.amp_dtype bf16), or corrupt input.".format(
+                parts or "loss {}".format(float(loss.detach().float().sum())), self.epoch + 1, self.batch_idx + 1,
+                self.num_batches, self.iteration + 1, saved))
+
+
+def resolve_precision(amp, amp_dtype, device):
+    """'fp32' without ``amp``; otherwise ``amp_dtype``, where 'auto' is fp16 on CUDA and bf16 elsewhere."""
+    device = torch.device(device)
+    if not amp:
+        return "fp32"
+    if amp_dtype == "auto":
+        amp_dtype = "fp16" if device.type == "cuda" else "bf16"
+    return check_precision(device.type, amp_dtype)
 
 
 def clamp_ranks(ranks, num_gallery, dataset_name=""):

@@ -439,6 +439,11 @@ def extract_state_dict(checkpoint: Any) -> "OrderedDict[str, Any]":
     return out
 
 
+# Module extra state (``get_extra_state``), e.g. a BConv-Cell's carried state, whose shape depends on the batch
+# rather than on the model: the module's ``set_extra_state`` decides what fits.
+_EXTRA_STATE_SUFFIX = "_extra_state"
+
+
 def _shape(v):
     return tuple(v.shape) if hasattr(v, "shape") else None
 
@@ -523,7 +528,7 @@ def load_weights(model: nn.Module, path_or_checkpoint, mode: str = "strict", tru
     for k, v in state_dict.items():
         if k not in model_sd:
             report.unexpected.append(k)
-        elif _shape(v) != _shape(model_sd[k]):
+        elif _shape(v) != _shape(model_sd[k]) and not k.endswith(_EXTRA_STATE_SUFFIX):
             report.shape_mismatched.append((k, _shape(v), _shape(model_sd[k])))
         else:
             to_load[k] = v
