@@ -15,10 +15,12 @@ OMP_NUM_THREADS=1 on a shared machine; about an hour on one core):
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python tools/benchmark_prune.py --accuracy --work-dir log/bench_prune
 
-ResNet-50 is trained on synthetic_source; then, with the same fine-tuning budget on synthetic_target, the
-unpruned model, COP (faster, balanced) and Torch-Pruning L1 / random at equal FLOPs (50% at 128x64) are
-fine-tuned and evaluated (Rank-1, mAP). For "PTL at baseline cost", ptl_resnet50 (backbone from the same
-source model) is trained on synthetic_target, pruned to ResNet-50's FLOPs and fine-tuned again.
+ResNet-50 (``--accuracy-arch``) is trained on synthetic_source (or starts from ``--source-weights``, e.g. the
+model-zoo osnet_x0_25 MSMT17 weights with ``--accuracy-arch osnet_x0_25``); then, with the same fine-tuning
+budget on synthetic_target, the unpruned model, COP (faster, balanced) and Torch-Pruning L1 / random at equal
+FLOPs (50% at 128x64) are fine-tuned and evaluated (Rank-1, mAP). For "PTL at baseline cost", the PTL model
+(backbone from the same source model) is trained on synthetic_target, pruned to the plain model's FLOPs and
+fine-tuned again.
 """
 import argparse
 import copy
@@ -34,7 +36,7 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from ptl_torchreid import _torchreid  # noqa: E402
-from ptl_torchreid.compress import compare_latency, count_flops, count_params, prune_cop  # noqa: E402
+from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop  # noqa
 from ptl_torchreid.models import build_model  # noqa: E402
 
 
@@ -62,8 +64,10 @@ def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_t
 
     def prune(ratio):
         net = copy.deepcopy(model).eval()
-        # Same constraint as COP: the embedding (last stage width) and the classifier are kept.
-        ignored = [net.classifier] + [b.conv3 for b in net.layer4] + [net.layer4[0].downsample[0]]
+        # Same constraint as COP: the layers producing the embedding, and the classifier, keep their width.
+        graph = build_graph(net, input_size)
+        ignored = [net.classifier] + [r.module for g in graph.groups if g.frozen and "output" in g.frozen
+                                      for r in g.producers]
         pruner = tp.pruner.MetaPruner(net, torch.randn(1, 3, *input_size), importance=importance,
                                       global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored,
                                       round_to=round_to)
@@ -92,12 +96,12 @@ TARGET_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "confi
                          "osnet_x0_25_synthetic_source_to_target.yaml")
 
 
-def _config(path, root, save_dir, epochs, extra=()):
+def _config(path, root, save_dir, epochs, arch):
     from ptl_torchreid.config import load_config
 
-    opts = ["model.name", "resnet50", "data.root", root, "data.save_dir", save_dir, "train.max_epoch", str(epochs),
+    opts = ["model.name", arch, "data.root", root, "data.save_dir", save_dir, "train.max_epoch", str(epochs),
             "train.stepsize", str([max(1, int(epochs * 0.75))]), "train.progress_bar", "False",
-            "model.load_weights", ""] + list(extra)
+            "model.load_weights", ""]
     return load_config(path, opts)
 
 
@@ -122,38 +126,39 @@ def _train(cfg, model):
 def accuracy_section(args):
     from ptl_torchreid.cli import load_initial_weights
 
-    work, root = args.work_dir, osp.join(args.work_dir, "reid-data")
+    arch, work, root = args.accuracy_arch, args.work_dir, osp.join(args.work_dir, "reid-data")
     size = (128, 64)
-    lines = ["## Accuracy on the synthetic transfer pair (synthetic_source -> synthetic_target, 128x64)", "",
-             "Source: resnet50 trained {} epochs on synthetic_source; every model below then gets the same budget "
-             "of {} epochs on synthetic_target (triplet + softmax, Adam, the recipe of configs/"
-             "osnet_x0_25_synthetic_source_to_target.yaml). Pruned models are cut from the source model to 50% of "
-             "its FLOPs at 128x64 (Torch-Pruning to equal FLOPs), then fine-tuned.".format(
-                 args.source_epochs, args.target_epochs), "",
-             "| model | GFLOPs (128x64) | params (M) | Rank-1 | mAP | train min |", "|---|---|---|---|---|---|"]
     source_ckpt = args.source_weights
+    origin = "given weights {}".format(osp.basename(source_ckpt)) if source_ckpt else \
+        "trained {} epochs on synthetic_source".format(args.source_epochs)
+    lines = ["## Accuracy after fine-tuning on synthetic_target ({}, 128x64)".format(arch), "",
+             "Source model: {} ({}); every model below then gets the same budget of {} epochs on "
+             "synthetic_target (triplet + softmax, Adam, the recipe of "
+             "configs/osnet_x0_25_synthetic_source_to_target.yaml) and is evaluated on its query/gallery. Pruned "
+             "models are cut from the source model to 50% of its FLOPs at 128x64 (Torch-Pruning bisected to "
+             "COP faster's FLOPs), then fine-tuned.".format(arch, origin, args.target_epochs), "",
+             "| model | GFLOPs (128x64) | params (M) | Rank-1 | mAP | train min |", "|---|---|---|---|---|---|"]
     if not source_ckpt:
-        cfg = _config(SOURCE_CONFIG, root, osp.join(work, "source"), args.source_epochs)
+        cfg = _config(SOURCE_CONFIG, root, osp.join(work, "source"), args.source_epochs, arch)
         torch.manual_seed(0)
-        model = build_model("resnet50", num_classes=1, loss="triplet")
-        _train(cfg, model)
+        _train(cfg, build_model(arch, num_classes=1, loss="triplet"))
         source_ckpt = osp.join(work, "source", "model", "model-best.pth.tar")
 
     def source_model():
-        m = build_model("resnet50", num_classes=1, loss="triplet")
+        m = build_model(arch, num_classes=1, loss="triplet")
         load_initial_weights(m, source_ckpt)
         return m.eval()
 
-    def finetune(name, model, tag):
-        cfg = _config(TARGET_CONFIG, root, osp.join(work, tag), args.target_epochs)
+    def finetune(name, model, tag, epochs=None):
+        cfg = _config(TARGET_CONFIG, root, osp.join(work, tag), epochs or args.target_epochs, arch)
         res = _train(cfg, model)
-        lines.append("| {} | {:.3f} | {:.2f} | {:.1%} | {:.1%} | {:.1f} |".format(
+        lines.append("| {} | {:.3f} | {:.3f} | {:.1%} | {:.1%} | {:.1f} |".format(
             name, count_flops(model, size) / 1e9, count_params(model) / 1e6, res["rank1"], res["mAP"],
             res["minutes"]))
         print("\n".join(lines), flush=True)
         return model
 
-    finetune("resnet50 (unpruned)", source_model(), "baseline")
+    finetune("{} (unpruned)".format(arch), source_model(), "baseline")
     cop_faster = prune_cop(source_model(), flops_reduction=0.5, preset="faster", input_size=size)
     target = count_flops(cop_faster, size)
     finetune("COP faster", cop_faster, "cop_faster")
@@ -171,18 +176,15 @@ def accuracy_section(args):
         finetune("Torch-Pruning L1 (global)", l1, "tp_l1")
         finetune("Torch-Pruning random (global)", rnd, "tp_random")
 
-    # PTL at baseline cost.
+    # PTL at baseline cost: the PTL model trained on the target, pruned to the plain model's FLOPs, fine-tuned.
     base_flops = count_flops(source_model(), size)
-    ptl = build_model("ptl_resnet50", num_classes=1, loss="triplet", input_size=size)
+    ptl = build_model("ptl_" + arch, num_classes=1, loss="triplet", input_size=size)
     load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
-    ptl = finetune("ptl_resnet50 (unpruned)", ptl, "ptl")
+    ptl = finetune("ptl_{} (unpruned)".format(arch), ptl, "ptl")
     small = prune_cop(ptl, flops_reduction=1 - base_flops / count_flops(ptl, size), preset="faster",
                       input_size=size)
-    args_epochs = args.target_epochs
-    args.target_epochs = max(1, args_epochs // 2)
-    finetune("ptl_resnet50 pruned to resnet50's FLOPs (+{} epochs)".format(args.target_epochs), small,
-             "ptl_pruned")
-    args.target_epochs = args_epochs
+    extra = max(1, args.target_epochs // 2)
+    finetune("ptl_{} pruned to {}'s FLOPs (+{} epochs)".format(arch, arch, extra), small, "ptl_pruned", extra)
     return lines + [""]
 
 
@@ -226,7 +228,9 @@ def main(argv=None):
     parser.add_argument("--accuracy", action="store_true", help="add section 3: accuracy after fine-tuning")
     parser.add_argument("--only-accuracy", action="store_true", help="run section 3 only")
     parser.add_argument("--work-dir", default="log/bench_prune", help="data and checkpoints of section 3")
-    parser.add_argument("--source-weights", default="", help="reuse a resnet50 trained on synthetic_source")
+    parser.add_argument("--accuracy-arch", default="resnet50", help="model of section 3 (torchreid name)")
+    parser.add_argument("--source-weights", default="",
+                        help="start section 3 from these weights instead of training on synthetic_source")
     parser.add_argument("--source-epochs", type=int, default=20)
     parser.add_argument("--target-epochs", type=int, default=10)
     args = parser.parse_args(argv)
