@@ -34,6 +34,7 @@ from ptl_torchreid.config import (
     synthetic_kwargs,
     torchreid_image_datasets,
 )
+from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
 from ptl_torchreid.data import (
     PATTERNS,
     DatasetError,
@@ -223,7 +224,17 @@ def load_initial_weights(model, path, mode="match", trust=False):
 
 
 def build_model(cfg, num_classes):
-    """``ptl_torchreid.models.build_model`` with the config's model and PTL options, plus ``load_weights``."""
+    """``ptl_torchreid.models.build_model`` with the config's model and PTL options, plus ``load_weights``.
+    A pruned checkpoint (see ``ptl_torchreid.compress``) as ``load_weights`` rebuilds the pruned model."""
+    path = cfg.model.load_weights
+    checkpoint = load_checkpoint(path, map_location="cpu", trust=cfg.model.trust_checkpoint) if path else None
+    if is_pruned_checkpoint(checkpoint):
+        model = load_pruned_model(checkpoint, num_classes=num_classes, loss=cfg.loss.name)
+        if is_ptl(model):
+            model.configure_cells(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state,
+                                  momentum=cfg.ptl.momentum)
+        print('Loaded the pruned {} from "{}"'.format(checkpoint["pruning"]["arch"], path))
+        return model
     model = _build_model(**model_kwargs(cfg, num_classes))
     if not is_ptl_model_name(cfg.model.name) and cfg.ptl != get_default_config().ptl:
         print("Note: '{}' is a plain torchreid model; the ptl.* settings are ignored.".format(cfg.model.name))
@@ -456,6 +467,22 @@ def _check_data_arguments(parser):
 register_command("check-data", "scan the datasets (-s/-t under --root, or --dir) for unreadable, empty or mislabeled "
                  "images and layout problems; exit status 1 when any is found", check_data,
                  add_arguments=_check_data_arguments, tool=True)
+
+
+def _run_prune(cfg, args):
+    from ptl_torchreid.cli_prune import run_prune
+
+    return run_prune(cfg, args)
+
+
+def _prune_arguments(parser):
+    from ptl_torchreid.cli_prune import add_prune_arguments
+
+    add_prune_arguments(parser)
+
+
+register_command("prune", "COP-prune model.load_weights to a target (--flops-reduction/--params-reduction/"
+                 "--prune-rate), fine-tune, evaluate, save", _run_prune, add_arguments=_prune_arguments)
 
 
 def build_parser(command="train"):

@@ -1,0 +1,234 @@
+"""``prune_cop``: COP filter pruning of a whole model to a FLOP, parameter or filter-count target."""
+import copy
+import numbers
+import warnings
+from dataclasses import dataclass, field
+
+from ..models import unwrap
+from .criterion import GROUP_COSTS, PRESET_OPTIONS, PRESETS, COPSelector
+from .graph import build_graph
+from .measure import count_flops, count_params
+from .surgery import shrink
+
+__all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction"]
+
+_TARGETS = ("flops_reduction", "params_reduction", "prune_rate")
+
+
+@dataclass
+class PruneReport:
+    """What a pruning run did. FLOPs are counted by ``torch.utils.flop_counter`` at ``input_size``, batch 1."""
+    preset: str
+    alpha: float
+    beta: float
+    gamma: float
+    target: str
+    value: float
+    input_size: tuple
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    round_to: int = 1
+    group_cost: str = "mean"
+    filters_removed: int = 0
+    filters_total: int = 0
+    groups: list = field(default_factory=list)  # (group name, channels before, channels after)
+    notes: list = field(default_factory=list)
+
+    @property
+    def flops_reduction(self):
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    @property
+    def params_reduction(self):
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def prune_rate(self):
+        return self.filters_removed / self.filters_total if self.filters_total else 0.0
+
+    def as_dict(self):
+        """Plain types only (fits a ``weights_only`` checkpoint)."""
+        return dict(preset=self.preset, alpha=self.alpha, beta=self.beta, gamma=self.gamma, target=self.target,
+                    value=float(self.value), round_to=int(self.round_to), group_cost=str(self.group_cost),
+                    input_size=list(self.input_size), flops_before=int(self.flops_before),
+                    flops_after=int(self.flops_after), params_before=int(self.params_before),
+                    params_after=int(self.params_after), filters_removed=int(self.filters_removed),
+                    filters_total=int(self.filters_total),
+                    groups=[[str(n), int(a), int(b)] for n, a, b in self.groups], notes=list(self.notes))
+
+    def __str__(self):
+        lines = ["COP pruning, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}), target "
+                 "{}={:g}".format(self.preset, self.alpha, self.beta, self.gamma, self.round_to, self.group_cost,
+                                  self.target, self.value),
+                 "  FLOPs  {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.flops_before, self.flops_after,
+                                                                   self.flops_reduction),
+                 "  params {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.params_before, self.params_after,
+                                                                   self.params_reduction),
+                 "  filters removed {} of {} prunable ({:.1%})".format(self.filters_removed, self.filters_total,
+                                                                      self.prune_rate)]
+        return "\n".join(lines)
+
+    def layer_table(self):
+        return "\n".join("  {:<55s} {:>5d} -> {:>5d}".format(n, a, b) for n, a, b in self.groups)
+
+
+def check_target(flops_reduction=None, params_reduction=None, prune_rate=None):
+    """Validate that exactly one target is given, as a number in [0, 1); returns (name, value)."""
+    given = {k: v for k, v in zip(_TARGETS, (flops_reduction, params_reduction, prune_rate)) if v is not None}
+    if len(given) != 1:
+        raise ValueError("give exactly one pruning target out of flops_reduction, params_reduction and "
+                         "prune_rate (got {})".format(", ".join(given) or "none"))
+    (name, value), = given.items()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError("{}={!r} is not valid: it is the fraction to remove, a number in [0, 1) (e.g. 0.5 "
+                         "removes half)".format(name, value))
+    return name, float(value)
+
+
+def _weights(preset, alpha, beta, gamma):
+    if preset not in PRESETS:
+        raise ValueError("unknown preset {!r}; choose one of {} (or give alpha, beta and gamma)".format(
+            preset, ", ".join(PRESETS)))
+    a, b, c = PRESETS[preset]
+    a, b, c = (a if alpha is None else alpha), (b if beta is None else beta), (c if gamma is None else gamma)
+    for name, v in (("alpha", a), ("beta", b), ("gamma", c)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or v < 0:
+            raise ValueError("{}={!r} is not valid; importance weights are numbers >= 0".format(name, v))
+    if a == b == c == 0:
+        raise ValueError("alpha, beta and gamma are all 0: the importance would not rank anything")
+    return float(a), float(b), float(c)
+
+
+def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced", alpha=None,
+                  beta=None, gamma=None, topk=3, round_to=None, min_channels=1, group_cost=None):
+    """Validate ``prune_cop``'s options (everything but the model) and resolve the preset's defaults.
+    Returns dict(target, value, weights, round_to, group_cost); raises ValueError naming the bad option."""
+    target, value = check_target(flops_reduction, params_reduction, prune_rate)
+    weights = _weights(preset, alpha, beta, gamma)
+    if group_cost is not None and group_cost not in GROUP_COSTS:
+        raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
+                                                                              ", ".join(GROUP_COSTS)))
+    if round_to is None:
+        round_to = PRESET_OPTIONS[preset]["round_to"]
+    if group_cost is None:
+        group_cost = PRESET_OPTIONS[preset]["group_cost"]
+    for name, v in (("topk", topk), ("round_to", round_to), ("min_channels", min_channels)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError("{}={!r} is not valid; use an integer >= 1".format(name, v))
+    return dict(target=target, value=value, weights=weights, round_to=round_to, group_cost=group_cost)
+
+
+def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced",
+              input_size=(256, 128), alpha=None, beta=None, gamma=None, topk=3, round_to=None, min_channels=1,
+              exclude=(), group_cost=None, inplace=False, tolerance=0.02, return_report=False, verbose=False):
+    """Prune ``model`` with COP and return the smaller model (an ordinary module with fewer channels).
+
+    Exactly one target:
+        flops_reduction: fraction of FLOPs to remove (counted at ``input_size``, batch 1, eval forward).
+        params_reduction: fraction of parameters to remove.
+        prune_rate: fraction of the prunable filters to remove.
+
+    Args:
+        preset: ``'faster'`` (alpha, beta, gamma = 1, 3, 0), ``'smaller'`` (1, 0, 3) or ``'balanced'`` (1, 1, 1);
+            ``alpha``/``beta``/``gamma`` override single weights. The preset also sets the defaults of
+            ``round_to`` and ``group_cost`` (``PRESET_OPTIONS``).
+        input_size: (height, width) the model runs at; FLOPs depend on it.
+        topk: k of the redundancy (mean of the top-k correlations).
+        round_to: keep a multiple of this many channels per group; default 16 for ``'faster'`` (channel counts
+            that vectorised CPU/GPU kernels handle well), 1 (filter by filter, as in the paper) otherwise.
+        group_cost: F_l / P_l of channels coupled across layers (residual stages): ``'mean'`` (each layer plus
+            its consumer, averaged over the coupled layers; default of ``'smaller'``/``'balanced'``) or ``'sum'``
+            (every layer the channels touch, what a cut really saves; default of ``'faster'``).
+        min_channels: smallest number of channels a group keeps.
+        exclude: names of modules whose input and output channels are kept.
+        inplace: prune ``model`` itself instead of a copy.
+        tolerance: a FLOP target missed by more than this (as counted after surgery) gives a warning; near the
+            target, cuts that would overshoot by more than half of it give way to cuts that fit.
+        return_report: also return a :class:`PruneReport`.
+        verbose: print the report, the channels kept per layer group and the graph's notes.
+
+    Channels that reach the model's output (the embedding) are never pruned, so the feature size, the classifier
+    and anything downstream stay compatible. BatchNorm statistics, BConv-Cell running states and concatenation
+    consumers are sliced with their channels. The module is left in the training mode it had.
+    """
+    opts = check_options(flops_reduction, params_reduction, prune_rate, preset, alpha, beta, gamma, topk,
+                         round_to, min_channels, group_cost)
+    target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
+    round_to, group_cost = opts["round_to"], opts["group_cost"]
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or tolerance < 0:
+        raise ValueError("tolerance={!r} is not valid; use a fraction >= 0 (0.02 = 2 points)".format(tolerance))
+    input_size = tuple(int(s) for s in input_size)
+    net = unwrap(model)
+    built_for = getattr(net, "input_size", None)  # PTL models: the cells' state shapes follow it
+    if built_for is not None and tuple(built_for) != input_size:
+        raise ValueError("the model was built for input_size={} but pruning was asked at input_size={}; pass "
+                         "input_size={} (FLOPs and the cells' states depend on it)".format(
+                             tuple(built_for), input_size, tuple(built_for)))
+    if not inplace:
+        net = copy.deepcopy(net)
+
+    flops_before, params_before = count_flops(net, input_size), count_params(net)
+    graph = build_graph(net, input_size, exclude=exclude)
+    selector = COPSelector(graph, a, b, c, topk=topk, round_to=round_to, min_channels=min_channels,
+                           group_cost=group_cost)
+    flops_outside = flops_before - selector.flops        # layers the graph does not change
+    params_outside = params_before - selector.params
+
+    def reached():
+        if target == "flops_reduction":
+            return flops_outside + selector.flops <= (1.0 - value) * flops_before
+        if target == "params_reduction":
+            return params_outside + selector.params <= (1.0 - value) * params_before
+        return selector.removed_filters >= value * selector.total_filters
+
+    def accept(flops, params, filters):
+        # Near the target, a cut that would overshoot it by more than half the tolerance yields to the next
+        # group in importance order whose cut fits (only matters with coarse round_to on small models).
+        if target == "flops_reduction":
+            after = 1 - (flops_outside + selector.flops - flops) / flops_before
+        elif target == "params_reduction":
+            after = 1 - (params_outside + selector.params - params) / params_before
+        else:
+            after = (selector.removed_filters + filters) / max(1, selector.total_filters)
+        return after <= value + tolerance / 2
+
+    while value > 0 and not reached():
+        if not selector.step(accept):
+            got = {"flops_reduction": 1 - (flops_outside + selector.flops) / flops_before,
+                   "params_reduction": 1 - (params_outside + selector.params) / params_before,
+                   "prune_rate": selector.removed_filters / max(1, selector.total_filters)}[target]
+            raise ValueError(
+                "cannot reach {}={:g}: with min_channels={} and round_to={} the prunable layers allow at most "
+                "{:.3f}. Lower the target or min_channels/round_to. Parts of the model that are kept: {}".format(
+                    target, value, min_channels, round_to, got, "; ".join(graph.notes) or
+                    "channels reaching the output, and single-channel layers"))
+    sizes = [(g.name, g.size, int(selector.alive[g.offset:g.offset + g.size].sum())) for g in
+             graph.prunable_groups()]
+    shrink(graph, selector.alive)
+
+    flops_after, params_after = count_flops(net, input_size), count_params(net)
+    if flops_after != flops_outside + selector.flops:
+        warnings.warn("FLOPs counted after pruning ({:,}) differ from the pruner's estimate ({:,}); the target was "
+                      "steered by the estimate".format(flops_after, flops_outside + selector.flops), RuntimeWarning)
+    if target == "flops_reduction" and abs((1 - flops_after / flops_before) - value) > tolerance:
+        warnings.warn("FLOP reduction {:.3f} misses the requested {:.3f} by more than {}".format(
+            1 - flops_after / flops_before, value, tolerance), RuntimeWarning)
+    report = PruneReport(preset=preset, alpha=a, beta=b, gamma=c, target=target, value=value, round_to=round_to,
+                         group_cost=group_cost, input_size=input_size, flops_before=flops_before,
+                         flops_after=flops_after,
+                         params_before=params_before, params_after=params_after,
+                         filters_removed=int(selector.removed_filters), filters_total=int(selector.total_filters),
+                         groups=sizes, notes=list(graph.notes))
+    if verbose:
+        print(report)
+        print(report.layer_table())
+        for note in graph.notes:
+            print("note: " + note)
+    return (net, report) if return_report else net
+
+
+def kept_fraction(report):
+    """Per-group fraction of channels kept, by group name (for inspection and tests)."""
+    return {n: after / before for n, before, after in report.groups}

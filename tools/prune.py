@@ -1,0 +1,131 @@
+"""Prune a trained ReID model with COP.
+
+With a config file this is the ``prune`` command of the CLI: prune ``model.load_weights``, fine-tune with the
+engine on the config's data, evaluate, save (see ``python -m ptl_torchreid prune --help``)::
+
+    PYTHONPATH=. python tools/prune.py --config-file configs/osnet_x0_25_synthetic_source_to_target.yaml \
+        --flops-reduction 0.5 --preset faster \
+        model.load_weights log/osnet_x0_25_synthetic_source/model/model-best.pth.tar
+
+Without one it only prunes a checkpoint (no data needed) and saves it::
+
+    PYTHONPATH=. python tools/prune.py --arch resnet50 --weights log/resnet50/model.pth.tar \
+        --flops-reduction 0.5 --preset faster --out log/resnet50_cop50.pth
+    PYTHONPATH=. python tools/prune.py --weights log/resnet50_cop50.pth --params-reduction 0.3 --out smaller.pth
+
+Both print parameters, FLOPs (torch.utils.flop_counter) and measured latency before and after (and Rank-1/mAP
+with a config). Saved files reload without the pruning run: ``ptl_torchreid.compress.load_pruned_model(path)``,
+as ``model.load_weights`` of any command, or through torchreid with ``register_pruned_model(path)`` (e.g. for
+``torchreid.utils.FeatureExtractor``).
+"""
+import argparse
+import os.path as osp
+import sys
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from ptl_torchreid.compress import (PRESETS, compare_latency, count_flops, count_params, is_pruned_checkpoint,  # noqa
+                                    load_pruned_model, prune_cop, save_pruned_model)
+from ptl_torchreid.compress.criterion import GROUP_COSTS  # noqa: E402
+from ptl_torchreid.models import build_model, load_pretrained_weights  # noqa: E402
+from ptl_torchreid.utils.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", help="model name (torchreid or ptl_*); not needed for an already pruned checkpoint")
+    p.add_argument("--weights", help="trained checkpoint to prune (torchreid format, or a pruned checkpoint)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="identities of the classifier (default: read from the checkpoint, else 1)")
+    p.add_argument("--loss", default="softmax", choices=("softmax", "triplet"))
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=128)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--flops-reduction", type=float, help="fraction of FLOPs to remove, e.g. 0.5")
+    target.add_argument("--params-reduction", type=float, help="fraction of parameters to remove")
+    target.add_argument("--prune-rate", type=float, help="fraction of prunable filters to remove")
+    p.add_argument("--preset", default="balanced", choices=sorted(PRESETS))
+    p.add_argument("--alpha", type=float, default=None, help="override the preset's redundancy weight")
+    p.add_argument("--beta", type=float, default=None, help="override the preset's FLOP weight")
+    p.add_argument("--gamma", type=float, default=None, help="override the preset's parameter weight")
+    p.add_argument("--round-to", type=int, default=None, help="keep multiples of this many channels per group")
+    p.add_argument("--group-cost", default=None, choices=GROUP_COSTS)
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--exclude", nargs="*", default=(), help="module names whose channels are kept")
+    p.add_argument("--latency-batch", type=int, default=32, help="batch size of the latency measurement (0: skip)")
+    p.add_argument("--latency-rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the latency measurement")
+    p.add_argument("--trust", action="store_true",
+                   help="allow full unpickling of a checkpoint that weights-only loading rejects (trusted files)")
+    p.add_argument("--show-layers", action="store_true", help="print channels kept per layer group")
+    p.add_argument("--out", help="where to save the pruned model")
+    return p
+
+
+def load_model(args):
+    """(model, arch) from the arguments: a pruned checkpoint reloads as is; otherwise build + load weights."""
+    if args.weights:
+        checkpoint = load_checkpoint(args.weights, trust=args.trust)
+        if is_pruned_checkpoint(checkpoint):
+            arch = checkpoint["pruning"]["arch"]
+            if args.arch and args.arch != arch:
+                raise SystemExit("--arch {} does not match the pruned checkpoint's {}".format(args.arch, arch))
+            return load_pruned_model(checkpoint), arch
+    if not args.arch:
+        raise SystemExit("--arch is required unless --weights is a pruned checkpoint")
+    num_classes = args.num_classes
+    if num_classes is None and args.weights:
+        classifier = extract_state_dict(checkpoint).get("classifier.weight")
+        num_classes = int(classifier.shape[0]) if classifier is not None else None
+    kwargs = dict(input_size=(args.height, args.width)) if args.arch.startswith("ptl_") else {}
+    model = build_model(args.arch, num_classes=num_classes or 1, loss=args.loss, pretrained=False, **kwargs)
+    if args.weights:
+        load_pretrained_weights(model, args.weights, trust=args.trust)
+    return model, args.arch
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--config-file" or a.startswith("--config-file=") for a in argv):
+        from ptl_torchreid.cli import main as cli_main
+
+        return cli_main(["prune"] + argv)
+    args = build_parser().parse_args(argv)
+    size = (args.height, args.width)
+    model, arch = load_model(args)
+    model.eval()
+    pruned, report = prune_cop(model, flops_reduction=args.flops_reduction, params_reduction=args.params_reduction,
+                               prune_rate=args.prune_rate, preset=args.preset, input_size=size, alpha=args.alpha,
+                               beta=args.beta, gamma=args.gamma, topk=args.topk, round_to=args.round_to,
+                               min_channels=args.min_channels, exclude=args.exclude, group_cost=args.group_cost,
+                               return_report=True)
+    print(report)
+    if args.show_layers:
+        print(report.layer_table())
+    for note in report.notes:
+        print("note: " + note)
+
+    rows = [("params", count_params(model), count_params(pruned), "{:,d}"),
+            ("FLOPs", count_flops(model, size), count_flops(pruned, size), "{:,d}")]
+    if args.latency_batch > 0:
+        lat = compare_latency({"before": model, "after": pruned}, size, args.latency_batch,
+                              rounds=args.latency_rounds, num_threads=args.threads)
+        rows.append(("latency (s, batch {}, {} threads)".format(args.latency_batch,
+                                                                args.threads or torch.get_num_threads()),
+                     lat["before"]["median"], lat["after"]["median"], "{:.3f}"))
+    print("\n{:<36s} {:>16s} {:>16s} {:>8s}".format("", "before", "after", "ratio"))
+    for name, before, after, fmt in rows:
+        print("{:<36s} {:>16s} {:>16s} {:>7.2f}x".format(name, fmt.format(before), fmt.format(after),
+                                                         before / after if after else float("inf")))
+    if args.out:
+        save_pruned_model(pruned, args.out, arch=arch, report=report)
+        print("\nsaved {} (reload: ptl_torchreid.compress.load_pruned_model)".format(args.out))
+    return pruned
+
+
+if __name__ == "__main__":
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
