@@ -189,3 +189,19 @@ def test_bad_input_and_options_give_clear_errors():
         cell.configure(eval_state="mean")
     with pytest.raises(ValueError, match="momentum"):
         cell.configure(momentum=1.5)
+
+
+def test_fused_cell_gradient_matches_autograd_reference():
+    from ptl_torchreid.models.bconv import _CellUpdate
+
+    torch.manual_seed(0)
+    gates = torch.randn(3, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    prev = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda g: _CellUpdate.apply(g, prev)[0], (gates,))
+    a_i, a_f, a_o, a_g = gates.chunk(4, 1)
+    cell = torch.sigmoid(a_f) * prev + torch.sigmoid(a_i) * torch.tanh(a_g)
+    reference = torch.sigmoid(a_o) * torch.tanh(cell)
+    out, fused_cell = _CellUpdate.apply(gates, prev)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(fused_cell, cell.detach())
+    assert not fused_cell.requires_grad
