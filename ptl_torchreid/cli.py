@@ -30,17 +30,16 @@ from ptl_torchreid.config import (
     synthetic_kwargs,
     torchreid_image_datasets,
 )
-from ptl_torchreid.data.synthetic import register_synthetic_dataset
-from ptl_torchreid.engine import ENGINES, build_optimizer, unwrap_model
+from ptl_torchreid.data import DatasetRootError, register_synthetic_dataset
+from ptl_torchreid.engine import ENGINES, build_optimizer
 from ptl_torchreid.models import build_model as _build_model
-from ptl_torchreid.models import is_ptl
-from ptl_torchreid.utils.checkpoint import load_checkpoint, load_weights
+from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_weights
 
 torchreid = _torchreid.torchreid
 
 __all__ = [
     "COMMANDS",
-    "DatasetNotFoundError",
     "build_datamanager",
     "build_engine",
     "build_model",
@@ -51,10 +50,6 @@ __all__ = [
     "register_command",
     "run",
 ]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where the config says; nothing is downloaded."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,7 +78,7 @@ def check_dataset_roots(cfg):
             continue  # a user-registered dataset that does not follow torchreid's layout convention
         expected = osp.join(root, subdir)
         if not osp.isdir(expected):
-            raise DatasetNotFoundError(
+            raise DatasetRootError(
                 "dataset '{}' was not found: expected its files under {} (data.root = '{}'). ptl-torchreid "
                 "does not download datasets; put {} there (torchreid's layout) or point --root / data.root at "
                 "the folder that contains '{}'.".format(name, expected, cfg.data.root, name, subdir)
@@ -102,16 +97,11 @@ def build_datamanager(cfg):
     except RuntimeError as e:
         # torchreid's check_before_run: a dataset folder exists but lacks a required sub-folder or file.
         if "is not found" in str(e):
-            raise DatasetNotFoundError(
+            raise DatasetRootError(
                 "incomplete dataset under data.root = '{}': {}. Check the folder layout torchreid expects for "
                 "{}.".format(cfg.data.root, e, ", ".join(_dataset_names(cfg)))
             ) from None
         raise
-
-
-def _state_dict_keys(checkpoint):
-    sd = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
-    return [k[len("module."):] if k.startswith("module.") else k for k in sd]
 
 
 def load_initial_weights(model, path, mode="match", trust=False):
@@ -121,13 +111,12 @@ def load_initial_weights(model, path, mode="match", trust=False):
     model pretrained on one dataset, fine-tuned with PTL on another); a PTL checkpoint loads into the whole
     model.
     """
-    net = unwrap_model(model)
+    net = unwrap(model)
     target = net
-    if is_ptl(net):
-        keys = _state_dict_keys(load_checkpoint(path, map_location="cpu", trust=trust))
-        if keys and not any(k.startswith("backbone.") for k in keys):
-            target = net.backbone
-            print('Loading plain model weights from "{}" into the PTL backbone'.format(path))
+    checkpoint = load_checkpoint(path, map_location="cpu", trust=trust)
+    if is_ptl(net) and not any(k.startswith("backbone.") for k in extract_state_dict(checkpoint)):
+        target = net.backbone
+        print('Loading plain model weights from "{}" into the PTL backbone'.format(path))
     return load_weights(target, path, mode=mode, trust=trust)
 
 
@@ -325,7 +314,7 @@ def main(argv=None):
                 __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu"))
             print("Configuration:\n{}".format(cfg.dump()))
             COMMANDS[command].run(cfg, args)
-    except (ConfigError, DatasetNotFoundError) as e:
+    except (ConfigError, DatasetRootError, CheckpointError) as e:
         print("ptl-torchreid: error: {}".format(e), file=sys.stderr)
         return 2
     return 0

@@ -51,10 +51,8 @@ PTL_RESET_POLICIES = ("epoch", "never", "iter")
 LOSSES = ("softmax", "triplet")
 DIST_METRICS = ("euclidean", "cosine")
 TRANSFORMS = ("random_flip", "random_crop", "random_patch", "color_jitter", "random_erase")
-AMP_DTYPES = ("auto", "float16", "bfloat16")
+AMP_DTYPES = ("auto", "fp16", "bf16")
 LOAD_WEIGHTS_MODES = ("strict", "match")
-# The embedded synthetic datasets all share this name prefix (synthetic_reid, synthetic_source, ...).
-SYNTHETIC_PREFIX = "synthetic"
 
 
 class ConfigError(ValueError):
@@ -90,13 +88,14 @@ def get_default_config():
     cfg.data.save_dir = "log"
     cfg.data.load_train_targets = False
     # Embedded synthetic datasets (synthetic_reid / synthetic_source / synthetic_target), generated into
-    # data.root on first use.
+    # data.root on first use. -1 keeps the named dataset's own default (the transfer pair's two domains
+    # differ in size and cameras); a value applies to every synthetic dataset of the run.
     cfg.data.synthetic = CN()
-    cfg.data.synthetic.num_train_ids = 64
-    cfg.data.synthetic.num_test_ids = 48
-    cfg.data.synthetic.num_cameras = 4
-    cfg.data.synthetic.images_per_id_per_camera = 2
-    cfg.data.synthetic.seed = 0
+    cfg.data.synthetic.num_train_ids = -1
+    cfg.data.synthetic.num_test_ids = -1
+    cfg.data.synthetic.num_cameras = -1
+    cfg.data.synthetic.images_per_id_per_camera = -1
+    cfg.data.synthetic.seed = -1
 
     cfg.market1501 = CN()
     cfg.market1501.use_500k_distractors = False
@@ -130,7 +129,7 @@ def get_default_config():
     cfg.train.print_freq = 20
     cfg.train.seed = 1
     cfg.train.amp = False  # mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on the CPU
-    cfg.train.amp_dtype = "auto"  # 'auto' | 'float16' | 'bfloat16'
+    cfg.train.amp_dtype = "auto"  # 'auto' | 'fp16' | 'bf16'
     cfg.train.progress_bar = True  # tqdm bars for training and feature extraction
 
     cfg.sgd = CN()
@@ -418,7 +417,9 @@ def _check(cond, key, value, requirement):
 
 def is_synthetic_dataset(name):
     """Whether ``name`` is one of the embedded synthetic datasets (generated, never downloaded)."""
-    return name.startswith(SYNTHETIC_PREFIX)
+    from ptl_torchreid.data import registered_synthetic_datasets
+
+    return name in registered_synthetic_datasets()
 
 
 # torchreid lookups that have no public API. They belong with the rest of torchreid's layout knowledge in
@@ -427,7 +428,7 @@ def is_synthetic_dataset(name):
 
 def torchreid_image_datasets():
     """torchreid's image-dataset registry (name -> class), including the registered synthetic datasets."""
-    import ptl_torchreid.data.synthetic  # noqa: F401  (registers the synthetic datasets)
+    import ptl_torchreid.data  # noqa: F401  (registers the synthetic datasets)
     from ptl_torchreid import _torchreid
 
     return vars(_torchreid.torchreid.data.datasets)["__image_datasets"]
@@ -482,11 +483,14 @@ def validate_config(cfg):
            cfg.data.norm_std, "needs 3 positive values (RGB)")
     _check(bool(cfg.data.save_dir), "data.save_dir", cfg.data.save_dir, "must not be empty")
     syn = cfg.data.synthetic
-    for k in ("num_train_ids", "num_test_ids", "images_per_id_per_camera"):
-        _check(syn[k] >= 1, "data.synthetic." + k, syn[k], "must be >= 1")
-    _check(syn.num_cameras >= 2, "data.synthetic.num_cameras", syn.num_cameras,
-           "needs at least 2 cameras (query and gallery come from different cameras)")
-    _check(syn.seed >= 0, "data.synthetic.seed", syn.seed, "must be >= 0")
+    unset = " (or -1 for the dataset's own default)"
+    _check(syn.num_train_ids == -1 or syn.num_train_ids >= 2, "data.synthetic.num_train_ids", syn.num_train_ids,
+           "softmax training needs at least 2 identities" + unset)
+    for k in ("num_test_ids", "images_per_id_per_camera"):
+        _check(syn[k] == -1 or syn[k] >= 1, "data.synthetic." + k, syn[k], "must be >= 1" + unset)
+    _check(syn.num_cameras == -1 or syn.num_cameras >= 2, "data.synthetic.num_cameras", syn.num_cameras,
+           "needs at least 2 cameras (query and gallery come from different cameras)" + unset)
+    _check(syn.seed >= -1, "data.synthetic.seed", syn.seed, "must be >= 0" + unset)
 
     _choice("sampler.train_sampler", cfg.sampler.train_sampler, choices["samplers"])
     _choice("sampler.train_sampler_t", cfg.sampler.train_sampler_t, choices["samplers"])
@@ -613,15 +617,9 @@ def imagedata_kwargs(cfg):
 
 
 def synthetic_kwargs(cfg):
-    """Parameters for ``ptl_torchreid.data.synthetic.register_synthetic_dataset``."""
-    s = cfg.data.synthetic
-    return {
-        "num_train_ids": s.num_train_ids,
-        "num_test_ids": s.num_test_ids,
-        "num_cameras": s.num_cameras,
-        "images_per_id_per_camera": s.images_per_id_per_camera,
-        "seed": s.seed,
-    }
+    """Parameters for ``ptl_torchreid.data.register_synthetic_dataset``: the ``data.synthetic`` values that are
+    set (not -1); the others keep the named dataset's defaults."""
+    return {k: v for k, v in cfg.data.synthetic.items() if v != -1}
 
 
 def model_kwargs(cfg, num_classes):
@@ -633,13 +631,17 @@ def model_kwargs(cfg, num_classes):
         "pretrained": cfg.model.pretrained,
     }
     if is_ptl_model_name(cfg.model.name):
-        kwargs.update(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum)
+        # The cells' state shapes follow the input size, so the model is built for data.height x data.width.
+        kwargs.update(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum,
+                      input_size=(cfg.data.height, cfg.data.width))
     return kwargs
 
 
 def is_ptl_model_name(name):
-    """Whether a registered model name is a PTL model (all are registered as ``ptl_<backbone>``)."""
-    return name.startswith("ptl_")
+    """Whether ``name`` is one of the PTL models (``ptl_torchreid.models.PTL_MODELS``)."""
+    from ptl_torchreid.models import PTL_MODELS
+
+    return name in PTL_MODELS
 
 
 def optimizer_kwargs(cfg):

@@ -107,8 +107,7 @@ def test_train_then_test_and_visrank(data_root, tmp_path, capsys):
     assert any(p.name.startswith("train-") and p.name.endswith(".log") for p in (tmp_path / "train").iterdir())
 
     # test: evaluates the trained weights, trains nothing.
-    assert main(["test"] + demo_args(data_root, tmp_path / "test", "model.load_weights", str(best),
-                                     "model.load_weights_mode", "strict")) == 0
+    assert main(["test"] + demo_args(data_root, tmp_path / "test", "model.load_weights", str(best))) == 0
     out = capsys.readouterr().out
     assert "Start training" not in out and "Rank-1" in out
     assert not (tmp_path / "test" / "model").exists()

@@ -160,11 +160,12 @@ def test_kwargs_mappers_match_torchreid_signatures():
     assert lr_scheduler_kwargs(cfg)["stepsize"] == 20  # single_step takes an int
     assert model_kwargs(cfg, 10) == {"name": "ptl_osnet_x0_25", "num_classes": 10, "loss": "triplet",
                                      "pretrained": True, "state_mode": "dataset", "eval_state": "running",
-                                     "momentum": 0.1}
+                                     "momentum": 0.1, "input_size": (256, 128)}
     plain = load_config(opts=["model.name", "osnet_x0_25"])
     assert "state_mode" not in model_kwargs(plain, 10)  # PTL options only for PTL models
-    assert set(synthetic_kwargs(cfg)) == {"num_train_ids", "num_test_ids", "num_cameras",
-                                          "images_per_id_per_camera", "seed"}
+    assert synthetic_kwargs(cfg) == {}  # -1: each synthetic dataset keeps its own defaults
+    sized = load_config(opts=["data.synthetic.num_train_ids", "6", "data.synthetic.seed", "0"])
+    assert synthetic_kwargs(sized) == {"num_train_ids": 6, "seed": 0}
     softmax = load_config()
     assert "margin" not in engine_kwargs(softmax)
     assert PTLImageSoftmaxEngine is not None and build_optimizer is not None

@@ -1,7 +1,7 @@
 """PTL engines: torchreid's image engines plus cell-state handling, freezing, logging and safe checkpoints."""
 from ptl_torchreid.engine.engines import PTLImageSoftmaxEngine, PTLImageTripletEngine
-from ptl_torchreid.engine.mixin import RESET_POLICIES, PTLEngineMixin, clamp_ranks
-from ptl_torchreid.engine.optim import build_optimizer, unwrap_model
+from ptl_torchreid.engine.mixin import RESET_POLICIES, PTLEngineMixin, clamp_ranks, resolve_precision
+from ptl_torchreid.engine.optim import build_optimizer
 
 __all__ = [
     "ENGINES",
@@ -11,7 +11,7 @@ __all__ = [
     "RESET_POLICIES",
     "build_optimizer",
     "clamp_ranks",
-    "unwrap_model",
+    "resolve_precision",
 ]
 
 # loss.name -> engine class

@@ -5,7 +5,6 @@ backbone freezing, device placement and mixed precision, per-epoch logging (cons
 bars, vectorised ranking evaluation with rank clamping, and weights-only-safe checkpoints with ``model-best``.
 A concrete engine only supplies :meth:`compute_losses`.
 """
-import contextlib
 import datetime
 import math
 import os.path as osp
@@ -17,15 +16,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ptl_torchreid._torchreid import torchreid
-from ptl_torchreid.engine.optim import unwrap_model
 from ptl_torchreid.metrics import evaluate_rank
-from ptl_torchreid.models import is_ptl
-from ptl_torchreid.utils.checkpoint import load_checkpoint, save_checkpoint, to_plain
+from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler
+from ptl_torchreid.utils.checkpoint import CheckpointManager, load_checkpoint, to_plain
 
-__all__ = ["PTLEngineMixin", "RESET_POLICIES"]
+__all__ = ["PTLEngineMixin", "RESET_POLICIES", "clamp_ranks", "resolve_precision"]
 
 RESET_POLICIES = ("epoch", "never", "iter")
-_AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PTLEngineMixin:
@@ -36,10 +34,12 @@ class PTLEngineMixin:
     - ``reset_policy``: when the carried cell state is zeroed: ``'epoch'`` (at every epoch start), ``'never'``,
       or ``'iter'`` (before every ``reset_every_n_iters``-th training step, counted over the whole run);
     - ``freeze_backbone_epochs``: train only the PTL parameters for the first K epochs; -1: throughout;
-    - ``amp`` / ``amp_dtype``: autocast (``'auto'``: float16 with a GradScaler on CUDA, bfloat16 on the CPU);
+    - ``amp`` / ``amp_dtype``: autocast (``'auto'``: fp16 with a GradScaler on CUDA, bf16 on the CPU; or
+      ``'fp16'`` / ``'bf16'``);
     - ``device``: where to train; default CUDA when ``use_gpu`` and available, else the CPU;
     - ``progress_bar``: tqdm bars for training and feature extraction;
-    - ``checkpoint_extras``: plain-typed entries added to every checkpoint (e.g. the config as YAML text).
+    - ``checkpoint_extras``: plain-typed entries added to every checkpoint (e.g. the config as YAML text);
+    - ``keep_last``: periodic checkpoints kept (None: all, as torchreid); ``model-best`` is always kept.
 
     A scheduler is always present: without one a constant schedule is used, so checkpoints always hold one.
     PTL-specific behaviour applies only when ``ptl_torchreid.models.is_ptl(model)``.
@@ -47,7 +47,7 @@ class PTLEngineMixin:
 
     def __init__(self, datamanager, model, optimizer, *, reset_policy="epoch", reset_every_n_iters=0,
                  freeze_backbone_epochs=0, amp=False, amp_dtype="auto", device=None, progress_bar=True,
-                 checkpoint_extras=None, **kwargs):
+                 checkpoint_extras=None, keep_last=None, **kwargs):
         if reset_policy not in RESET_POLICIES:
             raise ValueError("reset_policy must be one of {}, got {!r}".format(RESET_POLICIES, reset_policy))
         if reset_policy == "iter" and reset_every_n_iters < 1:
@@ -75,16 +75,13 @@ class PTLEngineMixin:
         self.checkpoint_extras = dict(checkpoint_extras or {})
         self.is_ptl = is_ptl(model)
 
-        self.amp = bool(amp)
-        if amp_dtype == "auto":
-            amp_dtype = "float16" if self.device.type == "cuda" else "bfloat16"
-        if amp_dtype not in _AMP_DTYPES:
-            raise ValueError("amp_dtype must be 'auto', 'float16' or 'bfloat16', got {!r}".format(amp_dtype))
-        self.amp_dtype = _AMP_DTYPES[amp_dtype]
-        # Loss scaling is needed for float16 gradients only; bfloat16 has float32's range.
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=self.amp and self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        )
+        self.precision = resolve_precision(amp, amp_dtype, self.device)
+        self.amp = self.precision != "fp32"
+        self.amp_dtype = autocast_dtype(self.precision)
+        # Loss scaling for fp16 only; a disabled scaler passes through, so the step is the same for all.
+        self.scaler = make_grad_scaler(self.device.type, self.precision)
+        self.keep_last = keep_last
+        self._checkpoint_managers = {}
 
         self.max_epoch = 0
         self.num_batches = 0
@@ -100,7 +97,7 @@ class PTLEngineMixin:
     @property
     def net(self):
         """The model without DataParallel / DDP wrappers."""
-        return unwrap_model(self.model)
+        return unwrap(self.model)
 
     def reset_state(self):
         """Zero the carried cell states (no-op for a plain torchreid model)."""
@@ -108,7 +105,7 @@ class PTLEngineMixin:
             self.net.reset_state()
 
     def state_norm(self):
-        """Mean L2 norm of the carried cell states, or None for a plain torchreid model."""
+        """The model's ``state_norm()`` (magnitude of the carried cell states), or None for a plain model."""
         return float(self.net.state_norm()) if self.is_ptl else None
 
     def backbone_frozen(self, epoch):
@@ -135,9 +132,7 @@ class PTLEngineMixin:
     # ----------------------------------------------------------------------------------------------------
 
     def _autocast(self):
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device.type, self.precision)
 
     def compute_losses(self, outputs, pids):
         """Return ``(loss, summary)`` for the model outputs; ``summary`` maps names to floats."""
@@ -362,16 +357,21 @@ class PTLEngineMixin:
             is_best = True
         self._save_checkpoint(epoch, rank1, save_dir, is_best=is_best)
 
+    def checkpoint_manager(self, save_dir):
+        """The :class:`CheckpointManager` of ``<save_dir>/model`` (torchreid's checkpoint folder)."""
+        folder = osp.join(save_dir, "model")
+        if folder not in self._checkpoint_managers:
+            self._checkpoint_managers[folder] = CheckpointManager(folder, keep_last=self.keep_last)
+        return self._checkpoint_managers[folder]
+
     def _save_checkpoint(self, epoch, rank1, save_dir, is_best=False):
-        """Write ``<save_dir>/model/model.pth.tar-<epoch>`` (torchreid's layout), and ``model-best.pth.tar``."""
-        state = self.checkpoint_state(epoch, rank1)
-        path = osp.join(save_dir, "model", "model.pth.tar-{}".format(epoch + 1))
-        save_checkpoint(state, path)
+        """Write ``<save_dir>/model/model.pth.tar-<epoch>`` (torchreid's naming) atomically, and
+        ``model-best.pth.tar`` when ``is_best``. Weights with NaN/inf are refused, keeping the last good files."""
+        manager = self.checkpoint_manager(save_dir)
+        path = manager.save(self.checkpoint_state(epoch, rank1), epoch=epoch + 1, is_best=is_best)
         print('Checkpoint saved to "{}"'.format(path))
         if is_best:
-            best = osp.join(save_dir, "model", "model-best.pth.tar")
-            save_checkpoint(state, best)
-            print('Best so far (Rank-1 {:.1%}) saved to "{}"'.format(rank1, best))
+            print('Best so far (Rank-1 {:.1%}) saved to "{}"'.format(rank1, manager.best_path))
         return path
 
     def resume(self, path, trust=False):
@@ -395,8 +395,16 @@ class PTLEngineMixin:
         self.best_rank1 = float(state.get("best_rank1", -1.0))
         self.iteration = int(state.get("iteration", 0))
         self.last_results = state.get("results", {})
-        # The carried state is not part of a checkpoint; start from zeros, as at an epoch start.
-        self.reset_state()
+
+
+def resolve_precision(amp, amp_dtype, device):
+    """'fp32' without ``amp``; otherwise ``amp_dtype``, where 'auto' is fp16 on CUDA and bf16 elsewhere."""
+    device = torch.device(device)
+    if not amp:
+        return "fp32"
+    if amp_dtype == "auto":
+        amp_dtype = "fp16" if device.type == "cuda" else "bf16"
+    return check_precision(device.type, amp_dtype)
 
 
 def clamp_ranks(ranks, num_gallery, dataset_name=""):

@@ -1,17 +1,8 @@
 """Optimizer construction with a separate learning rate for the PTL parameters."""
-import torch.nn as nn
-
 from ptl_torchreid._torchreid import torchreid
-from ptl_torchreid.models import is_ptl
+from ptl_torchreid.models import is_ptl, unwrap
 
-__all__ = ["build_optimizer", "unwrap_model"]
-
-
-def unwrap_model(model):
-    """The module inside DataParallel / DistributedDataParallel wrappers."""
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        model = model.module
-    return model
+__all__ = ["build_optimizer"]
 
 
 def build_optimizer(model, lr_mult=1.0, **kwargs):
@@ -26,7 +17,7 @@ def build_optimizer(model, lr_mult=1.0, **kwargs):
 
     For PTL models the split is defined by the model, so ``new_layers`` is not used.
     """
-    net = unwrap_model(model)
+    net = unwrap(model)
     if not is_ptl(net):
         return torchreid.optim.build_optimizer(model, **kwargs)
 
