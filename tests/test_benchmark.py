@@ -25,15 +25,25 @@ def _nonempty_png(path):
         return f.read(8) == b"\x89PNG\r\n\x1a\n" and osp.getsize(path) > 1000
 
 
-def test_compare_end_to_end_tiny(tmp_path, capsys):
-    out, js, plots = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "plots" / "bench"
-    argv = ["--seeds", "1", "--epochs", "1", "--pretrain-epochs", "1", "--eval-freq", "1", "--ablation",
-            "--throughput-rounds", "1", "--threads", "1", "--root", str(tmp_path / "data"),
-            "--work-dir", str(tmp_path / "work"), "--out", str(out), "--json", str(js), "--plots", str(plots),
-            "--spec", "rebuilt=osnet_x0_25@ptl_torchreid.cli:build_model"] + TINY
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Data root and work dir shared by the end-to-end tests (the second reuses the cached pretraining)."""
+    root = tmp_path_factory.mktemp("bench")
+    return {"root": str(root / "data"), "work": str(root / "work")}
+
+
+def _argv(shared, tmp_path, *extra):
+    return ["--seeds", "1", "--epochs", "1", "--pretrain-epochs", "1", "--eval-freq", "1", "--throughput-rounds",
+            "1", "--threads", "1", "--root", shared["root"], "--work-dir", shared["work"],
+            "--out", str(tmp_path / "bench.md"), "--json", str(tmp_path / "bench.json"),
+            "--plots", str(tmp_path / "plots" / "bench")] + list(extra) + TINY
+
+
+def test_compare_end_to_end_tiny(shared, tmp_path):
+    argv = _argv(shared, tmp_path, "--spec", "rebuilt=osnet_x0_25@ptl_torchreid.cli:build_model")
     assert benchmark.main(argv) == 0
 
-    text = out.read_text()
+    text = (tmp_path / "bench.md").read_text()
     assert text.startswith("Command: `python tools/benchmark.py")
     assert "load average" in text
     for row in ("Rank-1 (%)", "Rank-5 (%)", "mAP (%)", "training step", "training images/s", "embedding images/s",
@@ -43,35 +53,43 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
     # Baseline, PTL and the extra column built by the spec's builder; ratios to the baseline.
     assert "baseline (osnet_x0_25)" in text and "PTL (ptl_osnet_x0_25)" in text and "rebuilt (osnet_x0_25)" in text
     assert "PTL/baseline" in text and "rebuilt/baseline" in text
-    # The ablation: every cell choice is a row.
+    assert "### PTL ablation" not in text
+
+    plots = str(tmp_path / "plots" / "bench")
+    for suffix in ("_cmc.png", "_training.png"):
+        assert _nonempty_png(plots + suffix), suffix
+        assert osp.basename(plots + suffix) in text  # linked from the Markdown
+
+    report = json.loads((tmp_path / "bench.json").read_text())
+    costs = report["costs"]
+    assert costs["PTL"]["flops"]["inference"] > costs["baseline"]["flops"]["inference"] > 0
+    assert costs["PTL"]["params"] > costs["baseline"]["params"]
+    for label in ("baseline", "PTL", "rebuilt"):
+        mem = costs[label]["memory"]
+        assert mem["peak_bytes"] > 0 and mem["train_bytes"] is not None
+        assert costs[label]["step_seconds"] > 0 and costs[label]["embed_images_per_s"] > 0
+    base_run = report["runs"]["baseline"][0]
+    assert base_run["iter_times"] and base_run["epochs"][0]["epoch"] == 1 and base_run["evals"]
+    # Every model fine-tuned from the same pretrained weights; PTL loads them into its backbone.
+    weights = report["pretrain_weights"]
+    assert weights and osp.isfile(weights)
+    for label in ("baseline", "PTL", "rebuilt"):
+        assert weights in open(report["runs"][label][0]["log"]).read()
+    assert "into the PTL backbone" in open(report["runs"]["PTL"][0]["log"]).read()
+
+
+def test_ablation_end_to_end_tiny_reuses_pretraining(shared, tmp_path, capsys):
+    argv = _argv(shared, tmp_path, "--ablation", "--no-memory")
+    assert benchmark.main(argv) == 0
+    assert "pretraining: reusing" in capsys.readouterr().out
+    text = (tmp_path / "bench.md").read_text()
     assert "### PTL ablation" in text
     for variant in ("state_mode slot", "eval_state zero", "reset never", "reset iter 4", "freeze backbone 3 ep",
                     "freeze backbone throughout"):
         assert variant in text, variant
-
-    for suffix in ("_cmc.png", "_training.png", "_ablation.png"):
-        assert _nonempty_png(str(plots) + suffix), suffix
-        assert osp.basename(str(plots) + suffix) in text  # linked from the Markdown
-
-    report = json.loads(js.read_text())
-    costs = report["costs"]
-    assert costs["PTL"]["flops"]["inference"] > costs["baseline"]["flops"]["inference"] > 0
-    assert costs["PTL"]["params"] > costs["baseline"]["params"]
-    assert costs["baseline"]["memory"]["peak_bytes"] > 0 and costs["PTL"]["memory"]["train_bytes"] is not None
-    base_run = report["runs"]["baseline"][0]
-    assert base_run["iter_times"] and base_run["epochs"][0]["epoch"] == 1 and base_run["evals"]
-    # Both models fine-tuned from the same pretrained weights.
-    assert report["pretrain_weights"] and osp.isfile(report["pretrain_weights"])
-    for label in ("baseline", "PTL"):
-        log = open(report["runs"][label][0]["log"]).read()
-        assert report["pretrain_weights"] in log
-    assert "into the PTL backbone" in open(report["runs"]["PTL"][0]["log"]).read()
-
-    # A second run reuses the cached pretraining.
-    capsys.readouterr()
-    assert benchmark.main(argv[:argv.index("--ablation")] + argv[argv.index("--ablation") + 1:]
-                          + ["--no-memory"]) == 0
-    assert "pretraining: reusing" in capsys.readouterr().out
+    assert _nonempty_png(str(tmp_path / "plots" / "bench_ablation.png"))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "PTL, eval_state zero" in report["runs"]["PTL"][0]["extra_results"]
 
 
 def test_speed_mode_tiny(tmp_path):

@@ -4,6 +4,7 @@ Nothing here trains; the functions take built models/engines and return plain nu
 other tools (and by a pruned-model column later).
 """
 import copy
+import ctypes
 import os
 import platform
 import resource
@@ -19,6 +20,8 @@ __all__ = [
     "sync",
     "rss_bytes",
     "release_free_memory",
+    "heap_in_use_bytes",
+    "HeapPeak",
     "reset_peak_rss",
     "peak_rss_bytes",
     "interleaved",
@@ -87,8 +90,6 @@ def rss_bytes():
 def release_free_memory():
     """Return freed heap memory to the OS (glibc ``malloc_trim``), so that RSS counts memory in use."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         return True
     except (OSError, AttributeError):
@@ -112,6 +113,64 @@ def peak_rss_bytes():
         scale = 1 if platform.system() == "Darwin" else 1024
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     return peak
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_in_use_bytes():
+    """Bytes malloc has handed out and not got back (glibc ``mallinfo2``: heap chunks in use + mmapped
+    chunks); unlike RSS it does not count freed memory the allocator keeps. None without glibc."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+class HeapPeak:
+    """Context manager: peak of :func:`heap_in_use_bytes` sampled after every aten operation (forward and
+    backward), the CPU counterpart of ``torch.cuda.max_memory_allocated``. ``peak`` is None without glibc."""
+
+    def __init__(self):
+        self.peak = None
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.peak = heap_in_use_bytes()
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                now = heap_in_use_bytes()
+                if now is not None and now > tracker.peak:
+                    tracker.peak = now
+                return out
+
+        self._mode = _Mode() if self.peak is not None else None
+        if self._mode is not None:
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+        return False
 
 
 # -- timing ---------------------------------------------------------------------------------------------------

@@ -85,6 +85,9 @@ def plot_cmc(curves, path, title=""):
         if len(runs) > 1:
             ax.fill_between(ranks, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.15)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
     ax.set_title(title or "CMC (mean over seeds, band: ±1 std)")
