@@ -12,6 +12,8 @@ follows, a direct child as torchreid's ``open_specified_layers`` expects.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .bconv import BConvCell, conv_output_size
 
@@ -28,6 +30,41 @@ def side_stream_widths(stage3_channels, divisor=8):
     return {k: max(divisor, int(-(-v * scale // divisor)) * divisor) for k, v in REFERENCE_WIDTHS.items()}
 
 
+class _ConcatConv1x1(torch.autograd.Function):
+    """``conv1x1(cat(inputs), weight)`` that saves the inputs rather than their concatenation.
+
+    The backbone keeps its tap maps for its own backward anyway, so saving them costs nothing, whereas the
+    concatenation would be a second copy of every tap held until backward. The backward re-concatenates and
+    calls the same convolution backward autograd would call, so gradients are identical.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, *inputs):
+        ctx.save_for_backward(weight, *inputs)
+        return F.conv2d(torch.cat(inputs, 1), weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        weight, *inputs = ctx.saved_tensors
+        need_inputs = any(ctx.needs_input_grad[1:])
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, torch.cat(inputs, 1), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [need_inputs, ctx.needs_input_grad[0], False])
+        grads, start = [], 0
+        for x, needed in zip(inputs, ctx.needs_input_grad[1:]):
+            grads.append(grad_x.narrow(1, start, x.shape[1]) if needed else None)
+            start += x.shape[1]
+        return (grad_w, *grads)
+
+
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # device types without autocast, e.g. 'meta'
+        return False
+
+
 class FuseBlock(nn.Sequential):
     """1x1 conv + BN + ReLU applied to the channel concatenation of a backbone tap and the side stream."""
 
@@ -36,6 +73,13 @@ class FuseBlock(nn.Sequential):
                          nn.ReLU(inplace=True))
 
     def forward(self, *inputs):
+        conv, bn, relu = self
+        weight = conv.weight
+        # Memory-saving path when training in one dtype; autocast (which casts inside the convolution) and
+        # inference take the plain path.
+        if (torch.is_grad_enabled() and not _autocast_enabled(weight.device.type)
+                and all(x.dtype == weight.dtype for x in inputs)):
+            return relu(bn(_ConcatConv1x1.apply(weight, *inputs)))
         return super().forward(torch.cat(inputs, 1))
 
 
