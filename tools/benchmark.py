@@ -288,6 +288,10 @@ def probe_memory(cfg, spec, work_dir, steps=3, random_batch=False, threads=None,
         spec.label, proc.returncode, (proc.stdout + proc.stderr)[-3000:]))
 
 
+def _first_item(items):
+    return items[0]
+
+
 def _probe_main(args):
     """Subprocess side of :func:`probe_memory`: build the engine, load batches, then train ``steps`` steps."""
     spec = ModelSpec.from_json(args.probe_spec)
@@ -307,8 +311,10 @@ def _probe_main(args):
                     batches.append(b)
                     if len(batches) == args.probe_steps:
                         break
-        # The engine's own epoch loop over these batches (state reset, freezing, optimizer, scheduler).
-        engine.train_loader = batches
+        # The engine's own epoch loop over these batches (state reset, freezing, optimizer, scheduler): a loader
+        # whose items are the prepared batches, in order.
+        engine.train_loader = torch.utils.data.DataLoader(batches, batch_size=1, shuffle=False,
+                                                          collate_fn=_first_item)
         engine.epoch, engine.max_epoch = 0, 1
         kwargs = engine_run_kwargs(cfg)
         device = engine.device

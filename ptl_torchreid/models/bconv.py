@@ -55,37 +55,6 @@ def check_state_options(state_mode, eval_state, momentum):
     _check_momentum(momentum)
 
 
-class _CellUpdate(torch.autograd.Function):
-    """C_t = sig(a_f) * C_prev + sig(a_i) * tanh(a_g);  H_t = sig(a_o) * tanh(C_t), for float32 gates.
-
-    Autograd would keep six gate-sized intermediates of every cell for the backward pass; this keeps only the
-    gates and recomputes the element-wise terms, which cuts PTL's extra training memory. ``C_prev`` is detached
-    (no gradient into earlier mini-batches), and C_t is returned without gradient for the carried state.
-    """
-
-    @staticmethod
-    def forward(ctx, gates, prev):
-        a_i, a_f, a_o, a_g = gates.chunk(4, dim=1)
-        cell = torch.sigmoid(a_f) * prev + torch.sigmoid(a_i) * torch.tanh(a_g)
-        out = torch.sigmoid(a_o) * torch.tanh(cell)
-        ctx.save_for_backward(gates, prev)
-        ctx.mark_non_differentiable(cell)
-        return out, cell
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_cell):
-        gates, prev = ctx.saved_tensors
-        a_i, a_f, a_o, a_g = gates.chunk(4, dim=1)
-        s_i, s_f, s_o, t_g = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.sigmoid(a_o), torch.tanh(a_g)
-        t_c = torch.tanh(s_f * prev + s_i * t_g)
-        grad_cell = grad_out * s_o * (1 - t_c * t_c)
-        grad_gates = torch.cat([grad_cell * t_g * s_i * (1 - s_i),
-                                grad_cell * prev * s_f * (1 - s_f),
-                                grad_out * t_c * s_o * (1 - s_o),
-                                grad_cell * s_i * (1 - t_g * t_g)], dim=1)
-        return grad_gates, None
-
-
 def conv_output_size(size, stride, kernel_size=3, padding=1):
     """Spatial size produced by the cell's convolution for an input of ``size`` (an int)."""
     return (size + 2 * padding - kernel_size) // stride + 1
