@@ -39,6 +39,9 @@ from ptl_torchreid import _torchreid  # noqa: E402
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop  # noqa
 from ptl_torchreid.models import build_model  # noqa: E402
 
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from bench_report import mean_std  # noqa: E402
+
 
 def _cpu_name():
     try:
@@ -96,17 +99,20 @@ TARGET_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "confi
                          "osnet_x0_25_synthetic_source_to_target.yaml")
 
 
-def _config(path, root, save_dir, epochs, arch):
+def _config(path, root, save_dir, epochs, arch, seed=None, evaluate=False):
     from ptl_torchreid.config import load_config
 
     opts = ["model.name", arch, "data.root", root, "data.save_dir", save_dir, "train.max_epoch", str(epochs),
             "train.stepsize", str([max(1, int(epochs * 0.75))]), "train.progress_bar", "False",
-            "model.load_weights", ""]
+            "model.load_weights", "", "test.evaluate", str(bool(evaluate))]
+    if seed is not None:
+        opts += ["train.seed", str(seed)]
     return load_config(path, opts)
 
 
 def _train(cfg, model):
-    """Train ``model`` with the engine as ``cfg`` says and return its results on the first target."""
+    """Train ``model`` with the engine as ``cfg`` says (or only evaluate it, with ``test.evaluate``) and return
+    its results on the first target."""
     from ptl_torchreid import cli
     from ptl_torchreid.config import engine_run_kwargs
 
@@ -123,21 +129,43 @@ def _train(cfg, model):
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 
 
+def _prune_cop_fitting(model, size, reduction=0.5, **kwargs):
+    """COP to a FLOP reduction; where the preset's channel rounding cannot reach it (narrow models such as
+    osnet_x0_25), halve ``round_to`` until it can. Returns (model, round_to used)."""
+    from ptl_torchreid.compress.cop import check_options
+
+    round_to = kwargs.pop("round_to", None) or check_options(flops_reduction=reduction, **kwargs)["round_to"]
+    while True:
+        try:
+            return prune_cop(model, flops_reduction=reduction, input_size=size, round_to=round_to,
+                             **kwargs), round_to
+        except ValueError as err:
+            if "cannot reach" not in str(err) or round_to == 1:
+                raise
+            round_to = max(1, round_to // 2)
+
+
 def accuracy_section(args):
     from ptl_torchreid.cli import load_initial_weights
 
     arch, work, root = args.accuracy_arch, args.work_dir, osp.join(args.work_dir, "reid-data")
     size = (128, 64)
+    seeds = args.seeds
     source_ckpt = args.source_weights
     origin = "given weights {}".format(osp.basename(source_ckpt)) if source_ckpt else \
         "trained {} epochs on synthetic_source".format(args.source_epochs)
     lines = ["## Accuracy after fine-tuning on synthetic_target ({}, 128x64)".format(arch), "",
              "Source model: {} ({}); every model below then gets the same budget of {} epochs on "
              "synthetic_target (triplet + softmax, Adam, the recipe of "
-             "configs/osnet_x0_25_synthetic_source_to_target.yaml) and is evaluated on its query/gallery. Pruned "
-             "models are cut from the source model to 50% of its FLOPs at 128x64 (Torch-Pruning bisected to "
-             "COP faster's FLOPs), then fine-tuned.".format(arch, origin, args.target_epochs), "",
-             "| model | GFLOPs (128x64) | params (M) | Rank-1 | mAP | train min |", "|---|---|---|---|---|---|"]
+             "configs/osnet_x0_25_synthetic_source_to_target.yaml), once per fine-tuning seed ({}), and is "
+             "evaluated on its query/gallery. Pruned models are cut from the source model to 50% of its FLOPs at "
+             "128x64 (Torch-Pruning bisected to COP faster's FLOPs), then fine-tuned. Pruning is data-free and "
+             "deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model evaluated right "
+             "after pruning, without fine-tuning (what the criterion kept).".format(
+                 arch, origin, args.target_epochs, ", ".join(map(str, seeds))), "",
+             "| model | GFLOPs (128x64) | params (M) | Rank-1 before | mAP before | Rank-1 | mAP | mAP per seed "
+             "| train min / seed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     if not source_ckpt:
         cfg = _config(SOURCE_CONFIG, root, osp.join(work, "source"), args.source_epochs, arch)
         torch.manual_seed(0)
@@ -149,21 +177,40 @@ def accuracy_section(args):
         load_initial_weights(m, source_ckpt)
         return m.eval()
 
-    def finetune(name, model, tag, epochs=None):
-        cfg = _config(TARGET_CONFIG, root, osp.join(work, tag), epochs or args.target_epochs, arch)
-        res = _train(cfg, model)
-        lines.append("| {} | {:.3f} | {:.3f} | {:.1%} | {:.1%} | {:.1f} |".format(
-            name, count_flops(model, size) / 1e9, count_params(model) / 1e6, res["rank1"], res["mAP"],
-            res["minutes"]))
+    def finetune(name, make_model, tag, epochs=None, before=True):
+        """Fine-tune a fresh ``make_model()`` once per seed; returns the first seed's trained model."""
+        first = None
+        rank1, mAP, minutes = [], [], []
+        pre = "- | -"
+        if before:
+            cfg = _config(TARGET_CONFIG, root, osp.join(work, tag + "_before"), 0, arch, evaluate=True)
+            res = _train(cfg, make_model())
+            pre = "{:.1%} | {:.1%}".format(res["rank1"], res["mAP"])
+        for seed in seeds:
+            model = make_model()
+            cfg = _config(TARGET_CONFIG, root, osp.join(work, "{}_seed{}".format(tag, seed)),
+                          epochs or args.target_epochs, arch, seed=seed)
+            res = _train(cfg, model)
+            rank1.append(res["rank1"] * 100)
+            mAP.append(res["mAP"] * 100)
+            minutes.append(res["minutes"])
+            first = first or model
+        (r_m, r_s), (m_m, m_s) = mean_std(rank1), mean_std(mAP)
+        lines.append("| {} | {:.3f} | {:.3f} | {} | {:.1f} ± {:.1f} | {:.1f} ± {:.1f} | {} | {:.1f} |".format(
+            name, count_flops(first, size) / 1e9, count_params(first) / 1e6, pre, r_m, r_s, m_m, m_s,
+            " ".join("{:.1f}".format(v) for v in mAP), sum(minutes) / len(minutes)))
         print("\n".join(lines), flush=True)
-        return model
+        return first
 
-    finetune("{} (unpruned)".format(arch), source_model(), "baseline")
-    cop_faster = prune_cop(source_model(), flops_reduction=0.5, preset="faster", input_size=size)
+    finetune("{} (unpruned)".format(arch), source_model, "baseline")
+    cop_faster, round_to = _prune_cop_fitting(source_model(), size, preset="faster")
     target = count_flops(cop_faster, size)
-    finetune("COP faster", cop_faster, "cop_faster")
-    finetune("COP balanced", prune_cop(source_model(), flops_reduction=0.5, preset="balanced", input_size=size),
-             "cop_balanced")
+    variants = [("COP faster (round_to={})".format(round_to), lambda: copy.deepcopy(cop_faster), "cop_faster")]
+    paper, _ = _prune_cop_fitting(source_model(), size, preset="faster", round_to=1, group_cost="mean")
+    variants.append(("COP faster, filter by filter (round_to=1, group_cost=mean)", lambda: copy.deepcopy(paper),
+                     "cop_faster_r1"))
+    balanced, _ = _prune_cop_fitting(source_model(), size, preset="balanced")
+    variants.append(("COP balanced", lambda: copy.deepcopy(balanced), "cop_balanced"))
     try:
         import torch_pruning as tp
     except ImportError:
@@ -173,18 +220,24 @@ def accuracy_section(args):
             warnings.simplefilter("ignore")
             l1 = _torch_pruning_to_flops(source_model(), target, size, tp.importance.MagnitudeImportance(p=1))
             rnd = _torch_pruning_to_flops(source_model(), target, size, tp.importance.RandomImportance())
-        finetune("Torch-Pruning L1 (global)", l1, "tp_l1")
-        finetune("Torch-Pruning random (global)", rnd, "tp_random")
+        variants += [("Torch-Pruning L1 (global)", lambda: copy.deepcopy(l1), "tp_l1"),
+                     ("Torch-Pruning random (global)", lambda: copy.deepcopy(rnd), "tp_random")]
+    for name, make, tag in variants:
+        finetune(name, make, tag)
 
     # PTL at baseline cost: the PTL model trained on the target, pruned to the plain model's FLOPs, fine-tuned.
     base_flops = count_flops(source_model(), size)
-    ptl = build_model("ptl_" + arch, num_classes=1, loss="triplet", input_size=size)
-    load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
-    ptl = finetune("ptl_{} (unpruned)".format(arch), ptl, "ptl")
-    small = prune_cop(ptl, flops_reduction=1 - base_flops / count_flops(ptl, size), preset="faster",
-                      input_size=size)
+
+    def ptl_model():
+        ptl = build_model("ptl_" + arch, num_classes=1, loss="triplet", input_size=size)
+        load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
+        return ptl
+
+    ptl = finetune("ptl_{} (unpruned)".format(arch), ptl_model, "ptl", before=False)  # seed 1's model is pruned
+    small, _ = _prune_cop_fitting(ptl, size, reduction=1 - base_flops / count_flops(ptl, size), preset="faster")
     extra = max(1, args.target_epochs // 2)
-    finetune("ptl_{} pruned to {}'s FLOPs (+{} epochs)".format(arch, arch, extra), small, "ptl_pruned", extra)
+    finetune("ptl_{} pruned to {}'s FLOPs (+{} epochs)".format(arch, arch, extra), lambda: copy.deepcopy(small),
+             "ptl_pruned", extra)
     return lines + [""]
 
 
@@ -233,6 +286,7 @@ def main(argv=None):
                         help="start section 3 from these weights instead of training on synthetic_source")
     parser.add_argument("--source-epochs", type=int, default=20)
     parser.add_argument("--target-epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="section 3: fine-tuning seeds")
     args = parser.parse_args(argv)
     size = (args.height, args.width)
     threads = args.threads or sorted({1, torch.get_num_threads()})

@@ -1,0 +1,32 @@
+"""tools/benchmark_prune.py helpers: COP at a FLOP target on a narrow model falls back to finer channel rounding."""
+import importlib
+import os.path as osp
+import sys
+
+import pytest
+
+from ptl_torchreid.compress import count_flops, prune_cop
+from ptl_torchreid.models import build_model
+
+sys.path.insert(0, osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "tools"))
+benchmark_prune = importlib.import_module("benchmark_prune")
+
+SIZE = (128, 64)
+
+
+def test_narrow_model_gets_finer_rounding_and_reaches_the_target():
+    model = build_model("osnet_x0_25", num_classes=4).eval()
+    with pytest.raises(ValueError, match="cannot reach"):  # the preset's round_to=16 is too coarse here
+        prune_cop(model, flops_reduction=0.5, preset="faster", input_size=SIZE)
+    pruned, round_to = benchmark_prune._prune_cop_fitting(model, SIZE, preset="faster")
+    assert round_to == 8
+    reduction = 1 - count_flops(pruned, SIZE) / count_flops(model, SIZE)
+    assert abs(reduction - 0.5) <= 0.02
+
+
+def test_fitting_keeps_an_explicit_round_to_that_works_and_reraises_other_errors():
+    model = build_model("resnet18", num_classes=4).eval()
+    _, round_to = benchmark_prune._prune_cop_fitting(model, SIZE, preset="faster", round_to=4)
+    assert round_to == 4
+    with pytest.raises(ValueError, match="unknown preset"):
+        benchmark_prune._prune_cop_fitting(model, SIZE, preset="fastest")
