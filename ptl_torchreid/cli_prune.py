@@ -19,28 +19,35 @@ from ptl_torchreid.compress.cop import check_options
 from ptl_torchreid.compress.criterion import GROUP_COSTS
 from ptl_torchreid.config import ConfigError, engine_run_kwargs, resume_path
 
-__all__ = ["add_prune_arguments", "run_prune", "prune_options"]
+__all__ = ["add_prune_arguments", "add_cop_arguments", "run_prune", "prune_options"]
 
 torchreid = _torchreid.torchreid
 
 
-def add_prune_arguments(parser):
-    g = parser.add_argument_group("pruning (COP)")
-    target = g.add_mutually_exclusive_group()
+def add_cop_arguments(group, target_required=False):
+    """The pruning target and ``prune_cop``'s options, as flags of ``group`` (a parser or an argument group)."""
+    target = group.add_mutually_exclusive_group(required=target_required)
     target.add_argument("--flops-reduction", type=float, help="fraction of FLOPs to remove, e.g. 0.5")
     target.add_argument("--params-reduction", type=float, help="fraction of parameters to remove")
     target.add_argument("--prune-rate", type=float, help="fraction of prunable filters to remove")
-    g.add_argument("--preset", default="balanced", choices=sorted(PRESETS),
-                   help="faster (FLOPs), smaller (parameters) or balanced")
-    g.add_argument("--alpha", type=float, default=None, help="redundancy weight (overrides the preset)")
-    g.add_argument("--beta", type=float, default=None, help="FLOP weight (overrides the preset)")
-    g.add_argument("--gamma", type=float, default=None, help="parameter weight (overrides the preset)")
-    g.add_argument("--round-to", type=int, default=None, help="keep multiples of this many channels per layer")
-    g.add_argument("--group-cost", default=None, choices=GROUP_COSTS,
-                   help="cost of residual-coupled layers: mean over the layers or their sum")
-    g.add_argument("--topk", type=int, default=3, help="k of the redundancy (top-k correlations)")
-    g.add_argument("--min-channels", type=int, default=1)
-    g.add_argument("--exclude", nargs="+", default=(), help="module names whose channels are kept")
+    group.add_argument("--preset", default="balanced", choices=sorted(PRESETS),
+                       help="faster (FLOPs), smaller (parameters) or balanced")
+    group.add_argument("--alpha", type=float, default=None, help="redundancy weight (overrides the preset)")
+    group.add_argument("--beta", type=float, default=None, help="FLOP weight (overrides the preset)")
+    group.add_argument("--gamma", type=float, default=None, help="parameter weight (overrides the preset)")
+    group.add_argument("--round-to", type=int, default=None, help="keep multiples of this many channels per layer")
+    group.add_argument("--group-cost", default=None, choices=GROUP_COSTS,
+                       help="cost of residual-coupled layers: mean over the layers or their sum")
+    group.add_argument("--topk", type=int, default=3, help="k of the redundancy (top-k correlations)")
+    group.add_argument("--min-channels", type=int, default=1)
+    group.add_argument("--max-prune-ratio", type=float, default=None,
+                       help="most of any layer's channels that may go, e.g. 0.5 (default: no limit)")
+    group.add_argument("--exclude", nargs="+", default=(), help="module names whose channels are kept")
+
+
+def add_prune_arguments(parser):
+    g = parser.add_argument_group("pruning (COP)")
+    add_cop_arguments(g)
     g.add_argument("--out", default="", help="pruned model file (default <save_dir>/model/pruned.pth.tar)")
     g.add_argument("--latency-batch", type=int, default=32, help="batch of the latency measurement (0: skip)")
     g.add_argument("--latency-rounds", type=int, default=3)
@@ -52,7 +59,8 @@ def prune_options(args):
     options = dict(flops_reduction=args.flops_reduction, params_reduction=args.params_reduction,
                    prune_rate=args.prune_rate, preset=args.preset, alpha=args.alpha, beta=args.beta,
                    gamma=args.gamma, round_to=args.round_to, group_cost=args.group_cost, topk=args.topk,
-                   min_channels=args.min_channels, exclude=tuple(args.exclude))
+                   min_channels=args.min_channels, max_prune_ratio=args.max_prune_ratio,
+                   exclude=tuple(args.exclude))
     checked = {k: v for k, v in options.items() if k != "exclude"}
     try:
         check_options(**checked)

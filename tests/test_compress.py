@@ -416,6 +416,18 @@ def test_group_cost_sum_prunes_coupled_groups_harder():
     assert coupled_kept("sum") < coupled_kept("mean")
 
 
+def test_max_prune_ratio_keeps_part_of_every_group_and_still_reaches_the_target():
+    model = build_model("osnet_x0_25", num_classes=3)
+    _, free = prune_cop(model, flops_reduction=0.5, preset="balanced", return_report=True)
+    assert min(after / before for _, before, after in free.groups) < 0.5  # the unlimited run cuts deeper
+    _, rep = prune_cop(model, flops_reduction=0.5, preset="balanced", max_prune_ratio=0.5, return_report=True)
+    assert all(after >= before / 2 for _, before, after in rep.groups)
+    assert abs(rep.flops_reduction - 0.5) <= 0.02
+    assert rep.as_dict()["max_prune_ratio"] == 0.5 and "max_prune_ratio=0.5" in str(rep)
+    with pytest.raises(ValueError, match="max_prune_ratio=0.1 the prunable layers allow at most"):
+        prune_cop(model, flops_reduction=0.5, max_prune_ratio=0.1)
+
+
 def test_params_and_rate_targets():
     model = build_model("osnet_x0_25", num_classes=3)
     _, rep = prune_cop(model, params_reduction=0.25, preset="smaller", return_report=True)
@@ -454,6 +466,8 @@ def test_rate_zero_changes_nothing_and_original_is_untouched():
     (dict(prune_rate=0.1, alpha=-1), "alpha=-1 is not valid"),
     (dict(prune_rate=0.1, round_to=0), "round_to=0 is not valid"),
     (dict(prune_rate=0.1, group_cost="max"), "group_cost='max' is not valid"),
+    (dict(prune_rate=0.1, max_prune_ratio=0), "max_prune_ratio=0 is not valid"),
+    (dict(prune_rate=0.1, max_prune_ratio=1.5), "max_prune_ratio=1.5 is not valid"),
     (dict(prune_rate=0.1, exclude=["nope"]), "exclude names ['nope'] are not modules"),
     (dict(prune_rate=0.1, tolerance=-1), "tolerance=-1 is not valid"),
 ])
@@ -640,6 +654,7 @@ def test_prune_command_prunes_finetunes_evaluates_and_saves(tmp_path, capsys):
     (["--flops-reduction", "1.5"], "flops_reduction=1.5 is not valid"),
     ([], "exactly one pruning target"),
     (["--prune-rate", "0.2", "--alpha", "-1"], "alpha=-1.0 is not valid"),
+    (["--prune-rate", "0.2", "--max-prune-ratio", "2"], "max_prune_ratio=2.0 is not valid"),
 ])
 def test_prune_command_rejects_bad_options_before_any_work(tmp_path, capsys, flags, message):
     from ptl_torchreid.cli import main

@@ -206,11 +206,16 @@ def accuracy_section(args):
     cop_faster, round_to = _prune_cop_fitting(source_model(), size, preset="faster")
     target = count_flops(cop_faster, size)
     variants = [("COP faster (round_to={})".format(round_to), lambda: copy.deepcopy(cop_faster), "cop_faster")]
-    paper, _ = _prune_cop_fitting(source_model(), size, preset="faster", round_to=1, group_cost="mean")
-    variants.append(("COP faster, filter by filter (round_to=1, group_cost=mean)", lambda: copy.deepcopy(paper),
-                     "cop_faster_r1"))
-    balanced, _ = _prune_cop_fitting(source_model(), size, preset="balanced")
-    variants.append(("COP balanced", lambda: copy.deepcopy(balanced), "cop_balanced"))
+    # Each variant prunes once (data-free, deterministic); every seed fine-tunes a fresh copy.
+    for name, tag, kwargs in (
+            ("COP faster, max_prune_ratio=0.5", "cop_faster_cap", dict(preset="faster", max_prune_ratio=0.5)),
+            ("COP faster, filter by filter (round_to=1, group_cost=mean)", "cop_faster_r1",
+             dict(preset="faster", round_to=1, group_cost="mean")),
+            ("COP balanced", "cop_balanced", dict(preset="balanced")),
+            ("COP balanced, max_prune_ratio=0.5", "cop_balanced_cap", dict(preset="balanced", max_prune_ratio=0.5))):
+        pruned, used = _prune_cop_fitting(source_model(), size, **kwargs)
+        name += "" if "round_to" in name else ", round_to={}".format(used)
+        variants.append((name, lambda pruned=pruned: copy.deepcopy(pruned), tag))
     try:
         import torch_pruning as tp
     except ImportError:

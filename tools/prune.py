@@ -26,9 +26,10 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from ptl_torchreid.compress import (PRESETS, compare_latency, count_flops, count_params, is_pruned_checkpoint,  # noqa
+from ptl_torchreid.cli_prune import add_cop_arguments, prune_options  # noqa: E402
+from ptl_torchreid.compress import (compare_latency, count_flops, count_params, is_pruned_checkpoint,  # noqa: E402
                                     load_pruned_model, prune_cop, save_pruned_model)
-from ptl_torchreid.compress.criterion import GROUP_COSTS  # noqa: E402
+from ptl_torchreid.config import ConfigError  # noqa: E402
 from ptl_torchreid.models import build_model, load_pretrained_weights  # noqa: E402
 from ptl_torchreid.utils.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
 
@@ -42,19 +43,7 @@ def build_parser():
     p.add_argument("--loss", default="softmax", choices=("softmax", "triplet"))
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=128)
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--flops-reduction", type=float, help="fraction of FLOPs to remove, e.g. 0.5")
-    target.add_argument("--params-reduction", type=float, help="fraction of parameters to remove")
-    target.add_argument("--prune-rate", type=float, help="fraction of prunable filters to remove")
-    p.add_argument("--preset", default="balanced", choices=sorted(PRESETS))
-    p.add_argument("--alpha", type=float, default=None, help="override the preset's redundancy weight")
-    p.add_argument("--beta", type=float, default=None, help="override the preset's FLOP weight")
-    p.add_argument("--gamma", type=float, default=None, help="override the preset's parameter weight")
-    p.add_argument("--round-to", type=int, default=None, help="keep multiples of this many channels per group")
-    p.add_argument("--group-cost", default=None, choices=GROUP_COSTS)
-    p.add_argument("--topk", type=int, default=3)
-    p.add_argument("--min-channels", type=int, default=1)
-    p.add_argument("--exclude", nargs="*", default=(), help="module names whose channels are kept")
+    add_cop_arguments(p, target_required=True)
     p.add_argument("--latency-batch", type=int, default=32, help="batch size of the latency measurement (0: skip)")
     p.add_argument("--latency-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the latency measurement")
@@ -95,13 +84,13 @@ def main(argv=None):
         return cli_main(["prune"] + argv)
     args = build_parser().parse_args(argv)
     size = (args.height, args.width)
+    try:
+        options = prune_options(args)  # checked before the model is loaded
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     model, arch = load_model(args)
     model.eval()
-    pruned, report = prune_cop(model, flops_reduction=args.flops_reduction, params_reduction=args.params_reduction,
-                               prune_rate=args.prune_rate, preset=args.preset, input_size=size, alpha=args.alpha,
-                               beta=args.beta, gamma=args.gamma, topk=args.topk, round_to=args.round_to,
-                               min_channels=args.min_channels, exclude=args.exclude, group_cost=args.group_cost,
-                               return_report=True)
+    pruned, report = prune_cop(model, input_size=size, return_report=True, **options)
     print(report)
     if args.show_layers:
         print(report.layer_table())

@@ -31,6 +31,7 @@ class PruneReport:
     params_after: int
     round_to: int = 1
     group_cost: str = "mean"
+    max_prune_ratio: float = 1.0
     filters_removed: int = 0
     filters_total: int = 0
     groups: list = field(default_factory=list)  # (group name, channels before, channels after)
@@ -52,6 +53,7 @@ class PruneReport:
         """Plain types only (fits a ``weights_only`` checkpoint)."""
         return dict(preset=self.preset, alpha=self.alpha, beta=self.beta, gamma=self.gamma, target=self.target,
                     value=float(self.value), round_to=int(self.round_to), group_cost=str(self.group_cost),
+                    max_prune_ratio=float(self.max_prune_ratio),
                     input_size=list(self.input_size), flops_before=int(self.flops_before),
                     flops_after=int(self.flops_after), params_before=int(self.params_before),
                     params_after=int(self.params_after), filters_removed=int(self.filters_removed),
@@ -59,9 +61,10 @@ class PruneReport:
                     groups=[[str(n), int(a), int(b)] for n, a, b in self.groups], notes=list(self.notes))
 
     def __str__(self):
-        lines = ["COP pruning, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}), target "
-                 "{}={:g}".format(self.preset, self.alpha, self.beta, self.gamma, self.round_to, self.group_cost,
-                                  self.target, self.value),
+        lines = ["COP pruning, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}, "
+                 "max_prune_ratio={:g}), target {}={:g}".format(
+                     self.preset, self.alpha, self.beta, self.gamma, self.round_to, self.group_cost,
+                     self.max_prune_ratio, self.target, self.value),
                  "  FLOPs  {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.flops_before, self.flops_after,
                                                                    self.flops_reduction),
                  "  params {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.params_before, self.params_after,
@@ -102,9 +105,11 @@ def _weights(preset, alpha, beta, gamma):
 
 
 def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced", alpha=None,
-                  beta=None, gamma=None, topk=3, round_to=None, min_channels=1, group_cost=None):
+                  beta=None, gamma=None, topk=3, round_to=None, min_channels=1, group_cost=None,
+                  max_prune_ratio=None):
     """Validate ``prune_cop``'s options (everything but the model) and resolve the preset's defaults.
-    Returns dict(target, value, weights, round_to, group_cost); raises ValueError naming the bad option."""
+    Returns dict(target, value, weights, round_to, group_cost, max_prune_ratio); raises ValueError naming the bad
+    option."""
     target, value = check_target(flops_reduction, params_reduction, prune_rate)
     weights = _weights(preset, alpha, beta, gamma)
     if group_cost is not None and group_cost not in GROUP_COSTS:
@@ -117,12 +122,20 @@ def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, 
     for name, v in (("topk", topk), ("round_to", round_to), ("min_channels", min_channels)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError("{}={!r} is not valid; use an integer >= 1".format(name, v))
-    return dict(target=target, value=value, weights=weights, round_to=round_to, group_cost=group_cost)
+    if max_prune_ratio is None:
+        max_prune_ratio = 1.0
+    elif (isinstance(max_prune_ratio, bool) or not isinstance(max_prune_ratio, numbers.Real)
+          or not 0.0 < float(max_prune_ratio) <= 1.0):
+        raise ValueError("max_prune_ratio={!r} is not valid; use a fraction in (0, 1] (the most of any layer's "
+                         "channels that may go; 1 = no limit)".format(max_prune_ratio))
+    return dict(target=target, value=value, weights=weights, round_to=round_to, group_cost=group_cost,
+                max_prune_ratio=float(max_prune_ratio))
 
 
 def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced",
               input_size=(256, 128), alpha=None, beta=None, gamma=None, topk=3, round_to=None, min_channels=1,
-              exclude=(), group_cost=None, inplace=False, tolerance=0.02, return_report=False, verbose=False):
+              exclude=(), group_cost=None, max_prune_ratio=None, inplace=False, tolerance=0.02, return_report=False,
+              verbose=False):
     """Prune ``model`` with COP and return the smaller model (an ordinary module with fewer channels).
 
     Exactly one target:
@@ -142,6 +155,8 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
             its consumer, averaged over the coupled layers; default of ``'smaller'``/``'balanced'``) or ``'sum'``
             (every layer the channels touch, what a cut really saves; default of ``'faster'``).
         min_channels: smallest number of channels a group keeps.
+        max_prune_ratio: largest fraction of any group's channels that may be removed (default: no limit, as in
+            the paper); e.g. 0.75 keeps at least a quarter of every layer.
         exclude: names of modules whose input and output channels are kept.
         inplace: prune ``model`` itself instead of a copy.
         tolerance: a FLOP target missed by more than this (as counted after surgery) gives a warning; near the
@@ -154,9 +169,9 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     consumers are sliced with their channels. The module is left in the training mode it had.
     """
     opts = check_options(flops_reduction, params_reduction, prune_rate, preset, alpha, beta, gamma, topk,
-                         round_to, min_channels, group_cost)
+                         round_to, min_channels, group_cost, max_prune_ratio)
     target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
-    round_to, group_cost = opts["round_to"], opts["group_cost"]
+    round_to, group_cost, max_prune_ratio = opts["round_to"], opts["group_cost"], opts["max_prune_ratio"]
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or tolerance < 0:
         raise ValueError("tolerance={!r} is not valid; use a fraction >= 0 (0.02 = 2 points)".format(tolerance))
     input_size = tuple(int(s) for s in input_size)
@@ -172,7 +187,7 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     flops_before, params_before = count_flops(net, input_size), count_params(net)
     graph = build_graph(net, input_size, exclude=exclude)
     selector = COPSelector(graph, a, b, c, topk=topk, round_to=round_to, min_channels=min_channels,
-                           group_cost=group_cost)
+                           group_cost=group_cost, max_prune_ratio=max_prune_ratio)
     flops_outside = flops_before - selector.flops        # layers the graph does not change
     params_outside = params_before - selector.params
 
@@ -200,9 +215,10 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
                    "params_reduction": 1 - (params_outside + selector.params) / params_before,
                    "prune_rate": selector.removed_filters / max(1, selector.total_filters)}[target]
             raise ValueError(
-                "cannot reach {}={:g}: with min_channels={} and round_to={} the prunable layers allow at most "
-                "{:.3f}. Lower the target or min_channels/round_to. Parts of the model that are kept: {}".format(
-                    target, value, min_channels, round_to, got, "; ".join(graph.notes) or
+                "cannot reach {}={:g}: with min_channels={}, round_to={} and max_prune_ratio={:g} the prunable "
+                "layers allow at most {:.3f}. Lower the target or min_channels/round_to, or raise max_prune_ratio. "
+                "Parts of the model that are kept: {}".format(
+                    target, value, min_channels, round_to, max_prune_ratio, got, "; ".join(graph.notes) or
                     "channels reaching the output, and single-channel layers"))
     sizes = [(g.name, g.size, int(selector.alive[g.offset:g.offset + g.size].sum())) for g in
              graph.prunable_groups()]
@@ -216,7 +232,7 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
         warnings.warn("FLOP reduction {:.3f} misses the requested {:.3f} by more than {}".format(
             1 - flops_after / flops_before, value, tolerance), RuntimeWarning)
     report = PruneReport(preset=preset, alpha=a, beta=b, gamma=c, target=target, value=value, round_to=round_to,
-                         group_cost=group_cost, input_size=input_size, flops_before=flops_before,
+                         group_cost=group_cost, max_prune_ratio=max_prune_ratio, input_size=input_size, flops_before=flops_before,
                          flops_after=flops_after,
                          params_before=params_before, params_after=params_after,
                          filters_removed=int(selector.removed_filters), filters_total=int(selector.total_filters),

@@ -235,12 +235,15 @@ class COPSelector:
             removal). With ``round_to=8`` a selected group drops its 8 least important filters (one at a time,
             updating redundancy) so that channel counts stay friendly to vectorised kernels.
         min_channels: never keep fewer channels than this in a group.
+        max_prune_ratio: never remove more than this fraction of a group's channels (1.0: no limit, the paper's
+            behaviour); like Torch-Pruning's ``max_pruning_ratio``, it stops one layer being cut to a sliver.
         group_cost: how a group of coupled layers (a residual stage) gets its F_l / P_l: ``'mean'`` over its
             producing layers (each layer plus its consumer, averaged) or ``'sum'`` (every layer its channels
             touch: what removing one of its channels saves).
     """
 
-    def __init__(self, graph, alpha, beta, gamma, topk=3, round_to=1, min_channels=1, group_cost="mean"):
+    def __init__(self, graph, alpha, beta, gamma, topk=3, round_to=1, min_channels=1, group_cost="mean",
+                 max_prune_ratio=1.0):
         if group_cost not in GROUP_COSTS:
             raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
                                                                                   ", ".join(GROUP_COSTS)))
@@ -248,6 +251,7 @@ class COPSelector:
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.round_to = max(1, int(round_to))
         self.min_channels = max(1, int(min_channels))
+        self.max_prune_ratio = float(max_prune_ratio)
         self.alive = np.ones(graph.num_units, dtype=bool)
         self.costs = CostModel(graph)
         self.flops = self.costs.total_flops()
@@ -295,7 +299,8 @@ class COPSelector:
         keep = (n_alive - 1) // q * q if q > 1 else n_alive - 1
         if q > 1 and keep < min(q, size):
             return None
-        return keep if keep >= self.min_channels else None
+        least = max(self.min_channels, math.ceil(size * (1.0 - self.max_prune_ratio) - 1e-9))
+        return keep if keep >= least else None
 
     def next_keep(self, gi):
         """Channels group ``gi`` keeps after its next cut, or None when it cannot shrink further."""
