@@ -194,7 +194,8 @@ def accuracy_section(args):
             rank1.append(res["rank1"] * 100)
             mAP.append(res["mAP"] * 100)
             minutes.append(res["minutes"])
-            first = first or model
+            if first is None:
+                first = model
         (r_m, r_s), (m_m, m_s) = mean_std(rank1), mean_std(mAP)
         lines.append("| {} | {:.3f} | {:.3f} | {} | {:.1f} ± {:.1f} | {:.1f} ± {:.1f} | {} | {:.1f} |".format(
             name, count_flops(first, size) / 1e9, count_params(first) / 1e6, pre, r_m, r_s, m_m, m_s,

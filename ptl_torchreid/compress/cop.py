@@ -232,8 +232,8 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
         warnings.warn("FLOP reduction {:.3f} misses the requested {:.3f} by more than {}".format(
             1 - flops_after / flops_before, value, tolerance), RuntimeWarning)
     report = PruneReport(preset=preset, alpha=a, beta=b, gamma=c, target=target, value=value, round_to=round_to,
-                         group_cost=group_cost, max_prune_ratio=max_prune_ratio, input_size=input_size, flops_before=flops_before,
-                         flops_after=flops_after,
+                         group_cost=group_cost, max_prune_ratio=max_prune_ratio, input_size=input_size,
+                         flops_before=flops_before, flops_after=flops_after,
                          params_before=params_before, params_after=params_after,
                          filters_removed=int(selector.removed_filters), filters_total=int(selector.total_filters),
                          groups=sizes, notes=list(graph.notes))
