@@ -213,11 +213,12 @@ def machine_description(device):
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         what = "CPU {} ({} cores usable, {} torch threads)".format(
-            _cpu_model() or platform.machine(), cpus, torch.get_num_threads())
+            cpu_model() or platform.machine(), cpus, torch.get_num_threads())
     return "{}; torch {}, Python {}".format(what, torch.__version__, platform.python_version())
 
 
-def _cpu_model():
+def cpu_model():
+    """The CPU model name from /proc/cpuinfo (platform.processor() elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

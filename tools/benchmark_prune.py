@@ -26,7 +26,6 @@ import argparse
 import copy
 import os
 import os.path as osp
-import platform
 import sys
 import time
 import warnings
@@ -40,25 +39,12 @@ from ptl_torchreid.compress import build_graph, compare_latency, count_flops, co
 from ptl_torchreid.models import build_model  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from bench_measure import cpu_model, load_average  # noqa: E402
 from bench_report import mean_std  # noqa: E402
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _load():
-    try:
-        return "{:.2f}".format(os.getloadavg()[0])
-    except (OSError, AttributeError):
-        return "n/a"
+    return "{:.2f}".format(load_average())
 
 
 def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_to=None, tol=0.003):
@@ -298,7 +284,7 @@ def main(argv=None):
     threads = args.threads or sorted({1, torch.get_num_threads()})
     lines = ["# COP pruning benchmark", "",
              "{}, {} cores visible, torch {}; load average at start {}.".format(
-                 _cpu_name(), os.cpu_count(), torch.__version__, _load()),
+                 cpu_model() or "unknown CPU", os.cpu_count(), torch.__version__, _load()),
              "Latency: median over {} interleaved rounds of an eval-mode embedding of a batch of {} at {}x{}, with "
              "{} torch threads; speed-up = ratio of medians.".format(
                  args.rounds, args.batch_size, size[0], size[1], " and ".join(map(str, threads))), ""]
