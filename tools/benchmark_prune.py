@@ -284,14 +284,14 @@ def main(argv=None):
     threads = args.threads or sorted({1, torch.get_num_threads()})
     lines = ["# COP pruning benchmark", "",
              "{}, {} cores visible, torch {}; load average at start {}.".format(
-                 cpu_model() or "unknown CPU", os.cpu_count(), torch.__version__, _load()),
-             "Latency: median over {} interleaved rounds of an eval-mode embedding of a batch of {} at {}x{}, with "
-             "{} torch threads; speed-up = ratio of medians.".format(
-                 args.rounds, args.batch_size, size[0], size[1], " and ".join(map(str, threads))), ""]
+                 cpu_model() or "unknown CPU", os.cpu_count(), torch.__version__, _load())]
 
     if args.only_accuracy:
-        lines += accuracy_section(args)
+        lines += [""] + accuracy_section(args)
         return _emit(lines, args)
+    lines += ["Latency: median over {} interleaved rounds of an eval-mode embedding of a batch of {} at {}x{}, with "
+              "{} torch threads; speed-up = ratio of medians.".format(
+                  args.rounds, args.batch_size, size[0], size[1], " and ".join(map(str, threads))), ""]
 
     # -- section 1 ----------------------------------------------------------------------------------------------
     torch.manual_seed(0)
