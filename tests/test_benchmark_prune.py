@@ -4,6 +4,7 @@ import os.path as osp
 import sys
 
 import pytest
+import torch
 
 from ptl_torchreid.compress import count_flops, prune_cop
 from ptl_torchreid.models import build_model
@@ -30,3 +31,13 @@ def test_fitting_keeps_an_explicit_round_to_that_works_and_reraises_other_errors
     assert round_to == 4
     with pytest.raises(ValueError, match="unknown preset"):
         benchmark_prune._prune_cop_fitting(model, SIZE, preset="fastest")
+
+
+def test_redundancy_vs_scale_reports_a_correlation_per_group():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=4).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.1, 1.0)
+    rho, groups = benchmark_prune.redundancy_vs_scale(model, SIZE)
+    assert groups > 5 and -1.0 <= rho <= 1.0

@@ -131,6 +131,28 @@ def _prune_cop_fitting(model, size, reduction=0.5, **kwargs):
             round_to = max(1, round_to // 2)
 
 
+def redundancy_vs_scale(model, size, min_channels=8):
+    """Median Spearman correlation, over the prunable groups of at least ``min_channels`` channels that have
+    BatchNorm, between COP's redundancy of a filter and its BatchNorm |gamma| (summed over the group's norms).
+    Near 0: COP's choice within a layer ignores how strong a filter is. Returns (median, number of groups)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from ptl_torchreid.compress.criterion import COPSelector
+
+    selector = COPSelector(build_graph(model, size), 1.0, 0.0, 0.0)
+    rhos = []
+    for state in selector.states.values():
+        group = state.group
+        scale = np.zeros(group.size)
+        for rec in group.members:
+            if rec.kind == "norm" and rec.module.weight is not None and rec.module.weight.numel() == group.size:
+                scale += rec.module.weight.detach().abs().cpu().numpy()
+        if group.size >= min_channels and scale.any():
+            rhos.append(spearmanr(state.r, scale).correlation)
+    return (float(np.median(rhos)) if rhos else float("nan")), len(rhos)
+
+
 def accuracy_section(args):
     from ptl_torchreid.cli import load_initial_weights
 
@@ -189,6 +211,10 @@ def accuracy_section(args):
         print("\n".join(lines), flush=True)
         return first
 
+    rho, groups = redundancy_vs_scale(source_model(), size)
+    lines[-2:-2] = ["COP redundancy against filter scale in the source model: median Spearman correlation {:.2f} "
+                    "between a filter's redundancy and its BatchNorm |gamma| over {} groups of 8 or more "
+                    "channels.".format(rho, groups), ""]
     finetune("{} (unpruned)".format(arch), source_model, "baseline")
     cop_faster, round_to = _prune_cop_fitting(source_model(), size, preset="faster")
     target = count_flops(cop_faster, size)
