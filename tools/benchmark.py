@@ -536,13 +536,18 @@ def _embed_task(engine, x):
     def task():
         engine.model.eval()
         with torch.no_grad(), autocast():
-            bm.sync(engine.device)
-            t0 = time.perf_counter()
-            engine.extract_features(x)
-            bm.sync(engine.device)
-        return time.perf_counter() - t0
+            return _timed(engine, lambda: engine.extract_features(x))
 
     return task
+
+
+def _timed(engine, step):
+    """Seconds ``step()`` takes on the engine's device (synchronised before and after)."""
+    bm.sync(engine.device)
+    t0 = time.perf_counter()
+    step()
+    bm.sync(engine.device)
+    return time.perf_counter() - t0
 
 
 def _accuracy(run, target, key):
@@ -769,11 +774,7 @@ def speed(args):
 def _train_step_task(engine, batch):
     def task():
         engine.model.train()
-        bm.sync(engine.device)
-        t0 = time.perf_counter()
-        engine.forward_backward(batch)
-        bm.sync(engine.device)
-        return time.perf_counter() - t0
+        return _timed(engine, lambda: engine.forward_backward(batch))
 
     return task
 

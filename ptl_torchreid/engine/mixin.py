@@ -259,6 +259,7 @@ class PTLEngineMixin:
 
     def forward_backward(self, data):
         imgs, pids = self.parse_data_for_train(data)
+        self._step_batch_size = len(pids)
         imgs = imgs.to(self.device, non_blocking=True, memory_format=self.memory_format)
         pids = pids.to(self.device, non_blocking=True)
         with self._autocast():
@@ -291,7 +292,6 @@ class PTLEngineMixin:
             data_time.update(time.time() - end)
             self._on_train_iter_start()
             summary = self.forward_backward(data)
-            self._step_batch_size = len(self.parse_data_for_train(data)[1])
             self.iteration += 1
             batch_time.update(time.time() - end)
             losses.update(summary)
