@@ -51,7 +51,7 @@ from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.engine import ENGINES, NonFiniteLossError, build_optimizer
 from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
-from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.models import is_ptl, is_ptl_state_dict, load_pretrained_weights, unwrap
 from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
@@ -203,24 +203,18 @@ def check_datamanager(datamanager, cfg):
 
 
 def load_initial_weights(model, path, mode="match", trust=False):
-    """Load ``model.load_weights`` into ``model``.
-
-    A plain torchreid checkpoint given to a PTL model goes into its backbone (the usual PTL setting: a plain
-    model pretrained on one dataset, fine-tuned with PTL on another); a PTL checkpoint loads into the whole
-    model.
-    """
+    """Load ``model.load_weights`` into ``model`` (a plain torchreid checkpoint given to a PTL model fills its
+    backbone; see ``ptl_torchreid.models.load_pretrained_weights``)."""
     net = unwrap(model)
-    target = net
     checkpoint = load_checkpoint(path, map_location="cpu", trust=trust)
     try:
         state_dict = extract_state_dict(checkpoint)
     except ValueError as e:
         raise CheckpointReadError('model.load_weights = "{}" holds no model weights: {}'.format(path, e)) from None
-    if is_ptl(net) and not any(k.startswith("backbone.") for k in state_dict):
-        target = net.backbone
+    if is_ptl(net) and not is_ptl_state_dict(state_dict):
         print('Loading plain model weights from "{}" into the PTL backbone'.format(path))
     print('Loading weights from "{}" (model.load_weights_mode = {})'.format(path, mode))
-    return load_weights(target, state_dict, mode=mode)
+    return load_pretrained_weights(net, state_dict, mode=mode)
 
 
 def build_model(cfg, num_classes):

@@ -21,6 +21,15 @@ import os.path as osp
 import yaml
 from yacs.config import CfgNode as CN
 
+from ptl_torchreid.models.ptl import CELL_INITS as PTL_CELL_INITS
+from ptl_torchreid.models.ptl import CELL_TYPES as PTL_CELL_TYPES
+from ptl_torchreid.models.ptl import HEADS as PTL_HEADS
+from ptl_torchreid.models.ptl import MODES as PTL_MODES
+from ptl_torchreid.models.ptl import SIDE_POOLS as PTL_SIDE_POOLS
+from ptl_torchreid.models.ptl import STAGE3_TAPS as PTL_STAGE3_TAPS
+from ptl_torchreid.models.ptl import STAGES as PTL_STAGES
+from ptl_torchreid.models.ptl import check_stages
+
 __all__ = [
     "ConfigError",
     "config_keys",
@@ -185,6 +194,14 @@ def get_default_config():
     cfg.ptl.reset_every_n_iters = 0  # period for reset_policy 'iter'
     cfg.ptl.freeze_backbone_epochs = 0  # train only cells + head for the first K epochs; -1: throughout
     cfg.ptl.lr_mult = 1.0  # learning-rate multiplier for the PTL parameters (cells, fusion, head)
+    # How the side stream acts (see ptl_torchreid.models.PTLNet):
+    cfg.ptl.mode = "branch"  # 'branch': it joins the head | 'rectify': it modulates backbone stages
+    cfg.ptl.head = "residual"  # branch head: 'residual' (keeps the pretrained embedding) | 'concat' (reference)
+    cfg.ptl.rectify_stages = ["stage1", "stage2", "stage3", "last"]  # stages rectify mode modulates
+    cfg.ptl.side_pool = "avg"  # pooling of the side stream in the branch head: 'avg' | 'max' (reference)
+    cfg.ptl.cell_init = "fan_out"  # Kaiming mode of the side-stream convs: 'fan_out' | 'fan_in' (reference)
+    cfg.ptl.cell_type = "bconv"  # 'bconv' cells | 'conv': stateless adapters of similar size (ablation)
+    cfg.ptl.stage3_tap = "stage"  # where the side stream reads stage 3: 'stage' | 'first_block' (reference)
 
     cfg.use_gpu = "auto"  # 'auto' (CUDA when available), True or False
     return cfg
@@ -599,6 +616,15 @@ def validate_config(cfg):
            "must be -1 (frozen throughout), 0 (never frozen) or a number of epochs")
     _check(p.lr_mult > 0, "ptl.lr_mult", p.lr_mult, "must be positive")
     _check(0 < p.momentum <= 1, "ptl.momentum", p.momentum, "must be in (0, 1]")
+    for key, choices in (("mode", PTL_MODES), ("head", PTL_HEADS), ("side_pool", PTL_SIDE_POOLS),
+                         ("cell_init", PTL_CELL_INITS), ("cell_type", PTL_CELL_TYPES),
+                         ("stage3_tap", PTL_STAGE3_TAPS)):
+        _choice("ptl." + key, p[key], choices)
+    try:
+        check_stages(p.rectify_stages)
+    except ValueError:
+        raise ConfigError("ptl.rectify_stages = {} is not valid; give one or more distinct names of {}".format(
+            list(p.rectify_stages), ", ".join(PTL_STAGES))) from None
 
     _check(isinstance(cfg.use_gpu, bool) or cfg.use_gpu == "auto", "use_gpu", cfg.use_gpu,
            "must be 'auto', True or False")
@@ -665,8 +691,11 @@ def model_kwargs(cfg, num_classes):
     }
     if is_ptl_model_name(cfg.model.name):
         # The cells' state shapes follow the input size, so the model is built for data.height x data.width.
-        kwargs.update(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum,
-                      input_size=(cfg.data.height, cfg.data.width))
+        p = cfg.ptl
+        kwargs.update(state_mode=p.state_mode, eval_state=p.eval_state, momentum=p.momentum,
+                      input_size=(cfg.data.height, cfg.data.width), mode=p.mode, head=p.head,
+                      rectify_stages=tuple(p.rectify_stages), side_pool=p.side_pool, cell_init=p.cell_init,
+                      cell_type=p.cell_type, stage3_tap=p.stage3_tap)
     return kwargs
 
 

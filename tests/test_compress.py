@@ -378,8 +378,9 @@ def test_flop_target_consistent_groups_and_running_model(name):
     if name.startswith("ptl"):
         stem = net.conv1.out_channels if "resnet" in name else net.conv1.conv.out_channels
         assert pruned.fuse1[0].in_channels == pruned.bconv2.out_channels + stem
-        last = net.layer4[-1].conv3.out_channels if "resnet" in name else net.conv5.conv.out_channels
-        assert pruned.reduce[0].in_features == last + pruned.bconv6.out_channels
+        assert pruned.side_proj.in_features == pruned.bconv6.out_channels
+        assert pruned.fuse4[0].in_channels == pruned.bconv5.out_channels + (
+            net.layer3[-1].conv3.out_channels if "resnet" in name else net.conv4[-1].conv3.conv.out_channels)
         for cell in pruned.cells():
             assert cell.conv.out_channels == 4 * cell.out_channels == 4 * cell.running_state.shape[1]
 

@@ -30,7 +30,8 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(glob.glob(osp.join(REPO, "configs", "*.yaml")))
 
 PTL_KEYS = {"ptl.state_mode", "ptl.eval_state", "ptl.momentum", "ptl.reset_policy", "ptl.reset_every_n_iters",
-            "ptl.freeze_backbone_epochs", "ptl.lr_mult"}
+            "ptl.freeze_backbone_epochs", "ptl.lr_mult", "ptl.mode", "ptl.head", "ptl.rectify_stages",
+            "ptl.side_pool", "ptl.cell_init", "ptl.cell_type", "ptl.stage3_tap"}
 
 
 def test_defaults_use_torchreid_key_names_plus_ptl_section():
@@ -160,7 +161,10 @@ def test_kwargs_mappers_match_torchreid_signatures():
     assert lr_scheduler_kwargs(cfg)["stepsize"] == 20  # single_step takes an int
     assert model_kwargs(cfg, 10) == {"name": "ptl_osnet_x0_25", "num_classes": 10, "loss": "triplet",
                                      "pretrained": True, "state_mode": "dataset", "eval_state": "running",
-                                     "momentum": 0.1, "input_size": (256, 128)}
+                                     "momentum": 0.1, "input_size": (256, 128), "mode": "branch",
+                                     "head": "residual", "rectify_stages": ("stage1", "stage2", "stage3", "last"),
+                                     "side_pool": "avg", "cell_init": "fan_out", "cell_type": "bconv",
+                                     "stage3_tap": "stage"}
     plain = load_config(opts=["model.name", "osnet_x0_25"])
     assert "state_mode" not in model_kwargs(plain, 10)  # PTL options only for PTL models
     assert synthetic_kwargs(cfg) == {}  # -1: each synthetic dataset keeps its own defaults

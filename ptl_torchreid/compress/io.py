@@ -32,10 +32,7 @@ def build_kwargs_of(model):
     net = unwrap(model)
     if not is_ptl(net):
         return {}
-    cell = next(net.cells())
-    return dict(input_size=[int(s) for s in net.input_size], widths={k: int(v) for k, v in net.widths.items()},
-                state_mode=str(cell.state_mode), eval_state=str(cell.eval_state),
-                momentum=None if cell.momentum is None else float(cell.momentum))
+    return net.build_options()
 
 
 def _num_classes(net):
@@ -134,11 +131,15 @@ def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_c
         raise ValueError("{} uses pruned-model format {}, newer than this version reads ({}); upgrade "
                          "ptl_torchreid".format(where, info["format"], FORMAT))
     kwargs = dict(info.get("build_kwargs") or {})
+    channels = info["channels"]
     if "input_size" in kwargs:
         kwargs["input_size"] = tuple(kwargs["input_size"])
+        if "mode" not in kwargs:  # a PTL model pruned before PTL heads and backbone key names changed
+            kwargs["head"] = "concat"
+            channels = {re.sub(r"^backbone\.", "", k): v for k, v in channels.items()}
     model = build_model(info["arch"], num_classes=int(info["num_classes"]), loss=info.get("loss", "softmax"),
                         pretrained=False, **kwargs)
-    apply_channel_config(model, info["channels"])
+    apply_channel_config(model, channels)
     state_dict = extract_state_dict(checkpoint)
     try:
         model.load_state_dict(state_dict, strict=True)

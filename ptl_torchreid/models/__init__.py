@@ -9,12 +9,13 @@ import functools
 import warnings
 
 from .. import _torchreid
-from .backbones import BACKBONES, build_backbone, load_imagenet_weights, load_pretrained_weights
+from .backbones import BACKBONES, build_backbone, is_ptl_state_dict, load_imagenet_weights, load_pretrained_weights
 from .bconv import EVAL_STATES, STATE_MODES, BConvCell, check_state_options
-from .ptl import PTLNet
+from .ptl import CELL_INITS, CELL_TYPES, HEADS, MODES, SIDE_POOLS, STAGE3_TAPS, STAGES, PTLNet
 
 __all__ = ["PTLNet", "BConvCell", "PTL_MODELS", "STATE_MODES", "EVAL_STATES", "build_model", "is_ptl",
-           "unwrap", "register_models", "available_models", "load_pretrained_weights", "check_state_options"]
+           "unwrap", "register_models", "available_models", "load_pretrained_weights", "is_ptl_state_dict",
+           "check_state_options", "MODES", "HEADS", "SIDE_POOLS", "CELL_INITS", "CELL_TYPES", "STAGE3_TAPS", "STAGES"]
 
 # ptl model name -> backbone name
 PTL_MODELS = {
@@ -28,14 +29,14 @@ PTL_MODELS = {
 
 
 def _build_ptl(backbone_name, num_classes, loss="softmax", pretrained=True, use_gpu=None, input_size=(256, 128),
-               state_mode="dataset", eval_state="running", momentum=0.1, widths=None, **kwargs):
-    if kwargs:
-        raise TypeError("unexpected options for a PTL model: {}".format(", ".join(sorted(kwargs))))
+               **options):
+    """``options``: those of :class:`PTLNet` (state_mode, eval_state, momentum, mode, head, rectify_stages,
+    side_pool, cell_init, cell_type, stage3_tap, widths, feature_dim)."""
     backbone = build_backbone(backbone_name, num_classes, loss)
-    if pretrained:  # before wrapping, so the backbone's own key names match the ImageNet file
+    if pretrained:
         load_imagenet_weights(backbone, backbone_name)
     return PTLNet(backbone, BACKBONES[backbone_name].taps, num_classes, loss=loss, input_size=input_size,
-                  widths=widths, state_mode=state_mode, eval_state=eval_state, momentum=momentum)
+                  **options)
 
 
 def _make_factory(name, backbone_name):
@@ -79,8 +80,8 @@ def is_ptl(model):
 
 
 def build_model(name, num_classes, loss="softmax", pretrained=False, **ptl_options):
-    """Build a torchreid or PTL model by name. PTL options: ``state_mode``, ``eval_state``, ``momentum``,
-    ``input_size`` and ``widths``; passing one for a plain torchreid model is an error."""
+    """Build a torchreid or PTL model by name. PTL options: ``input_size`` and those of :class:`PTLNet`;
+    passing one for a plain torchreid model is an error."""
     registry = _torchreid.model_factory()
     if name not in registry:
         close = difflib.get_close_matches(name, registry, n=3)

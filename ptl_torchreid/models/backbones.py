@@ -87,16 +87,26 @@ def load_imagenet_weights(model, name, timeout=10.0, verbose=True):
     return load_weights(model, cached, mode="match", verbose=verbose)
 
 
-def load_pretrained_weights(model, path, trust=False, verbose=True):
-    """Load a torchreid checkpoint (ImageNet or ReID model, model-zoo file, ``state_dict`` wrapper, ``module.``
-    prefixes) into ``model``, reporting what loaded and what did not.
+def is_ptl_state_dict(state_dict):
+    """Whether a state dict is a PTL model's (it has the side stream, or the key names PTL checkpoints had
+    before the backbone kept its own names) rather than a plain torchreid model's."""
+    return any(k.startswith(("bconv1.", "backbone.")) for k in state_dict)
 
-    For a PTL model, a checkpoint of a plain backbone (keys without ``backbone.``) goes into ``model.backbone``;
-    a PTL checkpoint goes into the whole model. Keys that do not match by name and shape (e.g. a classifier for
-    another number of identities) are skipped and listed.
+
+def load_pretrained_weights(model, path_or_checkpoint, mode="match", trust=False, verbose=True):
+    """Load a torchreid checkpoint (ImageNet or ReID model, model-zoo file, ``state_dict`` wrapper, ``module.``
+    prefixes; a path or an already loaded checkpoint) into ``model``, reporting what loaded and what did not.
+
+    For a PTL model, a checkpoint of a plain torchreid model fills the backbone (``mode='strict'`` then asks for
+    every backbone tensor, not for the side stream); a PTL checkpoint fills the whole model. With
+    ``mode='match'``, keys that do not match by name and shape (e.g. a classifier for another number of
+    identities) are skipped and listed.
     """
-    state_dict = extract_state_dict(load_checkpoint(path, trust=trust))
+    checkpoint = path_or_checkpoint
+    if isinstance(path_or_checkpoint, (str, os.PathLike)):
+        checkpoint = load_checkpoint(path_or_checkpoint, trust=trust)
+    state_dict = extract_state_dict(checkpoint)
     target = model
-    if getattr(model, "is_ptl", False) and not any(k.startswith("backbone.") for k in state_dict):
-        target = model.backbone
-    return load_weights(target, state_dict, mode="match", verbose=verbose)
+    if getattr(model, "is_ptl", False) and not is_ptl_state_dict(state_dict):
+        target = model.backbone  # shares its modules, and their key names, with the PTL model
+    return load_weights(target, state_dict, mode=mode, verbose=verbose)

@@ -1,27 +1,47 @@
 """PTLNet: a torchreid backbone plus the Progressive Transfer Learning side stream.
 
-The backbone runs unchanged (its pretrained weights load exactly). At five taps (stem, three intermediate stages,
-last stage) the side stream reads the backbone's feature maps:
+The backbone runs unchanged and keeps its own key names (``conv1.weight``, ``layer1.0.conv1.weight``,
+``fc.0.weight``, ...), so torchreid's loaders fill a PTL model from a plain checkpoint and a plain model from a
+PTL checkpoint. At five taps (stem, three intermediate stages, last stage) the side stream reads the backbone's
+feature maps:
 
     bconv1(image, s2) -> bconv2(s2) -> fuse1[bconv2, stem] -> bconv3 -> fuse2[stage1, bconv3] -> bconv4
       -> fuse3[stage2, bconv4] -> bconv5 -> fuse4[stage3, bconv5] -> bconv6 (stride of the last stage)
 
-Each fuse is a 1x1 conv + BN + ReLU over the channel concatenation. The head concatenates the globally pooled last
-stage with the pooled bconv6 output and reduces it (linear + BN + ReLU) to the feature size; ``classifier``
-follows, a direct child as torchreid's ``open_specified_layers`` expects.
+``bconv3`` .. ``bconv6`` give maps at the resolution of stage 1 .. the last stage; each fuse is a 1x1 conv + BN
++ ReLU over the channel concatenation. How the side stream reaches the embedding is the ``mode``:
+
+* ``'branch'`` (the paper's shape): the pooled bconv6 output joins the head. With ``head='residual'`` (default)
+  the backbone's own head (pooling and, where it has one, its ``fc`` embedding layer) is kept with its weights
+  and the side stream adds a zero-initialised projection to the embedding; with ``head='concat'`` (the
+  reference's head, for training from ImageNet) the pooled maps are concatenated and reduced by a new
+  linear + BN + ReLU.
+* ``'rectify'``: at the chosen stages the cell output at that stage's resolution modulates the stage's output
+  (:class:`~ptl_torchreid.models.blocks.Rectifier`, zero-initialised) before it goes on through the backbone;
+  the backbone's own head gives the embedding.
+
+With the default head and in rectify mode a freshly built PTL model computes exactly the embedding of its
+backbone, so fine-tuning starts from the pretrained model.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .bconv import BConvCell, conv_output_size
+from .blocks import ConvAdapter, FuseBlock, Rectifier
 
 # Side-stream widths of the reference ResNet-50 model; other backbones scale them (see ``side_stream_widths``).
 REFERENCE_WIDTHS = dict(bconv1=16, bconv2=32, fuse1=64, bconv3=64, fuse2=128, bconv4=256, fuse3=256, bconv5=512,
                         fuse4=512, bconv6=128)
 _REFERENCE_STAGE3_CHANNELS = 1024
 
+MODES = ("branch", "rectify")
+HEADS = ("residual", "concat")
+SIDE_POOLS = ("avg", "max")
+CELL_INITS = ("fan_out", "fan_in")
+CELL_TYPES = ("bconv", "conv")
+STAGE3_TAPS = ("stage", "first_block")
+STAGES = ("stage1", "stage2", "stage3", "last")  # what rectify mode can modulate
 
 def side_stream_widths(stage3_channels, divisor=8):
     """Scale the reference widths by the backbone's stage-3 width relative to ResNet-50's, rounded up to a
@@ -30,128 +50,139 @@ def side_stream_widths(stage3_channels, divisor=8):
     return {k: max(divisor, int(-(-v * scale // divisor)) * divisor) for k, v in REFERENCE_WIDTHS.items()}
 
 
-class _ConcatConv1x1(torch.autograd.Function):
-    """``conv1x1(cat(inputs), weight)`` that saves the inputs rather than their concatenation.
-
-    The backbone keeps its tap maps for its own backward anyway, so saving them costs nothing, whereas the
-    concatenation would be a second copy of every tap held until backward. The backward re-concatenates and
-    calls the same convolution backward autograd would call, so gradients are identical.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, *inputs):
-        ctx.save_for_backward(weight, *inputs)
-        return F.conv2d(torch.cat(inputs, 1), weight)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        weight, *inputs = ctx.saved_tensors
-        need_inputs = any(ctx.needs_input_grad[1:])
-        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad, torch.cat(inputs, 1), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [need_inputs, ctx.needs_input_grad[0], False])
-        grads, start = [], 0
-        for x, needed in zip(inputs, ctx.needs_input_grad[1:]):
-            grads.append(grad_x.narrow(1, start, x.shape[1]) if needed else None)
-            start += x.shape[1]
-        return (grad_w, *grads)
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError("{}={!r} is not valid; choose one of {}".format(name, value, ", ".join(choices)))
 
 
-def _autocast_enabled(device_type):
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # device types without autocast, e.g. 'meta'
-        return False
+def check_stages(stages):
+    stages = tuple(stages)
+    if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
+        raise ValueError("rectify_stages={!r} is not valid; give one or more distinct names of {}".format(
+            list(stages), ", ".join(STAGES)))
+    return tuple(s for s in STAGES if s in stages)
 
 
-class FuseBlock(nn.Sequential):
-    """1x1 conv + BN + ReLU applied to the channel concatenation of a backbone tap and the side stream."""
+def _parse_step(name):
+    """'layer3' -> ('layer3', None, None); 'layer3[1:]' -> ('layer3', 1, None) (a slice of a Sequential)."""
+    if "[" not in name:
+        return name, None, None
+    attr, _, rest = name.partition("[")
+    start, _, stop = rest.rstrip("]").partition(":")
+    return attr, int(start) if start else None, int(stop) if stop else None
 
-    def __init__(self, in_channels, out_channels):
-        super().__init__(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                         nn.ReLU(inplace=True))
 
-    def forward(self, *inputs):
-        conv, bn, relu = self
-        weight = conv.weight
-        # Memory-saving path when training in one dtype; autocast (which casts inside the convolution) and
-        # inference take the plain path.
-        if (torch.is_grad_enabled() and not _autocast_enabled(weight.device.type)
-                and all(x.dtype == weight.dtype for x in inputs)):
-            return relu(bn(_ConcatConv1x1.apply(weight, *inputs)))
-        return super().forward(torch.cat(inputs, 1))
+def split_stage3(taps):
+    """The reference's tap: stage 3 read after its first block, the rest of stage 3 run with the last stage."""
+    *head, stage3, last = [tuple(t) for t in taps]
+    if len(stage3) != 1:
+        raise ValueError("stage3_tap='first_block' needs a stage-3 tap of one module, got {}".format(stage3))
+    return (*head, (stage3[0] + "[:1]",), (stage3[0] + "[1:]",) + last)
 
 
 class PTLNet(nn.Module):
     """Progressive Transfer Learning network over a torchreid backbone.
 
     Args:
-        backbone: a torchreid model (its ``fc``/``classifier``/pooling are replaced by the PTL head).
-        taps: five tuples of backbone attribute names; running them in order yields the stem, stage-1, stage-2,
-            stage-3 and last-stage feature maps.
+        backbone: a torchreid model. Its modules become this model's own children under their own names.
+        taps: five tuples of backbone attribute names (``'layer3[1:]'`` slices a Sequential); running them in
+            order yields the stem, stage-1, stage-2, stage-3 and last-stage feature maps.
         num_classes: identities of the classifier.
         loss: ``'softmax'`` or ``'triplet'`` (torchreid's forward contract).
-        feature_dim: embedding size after the reduction.
         input_size: (height, width) the model is built for; fixes the cells' state shapes.
         widths: side-stream channel widths (keys of ``REFERENCE_WIDTHS``); default scales the reference widths.
         state_mode, eval_state, momentum: BConv-Cell options (see ``BConvCell``).
+        mode: ``'branch'`` or ``'rectify'`` (module docstring).
+        head: branch mode's head, ``'residual'`` or ``'concat'``.
+        rectify_stages: stages rectify mode modulates, names of ``STAGES``.
+        side_pool: pooling of the side-stream output in the branch head, ``'avg'`` or ``'max'`` (the reference).
+        cell_init: Kaiming init mode of the side-stream convolutions, ``'fan_out'`` or ``'fan_in'`` (reference).
+        cell_type: ``'bconv'`` (BConv-Cells) or ``'conv'`` (stateless :class:`ConvAdapter` of similar size).
+        feature_dim: embedding size of the concat head (default: the backbone's).
     """
 
     is_ptl = True
 
-    def __init__(self, backbone, taps, num_classes, loss="softmax", feature_dim=None, input_size=(256, 128),
-                 widths=None, state_mode="dataset", eval_state="running", momentum=0.1):
+    def __init__(self, backbone, taps, num_classes, loss="softmax", input_size=(256, 128), widths=None,
+                 state_mode="dataset", eval_state="running", momentum=0.1, mode="branch", head="residual",
+                 rectify_stages=STAGES, side_pool="avg", cell_init="fan_out", cell_type="bconv", stage3_tap="stage",
+                 feature_dim=None):
         super().__init__()
         if len(taps) != 5:
             raise ValueError("PTLNet needs 5 taps (stem, stage1, stage2, stage3, last), got {}".format(len(taps)))
         if loss not in ("softmax", "triplet"):
             raise ValueError("loss={!r} is not supported; use 'softmax' or 'triplet'".format(loss))
-        self.loss = loss
-        self.backbone = backbone
-        self.taps = tuple(tuple(t) for t in taps)
+        for name, value, choices in (("mode", mode, MODES), ("head", head, HEADS), ("side_pool", side_pool,
+                                     SIDE_POOLS), ("cell_init", cell_init, CELL_INITS),
+                                     ("cell_type", cell_type, CELL_TYPES), ("stage3_tap", stage3_tap, STAGE3_TAPS)):
+            check_choice(name, value, choices)
+        self.loss, self.mode, self.side_pool, self.cell_type = loss, mode, side_pool, cell_type
+        self.head = head if mode == "branch" else None
+        self.rectify_stages = check_stages(rectify_stages) if mode == "rectify" else ()
+        self.stage3_tap = stage3_tap
         self.input_size = tuple(int(s) for s in input_size)
-        # The PTL head replaces these; keeping them would leave unused parameters (an error under DDP).
-        for name in ("fc", "classifier", "global_avgpool"):
-            if hasattr(backbone, name):
-                setattr(backbone, name, None)
+        self.taps = tuple(tuple(t) for t in (split_stage3(taps) if stage3_tap == "first_block" else taps))
+        self._tap_steps = tuple(tuple(_parse_step(n) for n in t) for t in self.taps)
+        if self.head == "concat":  # the reference head replaces the backbone's
+            for name in ("fc", "classifier"):
+                if hasattr(backbone, name):
+                    setattr(backbone, name, None)
+        # The backbone's modules are this model's children under their own names (plain torchreid keys); the
+        # backbone object itself is kept unregistered, as a view of them.
+        object.__setattr__(self, "_backbone", backbone)
+        for name, module in backbone.named_children():
+            self.add_module(name, module)
 
         channels, sizes = self._probe_taps()
         strides = self._tap_strides(sizes)
         w = dict(side_stream_widths(channels[3]), **(widths or {}))
         self.widths = w
-        self.feature_dim = int(feature_dim or getattr(backbone, "feature_dim", channels[4]))
+        self.embedding_dim = int(getattr(backbone, "feature_dim", channels[4]))
         cell = dict(state_mode=state_mode, eval_state=eval_state, momentum=momentum)
-        h, wd = self.input_size
+        # Side stream up to the last stage it serves: every stage in branch mode, the deepest rectified one here.
+        depth = 4 if mode == "branch" else STAGES.index(self.rectify_stages[-1]) + 1
 
         def make_cell(cin, cout, stride, size):
             out = (conv_output_size(size[0], stride), conv_output_size(size[1], stride))
+            if cell_type == "conv":
+                return ConvAdapter(cin, cout, stride=stride), out
             return BConvCell(cin, cout, out, stride=stride, **cell), out
 
-        self.bconv1, size = make_cell(3, w["bconv1"], 2, (h, wd))
+        self.bconv1, size = make_cell(3, w["bconv1"], 2, self.input_size)
         self.bconv2, size = make_cell(w["bconv1"], w["bconv2"], 2, size)
         self._check_size("stem", size, sizes[0])
-        self.fuse1 = FuseBlock(w["bconv2"] + channels[0], w["fuse1"])
-        self.bconv3, size = make_cell(w["fuse1"], w["bconv3"], strides[1], size)
-        self._check_size("stage1", size, sizes[1])
-        self.fuse2 = FuseBlock(channels[1] + w["bconv3"], w["fuse2"])
-        self.bconv4, size = make_cell(w["fuse2"], w["bconv4"], strides[2], size)
-        self._check_size("stage2", size, sizes[2])
-        self.fuse3 = FuseBlock(channels[2] + w["bconv4"], w["fuse3"])
-        self.bconv5, size = make_cell(w["fuse3"], w["bconv5"], strides[3], size)
-        self._check_size("stage3", size, sizes[3])
-        self.fuse4 = FuseBlock(channels[3] + w["bconv5"], w["fuse4"])
-        self.bconv6, size = make_cell(w["fuse4"], w["bconv6"], strides[4], size)
-        self._check_size("last stage", size, sizes[4])
+        side_in = w["bconv2"]
+        for k in range(1, depth + 1):
+            fuse_in = channels[k - 1] + side_in
+            setattr(self, "fuse{}".format(k), FuseBlock(fuse_in, w["fuse{}".format(k)]))
+            cell_name = "bconv{}".format(k + 2)
+            module, size = make_cell(w["fuse{}".format(k)], w[cell_name], strides[k], size)
+            setattr(self, cell_name, module)
+            self._check_size(STAGES[k - 1], size, sizes[k])
+            side_in = w[cell_name]
+            if STAGES[k - 1] in self.rectify_stages:
+                setattr(self, "rectify{}".format(k), Rectifier(side_in, channels[k]))
+        self._depth = depth
 
-        self.global_avgpool = nn.AdaptiveAvgPool2d(1)
-        self.reduce = nn.Sequential(nn.Linear(channels[4] + w["bconv6"], self.feature_dim),
-                                    nn.BatchNorm1d(self.feature_dim), nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(self.feature_dim, num_classes)
+        if self.head == "concat":
+            self.feature_dim = int(feature_dim or self.embedding_dim)
+            self.reduce = nn.Sequential(nn.Linear(channels[4] + w["bconv6"], self.feature_dim),
+                                        nn.BatchNorm1d(self.feature_dim), nn.ReLU(inplace=True))
+            self.classifier = nn.Linear(self.feature_dim, num_classes)
+        else:
+            self.feature_dim = self.embedding_dim
+            if self.head == "residual":
+                self.side_proj = nn.Linear(w["bconv6"], self.feature_dim)
         self._backbone_frozen = False
-        self._init_side_stream()
+        self._init_side_stream(cell_init)
+        self.register_load_state_dict_pre_hook(PTLNet._upgrade_hook)
 
     # -- construction helpers -----------------------------------------------------------------------------------
+    @property
+    def backbone(self):
+        """The wrapped torchreid model (its modules are this model's children; see the module docstring)."""
+        return self._backbone
+
     @torch.no_grad()
     def _probe_taps(self):
         """Channels and spatial sizes of the five taps, from one forward of a blank image at ``input_size``."""
@@ -160,7 +191,10 @@ class PTLNet(nn.Module):
         try:
             param = next(self.backbone.parameters())
             x = torch.zeros(1, 3, *self.input_size, device=param.device, dtype=param.dtype)
-            outs = self._run_taps(x)
+            outs = []
+            for k in range(5):
+                x = self._run_tap(k, x)
+                outs.append(x)
         finally:
             self.backbone.train(was_training)
         return [o.shape[1] for o in outs], [tuple(o.shape[-2:]) for o in outs]
@@ -171,7 +205,8 @@ class PTLNet(nn.Module):
             stride = prev[0] // cur[0]
             if stride < 1 or conv_output_size(prev[0], stride) != cur[0]:
                 raise ValueError("backbone taps {} -> {} are not a plain stride apart; input_size {} may not suit "
-                                 "this backbone; use an input size that is a multiple of 32".format(prev, cur, self.input_size))
+                                 "this backbone; use an input size that is a multiple of 32".format(
+                                     prev, cur, self.input_size))
             strides.append(stride)
         return strides
 
@@ -180,20 +215,65 @@ class PTLNet(nn.Module):
             raise ValueError("side stream is {} at the {} tap but the backbone gives {} for input_size {}; use an "
                              "input size that is a multiple of 32".format(side, tap, backbone, self.input_size))
 
-    def _init_side_stream(self):
-        for name, m in self.named_modules():
-            if name.startswith("backbone"):
-                continue
+    def _init_side_stream(self, cell_init):
+        for m in self.side_modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode=cell_init, nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+        # The paths into the pretrained model start at exactly zero.
+        for m in self.side_modules():
+            if isinstance(m, Rectifier):
+                m.reset_parameters()
+        if self.head == "residual":
+            nn.init.zeros_(self.side_proj.weight)
+            nn.init.zeros_(self.side_proj.bias)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def upgrade_state_dict(state_dict, prefix=""):
+        """Key names of checkpoints written before the backbone kept its own names (``backbone.conv1.weight``
+        -> ``conv1.weight``); other keys are left as they are."""
+        old = prefix + "backbone."
+        if not any(k.startswith(old) for k in state_dict):
+            return state_dict
+        return type(state_dict)((prefix + k[len(old):] if k.startswith(old) else k, v) for k, v in state_dict.items())
+
+    def _upgrade_hook(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        upgraded = self.upgrade_state_dict(state_dict, prefix)
+        if upgraded is not state_dict:
+            state_dict.clear()
+            state_dict.update(upgraded)
+        if strict and self.head != "concat" and prefix + "reduce.0.weight" in state_dict:
+            error_msgs.append("this checkpoint has the concat head of the reference PTL model (reduce.*); build the "
+                              "model with head='concat' (config: ptl.head concat) to load it")
 
     # -- PTL API ------------------------------------------------------------------------------------------------
+    def build_options(self):
+        """The ``build_model`` options (plain types) that rebuild this architecture with its current cell
+        settings, e.g. for a pruned model's file."""
+        cell = next(self.cells(), None)
+        options = dict(input_size=list(self.input_size), widths={k: int(v) for k, v in self.widths.items()},
+                       mode=self.mode, head=self.head or "residual", rectify_stages=list(self.rectify_stages or STAGES),
+                       side_pool=self.side_pool, cell_type=self.cell_type, stage3_tap=self.stage3_tap)
+        if self.head == "concat":
+            options["feature_dim"] = int(self.feature_dim)
+        if cell is not None:
+            options.update(state_mode=str(cell.state_mode), eval_state=str(cell.eval_state),
+                           momentum=None if cell.momentum is None else float(cell.momentum))
+        return options
+
+    def side_modules(self):
+        """The modules outside the backbone (cells, fuse blocks, rectifiers, the PTL head's own layers)."""
+        backbone = {id(m) for m in self.backbone.children()}
+        for child in self.children():
+            if id(child) not in backbone:
+                yield from child.modules()
+
     def cells(self):
         """The BConv-Cells in side-stream order."""
         return (m for m in self.modules() if isinstance(m, BConvCell))
@@ -209,22 +289,28 @@ class PTLNet(nn.Module):
             c.configure(**options)
 
     def state_norm(self):
-        """Mean over cells of the carried state's root-mean-square magnitude (0.0 after a reset)."""
+        """Mean over cells of the carried state's root-mean-square magnitude (0.0 after a reset or without
+        cells)."""
         values = [c.state_rms() for c in self.cells()]
-        return sum(values) / len(values)
+        return sum(values) / len(values) if values else 0.0
 
     def backbone_parameters(self):
-        return self.backbone.parameters()
+        """The pretrained part: the backbone's parameters but its identity classifier, which is new for every
+        target dataset and so counts with the PTL parameters."""
+        classifier = {id(p) for p in self.classifier.parameters()}
+        return (p for p in self.backbone.parameters() if id(p) not in classifier)
 
     def ptl_parameters(self):
-        """Parameters of the side stream and the head (everything outside the backbone)."""
-        return (p for n, p in self.named_parameters() if not n.startswith("backbone."))
+        """Parameters of the side stream, the PTL head and the classifier (everything but
+        :meth:`backbone_parameters`)."""
+        backbone = {id(p) for p in self.backbone_parameters()}
+        return (p for p in self.parameters() if id(p) not in backbone)
 
     def freeze_backbone(self, frozen=True):
-        """Train only the cells and the head: backbone weights get no gradient and its BatchNorms keep their
-        running statistics (eval mode) while frozen."""
+        """Train only the cells, the head and the classifier: backbone weights get no gradient and its
+        BatchNorms keep their running statistics (eval mode) while frozen."""
         self._backbone_frozen = bool(frozen)
-        for p in self.backbone.parameters():
+        for p in self.backbone_parameters():
             p.requires_grad_(not frozen)
         self.backbone.train(self.training and not frozen)
         return self
@@ -235,34 +321,60 @@ class PTLNet(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        if self._backbone_frozen:
-            self.backbone.eval()
+        self.backbone.train(mode and not self._backbone_frozen)
         return self
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def _run_taps(self, x):
-        outs = []
-        for names in self.taps:
-            for name in names:
-                x = getattr(self.backbone, name)(x)
-            outs.append(x)
-        return outs
+    def _run_tap(self, k, x):
+        for attr, start, stop in self._tap_steps[k]:
+            module = getattr(self, attr)
+            if start is None and stop is None:
+                x = module(x)
+            else:
+                for block in list(module)[start:stop]:
+                    x = block(x)
+        return x
+
+    def _pool_side(self, h, dtype):
+        h = h.to(dtype)
+        pooled = F.adaptive_max_pool2d(h, 1) if self.side_pool == "max" else F.adaptive_avg_pool2d(h, 1)
+        return torch.flatten(pooled, 1)
+
+    def _stages(self, x):
+        """Backbone maps of the last stage and the side stream's last output."""
+        h = self.bconv2(self.bconv1(x))
+        x = self._run_tap(0, x)
+        for k in range(1, 5):
+            if k <= self._depth:
+                fuse = getattr(self, "fuse{}".format(k))
+                h = getattr(self, "bconv{}".format(k + 2))(fuse(h, x) if k == 1 else fuse(x, h))
+            x = self._run_tap(k, x)
+            rectifier = self._modules.get("rectify{}".format(k))
+            if rectifier is not None:
+                x = rectifier(x, h)
+        return x, h
+
+    def _featuremaps(self, last, h):
+        return torch.cat([last, h.to(last.dtype)], 1) if self.head == "concat" else last
 
     def featuremaps(self, x):
-        """Last-stage backbone maps concatenated with the bconv6 maps (what the head pools)."""
-        stem, stage1, stage2, stage3, last = self._run_taps(x)
-        h = self.bconv2(self.bconv1(x))
-        h = self.bconv3(self.fuse1(h, stem))
-        h = self.bconv4(self.fuse2(stage1, h))
-        h = self.bconv5(self.fuse3(stage2, h))
-        h = self.bconv6(self.fuse4(stage3, h))
-        return torch.cat([last, h.to(last.dtype)], 1)
+        """The maps the head pools: the backbone's last stage (with the concat head, concatenated with the
+        bconv6 maps)."""
+        return self._featuremaps(*self._stages(x))
 
     def forward(self, x, return_featuremaps=False):
-        f = self.featuremaps(x)
+        last, h = self._stages(x)
         if return_featuremaps:
-            return f
-        v = self.reduce(torch.flatten(self.global_avgpool(f), 1))
+            return self._featuremaps(last, h)
+        v = torch.flatten(self.global_avgpool(last), 1)
+        if self.head == "concat":
+            v = self.reduce(torch.cat([v, self._pool_side(h, v.dtype)], 1))
+        else:
+            fc = getattr(self, "fc", None)
+            if fc is not None:
+                v = fc(v)
+            if self.head == "residual":
+                v = v + self.side_proj(self._pool_side(h, v.dtype))
         if not self.training:
             return v
         y = self.classifier(v)

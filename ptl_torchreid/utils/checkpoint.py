@@ -522,6 +522,9 @@ def load_weights(model: nn.Module, path_or_checkpoint, mode: str = "strict", tru
     state_dict = extract_state_dict(checkpoint)
 
     target = _unwrap(model)
+    upgrade = getattr(target, "upgrade_state_dict", None)  # a model's own renaming of older key names
+    if upgrade is not None:
+        state_dict = upgrade(state_dict)
     model_sd = target.state_dict()
     report = LoadReport(source=source, load_mode=load_mode, mode=mode)
     to_load = OrderedDict()
