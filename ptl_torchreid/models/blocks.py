@@ -85,16 +85,18 @@ class Rectifier(nn.Module):
 
 
 class ConvAdapter(nn.Module):
-    """A stateless stand-in for a BConv-Cell with about as many parameters: the cell's 3x3 convolution to
-    ``4 * out_channels`` (its four gates), BN + ReLU, and a 1x1 convolution down to ``out_channels``. Used to
-    separate what the carried state adds from what the extra capacity adds."""
+    """A stateless stand-in for a BConv-Cell with as many parameters: a 3x3 convolution to ``hidden`` channels,
+    BN + ReLU, and a 1x1 convolution down to ``out_channels``, with ``hidden`` chosen so that the two
+    convolutions hold as many weights as the cell's gate convolution (``in x 4 out x 3 x 3``). Used to separate
+    what the carried state adds from what the extra capacity adds."""
 
     def __init__(self, in_channels, out_channels, stride=1):
         super().__init__()
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        self.conv = nn.Conv2d(in_channels, 4 * out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4 * out_channels)
-        self.proj = nn.Conv2d(4 * out_channels, out_channels, 1, bias=False)
+        hidden = max(1, round(36 * in_channels * out_channels / (9 * in_channels + out_channels)))
+        self.conv = nn.Conv2d(in_channels, hidden, 3, stride=stride, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.proj = nn.Conv2d(hidden, out_channels, 1, bias=False)
 
     def forward(self, x):
         return self.proj(F.relu(self.bn(self.conv(x)), inplace=True))

@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""The powered PTL accuracy study: plain fine-tuning against PTL variants on the synthetic transfer pair.
+
+Everything that decides the comparison is fixed before any variant is trained: the data (an enlarged
+synthetic_target, set by ``--set``), the pretrained source model (trained once, cached), the seeds, and the
+budget (``--min-steps`` fine-tuning steps for every variant). Each seed trains every selected variant from the
+same source weights, in alternating order, so the per-seed differences are paired. The report gives each
+variant's mAP and Rank-1, the paired difference to plain fine-tuning with a 95% t-interval, the same against
+the variant's capacity-matched adapter where one was run, the direct-transfer result before fine-tuning
+(epoch 0), and costs (training step time during the runs, FLOPs, parameters), plus a PNG of the differences.
+
+    # osnet_x0_25, the main variants and the state-isolating ablations, 5 seeds:
+    python tools/benchmark_study.py --seeds 1 2 3 4 5 --variants plain branch rectify branch-stateless \\
+        rectify-stateless branch-adapter rectify-adapter --out study.md --plots docs/plots/study
+
+``--budget-minutes`` stops before a seed that would not fit (only complete seeds are reported, so the pairs
+stay complete). Trailing ``KEY VALUE`` pairs override config keys of both stages.
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import statistics
+import sys
+import time
+
+_TOOLS = osp.dirname(osp.abspath(__file__))
+sys.path.insert(0, osp.dirname(_TOOLS))
+sys.path.insert(0, _TOOLS)
+
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+
+import bench_measure as bm  # noqa: E402
+import bench_report as br  # noqa: E402
+import benchmark as bench  # noqa: E402
+from ptl_torchreid.config import engine_run_kwargs  # noqa: E402
+
+REPO = osp.dirname(_TOOLS)
+STATELESS = ("ptl.reset_policy", "iter", "ptl.reset_every_n_iters", "1", "ptl.eval_state", "zero")
+
+# label -> (PTL model?, config overrides, what it tests). 'plain' is the torchreid baseline.
+VARIANTS = {
+    "plain": (False, (), "plain torchreid fine-tuning"),
+    "branch": (True, ("ptl.mode", "branch"), "side stream into the embedding (zero-initialised projection)"),
+    "rectify": (True, ("ptl.mode", "rectify"), "cells modulate stages 1-3 and the last stage (FiLM)"),
+    "branch-stateless": (True, ("ptl.mode", "branch") + STATELESS, "branch, state reset before every step"),
+    "rectify-stateless": (True, ("ptl.mode", "rectify") + STATELESS, "rectify, state reset before every step"),
+    "branch-adapter": (True, ("ptl.mode", "branch", "ptl.cell_type", "conv"),
+                       "branch with plain conv adapters instead of cells (capacity-matched)"),
+    "rectify-adapter": (True, ("ptl.mode", "rectify", "ptl.cell_type", "conv"),
+                        "rectify with plain conv adapters instead of cells (capacity-matched)"),
+    "rectify-last": (True, ("ptl.mode", "rectify", "ptl.rectify_stages", "['last']"), "rectify the last stage only"),
+    "rectify-early": (True, ("ptl.mode", "rectify", "ptl.rectify_stages", "['stage1', 'stage2']"),
+                      "rectify stages 1 and 2 only"),
+    "branch-maxpool": (True, ("ptl.side_pool", "max"), "branch, max-pooled side stream (reference)"),
+    "branch-fan_in": (True, ("ptl.cell_init", "fan_in"), "branch, fan_in gate init (reference)"),
+    "branch-block-tap": (True, ("ptl.stage3_tap", "first_block"),
+                         "branch, stage-3 tap after its first block (reference)"),
+    "concat-head": (True, ("ptl.head", "concat"), "the reference's concat-and-reduce head (not function-preserving)"),
+    "reference-as-run": (True, ("ptl.head", "concat", "ptl.side_pool", "max", "ptl.cell_init", "fan_in",
+                                "ptl.stage3_tap", "first_block") + STATELESS,
+                         "the reference's choices with its state re-initialised before every forward"),
+}
+ADAPTER_OF = {"branch": "branch-adapter", "rectify": "rectify-adapter"}
+
+# The enlarged target domain: >= 200 test identities and >= 1000 fine-tuning steps at batch 32.
+DEFAULT_SETS = ["data.synthetic.num_train_ids=160", "data.synthetic.num_test_ids=200", "data.height=64",
+                "data.width=32"]
+DEFAULT_PRETRAIN_SETS = ["data.height=64", "data.width=32"]
+
+
+def paired(values, reference):
+    """Per-seed differences (points) with mean, sample std and a 95% t-interval; None for fewer than 2 seeds."""
+    diffs = [100 * (a - b) for a, b in zip(values, reference)]
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return {"diffs": diffs, "mean": mean, "std": sd, "ci": (mean - half, mean + half)}
+
+
+def fmt_paired(p):
+    if p is None:
+        return "-"
+    return "{:+.1f} [{:+.1f}, {:+.1f}]".format(p["mean"], *p["ci"])
+
+
+def spec_of(label, baseline):
+    is_ptl, opts, note = VARIANTS[label]
+    # Final evaluation only; the cost of intermediate evaluations would differ between variants.
+    return bench.ModelSpec(label, "ptl_" + baseline if is_ptl else baseline, tuple(opts) + ("test.eval_freq", "-1"),
+                           note=note)
+
+
+def fix_budget(base, min_steps):
+    """Epochs so that every variant gets at least ``min_steps`` steps (LR steps scaled with them)."""
+    engine = bench.spec_engine(base, bench.ModelSpec("probe", base.model.name))
+    per_epoch = len(engine.train_loader)
+    epochs = max(1, math.ceil(min_steps / per_epoch))
+    bench._set_epochs(base, epochs)
+    return per_epoch, epochs, engine.datamanager
+
+
+def direct_transfer(cfg, spec):
+    """Rank-1 / mAP of the model before fine-tuning (epoch 0)."""
+    engine = bench.spec_engine(cfg, spec)
+    kwargs = engine_run_kwargs(cfg)
+    engine.test(**bench._test_kwargs(kwargs))
+    first = next(iter(engine.last_results.values()))
+    return {"mAP": first["mAP"], "rank1": first["cmc"][1]}
+
+
+def run_study(args):
+    base = bench.finetune_base_config(args)
+    baseline = base.model.name[len("ptl_"):] if base.model.name.startswith("ptl_") else base.model.name
+    specs = [spec_of(v, baseline) for v in args.variants]
+    load_start = bm.load_average()
+    if args.pretrain_weights:
+        weights, pre_cfg = args.pretrain_weights, None
+    else:
+        weights, pre_cfg = bench.pretrain(args, baseline)
+    base.model.load_weights = weights
+    per_epoch, epochs, dm = fix_budget(base, args.min_steps)
+    print("budget: {} epochs x {} steps = {} fine-tuning steps per variant; {} train ids, {} query, {} gallery".format(
+        epochs, per_epoch, epochs * per_epoch, dm.num_train_pids, len(dm.test_loader[base.data.targets[0]]["query"]
+                                                                       .dataset),
+        len(dm.test_loader[base.data.targets[0]]["gallery"].dataset)), flush=True)
+
+    t_start = time.perf_counter()
+    runs = {s.label: [] for s in specs}
+    epoch0 = {}
+    seeds_done = []
+    for i, seed in enumerate(args.seeds):
+        elapsed = (time.perf_counter() - t_start) / 60
+        if seeds_done and args.budget_minutes and elapsed + elapsed / len(seeds_done) > args.budget_minutes:
+            print("stopping before seed {}: {:.0f} of {:.0f} budget minutes used".format(
+                seed, elapsed, args.budget_minutes), flush=True)
+            break
+        order = specs if i % 2 == 0 else specs[::-1]
+        for spec in order:
+            save_dir = osp.join(args.work_dir, bench._slug(spec.label), "seed{}".format(seed))
+            cfg = bench.spec_config(base, spec, **{"train.seed": seed, "data.save_dir": save_dir})
+            if spec.label not in epoch0:
+                with bench._quiet(osp.join(save_dir, "epoch0.log"), not args.verbose):
+                    epoch0[spec.label] = direct_transfer(cfg, spec)
+            run, engine = bench.train_run(cfg, spec, quiet=not args.verbose)
+            first = next(iter(run["results"].values()))
+            run.update(mAP=first["mAP"], rank1=first["cmc"][1], steps=len(run["iter_times"]))
+            run.pop("results")
+            run["iter_median"] = bm.median(run.pop("iter_times")[1:])
+            if spec.label not in runs or not runs[spec.label]:
+                run["flops"] = bm.count_flops(engine.net, cfg.data.height, cfg.data.width)
+                run["params"] = bm.count_params(engine.net)
+            runs[spec.label].append(run)
+            print("seed {} {:<18} mAP {:5.1f}  Rank-1 {:5.1f}  {} steps  step {:.3f}s  ({:.0f}s)".format(
+                seed, spec.label, 100 * run["mAP"], 100 * run["rank1"], run["steps"], run["iter_median"],
+                run["wall_seconds"]), flush=True)
+        seeds_done.append(seed)
+    report = {"command": "python tools/benchmark_study.py " + " ".join(sys.argv[1:]), "machine": bm.machine_description(torch.device("cpu")),
+              "load_average": [load_start, bm.load_average()], "pretrain_weights": weights,
+              "pretrain_config": pre_cfg.dump() if pre_cfg else None, "finetune_config": base.dump(), "seeds": seeds_done,
+              "steps_per_variant": epochs * per_epoch, "variants": list(args.variants), "epoch0": epoch0,
+              "runs": {k: [r for r in v if r["seed"] in seeds_done] for k, v in runs.items()},
+              "minutes": (time.perf_counter() - t_start) / 60}
+    return report
+
+
+def study_markdown(report):
+    runs, seeds = report["runs"], report["seeds"]
+    mAP = {k: [r["mAP"] for r in v] for k, v in runs.items()}
+    r1 = {k: [r["rank1"] for r in v] for k, v in runs.items()}
+    plain = runs.get("plain")
+    ref_cost = plain[0] if plain else None
+    rows = []
+    for label in report["variants"]:
+        first = runs[label][0] if runs[label] else {}
+        vs_plain = paired(mAP[label], mAP["plain"]) if plain and label != "plain" else None
+        adapter = ADAPTER_OF.get(label)
+        vs_adapter = paired(mAP[label], mAP[adapter]) if adapter in runs and runs[adapter] else None
+        e0 = report["epoch0"].get(label, {})
+        step = statistics.median([r["iter_median"] for r in runs[label]]) if runs[label] else float("nan")
+        rows.append([label, br.fmt_mean_std(mAP[label]), br.fmt_mean_std(r1[label]), fmt_paired(vs_plain),
+                     fmt_paired(vs_adapter), "{:.1f} / {:.1f}".format(100 * e0.get("mAP", float("nan")),
+                                                                      100 * e0.get("rank1", float("nan"))),
+                     br.fmt_ratio(step, statistics.median([r["iter_median"] for r in plain])) if plain else "-",
+                     br.fmt_ratio(first.get("flops", {}).get("inference"), ref_cost["flops"]["inference"])
+                     if ref_cost else "-",
+                     "{:.3f}".format(first.get("params", float("nan")) / 1e6), VARIANTS[label][2]])
+    header = ["variant", "mAP (%)", "Rank-1 (%)", "Δ mAP vs plain [95% CI]", "Δ mAP vs its adapter [95% CI]",
+              "epoch 0 mAP / Rank-1", "train step vs plain", "inference FLOPs vs plain", "params (M)", "what"]
+    per_seed = [[label] + ["{:.1f}".format(100 * v) for v in mAP[label]] for label in report["variants"]]
+    lines = [
+        "Command: `{}`".format(report["command"]),
+        "",
+        "Machine: {}; load average {:.1f} at the start, {:.1f} at the end; {:.0f} minutes.".format(
+            report["machine"], report["load_average"][0], report["load_average"][1], report["minutes"]),
+        "Seeds {} (paired: every variant starts from the same source model for each seed); {} fine-tuning steps "
+        "per variant.".format(", ".join(map(str, seeds)), report["steps_per_variant"]),
+        "",
+        br.markdown_table(header, rows),
+        "",
+        "Δ: mean of the per-seed mAP differences in points, with a 95% t-interval over seeds. 'its adapter': the "
+        "same variant with stateless conv adapters of about the same size instead of cells. Train step: median "
+        "step time during the runs (sequential runs, so machine load shows here). Epoch 0: evaluated before "
+        "fine-tuning (direct transfer).",
+        "",
+        "mAP per seed (%):",
+        "",
+        br.markdown_table(["variant"] + ["seed {}".format(s) for s in seeds], per_seed),
+    ]
+    return "\n".join(lines)
+
+
+def plot_study(report, path):
+    plt = br._pyplot()
+    runs = report["runs"]
+    labels = [v for v in report["variants"] if v != "plain" and runs.get(v)]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.4))
+    for y, label in enumerate(labels[::-1]):
+        p = paired([r["mAP"] for r in runs[label]], [r["mAP"] for r in runs["plain"]])
+        if p is None:
+            continue
+        ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["ci"][0]], [p["ci"][1] - p["mean"]]], fmt="o", color="C0",
+                    capsize=3)
+        ax.plot(p["diffs"], [y] * len(p["diffs"]), "k.", markersize=4)
+    ax.axvline(0, color="C7", lw=1)
+    ax.axvline(1.5, color="C3", lw=1, ls="--", label="target +1.5")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels[::-1], fontsize=8)
+    ax.set_xlabel("mAP − plain fine-tuning (points): mean, 95% CI, seeds")
+    ax.set_title("PTL variants vs plain fine-tuning (paired seeds)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return br._save(fig, path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=bench.SYNTHETIC_FINETUNE_CONFIG, help="fine-tuning config")
+    p.add_argument("--pretrain-config", default=bench.SYNTHETIC_PRETRAIN_CONFIG, help="source-domain config")
+    p.add_argument("--root", default="log/study-data", help="dataset root (the enlarged target lives here)")
+    p.add_argument("--variants", nargs="+", default=["plain", "branch", "rectify"], choices=list(VARIANTS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--min-steps", type=int, default=1000, help="fine-tuning steps every variant gets at least")
+    p.add_argument("--budget-minutes", type=float, default=0, help="stop before a seed that would exceed this")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="fine-tuning overrides (default: {})".format(" ".join(DEFAULT_SETS)))
+    p.add_argument("--pretrain-set", action="append", default=None, metavar="KEY=VALUE",
+                   help="pretraining overrides (default: {})".format(" ".join(DEFAULT_PRETRAIN_SETS)))
+    p.add_argument("--pretrain-epochs", type=int, default=None)
+    p.add_argument("--pretrain-weights", default=None,
+                   help="start from these source weights (e.g. another study's cached pretraining) instead")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--work-dir", default="log/study")
+    p.add_argument("--out", default=None, help="Markdown report")
+    p.add_argument("--json", default=None, help="all measurements")
+    p.add_argument("--plots", default=None, help="plot prefix: <prefix>_delta.png")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
+    args = p.parse_args(argv)
+    if "plain" not in args.variants:
+        p.error("--variants must include 'plain' (the paired reference)")
+    args.set = DEFAULT_SETS if args.set is None else args.set
+    args.pretrain_set = DEFAULT_PRETRAIN_SETS if args.pretrain_set is None else args.pretrain_set
+    # what benchmark.py's pretraining and base-config helpers read
+    args.sources = args.targets = None
+    args.epochs, args.eval_freq, args.cmc_rank, args.pretrain_init = None, -1, 20, None
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work_dir, exist_ok=True)
+    report = run_study(args)
+    text = study_markdown(report)
+    if args.plots:
+        text += "\n\n![study]({})\n".format(osp.basename(plot_study(report, args.plots + "_delta.png")))
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
