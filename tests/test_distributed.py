@@ -261,31 +261,36 @@ def test_init_distributed_reports_missing_torchrun_variables(monkeypatch):
 
 # -- a full PTL model under DDP ---------------------------------------------------------------------------------
 
-def small_ptl():
+PTL_VARIANTS = {"ptl": {}, "ptl_rectify": {"mode": "rectify"}}
+
+
+def small_ptl(**options):
     torch.manual_seed(0)
-    return models.build_model("ptl_osnet_x0_25", num_classes=4, pretrained=False, input_size=(64, 32))
+    return models.build_model("ptl_osnet_x0_25", num_classes=4, pretrained=False, input_size=(64, 32), **options)
 
 
 def _ddp_ptl_worker(rank, out_dir):
-    model = pdist.wrap_ddp(small_ptl().train())
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(10 + rank)  # different data on each rank
-    for _ in range(2):
-        x, y = torch.randn(4, 3, 64, 32, generator=g), torch.randint(0, 4, (4,), generator=g)
-        with amp.autocast_context("cpu", "bf16"):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        pdist.sync_cell_states(model, batch_size=x.shape[0])
-    net = models.unwrap(model)
-    torch.save({"states": [c.state for c in net.cells()], "running": [c.running_state for c in net.cells()],
-                "loss": float(loss), "weight": net.classifier.weight.detach().clone()},
-               osp.join(out_dir, "ptl_rank{}.pt".format(rank)))
+    for tag, options in PTL_VARIANTS.items():
+        model = pdist.wrap_ddp(small_ptl(**options).train())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        g = torch.Generator().manual_seed(10 + rank)  # different data on each rank
+        for _ in range(2):
+            x, y = torch.randn(4, 3, 64, 32, generator=g), torch.randint(0, 4, (4,), generator=g)
+            with amp.autocast_context("cpu", "bf16"):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pdist.sync_cell_states(model, batch_size=x.shape[0])
+        net = models.unwrap(model)
+        torch.save({"states": [c.state for c in net.cells()], "running": [c.running_state for c in net.cells()],
+                    "loss": float(loss), "weight": net.classifier.weight.detach().clone()},
+                   osp.join(out_dir, "{}_rank{}.pt".format(tag, rank)))
 
 
-def test_ptl_model_states_agree_across_ranks_under_ddp_and_bf16(spawned):
-    r0, r1 = (torch.load(spawned / "ptl_rank{}.pt".format(r)) for r in range(WORLD))
+@pytest.mark.parametrize("tag", sorted(PTL_VARIANTS))
+def test_ptl_model_states_agree_across_ranks_under_ddp_and_bf16(spawned, tag):
+    r0, r1 = (torch.load(spawned / "{}_rank{}.pt".format(tag, r)) for r in range(WORLD))
     assert math.isfinite(r0["loss"]) and math.isfinite(r1["loss"])
     assert r0["loss"] != r1["loss"]  # the ranks did see different data
     torch.testing.assert_close(r0["weight"], r1["weight"])  # DDP kept the weights equal

@@ -225,3 +225,30 @@ def test_config_names_the_bad_ptl_key(key, value):
     merge_from_list(cfg, [key, value])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", MODES, ids=["branch", "rectify"])
+def test_pruning_follows_the_side_stream_into_the_backbone(options, tmp_path):
+    from ptl_torchreid.compress import load_pruned_model, prune_cop, save_pruned_model
+
+    model = build_ptl("ptl_osnet_x0_25", **options)
+    for m in model.side_modules():  # a live side stream, as after fine-tuning
+        if isinstance(m, models.blocks.Rectifier):
+            torch.nn.init.normal_(m.scale.weight, 0, 0.1)
+    if options.get("mode") != "rectify":
+        torch.nn.init.normal_(model.side_proj.weight, 0, 0.1)
+    model.train()
+    model(torch.rand(4, 3, *SIZE))
+    pruned, report = prune_cop(model, flops_reduction=0.3, input_size=SIZE, return_report=True)
+    assert report.flops_reduction > 0.25
+    if options.get("mode") == "rectify":
+        for k, rectifier in ((1, pruned.rectify1), (2, pruned.rectify2), (3, pruned.rectify3)):
+            side = getattr(pruned, "bconv{}".format(k + 2)).out_channels
+            width = getattr(pruned, "fuse{}".format(k + 1))[0].in_channels - side  # the stage's channels
+            assert rectifier.scale.out_channels == rectifier.shift.out_channels == width
+            assert rectifier.scale.in_channels == side
+    x = torch.rand(2, 3, *SIZE)
+    path = str(tmp_path / "pruned.pth")
+    save_pruned_model(pruned, path, arch="ptl_osnet_x0_25", report=report)
+    torch.testing.assert_close(embed(load_pruned_model(path), x), embed(pruned, x), rtol=0, atol=0)

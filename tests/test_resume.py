@@ -84,11 +84,13 @@ def assert_same_tensors(a, b, atol=1e-6):
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=0), k
 
 
-def test_resume_mid_epoch_is_exact(data_root, datamanager, tmp_path):
+@pytest.mark.parametrize("mode", ["branch", "rectify"])
+def test_resume_mid_epoch_is_exact(data_root, datamanager, tmp_path, mode):
     """Interrupted after step 7 (checkpoints every 3 steps: the last one is mid-epoch 2) and resumed in a fresh
     engine with other RNG states: the same losses at every later step and the same final weights. An evaluation
     after epoch 1 and the LR step at its end lie between the checkpoints."""
-    two_epochs = ["train.checkpoint_every_n_iters", "3", "train.max_epoch", "2", "train.stepsize", "[1]"]
+    two_epochs = ["train.checkpoint_every_n_iters", "3", "train.max_epoch", "2", "train.stepsize", "[1]",
+                  "ptl.mode", mode]
     cfg = tiny_cfg(data_root, tmp_path / "full", *two_epochs)
     torchreid = _torchreid.torchreid
     torchreid.utils.set_random_seed(cfg.train.seed)
