@@ -13,8 +13,9 @@ the variant's capacity-matched adapter where one was run, the direct-transfer re
     python tools/benchmark_study.py --seeds 1 2 3 4 5 --variants plain branch rectify branch-stateless \\
         rectify-stateless branch-adapter rectify-adapter --out study.md --plots docs/plots/study
 
-``--budget-minutes`` stops before a seed that would not fit (only complete seeds are reported, so the pairs
-stay complete). Trailing ``KEY VALUE`` pairs override config keys of both stages.
+``--budget-minutes`` stops before a seed that would not fit; the report is rewritten after every seed, with
+complete seeds only, so the pairs stay complete. Seeds can be split over processes (one per core) and the
+reports joined with ``--merge a.json b.json``. Trailing ``KEY VALUE`` pairs override config keys of both stages.
 """
 import argparse
 import json
@@ -29,12 +30,12 @@ _TOOLS = osp.dirname(osp.abspath(__file__))
 sys.path.insert(0, osp.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
 
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
-
 import bench_measure as bm  # noqa: E402
 import bench_report as br  # noqa: E402
 import benchmark as bench  # noqa: E402
+import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+
 from ptl_torchreid.config import engine_run_kwargs  # noqa: E402
 
 REPO = osp.dirname(_TOOLS)
@@ -158,13 +159,57 @@ def run_study(args):
                 seed, spec.label, 100 * run["mAP"], 100 * run["rank1"], run["steps"], run["iter_median"],
                 run["wall_seconds"]), flush=True)
         seeds_done.append(seed)
-    report = {"command": "python tools/benchmark_study.py " + " ".join(sys.argv[1:]), "machine": bm.machine_description(torch.device("cpu")),
-              "load_average": [load_start, bm.load_average()], "pretrain_weights": weights,
-              "pretrain_config": pre_cfg.dump() if pre_cfg else None, "finetune_config": base.dump(), "seeds": seeds_done,
-              "steps_per_variant": epochs * per_epoch, "variants": list(args.variants), "epoch0": epoch0,
-              "runs": {k: [r for r in v if r["seed"] in seeds_done] for k, v in runs.items()},
-              "minutes": (time.perf_counter() - t_start) / 60}
-    return report
+        write_outputs(args, make_report(args, base, weights, pre_cfg, epochs * per_epoch, seeds_done, epoch0, runs,
+                                        load_start, t_start))
+    return make_report(args, base, weights, pre_cfg, epochs * per_epoch, seeds_done, epoch0, runs, load_start,
+                       t_start)
+
+
+def make_report(args, base, weights, pre_cfg, steps, seeds_done, epoch0, runs, load_start, t_start):
+    return {"command": "python tools/benchmark_study.py " + " ".join(sys.argv[1:]),
+            "machine": bm.machine_description(torch.device("cpu")),
+            "load_average": [load_start, bm.load_average()], "pretrain_weights": weights,
+            "pretrain_config": pre_cfg.dump() if pre_cfg else None, "finetune_config": base.dump(),
+            "seeds": list(seeds_done), "steps_per_variant": steps, "variants": list(args.variants),
+            "epoch0": epoch0, "runs": {k: [r for r in v if r["seed"] in seeds_done] for k, v in runs.items()},
+            "minutes": (time.perf_counter() - t_start) / 60}
+
+
+def merge_reports(paths):
+    """One report from studies of the same design run over disjoint seeds (e.g. one process per core)."""
+    reports = [json.load(open(p)) for p in paths]
+    first = reports[0]
+    for other, path in zip(reports[1:], paths[1:]):
+        for key in ("finetune_config", "pretrain_weights", "steps_per_variant", "variants"):
+            if other[key] != first[key]:
+                raise SystemExit("{}: '{}' differs from {}; only studies of the same design merge".format(
+                    path, key, paths[0]))
+        if set(other["seeds"]) & set(first["seeds"]):
+            raise SystemExit("{}: seeds {} are in {} too".format(path, other["seeds"], paths[0]))
+    merged = dict(first)
+    merged["seeds"] = sorted(s for r in reports for s in r["seeds"])
+    merged["runs"] = {v: sorted((run for r in reports for run in r["runs"][v]), key=lambda run: run["seed"])
+                      for v in first["variants"]}
+    merged["command"] = " && ".join(r["command"] for r in reports) + " && python tools/benchmark_study.py --merge " \
+        + " ".join(paths)
+    merged["minutes"] = max(r["minutes"] for r in reports)
+    merged["load_average"] = [max(r["load_average"][0] for r in reports), max(r["load_average"][1] for r in reports)]
+    return merged
+
+
+def write_outputs(args, report):
+    text = study_markdown(report)
+    if args.plots:
+        text += "\n\n![study]({})\n".format(osp.basename(plot_study(report, args.plots + "_delta.png")))
+    if args.out:
+        with open(args.out + ".tmp", "w") as f:
+            f.write(text + "\n")
+        os.replace(args.out + ".tmp", args.out)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(args.json + ".tmp", args.json)
+    return text
 
 
 def study_markdown(report):
@@ -258,6 +303,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="Markdown report")
     p.add_argument("--json", default=None, help="all measurements")
     p.add_argument("--plots", default=None, help="plot prefix: <prefix>_delta.png")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge the --json reports of studies run over disjoint seeds, write --out/--json/--plots")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     args = p.parse_args(argv)
@@ -273,19 +320,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        print(write_outputs(args, merge_reports(args.merge)))
+        return 0
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
-    report = run_study(args)
-    text = study_markdown(report)
-    if args.plots:
-        text += "\n\n![study]({})\n".format(osp.basename(plot_study(report, args.plots + "_delta.png")))
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    print("\n" + write_outputs(args, run_study(args)))
     return 0
 
 
