@@ -319,11 +319,12 @@ def format_results_table(results):
     if not results:
         return "(no results)"
     ranks = sorted({r for res in results.values() for r in res["cmc"]})
-    header = ["target", "mAP"] + ["Rank-{}".format(r) for r in ranks]
+    minp = any("mINP" in res for res in results.values())
+    header = ["target", "mAP"] + ["mINP"] * minp + ["Rank-{}".format(r) for r in ranks]
     rows = []
     for name, res in results.items():
         cmc = res["cmc"]
-        rows.append([name, "{:.1%}".format(res["mAP"])]
+        rows.append([name, "{:.1%}".format(res["mAP"])] + ["{:.1%}".format(res.get("mINP", float("nan")))] * minp
                     + ["{:.1%}".format(cmc[r]) if r in cmc else "-" for r in ranks])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 

@@ -38,6 +38,7 @@ __all__ = [
     "lr_scheduler_kwargs",
     "engine_run_kwargs",
     "engine_kwargs",
+    "evaluation_kwargs",
     "resume_path",
     "model_kwargs",
     "synthetic_kwargs",
@@ -175,6 +176,17 @@ def get_default_config():
     cfg.test.rerank = False
     cfg.test.visrank = False
     cfg.test.visrank_topk = 10
+    # Test-time options (ptl_torchreid.engine.evaluator): sparse k-reciprocal re-ranking parameters,
+    # alpha-query expansion, flip test, TPR@FPR with a ROC plot, and the memory above which ranking is chunked.
+    cfg.test.rerank_k1 = 20
+    cfg.test.rerank_k2 = 6
+    cfg.test.rerank_lambda = 0.3
+    cfg.test.aqe = False
+    cfg.test.aqe_k = 5
+    cfg.test.aqe_alpha = 3.0
+    cfg.test.flip = False
+    cfg.test.roc = False
+    cfg.test.max_distmat_gb = 2.0
 
     # PTL-specific settings; ignored (with a note) for plain torchreid models.
     cfg.ptl = CN()
@@ -583,6 +595,7 @@ def validate_config(cfg):
            "must be -1 (evaluate after training only) or >= 1")
     _check(te.start_eval >= 0, "test.start_eval", te.start_eval, "must be >= 0")
     _check(te.visrank_topk >= 1, "test.visrank_topk", te.visrank_topk, "must be >= 1")
+    _validate_test_options(te)
     _check(not te.visrank or te.evaluate, "test.visrank", te.visrank,
            "ranked-result visualisation runs in test mode only; also set test.evaluate True (or use the "
            "'visrank' command)")
@@ -725,6 +738,7 @@ def engine_kwargs(cfg):
         "seed": cfg.train.seed,
         "checkpoint_every_n_iters": cfg.train.checkpoint_every_n_iters,
         "keep_last": cfg.train.keep_last or None,
+        "evaluation": evaluation_kwargs(cfg),
     }
     if cfg.loss.name == "triplet":
         kwargs.update(
@@ -733,6 +747,21 @@ def engine_kwargs(cfg):
             weight_x=cfg.loss.triplet.weight_x,
         )
     return kwargs
+
+
+def _validate_test_options(te):
+    _check(te.rerank_k1 >= 1, "test.rerank_k1", te.rerank_k1, "must be >= 1")
+    _check(te.rerank_k2 >= 1, "test.rerank_k2", te.rerank_k2, "must be >= 1 (1: no local query expansion)")
+    _check(0 <= te.rerank_lambda <= 1, "test.rerank_lambda", te.rerank_lambda, "must be in [0, 1]")
+    _check(te.aqe_k >= 1, "test.aqe_k", te.aqe_k, "must be >= 1")
+    _check(te.max_distmat_gb > 0, "test.max_distmat_gb", te.max_distmat_gb, "must be positive (in GB)")
+
+
+def evaluation_kwargs(cfg):
+    """The engine's ``evaluation`` options (``ptl_torchreid.engine.evaluator.EvalOptions``) from ``test.*``."""
+    te = cfg.test
+    return {k: te[k] for k in ("rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_k", "aqe_alpha", "flip",
+                               "roc", "max_distmat_gb")}
 
 
 def engine_run_kwargs(cfg):
