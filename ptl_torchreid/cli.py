@@ -48,6 +48,7 @@ from ptl_torchreid.data import (
     skipped_images,
 )
 from ptl_torchreid.data.samplers import distribute_train_loaders
+from ptl_torchreid.data.user import check_user_source, is_user_source
 from ptl_torchreid.engine import ENGINES, NonFiniteLossError, build_optimizer
 from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
@@ -442,7 +443,10 @@ def check_data(cfg, args):
             print('"{}" is not generated yet; it is generated (and valid) on first use.'.format(folder))
             continue
         try:
-            report = check_dataset_root(folder, pattern=pattern, num_workers=args.scan_workers)
+            if not args.dir and is_user_source(name):  # folder / list-file / no-camera source
+                report = check_user_source(name, num_workers=args.scan_workers)
+            else:
+                report = check_dataset_root(folder, pattern=pattern, num_workers=args.scan_workers)
         except DatasetRootError as e:
             print("Problem: {}".format(e))
             status = 1

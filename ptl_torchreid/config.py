@@ -21,6 +21,9 @@ import os.path as osp
 import yaml
 from yacs.config import CfgNode as CN
 
+from ptl_torchreid.data.check import DatasetRootError
+from ptl_torchreid.data.user import register_user_sources
+
 __all__ = [
     "ConfigError",
     "config_keys",
@@ -477,6 +480,15 @@ def torchreid_choices():
     return _torchreid.training_choices()
 
 
+def _register_user_sources(cfg):
+    """Folder / list-file / no-camera sources (``ptl_torchreid.data.user``) become torchreid datasets."""
+    for key in ("data.sources", "data.targets"):
+        try:
+            register_user_sources(cfg.data[key.split(".")[1]])
+        except DatasetRootError as e:
+            raise ConfigError("{}: {}".format(key, e)) from None
+
+
 def _available_models():
     from ptl_torchreid.models import available_models  # importing registers the ptl_* names
 
@@ -491,6 +503,7 @@ def validate_config(cfg):
     _choice("data.type", cfg.data.type, ("image",))
     _choice("loss.name", cfg.loss.name, LOSSES)
 
+    _register_user_sources(cfg)
     datasets = sorted(torchreid_image_datasets())
     for key in ("data.sources", "data.targets"):
         names = cfg.data[key.split(".")[1]]
