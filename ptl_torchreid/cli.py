@@ -34,6 +34,7 @@ from ptl_torchreid.config import (
     synthetic_kwargs,
     torchreid_image_datasets,
 )
+from ptl_torchreid.cli_retrieval import add_embed_arguments, add_search_arguments, run_embed, run_search
 from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
 from ptl_torchreid.data import (
     PATTERNS,
@@ -488,6 +489,14 @@ def _prune_arguments(parser):
 
 register_command("prune", "COP-prune model.load_weights to a target (--flops-reduction/--params-reduction/"
                  "--prune-rate), fine-tune, evaluate, save", _run_prune, add_arguments=_prune_arguments)
+
+
+register_command("embed", "write the features of a folder, list file or DATASET:SPLIT (--input) to --output "
+                 "(.npz with the image paths)", lambda cfg, args: run_embed(cfg, args, build_model),
+                 add_arguments=add_embed_arguments, tool=True)
+register_command("search", "top-k gallery images of each query from saved features (--query/--gallery), as a "
+                 "table, results.csv and visrank-style PNGs", run_search, add_arguments=add_search_arguments,
+                 tool=True)
 
 
 def build_parser(command="train"):
