@@ -1,24 +1,14 @@
 """The engine's test-time options: re-ranking, AQE, ROC, chunked ranking and the flip test, from the config."""
-import os.path as osp
-
 import pytest
 import torch
 
 from ptl_torchreid.cli import build_engine, run
 from ptl_torchreid.config import load_config
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-DEMO = osp.join(REPO, "configs", "synthetic_demo.yaml")
-SHORT = [
-    "data.synthetic.num_train_ids", "4", "data.synthetic.num_test_ids", "4", "data.synthetic.num_cameras", "2",
-    "data.synthetic.images_per_id_per_camera", "3", "data.height", "64", "data.width", "32", "data.workers", "0",
-    "train.batch_size", "8", "sampler.num_instances", "2", "train.progress_bar", "False", "test.evaluate", "True",
-    "model.pretrained", "False", "use_gpu", "False",
-]
+from tiny import run_opts
 
 
 def config(data_root, save_dir, *extra):
-    return load_config(DEMO, SHORT + ["data.root", data_root, "data.save_dir", str(save_dir)] + list(extra))
+    return load_config(None, run_opts(data_root, save_dir, "test.evaluate", "True", *extra))
 
 
 def test_chunked_ranking_in_the_engine_gives_the_full_matrix_results(data_root, tmp_path, capsys):
