@@ -51,13 +51,14 @@ def child(method, name, quick, seed, out_path, cap_gb):
     """Runs one method; writes its distances (or ranking results) and measurements."""
     import torch
 
-    from ptl_torchreid.metrics import evaluate_rank, evaluate_rank_chunked, rerank
+    from ptl_torchreid.metrics import PairROC, evaluate_rank, evaluate_rank_chunked, rerank
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import torchreid
     qf, gf, q_pids, g_pids, q_camids, g_camids = problem(name, quick, seed)
     qf, gf = torch.from_numpy(qf), torch.from_numpy(gf)
     labels = (q_pids, g_pids, q_camids, g_camids)
+    roc = PairROC(PairROC.count_negatives(q_pids, g_pids))
     reset_peak_rss()
     base = rss_bytes()
     t0 = time.perf_counter()
@@ -67,19 +68,21 @@ def child(method, name, quick, seed, out_path, cap_gb):
         cd = torchreid.metrics.compute_distance_matrix
         distmat = torchreid.utils.re_ranking(cd(qf, gf).numpy(), cd(qf, qf).numpy(), cd(gf, gf).numpy())
     elif method == "chunked":
-        cmc, mAP, minp = evaluate_rank_chunked(qf, gf, *labels, memory_cap=int(cap_gb * (1 << 30)))
+        cmc, mAP, minp = evaluate_rank_chunked(qf, gf, *labels, memory_cap=int(cap_gb * (1 << 30)), roc=roc)
         distmat = None
     else:  # full
         distmat = torchreid.metrics.compute_distance_matrix(qf, gf).numpy()
         cmc, mAP, minp = evaluate_rank(distmat, *labels, return_minp=True)
+        roc.add(distmat, *labels)
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes() - base
     if method in ("ours", "torchreid"):
         cmc, mAP, minp = evaluate_rank(distmat, *labels, return_minp=True)
+        roc.add(distmat, *labels)
         np.save(out_path + ".npy", distmat)
     with open(out_path + ".json", "w") as f:
         json.dump({"seconds": seconds, "peak_gb": peak / 2 ** 30, "rank1": float(cmc[0]), "mAP": mAP,
-                   "mINP": minp, "cmc": [float(c) for c in cmc[:20]]}, f)
+                   "mINP": minp, "tpr": list(roc.tpr_at().values()), "cmc": [float(c) for c in cmc[:20]]}, f)
 
 
 def main(argv=None):
@@ -120,18 +123,19 @@ def main(argv=None):
     ref, new = methods[1], methods[0]
     compared = ""
     if ref in results and new in results:
-        same_metrics = all(results[new][k] == results[ref][k] for k in ("cmc", "mAP", "mINP"))
-        compared = "CMC/mAP/mINP identical: {}".format("yes" if same_metrics else "NO")
+        same_metrics = all(results[new][k] == results[ref][k] for k in ("cmc", "mAP", "mINP", "tpr"))
+        compared = "CMC/mAP/mINP/TPR identical: {}".format("yes" if same_metrics else "NO")
         if os.path.exists(os.path.join(tmp, new + ".npy")) and os.path.exists(os.path.join(tmp, ref + ".npy")):
             a, b = np.load(os.path.join(tmp, new + ".npy")), np.load(os.path.join(tmp, ref + ".npy"))
             compared += "; max |distance difference| {:.2e}".format(float(np.abs(a - b).max()))
-    header = "| case | method | time (s) | peak memory (GB) | Rank-1 | mAP | mINP |"
-    rows = [header, "|---|---|---|---|---|---|---|"]
+    header = "| case | method | time (s) | peak memory (GB) | Rank-1 | mAP | mINP | TPR@FPR 1e-4 / 1e-3 / 1e-2 |"
+    rows = [header, "|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
-        rows.append("| {} ({} x {}) | {} | {:.1f} | {:.2f} | {:.1%} | {:.1%} | {:.1%} |".format(
-            args.case, nq, ng, m, r["seconds"], r["peak_gb"], r["rank1"], r["mAP"], r["mINP"]))
+        rows.append("| {} ({} x {}) | {} | {:.1f} | {:.2f} | {:.1%} | {:.1%} | {:.1%} | {} |".format(
+            args.case, nq, ng, m, r["seconds"], r["peak_gb"], r["rank1"], r["mAP"], r["mINP"],
+            " / ".join("{:.1%}".format(t) for t in r["tpr"])))
     if ref in results and new in results:
-        rows.append("| | ratio {}/{} | {:.2f}x faster | {:.3f} of the memory | | | |".format(
+        rows.append("| | ratio {}/{} | {:.2f}x faster | {:.3f} of the memory | | | | |".format(
             ref, new, results[ref]["seconds"] / results[new]["seconds"],
             results[new]["peak_gb"] / max(results[ref]["peak_gb"], 1e-9)))
     env = "{}; load average {:.2f} at the end".format(machine_description("cpu"), load_average())
