@@ -7,6 +7,7 @@ request.
 """
 import os
 import os.path as osp
+import re
 from dataclasses import asdict, dataclass
 
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from ptl_torchreid.metrics import (DEFAULT_FPRS, PairROC, alpha_query_expansion,
                                    evaluate_rank_chunked, rerank)
 from ptl_torchreid.metrics.chunked import distmat_bytes
 
-__all__ = ["EvalOptions", "rank_features"]
+__all__ = ["EvalOptions", "rank_features", "file_name"]
 
 
 @dataclass
@@ -35,6 +36,11 @@ class EvalOptions:
 
     def as_dict(self):
         return asdict(self)
+
+
+def file_name(dataset_name):
+    """A dataset name usable in a file name (user sources are named by their paths)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_name).strip("_") or "dataset"
 
 
 def rank_features(qf, gf, q_pids, g_pids, q_camids, g_camids, options, dist_metric="euclidean",

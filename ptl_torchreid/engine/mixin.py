@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ptl_torchreid._torchreid import torchreid
 from ptl_torchreid.data.samplers import ShardSampler, rebuild_loader
-from ptl_torchreid.engine.evaluator import EvalOptions, rank_features
+from ptl_torchreid.engine.evaluator import EvalOptions, file_name, rank_features
 from ptl_torchreid.models import is_ptl, unwrap
 from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler, memory_format
@@ -491,7 +491,7 @@ class PTLEngineMixin:
             qf, gf, q_pids, g_pids, q_camids, g_camids, self.evaluation, dist_metric=dist_metric,
             normalize_feature=normalize_feature, rerank_on=rerank, use_metric_cuhk03=use_metric_cuhk03,
             max_rank=max(ranks), need_distmat=visrank, progress=self.progress_bar,
-            roc_plot=osp.join(save_dir, "roc_{}.png".format(dataset_name)) if save_dir else None)
+            roc_plot=osp.join(save_dir, "roc_{}.png".format(file_name(dataset_name))) if save_dir else None)
         result = {"mAP": float(mAP), "cmc": {int(r): float(cmc[r - 1]) for r in ranks}, "mINP": float(minp)}
         if tpr:
             result["tpr_at_fpr"] = {"{:g}".format(f): float(t) for f, t in tpr.items()}
@@ -508,7 +508,7 @@ class PTLEngineMixin:
             torchreid.utils.visualize_ranked_results(
                 distmat, self.datamanager.fetch_test_loaders(dataset_name), self.datamanager.data_type,
                 width=self.datamanager.width, height=self.datamanager.height,
-                save_dir=osp.join(save_dir, "visrank_" + dataset_name), topk=min(visrank_topk, distmat.shape[1]),
+                save_dir=osp.join(save_dir, "visrank_" + file_name(dataset_name)), topk=min(visrank_topk, distmat.shape[1]),
             )
         return float(cmc[0]), float(mAP), result
 
