@@ -5,13 +5,11 @@ Queries are processed in blocks whose query x gallery distances fit a memory cap
 as :func:`~ptl_torchreid.metrics.evaluate_rank`, so the results are bit-identical to ranking the full matrix
 (rows are ranked whole, which keeps torchreid's tie order).
 """
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from .rank import check_labels, effective_max_rank, rank_block, reduce_per_query
-from .roc import PairROC
 
 __all__ = ["evaluate_rank_chunked", "distmat_bytes", "BYTES_PER_DISTANCE"]
 
