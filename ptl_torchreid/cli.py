@@ -34,6 +34,7 @@ from ptl_torchreid.config import (
     synthetic_kwargs,
     torchreid_image_datasets,
 )
+from ptl_torchreid.cli_retrieval import add_embed_arguments, add_search_arguments, run_embed, run_search
 from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
 from ptl_torchreid.data import (
     PATTERNS,
@@ -48,6 +49,7 @@ from ptl_torchreid.data import (
     skipped_images,
 )
 from ptl_torchreid.data.samplers import distribute_train_loaders
+from ptl_torchreid.data.user import check_user_source, is_user_source
 from ptl_torchreid.engine import ENGINES, NonFiniteLossError, build_optimizer
 from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
@@ -313,11 +315,12 @@ def format_results_table(results):
     if not results:
         return "(no results)"
     ranks = sorted({r for res in results.values() for r in res["cmc"]})
-    header = ["target", "mAP"] + ["Rank-{}".format(r) for r in ranks]
+    minp = any("mINP" in res for res in results.values())
+    header = ["target", "mAP"] + ["mINP"] * minp + ["Rank-{}".format(r) for r in ranks]
     rows = []
     for name, res in results.items():
         cmc = res["cmc"]
-        rows.append([name, "{:.1%}".format(res["mAP"])]
+        rows.append([name, "{:.1%}".format(res["mAP"])] + ["{:.1%}".format(res.get("mINP", float("nan")))] * minp
                     + ["{:.1%}".format(cmc[r]) if r in cmc else "-" for r in ranks])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 
@@ -435,7 +438,10 @@ def check_data(cfg, args):
             print('"{}" is not generated yet; it is generated (and valid) on first use.'.format(folder))
             continue
         try:
-            report = check_dataset_root(folder, pattern=pattern, num_workers=args.scan_workers)
+            if not args.dir and is_user_source(name):  # folder / list-file / no-camera source
+                report = check_user_source(name, num_workers=args.scan_workers)
+            else:
+                report = check_dataset_root(folder, pattern=pattern, num_workers=args.scan_workers)
         except DatasetRootError as e:
             print("Problem: {}".format(e))
             status = 1
@@ -477,6 +483,14 @@ def _prune_arguments(parser):
 
 register_command("prune", "COP-prune model.load_weights to a target (--flops-reduction/--params-reduction/"
                  "--prune-rate), fine-tune, evaluate, save", _run_prune, add_arguments=_prune_arguments)
+
+
+register_command("embed", "write the features of a folder, list file or DATASET:SPLIT (--input) to --output "
+                 "(.npz with the image paths)", lambda cfg, args: run_embed(cfg, args, build_model),
+                 add_arguments=add_embed_arguments, tool=True)
+register_command("search", "top-k gallery images of each query from saved features (--query/--gallery), as a "
+                 "table, results.csv and visrank-style PNGs", run_search, add_arguments=add_search_arguments,
+                 tool=True)
 
 
 def build_parser(command="train"):

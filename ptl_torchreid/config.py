@@ -21,6 +21,8 @@ import os.path as osp
 import yaml
 from yacs.config import CfgNode as CN
 
+from ptl_torchreid.data.check import DatasetRootError
+from ptl_torchreid.data.user import register_user_sources
 from ptl_torchreid.models.ptl import CELL_INITS as PTL_CELL_INITS
 from ptl_torchreid.models.ptl import CELL_TYPES as PTL_CELL_TYPES
 from ptl_torchreid.models.ptl import HEADS as PTL_HEADS
@@ -47,6 +49,7 @@ __all__ = [
     "lr_scheduler_kwargs",
     "engine_run_kwargs",
     "engine_kwargs",
+    "evaluation_kwargs",
     "resume_path",
     "model_kwargs",
     "synthetic_kwargs",
@@ -184,6 +187,17 @@ def get_default_config():
     cfg.test.rerank = False
     cfg.test.visrank = False
     cfg.test.visrank_topk = 10
+    # Test-time options (ptl_torchreid.engine.evaluator): sparse k-reciprocal re-ranking parameters,
+    # alpha-query expansion, flip test, TPR@FPR with a ROC plot, and the memory above which ranking is chunked.
+    cfg.test.rerank_k1 = 20
+    cfg.test.rerank_k2 = 6
+    cfg.test.rerank_lambda = 0.3
+    cfg.test.aqe = False
+    cfg.test.aqe_k = 5
+    cfg.test.aqe_alpha = 3.0
+    cfg.test.flip = False
+    cfg.test.roc = False
+    cfg.test.max_distmat_gb = 2.0
 
     # PTL-specific settings; ignored (with a note) for plain torchreid models.
     cfg.ptl = CN()
@@ -482,6 +496,15 @@ def torchreid_choices():
     return _torchreid.training_choices()
 
 
+def _register_user_sources(cfg):
+    """Folder / list-file / no-camera sources (``ptl_torchreid.data.user``) become torchreid datasets."""
+    for key in ("data.sources", "data.targets"):
+        try:
+            register_user_sources(cfg.data[key.split(".")[1]])
+        except DatasetRootError as e:
+            raise ConfigError("{}: {}".format(key, e)) from None
+
+
 def _available_models():
     from ptl_torchreid.models import available_models  # importing registers the ptl_* names
 
@@ -496,6 +519,7 @@ def validate_config(cfg):
     _choice("data.type", cfg.data.type, ("image",))
     _choice("loss.name", cfg.loss.name, LOSSES)
 
+    _register_user_sources(cfg)
     datasets = sorted(torchreid_image_datasets())
     for key in ("data.sources", "data.targets"):
         names = cfg.data[key.split(".")[1]]
@@ -600,6 +624,7 @@ def validate_config(cfg):
            "must be -1 (evaluate after training only) or >= 1")
     _check(te.start_eval >= 0, "test.start_eval", te.start_eval, "must be >= 0")
     _check(te.visrank_topk >= 1, "test.visrank_topk", te.visrank_topk, "must be >= 1")
+    _validate_test_options(te)
     _check(not te.visrank or te.evaluate, "test.visrank", te.visrank,
            "ranked-result visualisation runs in test mode only; also set test.evaluate True (or use the "
            "'visrank' command)")
@@ -754,6 +779,7 @@ def engine_kwargs(cfg):
         "seed": cfg.train.seed,
         "checkpoint_every_n_iters": cfg.train.checkpoint_every_n_iters,
         "keep_last": cfg.train.keep_last or None,
+        "evaluation": evaluation_kwargs(cfg),
     }
     if cfg.loss.name == "triplet":
         kwargs.update(
@@ -762,6 +788,21 @@ def engine_kwargs(cfg):
             weight_x=cfg.loss.triplet.weight_x,
         )
     return kwargs
+
+
+def _validate_test_options(te):
+    _check(te.rerank_k1 >= 1, "test.rerank_k1", te.rerank_k1, "must be >= 1")
+    _check(te.rerank_k2 >= 1, "test.rerank_k2", te.rerank_k2, "must be >= 1 (1: no local query expansion)")
+    _check(0 <= te.rerank_lambda <= 1, "test.rerank_lambda", te.rerank_lambda, "must be in [0, 1]")
+    _check(te.aqe_k >= 1, "test.aqe_k", te.aqe_k, "must be >= 1")
+    _check(te.max_distmat_gb > 0, "test.max_distmat_gb", te.max_distmat_gb, "must be positive (in GB)")
+
+
+def evaluation_kwargs(cfg):
+    """The engine's ``evaluation`` options (``ptl_torchreid.engine.evaluator.EvalOptions``) from ``test.*``."""
+    te = cfg.test
+    return {k: te[k] for k in ("rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_k", "aqe_alpha", "flip",
+                               "roc", "max_distmat_gb")}
 
 
 def engine_run_kwargs(cfg):

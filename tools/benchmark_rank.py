@@ -28,8 +28,11 @@ from ptl_torchreid.metrics import evaluate_rank  # noqa: E402
 MARKET = dict(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, num_distractors=2798)
 
 
-def make_problem(num_query, num_gallery, num_ids, num_cams, num_distractors, seed=0, dim=128, noise=1.2):
-    """A synthetic query/gallery split with Market-1501's structure and a float32 distance matrix."""
+def make_features(num_query, num_gallery, num_ids, num_cams, num_distractors, seed=0, dim=128, noise=1.2,
+                  camera_shift=0.0):
+    """Synthetic query/gallery embeddings with Market-1501's structure: identity centre + noise (+ a per-camera
+    shift of scale ``camera_shift``, so that cross-camera matches are harder). Distractors (pid -1) are noise.
+    Returns ``(qf, gf, q_pids, g_pids, q_camids, g_camids)`` as numpy arrays, features float32."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((num_ids, dim)).astype(np.float32)
     num_id_images = num_gallery - num_distractors
@@ -42,12 +45,22 @@ def make_problem(num_query, num_gallery, num_ids, num_cams, num_distractors, see
     # Queries from all but one identity (Market-1501 queries 750 of its 751 gallery identities).
     q_pids = rng.integers(0, max(1, num_ids - 1), num_query)
     q_camids = rng.integers(0, num_cams, num_query)
+    shifts = camera_shift * rng.standard_normal((num_cams, dim)) if camera_shift else None
 
-    def embed(pids):
+    def embed(pids, camids):
         base = np.where(pids[:, None] >= 0, centres[np.maximum(pids, 0)], 0.0)
+        if shifts is not None:
+            base = base + shifts[camids]
         return (base + noise * rng.standard_normal((len(pids), dim))).astype(np.float32)
 
-    qf, gf = embed(q_pids), embed(g_pids)
+    qf, gf = embed(q_pids, q_camids), embed(g_pids, g_camids)
+    return qf, gf, q_pids, g_pids, q_camids, g_camids
+
+
+def make_problem(num_query, num_gallery, num_ids, num_cams, num_distractors, seed=0, dim=128, noise=1.2):
+    """A synthetic query/gallery split with Market-1501's structure and a float32 distance matrix."""
+    qf, gf, q_pids, g_pids, q_camids, g_camids = make_features(num_query, num_gallery, num_ids, num_cams,
+                                                               num_distractors, seed=seed, dim=dim, noise=noise)
     # Squared Euclidean distance as torchreid's compute_distance_matrix(metric='euclidean').
     distmat = (qf ** 2).sum(1, keepdims=True) + (gf ** 2).sum(1)[None, :] - 2.0 * qf @ gf.T
     return distmat.astype(np.float32), q_pids, g_pids, q_camids, g_camids

@@ -14,13 +14,12 @@ import os.path as osp
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ptl_torchreid._torchreid import torchreid
 from ptl_torchreid.data.samplers import ShardSampler, rebuild_loader
-from ptl_torchreid.metrics import evaluate_rank
+from ptl_torchreid.engine.evaluator import EvalOptions, file_name, rank_features
 from ptl_torchreid.models import is_ptl, unwrap
 from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler, memory_format
@@ -92,7 +91,7 @@ class PTLEngineMixin:
     def __init__(self, datamanager, model, optimizer, *, reset_policy="epoch", reset_every_n_iters=0,
                  freeze_backbone_epochs=0, amp=False, amp_dtype="auto", channels_last=False, device=None,
                  find_unused_parameters=None, progress_bar=True, checkpoint_extras=None, keep_last=None, seed=0,
-                 checkpoint_every_n_iters=0, **kwargs):
+                 checkpoint_every_n_iters=0, evaluation=None, **kwargs):
         if reset_policy not in RESET_POLICIES:
             raise ValueError("reset_policy must be one of {}, got {!r}".format(RESET_POLICIES, reset_policy))
         if reset_policy == "iter" and reset_every_n_iters < 1:
@@ -150,6 +149,8 @@ class PTLEngineMixin:
 
         self.seed = int(seed)
         self.checkpoint_every_n_iters = int(checkpoint_every_n_iters)
+        # test-time options: re-ranking parameters, AQE, flip, ROC, ranking memory cap (engine/evaluator.py)
+        self.evaluation = evaluation if isinstance(evaluation, EvalOptions) else EvalOptions(**(evaluation or {}))
         self.save_dir = None  # set by run(); iteration checkpoints go to <save_dir>/model
         self.last_rank1 = None  # Rank-1 of the latest evaluation that was saved
         self._epoch_loader = None
@@ -426,6 +427,8 @@ class PTLEngineMixin:
             imgs = imgs.to(self.device, non_blocking=True, memory_format=self.memory_format)
             with self._autocast():
                 f = self.extract_features(imgs)
+                if self.evaluation.flip:  # the embedding of the image and of its mirror image, averaged
+                    f = (f.float() + self.extract_features(imgs.flip(3)).float()) / 2
             feats.append(f.float().cpu())
             pids.append(torch.as_tensor(p))
             camids.append(torch.as_tensor(c))
@@ -483,22 +486,20 @@ class PTLEngineMixin:
                          use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
         """Distances, CMC/mAP, printed results and optional ranked-result images; returns
         ``(rank1, mAP, {'mAP': ..., 'cmc': {rank: ...}})``."""
-        if normalize_feature:
-            qf = F.normalize(qf, p=2, dim=1)
-            gf = F.normalize(gf, p=2, dim=1)
-        distmat = torchreid.metrics.compute_distance_matrix(qf, gf, dist_metric).numpy()
-        if rerank:
-            print("Applying person re-ranking ...")
-            distmat_qq = torchreid.metrics.compute_distance_matrix(qf, qf, dist_metric).numpy()
-            distmat_gg = torchreid.metrics.compute_distance_matrix(gf, gf, dist_metric).numpy()
-            distmat = torchreid.utils.re_ranking(distmat, distmat_qq, distmat_gg)
-
-        ranks = clamp_ranks(ranks, distmat.shape[1], dataset_name)
-        cmc, mAP = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max(ranks),
-                                 use_metric_cuhk03=use_metric_cuhk03)
-        result = {"mAP": float(mAP), "cmc": {int(r): float(cmc[r - 1]) for r in ranks}}
+        ranks = clamp_ranks(ranks, len(gf), dataset_name)
+        cmc, mAP, minp, tpr, distmat = rank_features(
+            qf, gf, q_pids, g_pids, q_camids, g_camids, self.evaluation, dist_metric=dist_metric,
+            normalize_feature=normalize_feature, rerank_on=rerank, use_metric_cuhk03=use_metric_cuhk03,
+            max_rank=max(ranks), need_distmat=visrank, progress=self.progress_bar,
+            roc_plot=osp.join(save_dir, "roc_{}.png".format(file_name(dataset_name))) if save_dir else None)
+        result = {"mAP": float(mAP), "cmc": {int(r): float(cmc[r - 1]) for r in ranks}, "mINP": float(minp)}
+        if tpr:
+            result["tpr_at_fpr"] = {"{:g}".format(f): float(t) for f, t in tpr.items()}
         print("** Results ({}) **".format(dataset_name))
         print("mAP: {:.1%}".format(result["mAP"]))
+        print("mINP: {:.1%}".format(result["mINP"]))
+        for f, t in result.get("tpr_at_fpr", {}).items():
+            print("TPR@FPR={}: {:.1%}".format(f, t))
         print("CMC curve")
         for r, v in result["cmc"].items():
             print("Rank-{:<3}: {:.1%}".format(r, v))
@@ -507,7 +508,7 @@ class PTLEngineMixin:
             torchreid.utils.visualize_ranked_results(
                 distmat, self.datamanager.fetch_test_loaders(dataset_name), self.datamanager.data_type,
                 width=self.datamanager.width, height=self.datamanager.height,
-                save_dir=osp.join(save_dir, "visrank_" + dataset_name), topk=min(visrank_topk, distmat.shape[1]),
+                save_dir=osp.join(save_dir, "visrank_" + file_name(dataset_name)), topk=min(visrank_topk, distmat.shape[1]),
             )
         return float(cmc[0]), float(mAP), result
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["evaluate_rank"]
+__all__ = ["evaluate_rank", "check_labels", "rank_block", "reduce_per_query", "effective_max_rank"]
 
 # Counting costs about 2 comparisons per (own-id entry, gallery entry); argsorting a row costs the equivalent of a
 # few hundred per gallery entry. Beyond this many own-id entries the row is argsorted instead.
@@ -42,6 +42,7 @@ def evaluate_rank(
     use_cython=True,
     *,
     num_threads=None,
+    return_minp=False,
 ):
     """Computes the CMC curve and mAP of a query/gallery distance matrix, exactly as torchreid does.
 
@@ -71,37 +72,44 @@ def evaluate_rank(
         use_metric_cuhk03 (bool): CUHK03 single-gallery-shot CMC (classic CUHK03 split). Default False.
         use_cython (bool): accepted for compatibility with torchreid's signature; ignored.
         num_threads (int, optional): worker threads; default is the number of CPUs this process may use.
+        return_minp (bool): also return the mINP (Ye et al., "Deep Learning for Person Re-identification: A
+            Survey and Outlook"): the mean over valid queries of ``num_matches / (1 + position of the hardest
+            match)``, positions counted in the kept gallery list from 0 (fast-reid's definition).
 
     Returns:
-        tuple: ``(cmc, mAP)``; ``cmc`` is a float32 numpy array of length ``max_rank`` (CMC at rank ``r`` is
-        ``cmc[r - 1]``), ``mAP`` a float in [0, 1].
+        tuple: ``(cmc, mAP)``, or ``(cmc, mAP, mINP)`` with ``return_minp``; ``cmc`` is a float32 numpy array of
+        length ``max_rank`` (CMC at rank ``r`` is ``cmc[r - 1]``), ``mAP`` and ``mINP`` floats in [0, 1].
     """
     del use_cython  # torchreid's switch between its two implementations; this one is the only implementation.
     distmat = _as_distmat(distmat)
     num_q, num_g = distmat.shape
-    q_pids = _as_labels(q_pids, "q_pids", num_q, "rows of distmat (queries)")
-    g_pids = _as_labels(g_pids, "g_pids", num_g, "columns of distmat (gallery)")
-    q_camids = _as_labels(q_camids, "q_camids", num_q, "rows of distmat (queries)")
-    g_camids = _as_labels(g_camids, "g_camids", num_g, "columns of distmat (gallery)")
-    max_rank = _effective_max_rank(max_rank, num_g)
-    num_threads = _resolve_threads(num_threads, distmat.size)
+    labels = check_labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g)
+    max_rank = effective_max_rank(max_rank, num_g)
+    per_query = rank_block(distmat, *labels, max_rank, use_metric_cuhk03, num_threads)
+    return reduce_per_query([per_query], labels, max_rank, return_minp)
 
+
+def check_labels(q_pids, g_pids, q_camids, g_camids, num_q, num_g):
+    """The four label arrays as 1-D integer numpy arrays aligned with a (num_q, num_g) distance matrix."""
+    return (_as_labels(q_pids, "q_pids", num_q, "rows of distmat (queries)"),
+            _as_labels(g_pids, "g_pids", num_g, "columns of distmat (gallery)"),
+            _as_labels(q_camids, "q_camids", num_q, "rows of distmat (queries)"),
+            _as_labels(g_camids, "g_camids", num_g, "columns of distmat (gallery)"))
+
+
+def rank_block(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, use_metric_cuhk03=False, num_threads=None):
+    """Per-query results of the queries of ``distmat`` (rows), which may be a slice of all queries:
+    ``{'cmc_rows', 'ap', 'inp'}`` for the valid queries in order. :func:`reduce_per_query` combines the results
+    of consecutive slices into exactly the values of the whole matrix."""
+    num_q, num_g = distmat.shape
+    num_threads = _resolve_threads(num_threads, distmat.size)
     ids, codes = np.unique(np.concatenate([q_pids, g_pids]), return_inverse=True)
     codes = codes.reshape(-1).astype(np.int64)
     q_codes, g_codes = codes[:num_q], codes[num_q:]
     gal = _GalleryIndex(g_codes, len(ids))
     own = _OwnIdEntries(gal, q_codes, q_camids, g_camids)
     if not own.valid_query.any():
-        raise ValueError(
-            "evaluate_rank: no query has a valid match: for every query, the gallery holds no image of the same "
-            "identity from a different camera (num_query={}, num_gallery={}, {} query ids, {} gallery ids, "
-            "{} shared). Check that q_pids/g_pids and q_camids/g_camids are aligned with the rows/columns of "
-            "distmat and that query and gallery share identities seen by other cameras.".format(
-                num_q, num_g, len(np.unique(q_pids)), len(np.unique(g_pids)),
-                len(np.intersect1d(q_pids, g_pids)),
-            )
-        )
-
+        return {"cmc_rows": np.zeros((0, max_rank), np.float32), "ap": np.zeros(0), "inp": np.zeros(0)}
     with _Workers(num_threads) as workers:
         if use_metric_cuhk03:
             cmc_rows = _cuhk03_positions_and_cmc(distmat, gal, own, max_rank, workers)
@@ -112,12 +120,31 @@ def evaluate_rank(
     if cmc_rows is None:
         # Same 0/1 rows as torchreid's cumsum-and-clip, so the column sums (exact integers) are the same.
         cmc_rows = (np.arange(max_rank)[None, :] >= ranked.first_kept_pos[:, None]).astype(np.float32)
-    num_valid = float(len(ranked.rows))
-    cmc = cmc_rows.sum(0) / num_valid
+    return {"cmc_rows": cmc_rows, "ap": ranked.average_precisions(), "inp": ranked.inverse_negative_penalties()}
+
+
+def reduce_per_query(parts, labels, max_rank, return_minp=False):
+    """``(cmc, mAP[, mINP])`` from the :func:`rank_block` results of consecutive query slices."""
+    cmc_rows = np.concatenate([p["cmc_rows"] for p in parts])
+    if not len(cmc_rows):
+        q_pids, g_pids = labels[0], labels[1]
+        raise ValueError(
+            "evaluate_rank: no query has a valid match: for every query, the gallery holds no image of the same "
+            "identity from a different camera (num_query={}, num_gallery={}, {} query ids, {} gallery ids, "
+            "{} shared). Check that q_pids/g_pids and q_camids/g_camids are aligned with the rows/columns of "
+            "distmat and that query and gallery share identities seen by other cameras.".format(
+                len(q_pids), len(g_pids), len(np.unique(q_pids)), len(np.unique(g_pids)),
+                len(np.intersect1d(q_pids, g_pids)),
+            )
+        )
+    cmc = cmc_rows.sum(0) / float(len(cmc_rows))
     if len(cmc) < max_rank:
         cmc = np.concatenate([cmc, np.ones(max_rank - len(cmc), dtype=np.float32)])
-    mAP = np.mean(ranked.average_precisions())
-    return cmc.astype(np.float32, copy=False), float(mAP)
+    mAP = np.mean(np.concatenate([p["ap"] for p in parts]))
+    out = (cmc.astype(np.float32, copy=False), float(mAP))
+    if return_minp:
+        out += (float(np.mean(np.concatenate([p["inp"] for p in parts]))),)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,7 +194,7 @@ def _as_labels(x, name, expected_len, what):
     )
 
 
-def _effective_max_rank(max_rank, num_g):
+def effective_max_rank(max_rank, num_g):
     if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
         raise ValueError("evaluate_rank: max_rank must be a positive integer, got {!r}".format(max_rank))
     if num_g < max_rank:
@@ -397,6 +424,11 @@ class _RankedMatches:
             aps[j] = buf[: self.num_kept_gallery[j]].sum() / self.num_rel[j]
             buf[at] = 0.0
         return aps
+
+    def inverse_negative_penalties(self):
+        # INP = num_rel / (1 + kept position of the last match); matches are sorted by position within a row
+        last = np.concatenate([[0], np.cumsum(self.num_rel)])[1:] - 1
+        return self.num_rel / (self.pos_kept[last] + 1.0)
 
 
 def _cumsum_within(values, groups, exclusive=False):

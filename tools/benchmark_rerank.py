@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Re-ranking and chunked ranking at real scale: ptl_torchreid.metrics against torchreid in the same run.
+
+Features have identity structure (identity centre + camera shift + noise, 512-D like OSNet's embedding) and the
+sizes of Market-1501 (3,368 x 15,913), MSMT17 (11,659 x 82,161) and Market-1501 + 100k distractors. Every
+method runs in a fresh child process, so its peak memory (the kernel's peak RSS above the features already
+loaded) is its own. Results are compared on the distance matrices (max abs difference) and on CMC / mAP / mINP.
+
+    python tools/benchmark_rerank.py --case rerank-market      # ours vs torchreid's dense re_ranking
+    python tools/benchmark_rerank.py --case rerank-msmt        # ours only (torchreid's needs ~3 x 35 GB)
+    python tools/benchmark_rerank.py --case chunked-distractors  # chunked (2 GB cap) vs full-matrix ranking
+    python tools/benchmark_rerank.py --case rerank-market --quick  # 10x smaller, seconds
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from bench_measure import load_average, machine_description, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa
+from benchmark_rank import make_features  # noqa: E402
+
+SIZES = {
+    "market": dict(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, num_distractors=2798),
+    "msmt": dict(num_query=11659, num_gallery=82161, num_ids=3060, num_cams=15, num_distractors=0),
+    "distractors": dict(num_query=3368, num_gallery=15913 + 100000, num_ids=751, num_cams=6,
+                        num_distractors=2798 + 100000),
+}
+CASES = {"rerank-market": ("market", ["ours", "torchreid"]), "rerank-msmt": ("msmt", ["ours"]),
+         "chunked-distractors": ("distractors", ["chunked", "full"])}
+FEATURES = dict(dim=512, noise=1.0, camera_shift=0.7)
+
+
+def problem(name, quick, seed):
+    size = dict(SIZES[name])
+    if quick:
+        size = {k: (v if k == "num_cams" else max(1, v // 10)) for k, v in size.items()}
+    return make_features(seed=seed, **size, **FEATURES)
+
+
+def child(method, name, quick, seed, out_path, cap_gb):
+    """Runs one method; writes its distances (or ranking results) and measurements."""
+    import torch
+
+    from ptl_torchreid.metrics import PairROC, evaluate_rank, evaluate_rank_chunked, rerank
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torchreid
+    qf, gf, q_pids, g_pids, q_camids, g_camids = problem(name, quick, seed)
+    qf, gf = torch.from_numpy(qf), torch.from_numpy(gf)
+    labels = (q_pids, g_pids, q_camids, g_camids)
+    roc = PairROC(PairROC.count_negatives(q_pids, g_pids))
+    reset_peak_rss()
+    base = rss_bytes()
+    t0 = time.perf_counter()
+    if method == "ours":
+        distmat = rerank(qf, gf, progress=True)
+    elif method == "torchreid":
+        cd = torchreid.metrics.compute_distance_matrix
+        distmat = torchreid.utils.re_ranking(cd(qf, gf).numpy(), cd(qf, qf).numpy(), cd(gf, gf).numpy())
+    elif method == "chunked":
+        cmc, mAP, minp = evaluate_rank_chunked(qf, gf, *labels, memory_cap=int(cap_gb * (1 << 30)), roc=roc)
+        distmat = None
+    else:  # full
+        distmat = torchreid.metrics.compute_distance_matrix(qf, gf).numpy()
+        cmc, mAP, minp = evaluate_rank(distmat, *labels, return_minp=True)
+        roc.add(distmat, *labels)
+    seconds = time.perf_counter() - t0
+    peak = peak_rss_bytes() - base
+    if method in ("ours", "torchreid"):
+        cmc, mAP, minp = evaluate_rank(distmat, *labels, return_minp=True)
+        roc.add(distmat, *labels)
+        np.save(out_path + ".npy", distmat)
+    with open(out_path + ".json", "w") as f:
+        json.dump({"seconds": seconds, "peak_gb": peak / 2 ** 30, "rank1": float(cmc[0]), "mAP": mAP,
+                   "mINP": minp, "tpr": list(roc.tpr_at().values()), "cmc": [float(c) for c in cmc[:20]]}, f)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", choices=sorted(CASES), required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cap-gb", type=float, default=2.0, help="memory cap of the chunked ranking")
+    p.add_argument("--skip", nargs="*", default=[], help="methods not to run (e.g. torchreid)")
+    p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    p.add_argument("--child", nargs=2, metavar=("METHOD", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    name, methods = CASES[args.case]
+    if args.child:
+        child(args.child[0], name, args.quick, args.seed, args.child[1], args.cap_gb)
+        return 0
+
+    size = problem(name, args.quick, args.seed)
+    nq, ng = len(size[0]), len(size[1])
+    del size
+    print("case {}: {} queries x {} gallery, {}-D features; load average {:.2f} at the start".format(
+        args.case, nq, ng, FEATURES["dim"], load_average()))
+    results, tmp = {}, tempfile.mkdtemp(prefix="bench_rerank_")
+    for method in methods:
+        if method in args.skip:
+            continue
+        out = os.path.join(tmp, method)
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", args.case, "--seed", str(args.seed),
+               "--cap-gb", str(args.cap_gb), "--child", method, out] + (["--quick"] if args.quick else [])
+        print("running", method, "...", flush=True)
+        subprocess.run(cmd, check=True)
+        with open(out + ".json") as f:
+            results[method] = json.load(f)
+        print("  {}: {:.1f} s, peak {:.2f} GB, Rank-1 {:.4f}, mAP {:.4f}, mINP {:.4f}".format(
+            method, results[method]["seconds"], results[method]["peak_gb"], results[method]["rank1"],
+            results[method]["mAP"], results[method]["mINP"]), flush=True)
+
+    ref, new = methods[1], methods[0]
+    compared = ""
+    if ref in results and new in results:
+        same_metrics = all(results[new][k] == results[ref][k] for k in ("cmc", "mAP", "mINP", "tpr"))
+        compared = "CMC/mAP/mINP/TPR identical: {}".format("yes" if same_metrics else "NO")
+        if os.path.exists(os.path.join(tmp, new + ".npy")) and os.path.exists(os.path.join(tmp, ref + ".npy")):
+            a, b = np.load(os.path.join(tmp, new + ".npy")), np.load(os.path.join(tmp, ref + ".npy"))
+            compared += "; max |distance difference| {:.2e}".format(float(np.abs(a - b).max()))
+    header = "| case | method | time (s) | peak memory (GB) | Rank-1 | mAP | mINP | TPR@FPR 1e-4 / 1e-3 / 1e-2 |"
+    rows = [header, "|---|---|---|---|---|---|---|---|"]
+    for m, r in results.items():
+        rows.append("| {} ({} x {}) | {} | {:.1f} | {:.2f} | {:.1%} | {:.1%} | {:.1%} | {} |".format(
+            args.case, nq, ng, m, r["seconds"], r["peak_gb"], r["rank1"], r["mAP"], r["mINP"],
+            " / ".join("{:.1%}".format(t) for t in r["tpr"])))
+    if ref in results and new in results:
+        rows.append("| | ratio {}/{} | {:.2f}x faster | {:.3f} of the memory | | | | |".format(
+            ref, new, results[ref]["seconds"] / results[new]["seconds"],
+            results[new]["peak_gb"] / max(results[ref]["peak_gb"], 1e-9)))
+    env = "{}; load average {:.2f} at the end".format(machine_description("cpu"), load_average())
+    text = "\n".join(rows) + "\n\n" + (compared + "\n\n" if compared else "") + env
+    print("\n" + text)
+    if args.out:
+        cmd = "python tools/benchmark_rerank.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.out, "w") as f:
+            f.write("Command: `{}`\n\n{}\n".format(cmd.strip(), text))
+    ok = not compared or "NO" not in compared
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
