@@ -312,8 +312,9 @@ def run(cfg):
     reset_skipped_images()
     results = engine.run(**kwargs)
     if cfg.data.skip_corrupt:
-        print("Skipped {} unreadable training image(s) during this run (data.skip_corrupt is on; each was replaced "
-              "by another sample of the same identity). Find them with: ptl-torchreid check-data".format(
+        print("Skipped {} unreadable image(s) during this run (data.skip_corrupt is on; each training image was "
+              "replaced by another sample of the same identity; query and gallery images are never replaced). Find "
+              "them with: ptl-torchreid check-data".format(
                   skipped_images()))
     return results
 
