@@ -673,11 +673,14 @@ def _save_dir_guard(cfg, args):
                     "overwrite them and mix both runs in latest.json: continue that run with --resume, train into "
                     "another data.save_dir, or delete them first with --overwrite".format(
                         cfg.data.save_dir, ", ".join(osp.basename(p) for p in earlier[-3:])))
-            for path in earlier + [manager.pointer_path]:
+            # the weights this run starts from stay, even when they are one of those checkpoints
+            keep = {osp.realpath(cfg.model.load_weights)} if cfg.model.load_weights else set()
+            deleted = [p for p in earlier if osp.realpath(p) not in keep]
+            for path in deleted + [manager.pointer_path]:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
-            print("--overwrite: deleted the {} checkpoint(s) of the earlier run in '{}'".format(
-                len(earlier), manager.save_dir))
+            print("--overwrite: deleted the {} checkpoint(s) of the earlier run in '{}'{}".format(
+                len(deleted), manager.save_dir, " (kept model.load_weights)" if len(deleted) < len(earlier) else ""))
         yield
 
 

@@ -30,7 +30,7 @@ from ptl_torchreid.utils.checkpoint import (
     save_checkpoint,
 )
 from ptl_torchreid.utils.savedir import LOCK_NAME, SaveDirLock, owner_tag
-from tiny import run_opts
+from tiny import PAUSING_SAVE_SCRIPT, run_opts
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -179,29 +179,6 @@ def test_following_the_divergence_advice_finishes_the_run(data_root, tmp_path, c
 # 3. One run per save_dir
 # ----------------------------------------------------------------------------------------------------------------
 
-PAUSING_RUN = textwrap.dedent("""
-    import os, sys, time
-    import torch
-    from ptl_torchreid.cli import main
-
-    # The 2nd checkpoint write stops half-way and waits for the file `go` before it finishes.
-    marker, go, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    real_save, calls = torch.save, []
-    def save(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            f.write(b"half")
-            f.flush()
-            open(marker, "w").close()
-            deadline = time.time() + 120
-            while not os.path.exists(go) and time.time() < deadline:
-                time.sleep(0.05)
-            f.seek(0)
-            f.truncate()
-        return real_save(obj, f, *a, **k)
-    torch.save = save
-    sys.exit(main(args))
-""")
 
 
 @pytest.mark.slow
@@ -209,8 +186,8 @@ def test_two_runs_at_once_the_second_is_refused_and_the_first_finishes(data_root
     save_dir = tmp_path / "run"
     args = opts(data_root, save_dir, "train.checkpoint_every_n_iters", "1")
     marker, go = tmp_path / "saving", tmp_path / "go"
-    first = subprocess.Popen([sys.executable, "-c", PAUSING_RUN, str(marker), str(go)] + args, cwd=REPO, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen([sys.executable, "-c", PAUSING_SAVE_SCRIPT, "2", str(marker), str(go)] + args, cwd=REPO,
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
         while not marker.exists() and first.poll() is None and time.time() < deadline:

@@ -64,6 +64,18 @@ def _output_on_main_rank(method):
     return wrapper
 
 
+def _stops_on_signals(run):
+    """Training under ``run``: SIGINT/SIGTERM stop at the next safe point with a checkpoint (see
+    :class:`~ptl_torchreid.engine.reliability.StopSignals`); evaluation-only runs keep the usual handlers."""
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        if kwargs.get("test_only"):
+            return run(self, *args, **kwargs)
+        with self._stop:
+            return run(self, *args, **kwargs)
+    return wrapper
+
+
 class PTLEngineMixin:
     """Mix in before a torchreid image engine: ``class E(PTLEngineMixin, torchreid.engine.ImageSoftmaxEngine)``.
 
@@ -369,6 +381,7 @@ class PTLEngineMixin:
     # ----------------------------------------------------------------------------------------------------
 
     @_output_on_main_rank
+    @_stops_on_signals
     def run(self, save_dir="log", max_epoch=0, start_epoch=0, print_freq=10, fixbase_epoch=0, open_layers=None,
             start_eval=0, eval_freq=-1, test_only=False, dist_metric="euclidean", normalize_feature=False,
             visrank=False, visrank_topk=10, use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
@@ -401,22 +414,20 @@ class PTLEngineMixin:
             self.reference_param_norm = weight_norm(self.net.state_dict())
         print("=> Start training")
         trained = False
-        with self._stop:
-            for self.epoch in range(start_epoch, max_epoch):
-                self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
-                trained = True
-                if ((self.epoch + 1) >= start_eval and eval_freq > 0 and (self.epoch + 1) % eval_freq == 0
-                        and (self.epoch + 1) != max_epoch):
-                    rank1 = self.test(**test_kwargs)
-                    self.save_model(self.epoch, rank1, save_dir)
-                self._stop_if_signalled()
-            if max_epoch > 0:
-                print("=> Final test")
+        for self.epoch in range(start_epoch, max_epoch):
+            self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
+            trained = True
+            if ((self.epoch + 1) >= start_eval and eval_freq > 0 and (self.epoch + 1) % eval_freq == 0
+                    and (self.epoch + 1) != max_epoch):
                 rank1 = self.test(**test_kwargs)
-                if trained:
-                    self.save_model(self.epoch, rank1, save_dir)
-                if trained:
-                    self._stop_if_signalled()
+                self.save_model(self.epoch, rank1, save_dir)
+            self._stop_if_signalled()
+        if max_epoch > 0:
+            print("=> Final test")
+            rank1 = self.test(**test_kwargs)
+            if trained:
+                self.save_model(self.epoch, rank1, save_dir)
+                self._stop_if_signalled()
         print("Elapsed {}".format(datetime.timedelta(seconds=round(time.time() - time_start))))
         if self.writer is not None:
             self.writer.close()
