@@ -611,7 +611,7 @@ def resume_command(argv):
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             i += 2 if nxt is not None and not nxt.startswith("-") and nxt not in set(config_keys()) else 1
             continue
-        if not argv[i].startswith("--resume="):
+        if not argv[i].startswith("--resume=") and argv[i] != "--overwrite":  # resuming must not delete anything
             args.append(argv[i])
         i += 1
     return "ptl-torchreid " + " ".join(shlex.quote(a) for a in args + ["--resume"])
