@@ -6,9 +6,13 @@ model, optimizer, scheduler and engine (used by the commands and by tools).
 """
 import argparse
 import contextlib
+import difflib
 import os
 import os.path as osp
+import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import namedtuple
@@ -50,7 +54,7 @@ from ptl_torchreid.data import (
 )
 from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.data.user import check_user_source, is_user_source
-from ptl_torchreid.engine import ENGINES, NonFiniteLossError, build_optimizer
+from ptl_torchreid.engine import ENGINES, NonFiniteLossError, TrainingInterrupted, build_optimizer
 from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, is_ptl_state_dict, load_pretrained_weights, unwrap
@@ -61,8 +65,8 @@ from ptl_torchreid.utils.checkpoint import (
     CheckpointReadError,
     extract_state_dict,
     load_checkpoint,
-    load_weights,
 )
+from ptl_torchreid.utils.savedir import SaveDirError, SaveDirLock
 
 torchreid = _torchreid.torchreid
 
@@ -80,7 +84,9 @@ __all__ = [
     "main",
     "parse_command_line",
     "register_command",
+    "resume_command",
     "run",
+    "trains",
 ]
 
 
@@ -269,6 +275,8 @@ def check_paths(cfg):
     for key in ("model.load_weights", "model.resume", "train.resume"):
         section, leaf = key.split(".")
         path = cfg[section][leaf]
+        if path and path != "auto" and osp.isdir(path):
+            raise ConfigError("{} = '{}' is a directory; give a checkpoint file in it".format(key, path))
         if path and path != "auto" and not osp.isfile(path):
             raise ConfigError("{} = '{}': no such file".format(key, path))
 
@@ -299,8 +307,9 @@ def run(cfg):
     reset_skipped_images()
     results = engine.run(**kwargs)
     if cfg.data.skip_corrupt:
-        print("Skipped {} unreadable image(s) during this run (data.skip_corrupt is on; each was replaced by "
-              "another sample of the same identity). Find them with: ptl-torchreid check-data".format(
+        print("Skipped {} unreadable image(s) during this run (data.skip_corrupt is on; each training image was "
+              "replaced by another sample of the same identity; query and gallery images are never replaced). Find "
+              "them with: ptl-torchreid check-data".format(
                   skipped_images()))
     return results
 
@@ -355,17 +364,38 @@ class _Tee:
     """Copy of stdout into a log file (restored on exit)."""
 
     def __init__(self, path):
-        os.makedirs(osp.dirname(path), exist_ok=True)
-        self.file = open(path, "a")
+        self.path = path
+        try:
+            os.makedirs(osp.dirname(path), exist_ok=True)
+            self.file = open(path, "a")
+        except OSError as e:
+            raise SaveDirError(e.errno, "cannot write the log file '{}': {}; make data.save_dir writable or choose "
+                               "another one".format(path, e.strerror or e)) from None
         self.console = sys.stdout
+
+    def _file_failed(self, e):
+        # The log file's disk is full (or gone): keep the console output and the run's own error message.
+        file, self.file = self.file, None
+        with contextlib.suppress(OSError):
+            file.close()
+        print("ptl-torchreid: warning: the log file '{}' could not be written ({}); output continues on the "
+              "console only".format(self.path, e.strerror or e), file=sys.stderr)
 
     def write(self, msg):
         self.console.write(msg)
-        self.file.write(msg)
+        if self.file is not None:
+            try:
+                self.file.write(msg)
+            except OSError as e:
+                self._file_failed(e)
 
     def flush(self):
         self.console.flush()
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.flush()
+            except OSError as e:
+                self._file_failed(e)
 
     def isatty(self):
         return False
@@ -376,7 +406,13 @@ class _Tee:
 
     def __exit__(self, *exc):
         sys.stdout = self.console
-        self.file.close()
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as e:
+                self.file = None
+                print("ptl-torchreid: warning: the end of the log file '{}' could not be written ({})".format(
+                    self.path, e.strerror or e), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -514,6 +550,9 @@ def build_parser(command="train"):
                         help="allow checkpoints that cannot be read weights-only (legacy pickles) to be fully "
                              "unpickled. Unpickling can run arbitrary code contained in the file: use it only "
                              "for files from a source you trust (model.trust_checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into a data.save_dir that holds the checkpoints of an earlier run, deleting them "
+                             "first (without it such a folder needs --resume or another data.save_dir)")
     parser.add_argument("--version", action="version", version="ptl_torchreid " + __version__)
     if cmd.add_arguments is not None:
         cmd.add_arguments(parser)
@@ -537,12 +576,61 @@ def _move_trailing_overrides(args):
     return args
 
 
+# Flags accepted anywhere, also after the KEY VALUE overrides (which argparse would otherwise take as overrides).
+_ANYWHERE_FLAGS = ("--trust-checkpoint", "--overwrite")
+
+
+def _pull_flags_forward(argv):
+    """``argv`` with ``--resume [CHECKPOINT]``, ``--trust-checkpoint`` and ``--overwrite`` moved to the front, so
+    that ``... train.max_epoch 3 --resume`` means what it says."""
+    keys = set(config_keys())
+    front, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _ANYWHERE_FLAGS or a.startswith("--resume="):
+            front.append(a)
+        elif a == "--resume":
+            front.append(a)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and not nxt.startswith("-") and nxt not in keys and nxt not in COMMANDS:
+                front.append(nxt)
+                i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
+def _check_command_name(argv):
+    """A first word that is neither a command, a flag nor a config key is a mistyped command."""
+    if not argv or argv[0] in COMMANDS or argv[0].startswith("-") or "." in argv[0]:
+        return
+    near = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.5)
+    raise ConfigError("unknown command '{}'{}; the commands are {}".format(
+        argv[0], " (did you mean '{}')".format(near[0]) if near else "", ", ".join(COMMANDS)))
+
+
+def resume_command(argv):
+    """The command line that resumes the run started with ``argv``: the same arguments with ``--resume``."""
+    args, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--resume":
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            i += 2 if nxt is not None and not nxt.startswith("-") and nxt not in set(config_keys()) else 1
+            continue
+        if not argv[i].startswith("--resume=") and argv[i] != "--overwrite":  # resuming must not delete anything
+            args.append(argv[i])
+        i += 1
+    return "ptl-torchreid " + " ".join(shlex.quote(a) for a in args + ["--resume"])
+
+
 def parse_command_line(argv=None):
     """``(command, args, cfg)`` from a command line; the config is merged and validated, and the files and
     dataset folders it names are checked, so errors come before any work starts."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    _check_command_name(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    args = _move_trailing_overrides(build_parser(command).parse_args(argv))
+    args = _move_trailing_overrides(build_parser(command).parse_args(_pull_flags_forward(argv)))
     flags = []
     if args.resume is not None and args.resume in set(config_keys()):
         # `--resume train.max_epoch 3`: the override is not a checkpoint path
@@ -556,6 +644,10 @@ def parse_command_line(argv=None):
                       sources=args.sources, targets=args.targets, transforms=args.transforms,
                       root=args.root or None)
     if not COMMANDS[command].tool:
+        if COMMANDS[command].run is _run_and_report and not cfg.test.evaluate and cfg.train.max_epoch == 0:
+            raise ConfigError("train.max_epoch = 0: there is nothing to train, and test.evaluate is False, so nothing "
+                              "would be evaluated either. Set train.max_epoch to the number of epochs to train, or "
+                              "evaluate model.load_weights with the 'test' command")
         check_paths(cfg)
         check_dataset_roots(cfg)
         if cfg.model.trust_checkpoint:
@@ -566,8 +658,79 @@ def parse_command_line(argv=None):
     return command, args, cfg
 
 
+def trains(cfg):
+    """Whether a run of ``cfg`` writes training checkpoints into ``data.save_dir``."""
+    return not cfg.test.evaluate and cfg.train.max_epoch > cfg.train.start_epoch
+
+
+@contextlib.contextmanager
+def _save_dir_guard(cfg, args):
+    """For a training run on rank 0: hold ``data.save_dir``'s lock, and refuse a folder that already holds an
+    earlier run's checkpoints unless resuming it or told to overwrite them (``--overwrite``)."""
+    if not (trains(cfg) and pdist.is_main_process()):
+        yield
+        return
+    with SaveDirLock(cfg.data.save_dir, what="data.save_dir"):
+        manager = CheckpointManager(osp.join(cfg.data.save_dir, "model"))
+        earlier = [p for p in manager.checkpoints() + [manager.best()] if p]
+        if earlier and not resume_path(cfg):
+            if not getattr(args, "overwrite", False):
+                raise ConfigError(
+                    "data.save_dir = '{}' already holds the checkpoints of an earlier run ({}). A new run would "
+                    "overwrite them and mix both runs in latest.json: continue that run with --resume, train into "
+                    "another data.save_dir, or delete them first with --overwrite".format(
+                        cfg.data.save_dir, ", ".join(osp.basename(p) for p in earlier[-3:])))
+            # the weights this run starts from stay, even when they are one of those checkpoints
+            keep = {osp.realpath(cfg.model.load_weights)} if cfg.model.load_weights else set()
+            deleted = [p for p in earlier if osp.realpath(p) not in keep]
+            for path in deleted + [manager.pointer_path]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            print("--overwrite: deleted the {} checkpoint(s) of the earlier run in '{}'{}".format(
+                len(deleted), manager.save_dir, " (kept model.load_weights)" if len(deleted) < len(earlier) else ""))
+        yield
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM outside the engine's training loop (which checkpoints first) stops like Ctrl-C, not silently."""
+    def stop(signum, frame):
+        raise TrainingInterrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _report_interrupt(e, argv):
+    if isinstance(e, TrainingInterrupted):
+        name, status, saved = e.signal_name, e.exit_status, e.checkpoint
+        where = "" if e.epoch is None else " at epoch {}, iteration {}".format(e.epoch, e.iteration)
+    else:
+        name, status, saved, where = "SIGINT", 128 + signal.SIGINT, None, ""
+    what = ('checkpoint saved to "{}"'.format(saved) if saved else "no checkpoint was written at the stop")
+    print("ptl-torchreid: stopped by {}{}; {}. Resume with: {}".format(name, where, what, resume_command(argv)),
+          file=sys.stderr)
+    return status
+
+
 def main(argv=None):
-    """Entry point of ``ptl-torchreid`` and ``python -m ptl_torchreid``; returns the exit status."""
+    """Entry point of ``ptl-torchreid`` and ``python -m ptl_torchreid``; returns the exit status (2 for the
+    errors it explains; 130 / 143 when stopped by SIGINT / SIGTERM)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        with _sigterm_as_interrupt():
+            return _main(argv)
+    except (TrainingInterrupted, KeyboardInterrupt) as e:
+        return _report_interrupt(e, argv)
+
+
+def _main(argv):
     try:
         command, args, cfg = parse_command_line(argv)
         cmd = COMMANDS[command]
@@ -575,13 +738,15 @@ def main(argv=None):
             status = cmd.run(cfg, args)
         else:
             log_name = "{}-{}.log".format(command, time.strftime("%Y-%m-%d-%H-%M-%S"))
-            with distributed_session(cfg) as ctx, _log_file(osp.join(cfg.data.save_dir, log_name)):
+            with distributed_session(cfg) as ctx, _save_dir_guard(cfg, args), \
+                    _log_file(osp.join(cfg.data.save_dir, log_name)):
                 print("ptl_torchreid {} | torch {} | device {}{}".format(
                     __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
                     " | {} processes ({})".format(ctx.world_size, ctx.backend) if ctx.distributed else ""))
                 print("Configuration:\n{}".format(cfg.dump()))
                 status = cmd.run(cfg, args)
-    except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError) as e:
+    except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError,
+            SaveDirError) as e:
         # Errors whose message says what is wrong and how to fix it; a traceback would only bury it.
         print("ptl-torchreid: error: {}".format(e), file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ DIST_METRICS = ("euclidean", "cosine")
 TRANSFORMS = ("random_flip", "random_crop", "random_patch", "color_jitter", "random_erase")
 AMP_DTYPES = ("auto", "fp16", "bf16")
 LOAD_WEIGHTS_MODES = ("strict", "match")
+PTL_SIZE_MULTIPLE = 32  # input height and width of PTL models
 
 
 class ConfigError(ValueError):
@@ -352,17 +353,68 @@ def _flatten(d, prefix=""):
             yield full, v
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKeyError("key '{}' is given twice (lines {} and {}); keep one of them".format(
+                    _dotted(self, node, key), seen[key] + 1, key_node.start_mark.line + 1))
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _dotted(loader, node, key):
+    # the dotted name of `key` inside `node`, from the mappings that enclose it (for the error message)
+    path = [str(key)]
+    parents = getattr(loader, "_parents", {})
+    while id(node) in parents:
+        node, name = parents[id(node)]
+        path.append(str(name))
+    return ".".join(reversed(path))
+
+
+def _compose_with_parents(self):
+    node = yaml.SafeLoader.compose_document(self)
+    parents = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                if isinstance(v, yaml.MappingNode):
+                    parents[id(v)] = (n, getattr(k, "value", k))
+                    stack.append(v)
+    self._parents = parents
+    return node
+
+
+_UniqueKeyLoader.compose_document = _compose_with_parents
+
+
 def merge_from_file(cfg, path):
     """Merge a YAML file into ``cfg`` (strict: unknown keys and wrong types are errors)."""
+    if osp.isdir(path):
+        raise ConfigError("config file {} is a directory, not a YAML file; give the path of the file".format(path))
     if not osp.isfile(path):
         raise ConfigError("config file not found: {}".format(path))
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
+        except _DuplicateKeyError as e:
+            raise ConfigError("config file {}: {}".format(path, e)) from None
         except yaml.YAMLError as e:
             raise ConfigError("config file {} is not valid YAML: {}".format(path, e)) from None
     if data is None:
-        return cfg
+        raise ConfigError("config file {} is empty (no settings in it); give a config with at least one key, or leave "
+                          "out --config-file to use the defaults".format(path))
     if not isinstance(data, dict):
         raise ConfigError("config file {} must hold a mapping of sections, got {}".format(path, type(data).__name__))
     source = " (in {})".format(path)
@@ -534,6 +586,15 @@ def validate_config(cfg):
         _choice("data.transforms", t.lower(), TRANSFORMS)
     _check(cfg.data.height > 0, "data.height", cfg.data.height, "must be positive")
     _check(cfg.data.width > 0, "data.width", cfg.data.width, "must be positive")
+    if is_ptl_model_name(cfg.model.name):
+        # the side stream follows the backbone's stride-32 taps, which only line up for such sizes
+        for key in ("height", "width"):
+            size = cfg.data[key]
+            _check(size % PTL_SIZE_MULTIPLE == 0, "data." + key, size,
+                   "{} needs a multiple of {} (its side stream follows the backbone's stride-{} taps); use {} or "
+                   "{}".format(cfg.model.name, PTL_SIZE_MULTIPLE, PTL_SIZE_MULTIPLE,
+                               max(PTL_SIZE_MULTIPLE, size // PTL_SIZE_MULTIPLE * PTL_SIZE_MULTIPLE),
+                               (size // PTL_SIZE_MULTIPLE + 1) * PTL_SIZE_MULTIPLE))
     _check(cfg.data.workers >= 0, "data.workers", cfg.data.workers, "must be >= 0")
     _check(cfg.data.k_tfm >= 1, "data.k_tfm", cfg.data.k_tfm, "must be >= 1")
     _check(cfg.data.split_id >= 0, "data.split_id", cfg.data.split_id, "must be >= 0")

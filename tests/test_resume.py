@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -21,7 +20,7 @@ from ptl_torchreid.config import engine_run_kwargs, load_config
 from ptl_torchreid.engine import NonFiniteLossError, PTLImageSoftmaxEngine
 from ptl_torchreid.utils.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
 from ptl_torchreid.utils.resume import EpochLoader, capture_rng_state, restore_rng_state, seeded_rng
-from tiny import TINY_RUN
+from tiny import PAUSING_SAVE_SCRIPT, TINY_RUN
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -328,25 +327,6 @@ def test_cli_reports_disk_full_and_non_finite_loss(data_root, tmp_path, monkeypa
 # Real kills, in a subprocess
 # ----------------------------------------------------------------------------------------------------------------
 
-SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    import torch
-    from ptl_torchreid.cli import main
-
-    # The 3rd checkpoint write stops half-way and waits there to be killed.
-    marker, args = sys.argv[1], sys.argv[2:]
-    real_save, calls = torch.save, []
-    def save(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            f.write(b"half a checkpoint")
-            f.flush()
-            open(marker, "w").close()
-            time.sleep(120)
-        return real_save(obj, f, *a, **k)
-    torch.save = save
-    sys.exit(main(args))
-""")
 
 
 def test_sigkill_in_the_middle_of_a_save_then_resume_finishes(data_root, datamanager, tmp_path, capsys):
@@ -357,7 +337,9 @@ def test_sigkill_in_the_middle_of_a_save_then_resume_finishes(data_root, dataman
                     "test.eval_freq", "-1")
     marker = tmp_path / "saving"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(marker)] + args, cwd=REPO, env=env,
+    # the 3rd checkpoint write stops half-way and waits there to be killed (no `go` file ever appears)
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_SAVE_SCRIPT, "3", str(marker), str(tmp_path / "go")]
+                            + args, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120

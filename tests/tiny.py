@@ -20,3 +20,30 @@ TINY_RUN = TINY_DATA + [
 def run_opts(root, save_dir, *extra):
     """TINY_RUN for a data root and a save dir, then ``extra`` overrides (later keys win)."""
     return TINY_RUN + ["data.root", str(root), "data.save_dir", str(save_dir)] + list(extra)
+
+
+# Runs ``main(args)`` in a subprocess whose ``call``-th checkpoint write stops half-way: it writes a few bytes,
+# creates the file ``marker`` and waits (up to 120 s) for the file ``go``, then writes the checkpoint in full.
+# argv: marker go args...
+PAUSING_SAVE_SCRIPT = """
+import os, sys, time
+import torch
+from ptl_torchreid.cli import main
+
+call, marker, go, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+real_save, calls = torch.save, []
+def save(obj, f, *a, **k):
+    calls.append(1)
+    if len(calls) == call:
+        f.write(b"half a checkpoint")
+        f.flush()
+        open(marker, "w").close()
+        deadline = time.time() + 120
+        while not os.path.exists(go) and time.time() < deadline:
+            time.sleep(0.05)
+        f.seek(0)
+        f.truncate()
+    return real_save(obj, f, *a, **k)
+torch.save = save
+sys.exit(main(args))
+"""

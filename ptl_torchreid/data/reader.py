@@ -166,6 +166,18 @@ def _make_skipping_getitem(original):
     def __getitem__(self, index):
         if not _State.skip_corrupt:
             return original(self, index)
+        if getattr(self, "mode", "train") != "train":
+            # a substitute query/gallery image would change the evaluation protocol: never skip there
+            try:
+                return original(self, index)
+            except ImageReadError as e:
+                err = ImageReadError(
+                    f'Cannot read {self.mode} image "{e.path}": {e.reason}. data.skip_corrupt applies to training '
+                    "images only; evaluation sets are never altered, so replace or remove this file (the check-data "
+                    "command lists every such file)."
+                )
+                err.path, err.reason, err.filename = e.path, e.reason, e.path
+                raise err from None
         try:
             return original(self, index)
         except ImageReadError as first:
@@ -211,8 +223,9 @@ def install_strict_reader(skip_corrupt: bool = False) -> None:
     ``skip_corrupt=True``: the sample is replaced by another readable sample, preferring the same identity
     (so labels stay correct and identity-balanced batches keep their shape), then the following samples;
     each skip is counted (:func:`skipped_images`) and reported on stderr. After :data:`MAX_SUBSTITUTES`
-    unreadable substitutes the error is raised after all. Replaced query/gallery samples change evaluation,
-    so check a test set with the check-data command rather than skipping through it.
+    unreadable substitutes the error is raised after all. Query and gallery images (datasets whose ``mode`` is
+    not ``'train'``) are never replaced, since that would change the evaluation: an unreadable one raises
+    :class:`ImageReadError` naming it, in both settings.
 
     The patch is visible in DataLoader workers started by ``fork`` (the Linux default). With the ``spawn``
     or ``forkserver`` start method, call this function in the DataLoader's ``worker_init_fn`` too.

@@ -38,6 +38,7 @@ import numpy as np
 
 from .._torchreid import torchreid
 from . import check
+from ..utils.savedir import file_mode
 
 __all__ = [
     "FORMAT_VERSION",
@@ -1063,6 +1064,7 @@ def prepare_synthetic_dataset(dataset_dir, params=None, on_mismatch="regenerate"
     _remove_leftovers(dataset_dir)
     tmp = tempfile.mkdtemp(prefix="." + osp.basename(dataset_dir) + ".tmp-", dir=parent)
     try:
+        os.chmod(tmp, file_mode(directory=True))  # mkdtemp's 0700 would shut other users of a shared root out
         manifest = _generate(tmp, params, verbose)
         _move_into_place(tmp, dataset_dir, params)
     finally:

@@ -4,6 +4,7 @@ from ptl_torchreid.engine.mixin import (
     RESET_POLICIES,
     NonFiniteLossError,
     PTLEngineMixin,
+    TrainingInterrupted,
     clamp_ranks,
     resolve_precision,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "PTLImageSoftmaxEngine",
     "PTLImageTripletEngine",
     "RESET_POLICIES",
+    "TrainingInterrupted",
     "build_optimizer",
     "clamp_ranks",
     "resolve_precision",

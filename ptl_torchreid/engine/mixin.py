@@ -11,6 +11,7 @@ import datetime
 import functools
 import math
 import os.path as osp
+import signal
 import time
 
 import torch
@@ -20,6 +21,14 @@ from tqdm import tqdm
 from ptl_torchreid._torchreid import torchreid
 from ptl_torchreid.data.samplers import ShardSampler, rebuild_loader
 from ptl_torchreid.engine.evaluator import EvalOptions, file_name, rank_features
+from ptl_torchreid.engine.reliability import (
+    DIVERGED_GROWTH,
+    StopSignals,
+    TrainingInterrupted,
+    apply_configured_lr,
+    last_good_checkpoint,
+    load_optimizer_state,
+)
 from ptl_torchreid.models import is_ptl, unwrap
 from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler, memory_format
@@ -27,12 +36,16 @@ from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointManager,
+    NonFiniteCheckpointError,
     load_checkpoint,
     to_plain,
+    weight_norm,
 )
 from ptl_torchreid.utils.resume import EpochLoader, capture_rng_state, restore_rng_state
+from ptl_torchreid.utils.savedir import SaveDirError
 
-__all__ = ["PTLEngineMixin", "NonFiniteLossError", "RESET_POLICIES", "clamp_ranks", "resolve_precision"]
+__all__ = ["PTLEngineMixin", "NonFiniteLossError", "TrainingInterrupted", "RESET_POLICIES", "clamp_ranks",
+           "resolve_precision"]
 
 RESET_POLICIES = ("epoch", "never", "iter")
 
@@ -47,6 +60,18 @@ def _output_on_main_rank(method):
     def wrapper(self, *args, **kwargs):
         with pdist.quiet_unless_main():
             return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _stops_on_signals(run):
+    """Training under ``run``: SIGINT/SIGTERM stop at the next safe point with a checkpoint (see
+    :class:`~ptl_torchreid.engine.reliability.StopSignals`); evaluation-only runs keep the usual handlers."""
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        if kwargs.get("test_only"):
+            return run(self, *args, **kwargs)
+        with self._stop:
+            return run(self, *args, **kwargs)
     return wrapper
 
 
@@ -157,6 +182,9 @@ class PTLEngineMixin:
         self._step_batch_size = 0  # images in this rank's latest training batch
         self._resume_at = None  # (epoch, batches of it already trained, epoch meters), set by resume()
         self._pending_rng = None  # RNG states to restore when training (re)starts, set by resume()
+        self.reference_param_norm = None  # weights' norm when the run started (kept across resumes)
+        self._stop = StopSignals()  # SIGINT/SIGTERM during run(): stop at the next safe point, with a checkpoint
+        self._saved_at_iteration = None  # iteration of the latest checkpoint written
 
     # ----------------------------------------------------------------------------------------------------
     # Distributed training
@@ -297,6 +325,7 @@ class PTLEngineMixin:
             batch_time.update(time.time() - end)
             losses.update(summary)
             self._after_train_step(losses)
+            self._stop_if_signalled(losses)
             bar.set_postfix({k: "{:.3f}".format(m.avg) for k, m in losses.meters.items()}, refresh=False)
             if (self.batch_idx + 1) % print_freq == 0:
                 remaining = (self.num_batches - self.batch_idx - 1) + (max_epoch - self.epoch - 1) * self.num_batches
@@ -353,6 +382,7 @@ class PTLEngineMixin:
     # ----------------------------------------------------------------------------------------------------
 
     @_output_on_main_rank
+    @_stops_on_signals
     def run(self, save_dir="log", max_epoch=0, start_epoch=0, print_freq=10, fixbase_epoch=0, open_layers=None,
             start_eval=0, eval_freq=-1, test_only=False, dist_metric="euclidean", normalize_feature=False,
             visrank=False, visrank_topk=10, use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
@@ -372,11 +402,17 @@ class PTLEngineMixin:
 
         self._check_distributed_run(fixbase_epoch, open_layers)
         if self.writer is None and self.is_main:
-            self.writer = SummaryWriter(log_dir=save_dir)
+            try:
+                self.writer = SummaryWriter(log_dir=save_dir)
+            except OSError as e:
+                raise SaveDirError(e.errno, "cannot write the TensorBoard log into '{}': {}; make the folder "
+                                   "writable (data.save_dir)".format(save_dir, e.strerror or e)) from None
         time_start = time.time()
         self.start_epoch = start_epoch
         self.max_epoch = max_epoch
         self.save_dir = save_dir
+        if self.reference_param_norm is None:
+            self.reference_param_norm = weight_norm(self.net.state_dict())
         print("=> Start training")
         trained = False
         for self.epoch in range(start_epoch, max_epoch):
@@ -386,16 +422,36 @@ class PTLEngineMixin:
                     and (self.epoch + 1) != max_epoch):
                 rank1 = self.test(**test_kwargs)
                 self.save_model(self.epoch, rank1, save_dir)
+            self._stop_if_signalled()
         if max_epoch > 0:
             print("=> Final test")
             rank1 = self.test(**test_kwargs)
             if trained:
                 self.save_model(self.epoch, rank1, save_dir)
+                self._stop_if_signalled()
         print("Elapsed {}".format(datetime.timedelta(seconds=round(time.time() - time_start))))
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         return self.last_results
+
+    def _stop_if_signalled(self, losses=None):
+        """A safe point of :meth:`run`: after a training step (``losses``: the epoch's meters), or after an epoch
+        and its evaluation. When SIGINT/SIGTERM arrived (on any rank), write a checkpoint unless this point's state
+        is already saved, then raise :class:`TrainingInterrupted`."""
+        if not pdist.any_rank(self._stop.requested):
+            return
+        signum = self._stop.signum or signal.SIGTERM
+        path = None
+        if self.save_dir is not None:
+            manager = self.checkpoint_manager(self.save_dir)
+            if self._saved_at_iteration == self.iteration:
+                path = manager.latest()
+            elif losses is not None:
+                path = self.save_iteration_checkpoint(losses)
+            else:  # the epoch is complete (its LR step taken): resuming starts the next one
+                path = self._save_checkpoint(self.epoch, self.last_rank1, self.save_dir)
+        raise TrainingInterrupted(signum, path, self.epoch + 1, self.iteration)
 
     # ----------------------------------------------------------------------------------------------------
     # Evaluation
@@ -533,6 +589,8 @@ class PTLEngineMixin:
             "scaler": self.scaler.state_dict(),
             "seed": self.seed,
             "rng": self._capture_rng_state(),
+            "optimizer_type": type(self.optimizer).__name__,
+            "reference_param_norm": self.reference_param_norm,
         }
         state.update(self.checkpoint_extras)
         return to_plain(state)
@@ -613,14 +671,19 @@ class PTLEngineMixin:
             raise CheckpointMismatchError(None, 'Cannot resume from "{}": its weights do not fit this model (was '
                                                 "it saved with another model or data.height/width?).\n{}".format(
                                                     source, e)) from None
+        # the base rates this run was configured with (train.lr, ptl.lr_mult), before the checkpoint's replace them
+        configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointMismatchError(None, 'Cannot resume from "{}": its optimizer state does not fit this '
-                                                "run's optimizer ({}); resume with the optimizer settings (train."
-                                                "optim, ptl.lr_mult groups) it was saved with.".format(
-                                                    source, e)) from None
+            load_optimizer_state(self.optimizer, state["optimizer"], source, state.get("optimizer_type"))
+        except ValueError as e:
+            raise CheckpointMismatchError(None, str(e)) from None
         self.scheduler.load_state_dict(state["scheduler"])
+        for name, old, new, now in apply_configured_lr(self.optimizer, self.scheduler, configured):
+            print("Note: the configured base learning rate{} is {:.3g}, the checkpoint's {:.3g}: the configured one "
+                  "applies from here on (the schedule keeps its position; the rate is now {:.3g}).".format(
+                      "" if len(configured) == 1 else " of " + str(name), new, old, now))
+        if state.get("reference_param_norm") is not None:
+            self.reference_param_norm = float(state["reference_param_norm"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.best_rank1 = float(state.get("best_rank1", -1.0))
@@ -644,6 +707,8 @@ class PTLEngineMixin:
                 path = manager.save(state() if callable(state) else state, **where)
             except CheckpointError as e:
                 error = e
+        if isinstance(error, NonFiniteCheckpointError):
+            error = NonFiniteCheckpointError("{} {}.".format(error, self._divergence_advice()))
         if pdist.any_rank(error is not None):
             print("Training stopped at epoch {}, iteration {}: the checkpoint was not saved (see the error "
                   "below); the previous checkpoints are intact.".format(self.epoch + 1, self.iteration))
@@ -651,6 +716,7 @@ class PTLEngineMixin:
                 raise error
             raise CheckpointError("rank 0 could not write the checkpoint (its error says why); this rank stops "
                                   "with it")
+        self._saved_at_iteration = self.iteration
         return path
 
     # ----------------------------------------------------------------------------------------------------
@@ -745,6 +811,24 @@ class PTLEngineMixin:
                       "size, sampler or data?); the rest of the epoch will not match the interrupted run.".format(
                           int(state["epoch"]) + 1, planned, int(state["num_batches"])))
 
+    def _divergence_advice(self):
+        """Which checkpoint to resume from after a divergence: the newest one whose weights have not blown up (a
+        finite checkpoint can already hold weights a million times too large), and how."""
+        manager = self.checkpoint_manager(self.save_dir) if self.save_dir is not None else None
+        if manager is None or not manager.latest():
+            return "No checkpoint had been written yet"
+        good, diverged = last_good_checkpoint(manager, self.reference_param_norm)
+        grown = ", ".join('"{}" ({:.3g}x)'.format(osp.basename(p), g) for p, g in diverged)
+        if good is None:
+            return ("Every checkpoint kept holds weights more than {:g} times larger than at the start of the run "
+                    "({}): training was diverging before it overflowed, so start again with a lower train.lr".format(
+                        DIVERGED_GROWTH, grown))
+        newer = "" if not diverged else (" (newer ones hold weights more than {:g} times larger than at the start of "
+                                         "the run, a sign of divergence: {})".format(DIVERGED_GROWTH, grown))
+        return ('The last good checkpoint, "{}", is unchanged{}; once the cause is fixed, resume from it with --resume '
+                "{} and, for instance, a lower train.lr (the configured learning rate applies on resume)".format(
+                    good, newer, good))
+
     def _check_finite_loss(self, loss, summary):
         """Stop before a NaN/inf loss reaches the weights; say where it happened and what is safe on disk."""
         value = float(loss.detach().float().sum())
@@ -757,11 +841,7 @@ class PTLEngineMixin:
             what = ", ".join("{} {:.4g}".format(k, v) for k, v in summary.items() if isinstance(v, float))
             what = (what or "loss {}".format(value)) + (" on rank {}".format(pdist.get_rank())
                                                          if self.world_size > 1 else "")
-        latest = None
-        if self.save_dir is not None:
-            latest = self.checkpoint_manager(self.save_dir).latest()
-        saved = ('The last good checkpoint, "{}", is unchanged; resume from it with --resume (train.resume) '
-                 "once the cause is fixed".format(latest) if latest else "No checkpoint had been written yet")
+        saved = self._divergence_advice()
         raise NonFiniteLossError(
             "Non-finite loss ({}) at epoch {}, batch {}/{} (iteration {} of the run). Training stopped before this "
             "step changed the weights. {}. Usual causes: a learning rate too high (train.lr, ptl.lr_mult), fp16 "

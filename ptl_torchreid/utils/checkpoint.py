@@ -18,11 +18,13 @@ import datetime
 import enum
 import errno
 import json
+import math
 import os
 import os.path as osp
 import pathlib
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from collections import Counter, OrderedDict
@@ -32,6 +34,8 @@ from typing import Any, List, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .savedir import file_mode, owner_gone, owner_tag, sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -45,6 +49,7 @@ __all__ = [
     "CheckpointManager",
     "to_plain",
     "save_checkpoint",
+    "weight_norm",
     "load_checkpoint",
     "extract_state_dict",
     "load_weights",
@@ -223,14 +228,19 @@ def _fsync_dir(dirname):
 
 
 def _atomic_write(path, write_fn):
-    """Run ``write_fn(fileobj)`` on a temporary file next to ``path``, then move it onto ``path``."""
+    """Run ``write_fn(fileobj)`` on a temporary file next to ``path``, then move it onto ``path``.
+
+    The temporary file is named after its owner (see :func:`~ptl_torchreid.utils.savedir.owner_tag`) and gets
+    the mode a plain ``open()`` would (umask), not ``mkstemp``'s 0600."""
     path = osp.abspath(osp.expanduser(os.fspath(path)))
     dirname = osp.dirname(path)
     tmp = None
     try:
         os.makedirs(dirname, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dirname, prefix="." + osp.basename(path) + ".", suffix=TMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=dirname, prefix=".{}.{}.".format(osp.basename(path), owner_tag()),
+                                   suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -239,6 +249,10 @@ def _atomic_write(path, write_fn):
         _fsync_dir(dirname)
     except OSError as e:
         raise CheckpointWriteError(path, e) from e
+    except RuntimeError as e:
+        # torch.save reports a failed write (a full disk, typically) as a RuntimeError from its zip writer
+        # ("enforce fail at inline_container.cc ... unexpected pos") and loses the errno.
+        raise CheckpointWriteError(path, _runtime_write_cause(dirname, e)) from e
     finally:
         if tmp is not None:
             try:
@@ -246,6 +260,29 @@ def _atomic_write(path, write_fn):
             except OSError:
                 pass
     return path
+
+
+# Below this much free space, a failed torch.save is taken as a full disk.
+_LOW_SPACE_BYTES = 64 << 20
+
+
+def _runtime_write_cause(dirname, e):
+    try:
+        free = shutil.disk_usage(dirname).free
+    except OSError:
+        free = None
+    detail = " ".join(str(e).split())
+    if free is not None and free < _LOW_SPACE_BYTES:
+        return OSError(errno.ENOSPC, "{} ({} free; torch.save: {})".format(os.strerror(errno.ENOSPC),
+                                                                         _human_bytes(free), detail))
+    return OSError(None, "torch.save failed: {}".format(detail))
+
+
+def _human_bytes(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return "{:.0f} {}".format(n, unit) if unit == "bytes" else "{:.1f} {}".format(n, unit)
+        n /= 1024.0
 
 
 def save_checkpoint(state: Any, path: Union[str, os.PathLike]) -> str:
@@ -348,6 +385,7 @@ def _load_with_mode(path, map_location="cpu", trust=False) -> Tuple[Any, str]:
         raise err
     if osp.getsize(path) == 0:
         raise CheckpointReadError(f'Checkpoint file "{path}" is empty (0 bytes); it was never fully written.')
+    _verify_checksum(path)
 
     try:
         return _read(path, map_location, True), "weights_only"
@@ -378,6 +416,34 @@ def _load_with_mode(path, map_location="cpu", trust=False) -> Tuple[Any, str]:
         return _read(path, map_location, False), "trusted"
     except Exception as e:  # full unpickling can fail in any way (missing classes, garbage bytes, ...)
         raise _corrupt(path, e) from e
+
+
+def _file_record(path):
+    """What ``latest.json`` keeps of a checkpoint file: its SHA-256, with the size and mtime it had then."""
+    st = os.stat(path)
+    return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _verify_checksum(path):
+    """Compare ``path`` with the SHA-256 that its folder's ``latest.json`` recorded when it was written.
+
+    Only while the file still has the recorded size and mtime: a file rewritten since (a later save under the
+    same name, interrupted before the pointer was updated) cannot be checked, while bit rot keeps both."""
+    try:
+        with open(osp.join(osp.dirname(path), CheckpointManager.POINTER), "r", encoding="utf-8") as f:
+            entry = (json.load(f).get("files") or {}).get(osp.basename(path))
+        st = os.stat(path)
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(entry, dict) or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+        return
+    if sha256_file(path) != entry.get("sha256"):
+        raise CheckpointReadError(
+            f'Checkpoint file "{path}" is corrupt: its SHA-256 differs from the one recorded in '
+            f'"{osp.join(osp.dirname(path), CheckpointManager.POINTER)}" when it was written, although its size and '
+            "time stamp are unchanged (bit rot on the disk, or a damaged copy). Use another copy or an earlier "
+            "checkpoint."
+        )
 
 
 def load_checkpoint(path, map_location="cpu", trust: bool = False) -> Any:
@@ -562,19 +628,37 @@ def load_weights(model: nn.Module, path_or_checkpoint, mode: str = "strict", tru
     return report
 
 
-def _check_finite(state, path):
+def _weights_summary(state):
+    """``(non-finite keys, L2 norm over the floating-point tensors)`` of the model weights in ``state``."""
     try:
         sd = extract_state_dict(state)
     except ValueError:
-        return  # no model weights in this state: nothing to check
-    bad = [k for k, v in sd.items()
-           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        return [], None  # no model weights in this state: nothing to check
+    bad, total = [], 0.0
+    for k, v in sd.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            if not bool(torch.isfinite(v).all()):
+                bad.append(k)
+            else:
+                total += float(v.detach().double().pow(2).sum())
+    return bad, math.sqrt(total)
+
+
+def weight_norm(state) -> Optional[float]:
+    """L2 norm over the floating-point model weights in ``state`` (a checkpoint or a state dict); None when it
+    holds no weights. :class:`CheckpointManager` records it per file; a large growth means divergence."""
+    return _weights_summary(state)[1]
+
+
+def _check_finite(state, path):
+    bad, norm = _weights_summary(state)
     if bad:
         shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise NonFiniteCheckpointError(
             f'Not saving "{path}": the model weights contain NaN or inf ({shown}). Training has diverged; the '
-            "previous checkpoints are left as they are. Lower the learning rate or resume from the latest one."
+            "previous checkpoints are left as they are."
         )
+    return norm
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -668,7 +752,8 @@ class CheckpointManager:
         except OSError:
             return
         for n in names:
-            if n.startswith(".") and n.endswith(TMP_SUFFIX):
+            # only files whose writer has exited: another run may be saving into this folder right now
+            if n.startswith(".") and n.endswith(TMP_SUFFIX) and owner_gone(n, TMP_SUFFIX):
                 try:
                     os.remove(osp.join(self.save_dir, n))
                 except OSError:
@@ -685,15 +770,21 @@ class CheckpointManager:
         """
         name = self.filename(epoch, iteration)
         if require_finite:
-            _check_finite(state, osp.join(self.save_dir, name))
+            norm = _check_finite(state, osp.join(self.save_dir, name))
+        else:
+            norm = _weights_summary(state)[1]
         path = save_checkpoint(state, osp.join(self.save_dir, name))
+        prev = self._read_pointer() or {}
+        files = {n: r for n, r in (prev.get("files") or {}).items() if n in self._history or n == self.BEST}
+        files[name] = dict(_file_record(path), param_norm=norm)
         if is_best:
             _atomic_copy(path, self.best_path)
+            files[self.BEST] = dict(_file_record(self.best_path), param_norm=norm, copy_of=name)
         history = [n for n in self._history if n != name] + [name]
         pointer = {"latest": name, "epoch": epoch, "iteration": iteration, "history": history}
         if is_best or osp.exists(self.best_path):
-            prev = self._read_pointer() or {}
             pointer["best_epoch"] = epoch if is_best else prev.get("best_epoch")
+        pointer["files"] = files
         _atomic_write_text(self.pointer_path, json.dumps(pointer, indent=1))
         self._history = history
         self._prune()
@@ -713,6 +804,8 @@ class CheckpointManager:
         data = self._read_pointer()
         if data is not None and data.get("history") != self._history:
             data["history"] = list(self._history)
+            data["files"] = {n: r for n, r in (data.get("files") or {}).items()
+                             if n in self._history or n == self.BEST}
             try:
                 _atomic_write_text(self.pointer_path, json.dumps(data, indent=1))
             except CheckpointWriteError as e:
@@ -736,6 +829,12 @@ class CheckpointManager:
                 return osp.join(self.save_dir, name)
         disk = self._on_disk()
         return osp.join(self.save_dir, disk[-1]) if disk else None
+
+    def record(self, name_or_path) -> Optional[dict]:
+        """What ``latest.json`` holds about a checkpoint of this folder (``sha256``, ``size``, ``mtime_ns``,
+        ``param_norm``: the L2 norm of its weights), or None."""
+        entry = ((self._read_pointer() or {}).get("files") or {}).get(osp.basename(os.fspath(name_or_path)))
+        return entry if isinstance(entry, dict) else None
 
     def best(self) -> Optional[str]:
         """Path of ``model-best.pth.tar`` if it exists."""
