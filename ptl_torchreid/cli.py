@@ -34,6 +34,7 @@ from ptl_torchreid.config import (
     synthetic_kwargs,
     torchreid_image_datasets,
 )
+from ptl_torchreid.cli_export import add_export_arguments, run_export
 from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
 from ptl_torchreid.data import (
     PATTERNS,
@@ -50,6 +51,7 @@ from ptl_torchreid.data import (
 from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.engine import ENGINES, NonFiniteLossError, build_optimizer
 from ptl_torchreid.engine.mixin import clamp_ranks
+from ptl_torchreid.export import ExportError
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, unwrap
 from ptl_torchreid.utils import distributed as pdist
@@ -485,6 +487,12 @@ register_command("prune", "COP-prune model.load_weights to a target (--flops-red
                  "--prune-rate), fine-tune, evaluate, save", _run_prune, add_arguments=_prune_arguments)
 
 
+register_command("export", "export model.load_weights (plain, PTL or pruned) to ONNX / OpenVINO (--format, "
+                 "--int8), checked against PyTorch, with a sidecar JSON",
+                 lambda cfg, args: run_export(cfg, args, build_datamanager, build_model),
+                 add_arguments=add_export_arguments)
+
+
 def build_parser(command="train"):
     cmd = COMMANDS[command]
     parser = argparse.ArgumentParser(
@@ -573,7 +581,8 @@ def main(argv=None):
                     " | {} processes ({})".format(ctx.world_size, ctx.backend) if ctx.distributed else ""))
                 print("Configuration:\n{}".format(cfg.dump()))
                 status = cmd.run(cfg, args)
-    except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError) as e:
+    except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError,
+            ExportError) as e:
         # Errors whose message says what is wrong and how to fix it; a traceback would only bury it.
         print("ptl-torchreid: error: {}".format(e), file=sys.stderr)
         return 2
