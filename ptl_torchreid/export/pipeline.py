@@ -201,7 +201,8 @@ def _export_int8(ov_model, calibration, staging, out_dir, stem, reference, image
         retrieval = {s[0]: retrieval_metrics(runner, s[1], s[2], dist_metric, normalize_feature) for s in eval_sets}
     drops = {s: (result.reference[s]["mAP"] - m["mAP"]) * 100 for s, m in retrieval.items()}
     check = {"passed": all(d <= INT8_MAX_MAP_DROP for d in drops.values()), "images": images_kind,
-             "calibration_images": int(sum(len(b) for b in calibration)), "tolerance": {"max_map_drop_points": INT8_MAX_MAP_DROP},
+             "calibration_images": int(sum(len(b) for b in calibration)),
+             "tolerance": {"max_map_drop_points": INT8_MAX_MAP_DROP},
              "parity": {"runtime": "openvino", "batches": parity, "enforced": False}, "retrieval": retrieval,
              "pytorch_retrieval": result.reference, "map_drop_points": drops}
     if not check["passed"]:
