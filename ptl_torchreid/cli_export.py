@@ -13,7 +13,7 @@ import os.path as osp
 
 from ptl_torchreid.compress import is_pruned_checkpoint, pruning_info
 from ptl_torchreid.config import ConfigError
-from ptl_torchreid.export import (DEFAULT_BATCH_SIZES, FORMATS, UnsupportedModelError, calibration_batches,
+from ptl_torchreid.export import (DEFAULT_BATCH_SIZES, FORMATS, MAX_ABS, MIN_COSINE, UnsupportedModelError, calibration_batches,
                                   export_model, first_images, test_sets)
 
 __all__ = ["add_export_arguments", "run_export", "missing_export_packages"]
@@ -35,6 +35,10 @@ def add_export_arguments(parser):
     g.add_argument("--calibration-images", type=int, default=300, help="training images NNCF calibrates on")
     g.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES),
                    help="batch sizes of the parity check")
+    g.add_argument("--max-abs", type=float, default=MAX_ABS,
+                   help="largest fp32 feature difference from PyTorch allowed (default %(default)s)")
+    g.add_argument("--min-cosine", type=float, default=MIN_COSINE,
+                   help="smallest per-image cosine similarity to PyTorch allowed (default %(default)s)")
     g.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
 
 
@@ -77,7 +81,8 @@ def run_export(cfg, args, build_datamanager, build_model):
                               calibration=calibration, batch_sizes=tuple(args.batch_sizes),
                               mean=cfg.data.norm_mean, std=cfg.data.norm_std, dist_metric=cfg.test.dist_metric,
                               normalize_feature=cfg.test.normalize_feature, source_checkpoint=cfg.model.load_weights,
-                              pruning=pruning, dynamic_batch=not args.static_batch, name=args.export_name or None)
+                              pruning=pruning, dynamic_batch=not args.static_batch, name=args.export_name or None,
+                              max_abs=args.max_abs, min_cosine=args.min_cosine)
     except UnsupportedModelError as e:
         raise ConfigError("model.name = '{}' cannot be exported: {}".format(cfg.model.name, e)) from None
     print("Sidecar JSON next to each model: " + ", ".join(result.sidecars.values()))

@@ -196,7 +196,8 @@ def test_cli_exports_a_pruned_model_to_openvino(tmp_path, data_root):
     out = tmp_path / "deploy"
     status = main(["export", "--format", "openvino", "--out", str(out)] + TINY_DATA + [
         "data.root", data_root, "data.save_dir", str(tmp_path / "log"), "model.name", "osnet_x0_25",
-        "model.pretrained", "False", "use_gpu", "False", "model.load_weights", ckpt, "test.batch_size", "8"])
+        "model.pretrained", "False", "use_gpu", "False", "model.load_weights", ckpt, "test.batch_size", "8",
+        "train.batch_size", "4"])
     assert status == 0
     stem = "osnet_x0_25_cop_synthetic_reid"
     onnx_path = out / (stem + ".onnx")

@@ -40,7 +40,7 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from bench_measure import cpu_model, interleaved, load_average, median  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-MODELS = ("resnet50", "ptl_resnet50", "resnet50_cop50", "osnet_x0_25")
+MODELS = ("osnet_x0_25", "resnet50_cop50", "resnet50", "ptl_resnet50")
 RUNTIMES = ("pytorch", "onnxruntime", "openvino", "openvino_int8")
 
 
@@ -115,6 +115,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--max-abs", type=float, default=1e-3)
     p.add_argument("--out-md", default="")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -137,9 +138,13 @@ def main():
         print("\n== {} ==".format(name), flush=True)
         flops[name] = count_flops(model, (256, 128))
         out = osp.join(args.work_dir, name)
+        # Checked at --max-abs (default 1e-3, fast-reid's order); the table shows the measured difference against
+        # the 1e-4 target.
         result = export_model(model, out, name, dataset="synthetic_reid", fmt="openvino", input_size=(256, 128),
-                              images=images, eval_sets=sets, log=lambda s: print(s, flush=True))
-        parity[name] = {k: max(b["max_abs"] for b in c["parity"]["batches"].values())
+                              images=images, eval_sets=sets, max_abs=args.max_abs,
+                              log=lambda s: print(s, flush=True))
+        parity[name] = {k: (max(b["max_abs"] for b in c["parity"]["batches"].values()),
+                            max(b["feature_max"] for b in c["parity"]["batches"].values()))
                         for k, c in result.checks.items()}
         t0 = time.time()
         int8_model = quantize_int8(result.files["openvino"], calibration)
@@ -165,11 +170,11 @@ def main():
                     name, threads, batch, ", ".join("{} {:.1f} ms".format(k, v * 1e3) for k, v in
                                                     latency[(name, threads, batch)].items()), load_average()),
                       flush=True)
-    report = format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start)
-    print("\n" + report)
-    if args.out_md:
-        with open(args.out_md, "w") as f:
-            f.write(report + "\n")
+        report = format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start)
+        print("\n" + report, flush=True)
+        if args.out_md:  # after every model, so a partial run still leaves its tables
+            with open(args.out_md, "w") as f:
+                f.write(report + "\n")
 
 
 def format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start):
@@ -198,13 +203,14 @@ def format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, lo
     lines += ["", "Accuracy on the synthetic test set ({} query, {} gallery images), Rank-1 / mAP; largest "
               "fp32 feature difference against PyTorch over batches 1/7/32:".format(n_query, n_gallery), "",
               "| model | GFLOPs | pytorch | onnxruntime | openvino fp32 | openvino int8 | int8 mAP drop | "
-              "max-abs ORT / OV |", "|---|---|---|---|---|---|---|---|"]
+              "max-abs ORT / OV (largest feature value) |", "|---|---|---|---|---|---|---|---|"]
     for name, acc in accuracy.items():
         drop = (acc["pytorch"]["mAP"] - acc["openvino_int8"]["mAP"]) * 100
-        lines.append("| {} | {:.2f} | {} | {:.2f} pt{} | {:.1e} / {:.1e} |".format(
+        lines.append("| {} | {:.2f} | {} | {:.2f} pt{} | {:.1e} / {:.1e} ({:.1f}) |".format(
             name, flops[name] / 1e9, " | ".join(
                 "{:.1%} / {:.1%}".format(acc[k]["rank1"], acc[k]["mAP"]) for k in RUNTIMES), drop,
-            "" if drop <= INT8_MAX_MAP_DROP else " (rejected)", parity[name]["onnx"], parity[name]["openvino"]))
+            "" if drop <= INT8_MAX_MAP_DROP else " (rejected)", parity[name]["onnx"][0], parity[name]["openvino"][0],
+            parity[name]["onnx"][1]))
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ def check_parity(reference, candidate, images, batch_sizes=DEFAULT_BATCH_SIZES, 
         got = candidate(x)
         shape_ok = np.shape(got) == np.shape(ref)
         diff, cos = feature_differences(ref, got) if shape_ok else (float("inf"), float("-inf"))
-        results[int(b)] = {"max_abs": diff, "min_cosine": cos}
+        results[int(b)] = {"max_abs": diff, "min_cosine": cos, "feature_max": float(np.abs(ref).max())}
         if not shape_ok:
             raise ParityError("{} at batch {}: features of shape {} where PyTorch gives {}".format(
                 name, b, list(np.shape(got)), list(np.shape(ref))))

@@ -94,7 +94,7 @@ class _Step:
 def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, input_size=None, images=None,
                  eval_sets=(), calibration=None, batch_sizes=DEFAULT_BATCH_SIZES, mean=IMAGENET_MEAN,
                  std=IMAGENET_STD, dist_metric="euclidean", normalize_feature=False, source_checkpoint=None,
-                 pruning=None, dynamic_batch=True, name=None, log=print):
+                 pruning=None, dynamic_batch=True, name=None, max_abs=MAX_ABS, min_cosine=MIN_COSINE, log=print):
     """Export ``model``'s eval-mode embedding function and verify it; returns an :class:`ExportResult`.
 
     Args:
@@ -111,6 +111,7 @@ def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, 
         mean, std, dist_metric, normalize_feature: preprocessing and distance the sidecar records.
         source_checkpoint: the file the weights came from (its SHA-256 goes into the sidecar).
         pruning: the pruned checkpoint's ``pruning`` entry (recorded without its layer report).
+        max_abs, min_cosine: fp32 feature tolerances (default 1e-4 and 0.99999).
     """
     if fmt not in FORMATS:
         raise ValueError("format {!r} is not supported; choose one of {}".format(fmt, ", ".join(FORMATS)))
@@ -134,7 +135,7 @@ def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, 
                   dynamic_batch=dynamic_batch, source_checkpoint=source_checkpoint, ptl=ptl_state_summary(net),
                   pruning=_pruning_record(pruning),
                   exporter={"method": "torch.onnx.export(dynamo=True)", "torch": torch.__version__})
-    tolerance = {"max_abs": MAX_ABS, "min_cosine": MIN_COSINE, "retrieval_points": RETRIEVAL_POINTS}
+    tolerance = {"max_abs": max_abs, "min_cosine": min_cosine, "retrieval_points": RETRIEVAL_POINTS}
 
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".export-")
@@ -151,8 +152,8 @@ def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, 
         def verify(kind, runner):
             with _Step(log, "checking {} against PyTorch (batches {}, then Rank-1/mAP)".format(
                     kind, ", ".join(map(str, batch_sizes)))):
-                parity = check_parity(reference, runner, images, batch_sizes, name="{} ({})".format(
-                    kind, runner.name))
+                parity = check_parity(reference, runner, images, batch_sizes, max_abs=max_abs,
+                                      min_cosine=min_cosine, name="{} ({})".format(kind, runner.name))
                 retrieval = compare_retrieval(result.reference, runner, eval_sets, dist_metric=dist_metric,
                                               normalize_feature=normalize_feature, name=kind) if eval_sets else {}
             return {"passed": True, "onnx_checker": "passed", "images": images_kind, "tolerance": tolerance,
