@@ -13,6 +13,8 @@ def read_version():
     raise RuntimeError("__version__ not found in " + path)
 
 
+EXPORT_REQUIRES = ["onnx", "onnxscript", "onnxruntime", "openvino", "nncf"]
+
 setup(
     name="ptl_torchreid",
     version=read_version(),
@@ -37,6 +39,7 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # The export extra (ONNX / OpenVINO / NNCF INT8) is part of the test extra, so CI runs the export tests.
+    extras_require={"export": EXPORT_REQUIRES, "test": ["pytest", "hypothesis"] + EXPORT_REQUIRES},
     entry_points={"console_scripts": ["ptl-torchreid=ptl_torchreid.cli:main"]},
 )

@@ -20,17 +20,20 @@ from collections import namedtuple
 import torch
 
 from ptl_torchreid import __version__, _torchreid
+from ptl_torchreid.cli_export import add_export_arguments, run_export
+from ptl_torchreid.cli_retrieval import add_embed_arguments, add_search_arguments, run_embed, run_search
+from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
 from ptl_torchreid.config import (
     ConfigError,
     config_keys,
     engine_kwargs,
     engine_run_kwargs,
+    get_default_config,
     imagedata_kwargs,
     is_ptl_model_name,
     is_synthetic_dataset,
     load_config,
     lr_scheduler_kwargs,
-    get_default_config,
     model_kwargs,
     optimizer_kwargs,
     resolve_use_gpu,
@@ -38,8 +41,6 @@ from ptl_torchreid.config import (
     synthetic_kwargs,
     torchreid_image_datasets,
 )
-from ptl_torchreid.cli_retrieval import add_embed_arguments, add_search_arguments, run_embed, run_search
-from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
 from ptl_torchreid.data import (
     PATTERNS,
     DatasetError,
@@ -56,6 +57,7 @@ from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.data.user import check_user_source, is_user_source
 from ptl_torchreid.engine import ENGINES, NonFiniteLossError, TrainingInterrupted, build_optimizer
 from ptl_torchreid.engine.mixin import clamp_ranks
+from ptl_torchreid.export import ExportError
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, is_ptl_state_dict, load_pretrained_weights, unwrap
 from ptl_torchreid.utils import distributed as pdist
@@ -527,6 +529,10 @@ register_command("embed", "write the features of a folder, list file or DATASET:
 register_command("search", "top-k gallery images of each query from saved features (--query/--gallery), as a "
                  "table, results.csv and visrank-style PNGs", run_search, add_arguments=add_search_arguments,
                  tool=True)
+register_command("export", "export model.load_weights (plain, PTL or pruned) to ONNX / OpenVINO (--format, "
+                 "--int8), checked against PyTorch, with a sidecar JSON",
+                 lambda cfg, args: run_export(cfg, args, build_datamanager, build_model),
+                 add_arguments=add_export_arguments)
 
 
 def build_parser(command="train"):
@@ -746,7 +752,7 @@ def _main(argv):
                 print("Configuration:\n{}".format(cfg.dump()))
                 status = cmd.run(cfg, args)
     except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError,
-            SaveDirError) as e:
+            SaveDirError, ExportError) as e:
         # Errors whose message says what is wrong and how to fix it; a traceback would only bury it.
         print("ptl-torchreid: error: {}".format(e), file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ On top of the reference behaviour this cell adds:
 The gate arithmetic is one autograd function (:class:`_CellUpdate`) that keeps only the activated gates for
 backward (4 maps per cell instead of autograd's 5) and recomputes ``C_t``/``tanh(C_t)`` there with the same
 operations, so outputs, states and gradients are bit-identical to the plain formula; it lowers PTL's peak
-training memory.
+training memory. In eval mode, where nothing is saved for backward, the cell runs the same formula in plain
+operations (:func:`cell_output`), so exporters and tracers see ordinary tensor operations.
 """
 import torch
 import torch.nn as nn
@@ -58,6 +59,15 @@ def check_state_options(state_mode, eval_state, momentum):
 def conv_output_size(size, stride, kernel_size=3, padding=1):
     """Spatial size produced by the cell's convolution for an input of ``size`` (an int)."""
     return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def cell_output(gates, prev):
+    """``H_t`` from gates ordered (i, f, o, g) along dim 1 and ``C_{t-1}``, in plain differentiable operations:
+    the same elementwise arithmetic, in the same order, as :class:`_CellUpdate`'s forward (used in eval mode)."""
+    c = gates.shape[1] // 4
+    i, f, o = torch.sigmoid(gates[:, :3 * c]).chunk(3, dim=1)
+    g = torch.tanh(gates[:, 3 * c:])
+    return o * torch.tanh(f * prev + i * g)
 
 
 class _CellUpdate(torch.autograd.Function):
@@ -219,8 +229,11 @@ class BConvCell(nn.Module):
         # State arithmetic in float32: under autocast the gates arrive in half precision.
         gates32 = gates.float()
         prev = self._previous_state(x.shape[0], gates32[:, :self.out_channels])
+        if not self.training:
+            # Plain operations: the custom autograd function is opaque to TorchScript tracing (a PythonOp that
+            # OpenVINO's PyTorch frontend and torch.jit consumers reject); the values are the same bits.
+            return cell_output(gates32, prev).to(gates.dtype)
         out, cell = _CellUpdate.apply(gates32, prev)
-        if self.training:
-            self._update_state(cell)
+        self._update_state(cell)
         return out.to(gates.dtype)
 

@@ -1,0 +1,218 @@
+"""Benchmark deployment on the CPU: PyTorch eager vs ONNX Runtime vs OpenVINO fp32 vs OpenVINO INT8.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. nice -n 5 python tools/benchmark_export.py --out-md bench_export.md
+
+For resnet50, ptl_resnet50, ResNet-50 COP-pruned to -50% FLOPs (preset faster) and osnet_x0_25 at 256x128:
+every model is exported with ``ptl_torchreid.export.export_model`` (ONNX + OpenVINO, each checked against
+PyTorch at batches 1/7/32 and on Rank-1/mAP), then quantised to INT8 with NNCF on a calibration subset of the
+synthetic training set. Latency: median of ``--rounds`` interleaved rounds (all runtimes of a model take turns in
+ABBA order, so load from other processes hits them alike), at batch 1 and 32, at 1 and 2 threads. mAP and Rank-1
+of every format on the synthetic test set.
+
+Weights: osnet_x0_25 uses the torchreid model-zoo MSMT17 file when ``--osnet-weights`` exists (default:
+../shared/weights/osnet_x0_25_msmt17.pth); the ResNet-50 models are randomly initialised (no ImageNet weights
+offline) with BatchNorm statistics (and PTL running cell states) from train-mode passes over synthetic training
+images, so their mAP compares formats with each other, not model quality. Latency does not depend on the values.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from ptl_torchreid import cli  # noqa: E402
+from ptl_torchreid.compress import count_flops, prune_cop  # noqa: E402
+from ptl_torchreid.config import load_config  # noqa: E402
+from ptl_torchreid.export import (INT8_MAX_MAP_DROP, OnnxRuntimeRunner, OpenVINORunner, TorchRunner,  # noqa
+                                  calibration_batches, export_model, first_images, frozen_eval_model,
+                                  retrieval_metrics, test_sets)
+from ptl_torchreid.export.openvino_format import quantize_int8  # noqa: E402
+from ptl_torchreid.models import build_model, load_pretrained_weights  # noqa: E402
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from bench_measure import cpu_model, interleaved, load_average, median  # noqa: E402
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+MODELS = ("osnet_x0_25", "resnet50_cop50", "resnet50", "ptl_resnet50")
+RUNTIMES = ("pytorch", "onnxruntime", "openvino", "openvino_int8")
+
+
+def build_cfg(args):
+    opts = ["data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']", "data.root", args.root,
+            "data.height", "256", "data.width", "128", "data.workers", "0", "test.batch_size", "32",
+            "data.synthetic.num_train_ids", str(args.train_ids), "data.synthetic.num_test_ids", str(args.test_ids),
+            "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "3",
+            "model.pretrained", "False", "use_gpu", "False", "data.save_dir", args.work_dir]
+    return load_config(None, opts)
+
+
+@torch.no_grad()
+def set_statistics(model, batches):
+    """BatchNorm statistics (and PTL running cell states) as the cumulative average over ``batches``."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    cells = [m for m in model.modules() if hasattr(m, "reset_running_state")]
+    for c in cells:
+        c.reset_running_state()
+        c.configure(momentum=None)
+    model.train()
+    for b in batches:
+        model(torch.from_numpy(b))
+    for m in bns:
+        m.momentum = 0.1
+    for c in cells:
+        c.configure(momentum=0.1)
+    return model.eval()
+
+
+def build_models(args, num_classes, stats_batches):
+    models = {}
+    torch.manual_seed(0)
+    models["resnet50"] = set_statistics(build_model("resnet50", num_classes, pretrained=False), stats_batches)
+    models["ptl_resnet50"] = set_statistics(
+        build_model("ptl_resnet50", num_classes, pretrained=False, input_size=(256, 128)), stats_batches)
+    t0 = time.time()
+    pruned = prune_cop(models["resnet50"], flops_reduction=0.5, preset="faster", input_size=(256, 128))
+    print("COP pruning of resnet50 to -50% FLOPs: {:.0f}s".format(time.time() - t0), flush=True)
+    models["resnet50_cop50"] = set_statistics(pruned, stats_batches)
+    osnet = build_model("osnet_x0_25", num_classes, pretrained=False)
+    if osp.isfile(args.osnet_weights):
+        load_pretrained_weights(osnet, args.osnet_weights, verbose=False)
+        models["osnet_x0_25"] = osnet.eval()
+    else:
+        print("note: {} not found; osnet_x0_25 is randomly initialised".format(args.osnet_weights))
+        models["osnet_x0_25"] = set_statistics(osnet, stats_batches)
+    return {k: models[k] for k in args.models}
+
+
+def timer(fn, x, reps):
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn(x)
+        return (time.perf_counter() - t0) / reps
+    return run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", default=osp.join(REPO, "reid-data"))
+    p.add_argument("--work-dir", default=osp.join(tempfile.gettempdir(), "bench_export"))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--osnet-weights", default=osp.join(REPO, "..", "shared", "weights", "osnet_x0_25_msmt17.pth"))
+    p.add_argument("--train-ids", type=int, default=40)
+    p.add_argument("--test-ids", type=int, default=40)
+    p.add_argument("--calibration-images", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--max-abs", type=float, default=1e-3)
+    p.add_argument("--out-md", default="")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+
+    cfg = build_cfg(args)
+    datamanager = cli.build_datamanager(cfg)
+    sets = test_sets(datamanager)
+    images = first_images([l for _, q, g in sets for l in (q, g)], 32)
+    calibration = calibration_batches(datamanager, args.calibration_images, batch_size=8, seed=0)
+    stats = calibration_batches(datamanager, 64, batch_size=16, seed=1)
+    n_query = len(sets[0][1].dataset)
+    n_gallery = len(sets[0][2].dataset)
+    load_start = load_average()
+    print("Machine: CPU {}, {} cores usable; torch {}; load average at start {:.2f}".format(
+        cpu_model(), len(os.sched_getaffinity(0)), torch.__version__, load_start), flush=True)
+    models = build_models(args, datamanager.num_train_pids, stats)
+
+    accuracy, latency, parity, flops = {}, {}, {}, {}
+    for name, model in models.items():
+        print("\n== {} ==".format(name), flush=True)
+        flops[name] = count_flops(model, (256, 128))
+        out = osp.join(args.work_dir, name)
+        # Checked at --max-abs (default 1e-3, fast-reid's order); the table shows the measured difference against
+        # the 1e-4 target.
+        result = export_model(model, out, name, dataset="synthetic_reid", fmt="openvino", input_size=(256, 128),
+                              images=images, eval_sets=sets, max_abs=args.max_abs,
+                              log=lambda s: print(s, flush=True))
+        parity[name] = {k: (max(b["max_abs"] for b in c["parity"]["batches"].values()),
+                            max(b["feature_max"] for b in c["parity"]["batches"].values()))
+                        for k, c in result.checks.items()}
+        t0 = time.time()
+        int8_model = quantize_int8(result.files["openvino"], calibration)
+        print("INT8 quantisation: {:.0f}s".format(time.time() - t0), flush=True)
+        net = frozen_eval_model(model)
+        acc = {"pytorch": result.reference[sets[0][0]],
+               "onnxruntime": result.checks["onnx"]["retrieval"][sets[0][0]],
+               "openvino": result.checks["openvino"]["retrieval"][sets[0][0]]}
+        acc["openvino_int8"] = retrieval_metrics(OpenVINORunner(int8_model), sets[0][1], sets[0][2])
+        accuracy[name] = acc
+        for threads in args.threads:
+            runners = {"pytorch": TorchRunner(net, threads), "onnxruntime": OnnxRuntimeRunner(result.files["onnx"],
+                                                                                              threads),
+                       "openvino": OpenVINORunner(result.files["openvino"], threads),
+                       "openvino_int8": OpenVINORunner(int8_model, threads)}
+            for batch in args.batches:
+                x = np.ascontiguousarray(images[:batch])
+                reps = 10 if batch == 1 else 1
+                tasks = {k: timer(r, x, reps) for k, r in runners.items()}
+                times = interleaved(tasks, args.rounds, warmup=1)
+                latency[(name, threads, batch)] = {k: median(v) for k, v in times.items()}
+                print("latency {} threads={} batch={}: {} (load {:.2f})".format(
+                    name, threads, batch, ", ".join("{} {:.1f} ms".format(k, v * 1e3) for k, v in
+                                                    latency[(name, threads, batch)].items()), load_average()),
+                      flush=True)
+        report = format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start)
+        print("\n" + report, flush=True)
+        if args.out_md:  # after every model, so a partial run still leaves its tables
+            with open(args.out_md, "w") as f:
+                f.write(report + "\n")
+
+
+def format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start):
+    lines = ["Machine: CPU {}, {} cores usable, torch {}; 1-min load average {:.2f} at start, {:.2f} at the "
+             "end. Medians of {} interleaved rounds (batch 1: mean of 10 calls per round).".format(
+                 cpu_model(), len(os.sched_getaffinity(0)), torch.__version__, load_start, load_average(),
+                 args.rounds), "",
+             "Latency per batch, ms (speed-up over PyTorch eager in brackets):", "",
+             "| model | threads | batch | pytorch | onnxruntime | openvino fp32 | openvino int8 |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, threads, batch), t in latency.items():
+        base = t["pytorch"]
+        cells = ["{:.1f}".format(base * 1e3)] + ["{:.1f} ({:.2f}x)".format(t[k] * 1e3, base / t[k])
+                                                 for k in RUNTIMES[1:]]
+        lines.append("| {} | {} | {} | {} |".format(name, threads, batch, " | ".join(cells)))
+    if "resnet50" in accuracy and "resnet50_cop50" in accuracy:
+        lines += ["", "COP speed-up kept after export (resnet50 latency / resnet50_cop50 latency; FLOPs ratio "
+                  "{:.2f}x):".format(flops["resnet50"] / flops["resnet50_cop50"]), "",
+                  "| threads | batch | " + " | ".join(RUNTIMES) + " |", "|---|---|" + "---|" * len(RUNTIMES)]
+        for (name, threads, batch), t in latency.items():
+            if name != "resnet50" or ("resnet50_cop50", threads, batch) not in latency:
+                continue
+            p = latency[("resnet50_cop50", threads, batch)]
+            lines.append("| {} | {} | ".format(threads, batch) + " | ".join(
+                "{:.2f}x".format(t[k] / p[k]) for k in RUNTIMES) + " |")
+    lines += ["", "Accuracy on the synthetic test set ({} query, {} gallery images), Rank-1 / mAP; largest "
+              "fp32 feature difference against PyTorch over batches 1/7/32:".format(n_query, n_gallery), "",
+              "| model | GFLOPs | pytorch | onnxruntime | openvino fp32 | openvino int8 | int8 mAP drop | "
+              "max-abs ORT / OV (largest feature value) |", "|---|---|---|---|---|---|---|---|"]
+    for name, acc in accuracy.items():
+        drop = (acc["pytorch"]["mAP"] - acc["openvino_int8"]["mAP"]) * 100
+        lines.append("| {} | {:.2f} | {} | {:.2f} pt{} | {:.1e} / {:.1e} ({:.1f}) |".format(
+            name, flops[name] / 1e9, " | ".join(
+                "{:.1%} / {:.1%}".format(acc[k]["rank1"], acc[k]["mAP"]) for k in RUNTIMES), drop,
+            "" if drop <= INT8_MAX_MAP_DROP else " (rejected)", parity[name]["onnx"][0], parity[name]["openvino"][0],
+            parity[name]["onnx"][1]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
