@@ -53,6 +53,7 @@ from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, unwrap
 from ptl_torchreid.utils import distributed as pdist
+from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, describe_cpu_threads
 from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -571,6 +572,7 @@ def main(argv=None):
                 print("ptl_torchreid {} | torch {} | device {}{}".format(
                     __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
                     " | {} processes ({})".format(ctx.world_size, ctx.backend) if ctx.distributed else ""))
+                print(describe_cpu_threads(apply_cpu_threads(cfg.train.cpu_threads)))
                 print("Configuration:\n{}".format(cfg.dump()))
                 status = cmd.run(cfg, args)
     except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError) as e:
