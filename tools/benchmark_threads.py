@@ -63,20 +63,65 @@ def demo_config(root, save_dir, cpu_threads="auto"):
 
 
 def child(spec):
-    """Run in the measured process: time the demo's training steps; prints one JSON line."""
+    """The measured process: builds the demo once, then for every ``measure`` line on standard input chooses its
+    threads (``auto`` samples the load anew) and times the demo's training steps; one JSON line per result."""
     cfg = demo_config(spec["root"], spec["save_dir"], spec["cpu_threads"])
-    choice = apply_cpu_threads(cfg.train.cpu_threads)
     engine = build_engine(cfg)
     engine.model.train()
-    batches = iter(engine.train_loader)
-    for _ in range(spec["warmup"]):
-        engine.forward_backward(next(batches))
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    for _ in range(spec["steps"]):
-        engine.forward_backward(next(batches))
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    print("RESULT " + json.dumps({"wall": wall, "cpu": cpu, "threads": choice.threads, "load": choice.load,
-                                  "waiting": openmp_waiting()}))
+    batches = _batches(engine.train_loader)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "measure":
+            break
+        choice = apply_cpu_threads(cfg.train.cpu_threads)
+        for _ in range(spec["warmup"]):
+            engine.forward_backward(next(batches))
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for _ in range(spec["steps"]):
+            engine.forward_backward(next(batches))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        print("RESULT " + json.dumps({"wall": wall, "cpu": cpu, "threads": choice.threads, "load": choice.load,
+                                      "waiting": openmp_waiting()}), flush=True)
+
+
+def _batches(loader):
+    """The loader's batches, epoch after epoch (the demo's epoch is a few dozen batches)."""
+    while True:
+        yield from loader
+
+
+class Worker:
+    """One measured process per setting (OpenMP settings are fixed when torch starts), kept for all cases."""
+
+    def __init__(self, label, setting, spec):
+        torch_first, cpu_threads, extra = setting
+        code = ("import sys, json; sys.path.insert(0, {tools!r}); {pre}import benchmark_threads as b; "
+                "b.child(json.loads(sys.argv[1]))").format(tools=_TOOLS,
+                                                           pre="import torch; " if torch_first else "")
+        self.label = label
+        self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(dict(spec, cpu_threads=cpu_threads))],
+                                     env=_child_env(extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self._expect("READY")
+
+    def _expect(self, prefix):
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError("setting '{}' failed (exit {}); its error is above".format(self.label, self.proc.wait()))
+
+    def measure(self):
+        self.proc.stdin.write("measure\n")
+        return json.loads(self._expect("RESULT "))
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def _child_env(extra):
@@ -84,19 +129,6 @@ def _child_env(extra):
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
-
-
-def measure(label, setting, spec, timeout):
-    torch_first, cpu_threads, extra = setting
-    code = ("import sys, json; sys.path.insert(0, {tools!r}); {pre}import benchmark_threads as b; "
-            "b.child(json.loads(sys.argv[1]))").format(tools=_TOOLS, pre="import torch; " if torch_first else "")
-    spec = dict(spec, cpu_threads=cpu_threads)
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=_child_env(extra),
-                          capture_output=True, text=True, timeout=timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError("setting '{}' failed (exit {}):\n{}".format(label, proc.returncode, proc.stderr[-3000:]))
 
 
 def start_busy(n, seconds):
@@ -133,26 +165,34 @@ def run_benchmark(args):
                 "warmup": args.warmup}
         print("Generating the demo dataset into {} ...".format(spec["root"]), flush=True)
         build_datamanager(demo_config(spec["root"], spec["save_dir"]))
-        results = {}
-        for n_busy in args.loads:
-            before = loadavg()
-            busy = start_busy(n_busy, args.busy_timeout) if n_busy else []
-            try:
-                time.sleep(1.0 if n_busy else 0.0)  # let the loops start before the first child samples the load
-                runs = {label: [] for label in labels}
-                for r in range(args.rounds):
-                    for label in labels:
-                        res = measure(label, table[label], spec, args.step_timeout)
-                        if any(p.poll() is not None for p in busy):
-                            raise RuntimeError("a busy process ended before its load case did; raise "
-                                               "--busy-timeout")
-                        runs[label].append(res)
-                        print("busy={} round={} {:<28} wall {:6.2f} s  cpu {:6.2f} s  threads {}".format(
-                            n_busy, r + 1, label, res["wall"], res["cpu"], res["threads"]), flush=True)
-            finally:
-                stop_busy(busy)
-            results[n_busy] = {"runs": runs, "loadavg_before": before, "loadavg_after": loadavg()}
+        workers = []
+        try:
+            for label in labels:  # started one after another: startup is not measured
+                workers.append(Worker(label, table[label], spec))
+            results = {n_busy: _load_case(n_busy, workers, args) for n_busy in args.loads}
+        finally:
+            for w in workers:
+                w.close()
     return cpus, labels, results
+
+
+def _load_case(n_busy, workers, args):
+    before = loadavg()
+    busy = start_busy(n_busy, args.busy_timeout) if n_busy else []
+    try:
+        time.sleep(1.0 if n_busy else 0.0)  # the loops are running before the first measurement samples the load
+        runs = {w.label: [] for w in workers}
+        for r in range(args.rounds):
+            for w in workers:
+                res = w.measure()
+                if any(p.poll() is not None for p in busy):
+                    raise RuntimeError("a busy process ended before its load case did; raise --busy-timeout")
+                runs[w.label].append(res)
+                print("busy={} round={} {:<28} wall {:6.2f} s  cpu {:6.2f} s  threads {}".format(
+                    n_busy, r + 1, w.label, res["wall"], res["cpu"], res["threads"]), flush=True)
+    finally:
+        stop_busy(busy)
+    return {"runs": runs, "loadavg_before": before, "loadavg_after": loadavg()}
 
 
 def _median(runs, key):
@@ -199,7 +239,6 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     parser.add_argument("--busy-timeout", type=float, default=900.0,
                         help="seconds after which a busy process stops by itself (it is stopped after its case)")
-    parser.add_argument("--step-timeout", type=float, default=300.0, help="seconds one measurement may take")
     parser.add_argument("--out", type=str, default="", help="also write the Markdown report here")
     args = parser.parse_args(argv)
     if any(n < 0 for n in args.loads) or args.rounds < 1 or args.steps < 1 or args.warmup < 0:

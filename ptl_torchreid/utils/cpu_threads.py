@@ -10,8 +10,9 @@ fewer threads; on a quiet machine, one thread per core is fastest. ``train.cpu_t
   run on one machine (``LOCAL_WORLD_SIZE``, set by torchrun) share those CPUs.
 - a number N: N threads. 0: torch's own default, untouched.
 
-``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment (read by torch when it starts) win over ``'auto'``;
-an explicit ``train.cpu_threads N`` wins over both. How OpenMP threads wait is set before torch is imported
+``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` in the environment (read by torch when it starts) win over ``'auto'``,
+except the ``OMP_NUM_THREADS=1`` torchrun puts in place when the user set none; an explicit
+``train.cpu_threads N`` wins over both. How OpenMP threads wait is set before torch is imported
 (``ptl_torchreid/_openmp.py``); :func:`openmp_waiting` reports what is in effect.
 """
 import dataclasses
@@ -138,7 +139,7 @@ def auto_threads(cpus, load, local_processes=1, affinity_cpus=None):
     affinity_cpus = cpus if affinity_cpus is None else affinity_cpus
     free = min(float(cpus), affinity_cpus - float(load))
     share = max(1, cpus // local_processes)
-    return max(1, min(share, int(math.floor(free / local_processes + 0.5))))
+    return max(1, min(share, math.floor(free / local_processes + 0.5)))
 
 
 def choose_cpu_threads(setting="auto", environ=None, cpus=None, load=None):
@@ -155,12 +156,19 @@ def choose_cpu_threads(setting="auto", environ=None, cpus=None, load=None):
     if setting != "auto":
         return CpuThreads(int(setting), "train.cpu_threads", measured_cpus, None, procs)
     for name in THREAD_VARIABLES:
-        if environ.get(name, "").strip():
+        if environ.get(name, "").strip() and not _torchrun_placeholder(name, environ):
             return CpuThreads(torch.get_num_threads(), name, measured_cpus, None, procs)
     if load is None:
         load = cpu_load() if measured_cpus > procs else 0.0  # one thread each whatever the load: skip the sample
     affinity = len(_cpu_set()) if cpus is None else cpus
     return CpuThreads(auto_threads(measured_cpus, load, procs, affinity), "auto", measured_cpus, load, procs)
+
+
+def _torchrun_placeholder(name, environ):
+    """torchrun sets OMP_NUM_THREADS=1 for every process when it starts several per machine and the user set
+    none; that placeholder is not the user's choice, so 'auto' decides (a user wanting 1 sets train.cpu_threads 1)."""
+    return (name == "OMP_NUM_THREADS" and environ.get(name, "").strip() == "1"
+            and "TORCHELASTIC_RUN_ID" in environ and local_processes(environ) > 1)
 
 
 def apply_cpu_threads(setting="auto", environ=None, cpus=None, load=None):
