@@ -140,7 +140,7 @@ def _wait_policy_at_torch_import(entry, **env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_WAIT", "GOMP_", "KMP_"))}
     clean.update(env, PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-c", _PROBE, entry], env=clean, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=900)
     lines = [line for line in out.stdout.splitlines() if line.startswith("PROBE ")]
     assert lines, out.stderr[-2000:]
     return json.loads(lines[-1][len("PROBE "):])
@@ -190,7 +190,7 @@ def test_torchrun_processes_on_one_machine_split_the_cpus(tmp_path):
     script.write_text(_TORCHRUN_CHILD.format(repo=REPO, out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], env=env, capture_output=True, text=True, timeout=300)
+                          str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / "rank{}".format(rank)).read_text()) == [4, 2, 4]
