@@ -61,6 +61,7 @@ from ptl_torchreid.export import ExportError
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, is_ptl_state_dict, load_pretrained_weights, unwrap
 from ptl_torchreid.utils import distributed as pdist
+from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, describe_cpu_threads
 from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -749,6 +750,7 @@ def _main(argv):
                 print("ptl_torchreid {} | torch {} | device {}{}".format(
                     __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
                     " | {} processes ({})".format(ctx.world_size, ctx.backend) if ctx.distributed else ""))
+                print(describe_cpu_threads(apply_cpu_threads(cfg.train.cpu_threads)))
                 print("Configuration:\n{}".format(cfg.dump()))
                 status = cmd.run(cfg, args)
     except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError,

@@ -8,6 +8,7 @@ Key names follow torchreid's own, so a torchreid YAML config (image-reid) merges
 - ``model.load_weights_mode`` / ``model.trust_checkpoint``: how ``model.load_weights`` is read;
 - ``train.amp`` / ``train.amp_dtype`` / ``train.channels_last`` / ``train.progress_bar``; ``use_gpu`` may be
   ``'auto'``;
+- ``train.cpu_threads`` ('auto' or a number): torch's CPU threads, see ``ptl_torchreid/utils/cpu_threads.py``;
 - ``train.resume`` (a checkpoint or ``'auto'``; ``model.resume`` is torchreid's name for it),
   ``train.checkpoint_every_n_iters``, ``train.keep_last``, ``data.skip_corrupt``: see docs/RELIABILITY.md.
 
@@ -31,6 +32,7 @@ from ptl_torchreid.models.ptl import SIDE_POOLS as PTL_SIDE_POOLS
 from ptl_torchreid.models.ptl import STAGE3_TAPS as PTL_STAGE3_TAPS
 from ptl_torchreid.models.ptl import STAGES as PTL_STAGES
 from ptl_torchreid.models.ptl import check_stages
+from ptl_torchreid.utils.cpu_threads import is_valid_setting as is_valid_cpu_threads
 
 __all__ = [
     "ConfigError",
@@ -157,6 +159,9 @@ def get_default_config():
     cfg.train.resume = ""  # checkpoint to resume from, or 'auto': the latest one in data.save_dir (if any)
     cfg.train.checkpoint_every_n_iters = 0  # also checkpoint every N training steps (0: only after evaluations)
     cfg.train.keep_last = 0  # periodic checkpoints kept on disk, newest first (0: all); model-best is kept
+    # torch's CPU threads: 'auto' (the free CPUs this process may use, shared by local DDP processes), N, or 0
+    # (torch's own default); OMP_NUM_THREADS in the environment wins over 'auto' (see utils/cpu_threads.py)
+    cfg.train.cpu_threads = "auto"
 
     cfg.sgd = CN()
     cfg.sgd.momentum = 0.9
@@ -227,7 +232,7 @@ def get_default_config():
 # ---------------------------------------------------------------------------------------------------------
 
 # Keys that accept more than their default's type.
-_EXTRA_TYPES = {"use_gpu": (bool, str)}
+_EXTRA_TYPES = {"use_gpu": (bool, str), "train.cpu_threads": (int, str)}
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -658,6 +663,8 @@ def validate_config(cfg):
            "must be >= 0 (0: checkpoints only after evaluations)")
     _check(tr.keep_last >= 0, "train.keep_last", tr.keep_last, "must be >= 0 (0: keep every checkpoint)")
     resume_path(cfg)  # both resume keys set to different checkpoints is an error
+    _check(is_valid_cpu_threads(tr.cpu_threads), "train.cpu_threads", tr.cpu_threads,
+           "must be 'auto', a number of threads >= 1, or 0 (torch's own default)")
 
     _check(cfg.sgd.momentum >= 0, "sgd.momentum", cfg.sgd.momentum, "must be >= 0")
     _check(cfg.sgd.dampening >= 0, "sgd.dampening", cfg.sgd.dampening, "must be >= 0")

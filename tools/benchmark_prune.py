@@ -30,9 +30,10 @@ import sys
 import time
 import warnings
 
-import torch
-
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+
+import torch  # noqa: E402
 
 from ptl_torchreid import _torchreid  # noqa: E402
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop  # noqa

@@ -22,9 +22,10 @@ import argparse
 import os.path as osp
 import sys
 
-import torch
-
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+
+import torch  # noqa: E402
 
 from ptl_torchreid.cli_prune import add_cop_arguments, prune_options  # noqa: E402
 from ptl_torchreid.compress import (compare_latency, count_flops, count_params, is_pruned_checkpoint,  # noqa: E402
