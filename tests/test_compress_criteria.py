@@ -280,3 +280,54 @@ def test_every_criterion_prunes_a_dataloader_calibrated_model_to_the_target():
                                    return_report=True)
         assert abs(report.flops_reduction - 0.3) <= 0.02 and report.calibration_images == 10
         assert report.compensation and all(after <= before for _, before, after in report.compensation)
+
+
+@pytest.mark.slow
+def test_prune_command_iterative_with_distillation_records_the_variant(tmp_path, capsys, data_root):
+    import os
+
+    from ptl_torchreid.cli import main
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    demo = os.path.join(os.path.dirname(tests_dir), "configs", "synthetic_demo.yaml")
+    tiny = ["model.name", "osnet_x0_25", "data.synthetic.num_train_ids", "4", "data.synthetic.num_test_ids", "3",
+            "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2", "data.height", "64",
+            "data.width", "32", "data.workers", "0", "train.batch_size", "8", "sampler.num_instances", "2",
+            "train.max_epoch", "2", "train.progress_bar", "False"]
+    torch.manual_seed(0)
+    weights = str(tmp_path / "w.pth")
+    torch.save({"state_dict": build_model("osnet_x0_25", num_classes=4).state_dict()}, weights)
+    assert main(["prune", "--config-file", demo, "--root", data_root, "--flops-reduction", "0.4", "--preset",
+                 "faster", "--round-to", "4", "--steps", "2", "--distill", "--calibration-images", "8",
+                 "--latency-batch", "0", "--skip-eval-before"] + tiny +
+                ["data.save_dir", str(tmp_path / "run"), "model.load_weights", weights]) == 0
+    out = capsys.readouterr().out
+    assert "Pruning step 2 of 2" in out and "loss_kd_f" in out
+    assert out.count("Fine-tuning the pruned model for 1 epochs with distillation") == 2
+    info = pruning_info(str(tmp_path / "run" / "model" / "pruned.pth.tar"))["report"]
+    assert info["steps"] == 2 and info["distill"] is True
+    assert info["variant"] == DEFAULT_CRITERION + "+ls+kd" and info["defaults"] == ["criterion", "compensate"]
+    assert 0.38 <= 1 - info["flops_after"] / info["flops_before"] <= 0.42
+
+
+def test_prune_command_rejects_bad_recovery_options(tmp_path, capsys):
+    import os
+
+    from ptl_torchreid.cli import main
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        "synthetic_demo.yaml")
+    weights = str(tmp_path / "w.pth")
+    torch.save({"state_dict": {}}, weights)
+    for flags, message in ((["--steps", "0"], "--steps 0 is not valid"),
+                           (["--steps", "2", "--prune-rate", "0.2"], "--steps works with"),
+                           (["--distill", "--distill-feature-weight", "0"], "would add nothing"),
+                           (["--criterion", "nope"], "invalid choice")):
+        target = [] if "--prune-rate" in flags else ["--flops-reduction", "0.3"]
+        code = None
+        try:
+            code = main(["prune", "--config-file", demo] + target + flags +
+                        ["data.save_dir", str(tmp_path), "model.load_weights", weights])
+        except SystemExit as e:  # argparse's own choice check
+            code = e.code
+        assert code == 2 and message in capsys.readouterr().err

@@ -221,6 +221,10 @@ def accuracy_table(results):
         if l1 is not None and r is not l1:
             d, ci = paired_difference(maps, {int(k): v for k, v in l1["mAP"].items()})
             diff = "{:+.1f} ± {:.1f}".format(d, ci)
+        if not maps:
+            lines.append("| {} | {} | {:.4f} | {:.3f} | {:.1f} | {:.1f} | - | - | - | - | - |".format(
+                r["name"], r["variant"], r["gflops"], r["mparams"], *r["before"]))
+            continue
         before = "- | -" if r["before"] is None else "{:.1f} | {:.1f}".format(*r["before"])
         lines.append("| {} | {} | {:.4f} | {:.3f} | {} | {:.1f} ± {:.1f} | {:.1f} ± {:.1f} | {} | {} | {:.1f} |".format(
             r["name"], r["variant"], r["gflops"], r["mparams"], before, r_m, r_s, m_m, m_s, diff,
@@ -277,7 +281,7 @@ def accuracy_section(args):
             cfg = _config(TARGET_CONFIG, root, osp.join(work, tag + "_before"), 0, arch, evaluate=True)
             res = _train(cfg, make_model())
             pre = (res["rank1"] * 100, res["mAP"] * 100)
-        for seed in seeds:
+        for seed in ([] if args.before_only else seeds):
             model = make_model()
             cfg = _config(TARGET_CONFIG, root, osp.join(work, "{}_seed{}".format(tag, seed)),
                           epochs or args.target_epochs, arch, seed=seed)
@@ -285,10 +289,10 @@ def accuracy_section(args):
             rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
             minutes.append(res["minutes"])
             trained[seed] = model
-        first = trained[seeds[0]]
+        first = trained[seeds[0]] if trained else make_model()
         results.append(dict(key=key, name=name, variant=variant, gflops=count_flops(first, size) / 1e9,
                             mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
-                            minutes=sum(minutes) / len(minutes)))
+                            minutes=sum(minutes) / len(minutes) if minutes else 0.0))
         with open(out_json, "w") as f:
             json.dump(dict(header=lines, results=results), f, indent=1)
         print("\n".join(accuracy_table(results)), flush=True)
@@ -403,6 +407,8 @@ def main(argv=None):
     parser.add_argument("--calibration-images", type=int, default=64,
                         help="section 3: training images for the data-aware criteria and compensation")
     parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")
+    parser.add_argument("--before-only", action="store_true",
+                        help="section 3: prune and evaluate without fine-tuning (the 'before' columns only)")
     parser.add_argument("--report", nargs="+", default=None,
                         help="only print one accuracy table from these --results-json files (runs split over "
                              "processes)")
@@ -427,11 +433,17 @@ def main(argv=None):
     base = build_model("resnet50", num_classes=751).eval()
     base_flops = count_flops(base, size)
     models, notes = {"resnet50 (unpruned)": base}, []
-    variants = [("COP faster (default: round_to=16, group_cost=sum)", dict(preset="faster")),
-                ("COP faster, round_to=8", dict(preset="faster", round_to=8)),
-                ("COP faster, group_cost=mean", dict(preset="faster", group_cost="mean")),
-                ("COP balanced", dict(preset="balanced")),
-                ("COP smaller", dict(preset="smaller"))]
+    paper = dict(criterion="cop")
+    variants = [("COP faster (default: round_to=16, group_cost=sum)", dict(preset="faster", **paper)),
+                ("COP faster, round_to=8", dict(preset="faster", round_to=8, **paper)),
+                ("COP faster, group_cost=mean", dict(preset="faster", group_cost="mean", **paper)),
+                ("COP balanced", dict(preset="balanced", **paper)),
+                ("COP smaller", dict(preset="smaller", **paper)),
+                ("COP faster, cop_magnitude", dict(preset="faster", criterion="cop_magnitude")),
+                # Random weights and images: the channel counts this criterion picks, not what it would keep.
+                ("COP faster, cop_activation (8 random images)",
+                 dict(preset="faster", criterion="cop_activation", compensate=False,
+                      calibration=torch.randn(8, 3, *size)))]
     for name, kwargs in variants:
         t = time.perf_counter()
         models[name] = prune_cop(base, flops_reduction=args.reduction, input_size=size, **kwargs)
@@ -461,7 +473,7 @@ def main(argv=None):
         ptl = build_model("ptl_resnet50", num_classes=751, input_size=size).eval()
         ptl_flops = count_flops(ptl, size)
         reduction = 1 - base_flops / ptl_flops
-        pruned = prune_cop(ptl, flops_reduction=reduction, preset="faster", input_size=size)
+        pruned = prune_cop(ptl, flops_reduction=reduction, preset="faster", input_size=size, criterion="cop")
         trio = {"resnet50": base, "ptl_resnet50": ptl, "ptl_resnet50 pruned": pruned}
         lats = {t: compare_latency(trio, size, args.batch_size, rounds=args.rounds, num_threads=t) for t in threads}
         lines += ["## PTL at baseline cost: ptl_resnet50 pruned (faster) by {:.1%} to ResNet-50's FLOPs".format(
