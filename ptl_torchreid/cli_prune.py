@@ -10,13 +10,16 @@ checkpoints under ``<save_dir>/model`` carry the channel configuration, and the 
 ``--out`` (default ``<save_dir>/model/pruned.pth.tar``). All of them reload with ``load_pruned_model`` or as
 ``model.load_weights`` of any command.
 """
+import argparse
 import os.path as osp
 
 from ptl_torchreid import _torchreid
 from ptl_torchreid.compress import (PRESETS, compare_latency, count_flops, count_params, make_pruning_info,
                                     prune_cop, save_pruned_model)
-from ptl_torchreid.compress.cop import check_options
+from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION, check_options
 from ptl_torchreid.compress.criterion import GROUP_COSTS
+from ptl_torchreid.compress.distill import Distillation
+from ptl_torchreid.compress.scores import CRITERIA
 from ptl_torchreid.config import ConfigError, engine_run_kwargs, resume_path
 
 __all__ = ["add_prune_arguments", "add_cop_arguments", "run_prune", "prune_options"]
@@ -43,6 +46,14 @@ def add_cop_arguments(group, target_required=False):
     group.add_argument("--max-prune-ratio", type=float, default=None,
                        help="most of any layer's channels that may go, e.g. 0.5 (default: no limit)")
     group.add_argument("--exclude", nargs="+", default=(), help="module names whose channels are kept")
+    group.add_argument("--criterion", default=None, choices=CRITERIA,
+                       help="filter criterion inside COP's cost-aware selection; 'cop' is the paper's (default: {} "
+                            "with training data, {} without)".format(DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION))
+    group.add_argument("--compensate", default=None, action=argparse.BooleanOptionalAction,
+                       help="refit the layers reading pruned channels by least squares on calibration images "
+                            "(default: on with training data)")
+    group.add_argument("--calibration-images", type=int, default=64,
+                       help="training images for the data-aware criteria and compensation")
 
 
 def add_prune_arguments(parser):
@@ -52,21 +63,51 @@ def add_prune_arguments(parser):
     g.add_argument("--latency-batch", type=int, default=32, help="batch of the latency measurement (0: skip)")
     g.add_argument("--latency-rounds", type=int, default=3)
     g.add_argument("--skip-eval-before", action="store_true", help="do not evaluate the unpruned model")
+    g.add_argument("--distill", action="store_true",
+                   help="distil the unpruned model into the pruned one during the fine-tuning")
+    g.add_argument("--distill-feature-weight", type=float, default=1.0,
+                   help="weight of the embedding distillation loss (normalised features, squared distance)")
+    g.add_argument("--distill-logit-weight", type=float, default=0.0,
+                   help="weight of the logit (KL) distillation loss; only when the classifiers match")
+    g.add_argument("--distill-temperature", type=float, default=4.0)
+    g.add_argument("--steps", type=int, default=1,
+                   help="prune in this many steps, each followed by train.max_epoch / steps epochs of fine-tuning")
 
 
-def prune_options(args):
-    """``prune_cop`` keyword arguments from the parsed flags, validated before any work starts."""
+def prune_options(args, has_data=False):
+    """``prune_cop`` keyword arguments from the parsed flags, validated before any work starts; ``has_data``:
+    training images will be passed as calibration."""
     options = dict(flops_reduction=args.flops_reduction, params_reduction=args.params_reduction,
                    prune_rate=args.prune_rate, preset=args.preset, alpha=args.alpha, beta=args.beta,
                    gamma=args.gamma, round_to=args.round_to, group_cost=args.group_cost, topk=args.topk,
                    min_channels=args.min_channels, max_prune_ratio=args.max_prune_ratio,
-                   exclude=tuple(args.exclude))
+                   exclude=tuple(args.exclude), criterion=args.criterion, compensate=args.compensate)
     checked = {k: v for k, v in options.items() if k != "exclude"}
     try:
-        check_options(**checked)
+        check_options(has_data=has_data, **checked)
+        if args.calibration_images < 2:
+            raise ValueError("--calibration-images {} is too few; use 2 or more".format(args.calibration_images))
+        if getattr(args, "steps", 1) < 1:
+            raise ValueError("--steps {} is not valid; use 1 or more".format(args.steps))
+        if getattr(args, "steps", 1) > 1 and args.prune_rate is not None:
+            raise ValueError("--steps works with --flops-reduction or --params-reduction")
+        if getattr(args, "distill", False):
+            Distillation.check(args.distill_feature_weight, args.distill_logit_weight, args.distill_temperature)
     except ValueError as e:
         raise ConfigError("prune: {} (see ptl-torchreid prune --help)".format(e)) from None
     return options
+
+
+def step_targets(options, steps):
+    """Per-step ``prune_cop`` targets (relative to the model of that step) reaching the total in ``steps`` equal
+    steps of the remaining fraction: step s leaves 1 - total * s / steps of the original."""
+    name = "flops_reduction" if options["flops_reduction"] is not None else "params_reduction"
+    total = options[name]
+    targets = []
+    for s in range(1, steps + 1):
+        before, after = 1 - total * (s - 1) / steps, 1 - total * s / steps
+        targets.append({name: 1 - after / before})
+    return targets
 
 
 def _evaluate(engine, cfg):
@@ -90,10 +131,59 @@ def _fmt(v, pct=False):
     return "{:,d}".format(v) if isinstance(v, int) else "{:.4f}".format(v)
 
 
+def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
+    """Prune ``model`` (in ``args.steps`` steps, each followed by its share of ``train.max_epoch``), fine-tune
+    with the engine (distilling ``model`` with ``--distill``); returns (pruned, report, results)."""
+    size = (cfg.data.height, cfg.data.width)
+    steps = args.steps
+    targets = step_targets(options, steps) if steps > 1 else [{}]
+    kwargs = {k: v for k, v in options.items() if not (steps > 1 and k in ("flops_reduction", "params_reduction"))}
+    current, first, results = model, None, {}
+    epochs_left = cfg.train.max_epoch
+    for step, target in enumerate(targets, 1):
+        try:
+            pruned, report = prune_cop(current, input_size=size, return_report=True,
+                                       calibration=datamanager.train_loader,
+                                       calibration_size=args.calibration_images, **dict(kwargs, **target))
+        except ValueError as e:  # invalid preset/weights, unreachable target, unsupported layer
+            raise ConfigError("pruning {}: {}".format(cfg.model.name, e)) from None
+        report.distill = bool(args.distill)
+        first = first or report
+        if steps > 1:
+            print("=> Pruning step {} of {}".format(step, steps))
+        print(report)
+        print(report.layer_table())
+        for note in report.notes:
+            print("note: " + note)
+        epochs = epochs_left // (steps - step + 1)
+        epochs_left -= epochs
+        step_cfg = cfg.clone()
+        step_cfg.defrost()
+        step_cfg.train.max_epoch = epochs
+        engine = cli.build_engine(step_cfg, datamanager, pruned)
+        if args.distill:
+            Distillation(model, args.distill_feature_weight, args.distill_logit_weight,
+                         args.distill_temperature).attach(engine)
+        info = make_pruning_info(pruned, cfg.model.name, report=report)
+        engine.checkpoint_extras["pruning"] = info  # every checkpoint of the fine-tuning reloads as a pruned model
+        if epochs > 0:
+            print("=> Fine-tuning the pruned model for {} epochs{}".format(
+                epochs, " with distillation from the unpruned model" if args.distill else ""))
+            results = engine.run(**engine_run_kwargs(step_cfg))
+        elif step == steps:
+            results = _evaluate(engine, step_cfg)
+        current = pruned
+    if steps > 1:  # one report for the whole run: costs against the unpruned model, the total target
+        name = "flops_reduction" if options["flops_reduction"] is not None else "params_reduction"
+        report.flops_before, report.params_before = first.flops_before, first.params_before
+        report.value, report.steps = options[name], steps
+    return pruned, report, results
+
+
 def run_prune(cfg, args):
     from ptl_torchreid import cli  # the builders; imported here because cli registers this command
 
-    options = prune_options(args)
+    options = prune_options(args, has_data=True)
     if not cfg.model.load_weights:
         raise ConfigError("prune needs the trained model to prune: set model.load_weights")
     if resume_path(cfg):
@@ -108,24 +198,7 @@ def run_prune(cfg, args):
     if not args.skip_eval_before:
         print("=> Evaluating the model before pruning")
         before = _evaluate(cli.build_engine(cfg, datamanager, model), cfg)
-
-    try:
-        pruned, report = prune_cop(model, input_size=size, return_report=True, **options)
-    except ValueError as e:  # invalid preset/weights, unreachable target, unsupported layer
-        raise ConfigError("pruning {}: {}".format(cfg.model.name, e)) from None
-    print(report)
-    print(report.layer_table())
-    for note in report.notes:
-        print("note: " + note)
-
-    engine = cli.build_engine(cfg, datamanager, pruned)
-    info = make_pruning_info(pruned, cfg.model.name, report=report)
-    engine.checkpoint_extras["pruning"] = info  # every checkpoint of the fine-tuning reloads as a pruned model
-    if cfg.train.max_epoch > 0:
-        print("=> Fine-tuning the pruned model for {} epochs".format(cfg.train.max_epoch))
-        after = engine.run(**engine_run_kwargs(cfg))
-    else:
-        after = _evaluate(engine, cfg)
+    pruned, report, after = _prune_and_finetune(cfg, args, cli, datamanager, model, options)
 
     out = args.out or osp.join(cfg.data.save_dir, "model", "pruned.pth.tar")
     save_pruned_model(pruned, out, cfg.model.name, report=report,

@@ -11,12 +11,19 @@ import torch.nn.functional as F
 import ptl_torchreid  # noqa: F401  (registers the ptl_* models)
 from ptl_torchreid import _torchreid
 from ptl_torchreid.compress import (PRESETS, UnsupportedLayerError, build_graph, count_flops, count_params,
-                                    kept_fraction, load_pruned_model, prune_cop, pruning_info,
-                                    register_pruned_model, save_pruned_model, shrink)
+                                    kept_fraction, load_pruned_model, pruning_info, register_pruned_model,
+                                    save_pruned_model, shrink)
+from ptl_torchreid.compress import prune_cop as _prune_cop
 from ptl_torchreid.compress.criterion import COPSelector, group_correlation, normalize_correlation
 from ptl_torchreid.models import BConvCell, build_model
 
 torchreid = _torchreid.torchreid
+
+
+def prune_cop(*args, **kwargs):
+    """These tests are about COP's paper mode (the data-free correlation criterion) unless they say otherwise."""
+    kwargs.setdefault("criterion", "cop")
+    return _prune_cop(*args, **kwargs)
 
 
 # -- small models -----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from ptl_torchreid import _torchreid  # noqa: E402
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop  # noqa
+from ptl_torchreid.compress.distill import Distillation  # noqa: E402
 from ptl_torchreid.models import build_model  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
@@ -48,8 +49,10 @@ def _load():
     return "{:.2f}".format(load_average())
 
 
-def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_to=None, tol=0.003):
-    """Torch-Pruning global pruning of a copy of ``model`` whose FLOPs land just under ``target_flops``."""
+def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_to=None, tol=0.003,
+                            before_step=None):
+    """Torch-Pruning global pruning of a copy of ``model`` whose FLOPs land just under ``target_flops``;
+    ``before_step(net)`` runs before each pruning step (e.g. to compute the gradients Taylor importance reads)."""
     import torch_pruning as tp
 
     def prune(ratio):
@@ -61,6 +64,8 @@ def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_t
         pruner = tp.pruner.MetaPruner(net, torch.randn(1, 3, *input_size), importance=importance,
                                       global_pruning=True, pruning_ratio=ratio, ignored_layers=ignored,
                                       round_to=round_to)
+        if before_step is not None:
+            before_step(net)
         pruner.step()
         return net, count_flops(net, input_size)
 
@@ -97,9 +102,9 @@ def _config(path, root, save_dir, epochs, arch, seed=None, evaluate=False):
     return load_config(path, opts)
 
 
-def _train(cfg, model):
+def _train(cfg, model, teacher=None):
     """Train ``model`` with the engine as ``cfg`` says (or only evaluate it, with ``test.evaluate``) and return
-    its results on the first target."""
+    its results on the first target; ``teacher``: distil this model's features during the training."""
     from ptl_torchreid import cli
     from ptl_torchreid.config import engine_run_kwargs
 
@@ -110,6 +115,8 @@ def _train(cfg, model):
         torch.nn.init.normal_(model.classifier.weight, 0, 0.01)
         torch.nn.init.zeros_(model.classifier.bias)
     engine = cli.build_engine(cfg, dm, model)
+    if teacher is not None:
+        Distillation(teacher, feature_weight=1.0).attach(engine)
     t = time.perf_counter()
     results = engine.run(**engine_run_kwargs(cfg))
     res = next(iter(results.values()))
@@ -121,7 +128,9 @@ def _prune_cop_fitting(model, size, reduction=0.5, **kwargs):
     osnet_x0_25), halve ``round_to`` until it can. Returns (model, round_to used)."""
     from ptl_torchreid.compress.cop import check_options
 
-    round_to = kwargs.pop("round_to", None) or check_options(flops_reduction=reduction, **kwargs)["round_to"]
+    checked = {k: v for k, v in kwargs.items() if k != "calibration"}
+    round_to = kwargs.pop("round_to", None) or check_options(
+        flops_reduction=reduction, has_data=kwargs.get("calibration") is not None, **checked)["round_to"]
     while True:
         try:
             return prune_cop(model, flops_reduction=reduction, input_size=size, round_to=round_to,
@@ -154,12 +163,89 @@ def redundancy_vs_scale(model, size, min_channels=8):
     return (float(np.median(rhos)) if rhos else float("nan")), len(rhos)
 
 
+ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "cop_activation",
+                 "cop_activation+ls", "taylor", "taylor+ls", "default+kd", "tp_l1", "tp_taylor", "tp_random", "ptl")
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def _calibration_batch(root, work, arch, count=64):
+    """The first ``count`` training images of synthetic_target (the fine-tuning data) as the train loader gives
+    them, with their identities."""
+    from ptl_torchreid import cli
+
+    cfg = _config(TARGET_CONFIG, root, osp.join(work, "calibration"), 0, arch)
+    _torchreid.torchreid.utils.set_random_seed(0)
+    imgs, pids = [], []
+    for batch in cli.build_datamanager(cfg).train_loader:
+        imgs.append(batch["img"])
+        pids.append(batch["pid"])
+        if sum(len(i) for i in imgs) >= count:
+            break
+    return torch.cat(imgs)[:count], torch.cat(pids)[:count]
+
+
+def _taylor_gradients(images, pids):
+    """For Torch-Pruning's Taylor importance: gradients of the fine-tuning's triplet loss (hard mining, margin
+    0.3) on the calibration images."""
+    triplet = _torchreid.torchreid.losses.TripletLoss(margin=0.3)
+
+    def compute(net):
+        net.zero_grad()
+        net.eval()
+        triplet(net(images), pids).backward()
+    return compute
+
+
+def paired_difference(values, reference):
+    """Mean and 95% t-interval half-width of the per-seed differences ``values - reference`` (dicts seed -> value);
+    (nan, nan) without common seeds."""
+    import math
+
+    seeds = sorted(set(values) & set(reference))
+    diffs = [values[s] - reference[s] for s in seeds]
+    mean, std = mean_std(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    return mean, T95.get(len(diffs), 1.96) * std / math.sqrt(len(diffs))
+
+
+def accuracy_table(results):
+    """Markdown rows for the accuracy results (list of dicts in run order), with the paired difference to L1."""
+    l1 = next((r for r in results if r["key"] == "tp_l1"), None)
+    lines = ["| model | variant | GFLOPs (128x64) | params (M) | Rank-1 before | mAP before | Rank-1 | mAP | "
+             "mAP - L1 (paired, 95% CI) | mAP by seed | train min / seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        maps = {int(k): v for k, v in r["mAP"].items()}
+        (r_m, r_s), (m_m, m_s) = mean_std(list(r["rank1"].values())), mean_std(list(maps.values()))
+        diff = "-"
+        if l1 is not None and r is not l1:
+            d, ci = paired_difference(maps, {int(k): v for k, v in l1["mAP"].items()})
+            diff = "{:+.1f} ± {:.1f}".format(d, ci)
+        if not maps:
+            lines.append("| {} | {} | {:.4f} | {:.3f} | {:.1f} | {:.1f} | - | - | - | - | - |".format(
+                r["name"], r["variant"], r["gflops"], r["mparams"], *r["before"]))
+            continue
+        before = "- | -" if r["before"] is None else "{:.1f} | {:.1f}".format(*r["before"])
+        lines.append("| {} | {} | {:.4f} | {:.3f} | {} | {:.1f} ± {:.1f} | {:.1f} ± {:.1f} | {} | {} | {:.1f} |".format(
+            r["name"], r["variant"], r["gflops"], r["mparams"], before, r_m, r_s, m_m, m_s, diff,
+            " ".join("{}:{:.1f}".format(s, maps[s]) for s in sorted(maps)), r["minutes"]))
+    return lines
+
+
 def accuracy_section(args):
+    import json
+
     from ptl_torchreid.cli import load_initial_weights
+    from ptl_torchreid.compress.cop import DEFAULT_CRITERION, variant_name
 
     arch, work, root = args.accuracy_arch, args.work_dir, osp.join(args.work_dir, "reid-data")
     size = (128, 64)
     seeds = args.seeds
+    rows = args.rows or ACCURACY_ROWS
+    unknown = sorted(set(rows) - set(ACCURACY_ROWS))
+    if unknown:
+        raise SystemExit("--rows: unknown {}; choose from {}".format(", ".join(unknown), ", ".join(ACCURACY_ROWS)))
     source_ckpt = args.source_weights
     origin = "given weights {}".format(osp.basename(source_ckpt)) if source_ckpt else \
         "trained {} epochs on synthetic_source".format(args.source_epochs)
@@ -168,96 +254,107 @@ def accuracy_section(args):
              "synthetic_target (triplet + softmax, Adam, the recipe of "
              "configs/osnet_x0_25_synthetic_source_to_target.yaml), once per fine-tuning seed ({}), and is "
              "evaluated on its query/gallery. Pruned models are cut from the source model to 50% of its FLOPs at "
-             "128x64 (Torch-Pruning bisected to COP faster's FLOPs), then fine-tuned. Pruning is data-free and "
-             "deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model evaluated right "
-             "after pruning, without fine-tuning (what the criterion kept).".format(
-                 arch, origin, args.target_epochs, ", ".join(map(str, seeds))), "",
-             "| model | GFLOPs (128x64) | params (M) | Rank-1 before | mAP before | Rank-1 | mAP | mAP per seed "
-             "| train min / seed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "128x64 with COP's 'faster' preset and the criterion in the variant column (Torch-Pruning bisected to "
+             "the FLOPs of COP's paper mode), then fine-tuned. Data-aware criteria and compensation ('+ls') use the "
+             "first {} training images of synthetic_target; '+kd' adds feature distillation from the unpruned "
+             "model fine-tuned with the same seed. Pruning is deterministic, so the seeds vary the fine-tuning "
+             "only. 'before': the pruned model right after pruning and compensation, without fine-tuning.".format(
+                 arch, origin, args.target_epochs, ", ".join(map(str, seeds)), args.calibration_images), ""]
     if not source_ckpt:
         cfg = _config(SOURCE_CONFIG, root, osp.join(work, "source"), args.source_epochs, arch)
         torch.manual_seed(0)
         _train(cfg, build_model(arch, num_classes=1, loss="triplet"))
         source_ckpt = osp.join(work, "source", "model", "model-best.pth.tar")
+    images, pids = _calibration_batch(root, work, arch, args.calibration_images)
+    results, teachers = [], {}
+    out_json = args.results_json or osp.join(work, "accuracy.json")
 
     def source_model():
         m = build_model(arch, num_classes=1, loss="triplet")
         load_initial_weights(m, source_ckpt)
         return m.eval()
 
-    def finetune(name, make_model, tag, epochs=None, before=True):
-        """Fine-tune a fresh ``make_model()`` once per seed; returns the first seed's trained model."""
-        first = None
-        rank1, mAP, minutes = [], [], []
-        pre = "- | -"
+    def finetune(key, name, variant, make_model, tag, epochs=None, before=True, teacher=None):
+        """Fine-tune a fresh ``make_model()`` once per seed; returns the trained models by seed."""
+        trained, rank1, mAP, minutes = {}, {}, {}, []
+        pre = None
         if before:
             cfg = _config(TARGET_CONFIG, root, osp.join(work, tag + "_before"), 0, arch, evaluate=True)
             res = _train(cfg, make_model())
-            pre = "{:.1%} | {:.1%}".format(res["rank1"], res["mAP"])
-        for seed in seeds:
+            pre = (res["rank1"] * 100, res["mAP"] * 100)
+        for seed in ([] if args.before_only else seeds):
             model = make_model()
             cfg = _config(TARGET_CONFIG, root, osp.join(work, "{}_seed{}".format(tag, seed)),
                           epochs or args.target_epochs, arch, seed=seed)
-            res = _train(cfg, model)
-            rank1.append(res["rank1"] * 100)
-            mAP.append(res["mAP"] * 100)
+            res = _train(cfg, model, teacher=None if teacher is None else teacher[seed])
+            rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
             minutes.append(res["minutes"])
-            if first is None:
-                first = model
-        (r_m, r_s), (m_m, m_s) = mean_std(rank1), mean_std(mAP)
-        lines.append("| {} | {:.3f} | {:.3f} | {} | {:.1f} ± {:.1f} | {:.1f} ± {:.1f} | {} | {:.1f} |".format(
-            name, count_flops(first, size) / 1e9, count_params(first) / 1e6, pre, r_m, r_s, m_m, m_s,
-            " ".join("{:.1f}".format(v) for v in mAP), sum(minutes) / len(minutes)))
-        print("\n".join(lines), flush=True)
-        return first
+            trained[seed] = model
+        first = trained[seeds[0]] if trained else make_model()
+        results.append(dict(key=key, name=name, variant=variant, gflops=count_flops(first, size) / 1e9,
+                            mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
+                            minutes=sum(minutes) / len(minutes) if minutes else 0.0))
+        with open(out_json, "w") as f:
+            json.dump(dict(header=lines, results=results), f, indent=1)
+        print("\n".join(accuracy_table(results)), flush=True)
+        return trained
 
-    rho, groups = redundancy_vs_scale(source_model(), size)
-    lines[-2:-2] = ["COP redundancy against filter scale in the source model: median Spearman correlation {:.2f} "
-                    "between a filter's redundancy and its BatchNorm |gamma| over {} groups of 8 or more "
-                    "channels.".format(rho, groups), ""]
-    finetune("{} (unpruned)".format(arch), source_model, "baseline")
-    cop_faster, round_to = _prune_cop_fitting(source_model(), size, preset="faster")
-    target = count_flops(cop_faster, size)
-    variants = [("COP faster (round_to={})".format(round_to), lambda: copy.deepcopy(cop_faster), "cop_faster")]
-    # Each variant prunes once (data-free, deterministic); every seed fine-tunes a fresh copy.
-    for name, tag, kwargs in (
-            ("COP faster, max_prune_ratio=0.5", "cop_faster_cap", dict(preset="faster", max_prune_ratio=0.5)),
-            ("COP faster, filter by filter (round_to=1, group_cost=mean)", "cop_faster_r1",
-             dict(preset="faster", round_to=1, group_cost="mean")),
-            ("COP balanced", "cop_balanced", dict(preset="balanced")),
-            ("COP balanced, max_prune_ratio=0.5", "cop_balanced_cap", dict(preset="balanced", max_prune_ratio=0.5))):
-        pruned, used = _prune_cop_fitting(source_model(), size, **kwargs)
-        name += "" if "round_to" in name else ", round_to={}".format(used)
-        variants.append((name, lambda pruned=pruned: copy.deepcopy(pruned), tag))
-    try:
+    if "baseline" in rows:
+        teachers = finetune("baseline", "{} (unpruned)".format(arch), "-", source_model, "baseline")
+    paper, round_to = _prune_cop_fitting(source_model(), size, preset="faster", criterion="cop")
+    target = count_flops(paper, size)
+    for key in rows:
+        if key in ("baseline", "ptl") or key.startswith("tp_"):
+            continue
+        criterion, _, extra = key.partition("+")
+        kd = extra == "kd"
+        if criterion == "default":
+            criterion = DEFAULT_CRITERION
+        compensate = extra in ("ls", "kd")
+        if kd and not teachers:
+            raise SystemExit("--rows default+kd needs the baseline row in the same run (its models are the teachers)")
+        calibration = images if compensate or criterion in ("cop_activation", "taylor") else None
+        t = time.perf_counter()
+        pruned, used = _prune_cop_fitting(source_model(), size, preset="faster", round_to=round_to,
+                                          criterion=criterion, compensate=compensate, calibration=calibration)
+        seconds = time.perf_counter() - t
+        name = "COP faster, {}{} (round_to={}, pruning {:.0f} s)".format(
+            criterion, " (paper)" if criterion == "cop" else "", used, seconds)
+        finetune(key, name, variant_name(criterion, compensate, kd), lambda pruned=pruned: copy.deepcopy(pruned),
+                 key.replace("+", "_"), teacher=teachers if kd else None)
+    peers = [k for k in rows if k.startswith("tp_")]
+    if peers:
         import torch_pruning as tp
-    except ImportError:
-        lines.append("(torch-pruning not installed: peers skipped)")
-    else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            l1 = _torch_pruning_to_flops(source_model(), target, size, tp.importance.MagnitudeImportance(p=1))
-            rnd = _torch_pruning_to_flops(source_model(), target, size, tp.importance.RandomImportance())
-        variants += [("Torch-Pruning L1 (global)", lambda: copy.deepcopy(l1), "tp_l1"),
-                     ("Torch-Pruning random (global)", lambda: copy.deepcopy(rnd), "tp_random")]
-    for name, make, tag in variants:
-        finetune(name, make, tag)
 
-    # PTL at baseline cost: the PTL model trained on the target, pruned to the plain model's FLOPs, fine-tuned.
-    base_flops = count_flops(source_model(), size)
+        importances = {"tp_l1": ("Torch-Pruning L1 (global)", tp.importance.MagnitudeImportance(p=1), None),
+                       "tp_taylor": ("Torch-Pruning Taylor (global)", tp.importance.TaylorImportance(),
+                                     _taylor_gradients(images, pids)),
+                       "tp_random": ("Torch-Pruning random (global)", tp.importance.RandomImportance(), None)}
+        for key in peers:
+            name, imp, before_step = importances[key]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                net = _torch_pruning_to_flops(source_model(), target, size, imp, before_step=before_step)
+            finetune(key, name, key, lambda net=net: copy.deepcopy(net), key)
 
-    def ptl_model():
-        ptl = build_model("ptl_" + arch, num_classes=1, loss="triplet", input_size=size)
-        load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
-        return ptl
+    if "ptl" in rows:
+        # PTL at baseline cost: the PTL model trained on the target, pruned to the plain model's FLOPs with the
+        # default criterion and compensation, fine-tuned again.
+        base_flops = count_flops(source_model(), size)
 
-    ptl = finetune("ptl_{} (unpruned)".format(arch), ptl_model, "ptl", before=False)  # seed 1's model is pruned
-    small, _ = _prune_cop_fitting(ptl, size, reduction=1 - base_flops / count_flops(ptl, size), preset="faster")
-    extra = max(1, args.target_epochs // 2)
-    finetune("ptl_{} pruned to {}'s FLOPs (+{} epochs)".format(arch, arch, extra), lambda: copy.deepcopy(small),
-             "ptl_pruned", extra)
-    return lines + [""]
+        def ptl_model():
+            ptl = build_model("ptl_" + arch, num_classes=1, loss="triplet", input_size=size)
+            load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
+            return ptl
+
+        ptl = finetune("ptl_unpruned", "ptl_{} (unpruned)".format(arch), "-", ptl_model, "ptl",
+                       before=False)[seeds[0]]
+        small, _ = _prune_cop_fitting(ptl, size, reduction=1 - base_flops / count_flops(ptl, size),
+                                      preset="faster", calibration=images)
+        extra = max(1, args.target_epochs // 2)
+        finetune("ptl_pruned", "ptl_{} pruned to {}'s FLOPs (+{} epochs)".format(arch, arch, extra),
+                 variant_name(DEFAULT_CRITERION, True), lambda: copy.deepcopy(small), "ptl_pruned", extra)
+    return lines + accuracy_table(results) + [""]
 
 
 def _table(models, lats, base_name, base_flops, size, threads):
@@ -306,7 +403,19 @@ def main(argv=None):
     parser.add_argument("--source-epochs", type=int, default=20)
     parser.add_argument("--target-epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="section 3: fine-tuning seeds")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="section 3: rows to run (default all: {})".format(" ".join(ACCURACY_ROWS)))
+    parser.add_argument("--calibration-images", type=int, default=64,
+                        help="section 3: training images for the data-aware criteria and compensation")
+    parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")
+    parser.add_argument("--before-only", action="store_true",
+                        help="section 3: prune and evaluate without fine-tuning (the 'before' columns only)")
+    parser.add_argument("--report", nargs="+", default=None,
+                        help="only print one accuracy table from these --results-json files (runs split over "
+                             "processes)")
     args = parser.parse_args(argv)
+    if args.report:
+        return merged_report(args.report)
     size = (args.height, args.width)
     threads = args.threads or sorted({1, torch.get_num_threads()})
     lines = ["# COP pruning benchmark", "",
@@ -325,11 +434,17 @@ def main(argv=None):
     base = build_model("resnet50", num_classes=751).eval()
     base_flops = count_flops(base, size)
     models, notes = {"resnet50 (unpruned)": base}, []
-    variants = [("COP faster (default: round_to=16, group_cost=sum)", dict(preset="faster")),
-                ("COP faster, round_to=8", dict(preset="faster", round_to=8)),
-                ("COP faster, group_cost=mean", dict(preset="faster", group_cost="mean")),
-                ("COP balanced", dict(preset="balanced")),
-                ("COP smaller", dict(preset="smaller"))]
+    paper = dict(criterion="cop")
+    variants = [("COP faster (default: round_to=16, group_cost=sum)", dict(preset="faster", **paper)),
+                ("COP faster, round_to=8", dict(preset="faster", round_to=8, **paper)),
+                ("COP faster, group_cost=mean", dict(preset="faster", group_cost="mean", **paper)),
+                ("COP balanced", dict(preset="balanced", **paper)),
+                ("COP smaller", dict(preset="smaller", **paper)),
+                ("COP faster, cop_magnitude", dict(preset="faster", criterion="cop_magnitude")),
+                # Random weights and images: the channel counts this criterion picks, not what it would keep.
+                ("COP faster, cop_activation (8 random images)",
+                 dict(preset="faster", criterion="cop_activation", compensate=False,
+                      calibration=torch.randn(8, 3, *size)))]
     for name, kwargs in variants:
         t = time.perf_counter()
         models[name] = prune_cop(base, flops_reduction=args.reduction, input_size=size, **kwargs)
@@ -359,7 +474,7 @@ def main(argv=None):
         ptl = build_model("ptl_resnet50", num_classes=751, input_size=size).eval()
         ptl_flops = count_flops(ptl, size)
         reduction = 1 - base_flops / ptl_flops
-        pruned = prune_cop(ptl, flops_reduction=reduction, preset="faster", input_size=size)
+        pruned = prune_cop(ptl, flops_reduction=reduction, preset="faster", input_size=size, criterion="cop")
         trio = {"resnet50": base, "ptl_resnet50": ptl, "ptl_resnet50 pruned": pruned}
         lats = {t: compare_latency(trio, size, args.batch_size, rounds=args.rounds, num_threads=t) for t in threads}
         lines += ["## PTL at baseline cost: ptl_resnet50 pruned (faster) by {:.1%} to ResNet-50's FLOPs".format(
@@ -369,6 +484,27 @@ def main(argv=None):
     if args.accuracy:
         lines += accuracy_section(args)
     return _emit(lines, args)
+
+
+def merged_report(paths):
+    """One accuracy table from the result files of several runs (in the order given)."""
+    import json
+
+    header, results, by_key = None, [], {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        header = header or data["header"]
+        for r in data["results"]:  # the same row from several runs: its seeds join
+            if r["key"] in by_key:
+                by_key[r["key"]]["rank1"].update(r["rank1"])
+                by_key[r["key"]]["mAP"].update(r["mAP"])
+            else:
+                by_key[r["key"]] = r
+                results.append(r)
+    text = "\n".join(header + accuracy_table(results))
+    print(text)
+    return text
 
 
 def _emit(lines, args):

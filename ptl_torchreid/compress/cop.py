@@ -5,12 +5,27 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..models import unwrap
-from .criterion import GROUP_COSTS, PRESET_OPTIONS, PRESETS, COPSelector
+from .calibration import calibration_images
+from .compensate import compensate as compensate_consumers
+from .criterion import GROUP_COSTS, PRESET_OPTIONS, PRESETS, COPSelector, correlation_state
 from .graph import build_graph
 from .measure import count_flops, count_params
+from .scores import (CRITERIA, DATA_CRITERIA, ActivationState, StaticState, activation_statistics,
+                     magnitude_strength, relative_redundancy, taylor_scores)
 from .surgery import shrink
 
-__all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction"]
+__all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction", "variant_name",
+           "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION"]
+
+# Chosen by measurement (docs/BENCHMARKS.md, "COP criteria, compensation and distillation"): the default with
+# calibration data, and the data-free one used without it.
+DEFAULT_CRITERION = "cop_activation"
+DEFAULT_DATA_FREE_CRITERION = "cop_magnitude"
+
+
+def variant_name(criterion, compensate=False, distill=False):
+    """The name a pruning variant has in tables, logs and saved pruning info, e.g. 'cop_activation+ls'."""
+    return criterion + ("+ls" if compensate else "") + ("+kd" if distill else "")
 
 _TARGETS = ("flops_reduction", "params_reduction", "prune_rate")
 
@@ -36,6 +51,17 @@ class PruneReport:
     filters_total: int = 0
     groups: list = field(default_factory=list)  # (group name, channels before, channels after)
     notes: list = field(default_factory=list)
+    criterion: str = "cop"
+    compensate: bool = False
+    defaults: list = field(default_factory=list)  # options that took their default (criterion, compensate)
+    calibration_images: int = 0
+    compensation: list = field(default_factory=list)  # (layer, squared error before, after the refit)
+    steps: int = 1          # pruning steps with fine-tuning between them (the prune command's --steps)
+    distill: bool = False   # fine-tuned with distillation from the unpruned model (the prune command's --distill)
+
+    @property
+    def variant(self):
+        return variant_name(self.criterion, self.compensate, self.distill)
 
     @property
     def flops_reduction(self):
@@ -58,12 +84,16 @@ class PruneReport:
                     flops_after=int(self.flops_after), params_before=int(self.params_before),
                     params_after=int(self.params_after), filters_removed=int(self.filters_removed),
                     filters_total=int(self.filters_total),
-                    groups=[[str(n), int(a), int(b)] for n, a, b in self.groups], notes=list(self.notes))
+                    groups=[[str(n), int(a), int(b)] for n, a, b in self.groups], notes=list(self.notes),
+                    criterion=str(self.criterion), compensate=bool(self.compensate), variant=self.variant,
+                    defaults=[str(d) for d in self.defaults], calibration_images=int(self.calibration_images),
+                    steps=int(self.steps), distill=bool(self.distill),
+                    compensation=[[str(n), float(a), float(b)] for n, a, b in self.compensation])
 
     def __str__(self):
-        lines = ["COP pruning, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}, "
+        lines = ["COP pruning, {}{}, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}, "
                  "max_prune_ratio={:g}), target {}={:g}".format(
-                     self.preset, self.alpha, self.beta, self.gamma, self.round_to, self.group_cost,
+                     self.variant, " (default)" if "criterion" in self.defaults else "", self.preset, self.alpha, self.beta, self.gamma, self.round_to, self.group_cost,
                      self.max_prune_ratio, self.target, self.value),
                  "  FLOPs  {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.flops_before, self.flops_after,
                                                                    self.flops_reduction),
@@ -71,6 +101,12 @@ class PruneReport:
                                                                    self.params_reduction),
                  "  filters removed {} of {} prunable ({:.1%})".format(self.filters_removed, self.filters_total,
                                                                       self.prune_rate)]
+        if self.compensation:
+            before = sum(b for _, b, _ in self.compensation)
+            after = sum(a for _, _, a in self.compensation)
+            lines.append("  compensation: {} layers refitted on {} calibration images, reconstruction error "
+                         "-{:.1%}".format(len(self.compensation), self.calibration_images,
+                                          1 - after / before if before else 0.0))
         return "\n".join(lines)
 
     def layer_table(self):
@@ -104,13 +140,37 @@ def _weights(preset, alpha, beta, gamma):
     return float(a), float(b), float(c)
 
 
+def check_criterion(criterion=None, compensate=None, has_data=False):
+    """Resolve ``criterion`` and ``compensate`` (None: the measured defaults for data or no data).
+    Returns (criterion, compensate, names of the options that took their default)."""
+    defaults = []
+    if criterion is None:
+        criterion = DEFAULT_CRITERION if has_data else DEFAULT_DATA_FREE_CRITERION
+        defaults.append("criterion")
+    if criterion not in CRITERIA:
+        raise ValueError("criterion={!r} is not valid; choose one of {} ('cop' is the paper's method)".format(
+            criterion, ", ".join(CRITERIA)))
+    if criterion in DATA_CRITERIA and not has_data:
+        raise ValueError("criterion={!r} needs calibration data: pass calibration= (a DataLoader of torchreid "
+                         "batches or an image tensor) to prune_cop, or use the prune command with a config (its "
+                         "training data); the data-free criteria are 'cop' and 'cop_magnitude'".format(criterion))
+    if compensate is None:
+        compensate = has_data
+        defaults.append("compensate")
+    if compensate and not has_data:
+        raise ValueError("compensate=True refits layers on calibration data: pass calibration= (a DataLoader of "
+                         "torchreid batches or an image tensor)")
+    return criterion, bool(compensate), defaults
+
+
 def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced", alpha=None,
                   beta=None, gamma=None, topk=3, round_to=None, min_channels=1, group_cost=None,
-                  max_prune_ratio=None):
-    """Validate ``prune_cop``'s options (everything but the model) and resolve the preset's defaults.
-    Returns dict(target, value, weights, round_to, group_cost, max_prune_ratio); raises ValueError naming the bad
-    option."""
+                  max_prune_ratio=None, criterion=None, compensate=None, has_data=False):
+    """Validate ``prune_cop``'s options (everything but the model) and resolve the preset's and the criterion's
+    defaults. Returns dict(target, value, weights, round_to, group_cost, max_prune_ratio, criterion, compensate,
+    defaults); raises ValueError naming the bad option."""
     target, value = check_target(flops_reduction, params_reduction, prune_rate)
+    criterion, compensate, defaults = check_criterion(criterion, compensate, has_data)
     weights = _weights(preset, alpha, beta, gamma)
     if group_cost is not None and group_cost not in GROUP_COSTS:
         raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
@@ -129,13 +189,28 @@ def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, 
         raise ValueError("max_prune_ratio={!r} is not valid; use a fraction in (0, 1] (the most of any layer's "
                          "channels that may go; 1 = no limit)".format(max_prune_ratio))
     return dict(target=target, value=value, weights=weights, round_to=round_to, group_cost=group_cost,
-                max_prune_ratio=float(max_prune_ratio))
+                max_prune_ratio=float(max_prune_ratio), criterion=criterion, compensate=compensate,
+                defaults=defaults)
+
+
+def _selection_states(graph, criterion, images, topk):
+    """{group index: selection state} of ``criterion`` for the prunable groups of ``graph``."""
+    groups = graph.prunable_groups()
+    if criterion == "cop":
+        return None  # COPSelector's own (the paper's)
+    if criterion == "cop_magnitude":
+        return {g.index: correlation_state(graph, g, topk, magnitude_strength(g)) for g in groups}
+    if criterion == "cop_activation":
+        stats = activation_statistics(graph, images)
+        return {g.index: ActivationState(g, stats.get(g.index, [])) for g in groups}
+    scores = taylor_scores(graph, images)
+    return {g.index: StaticState(g, relative_redundancy(scores[g.index])) for g in groups}
 
 
 def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced",
               input_size=(256, 128), alpha=None, beta=None, gamma=None, topk=3, round_to=None, min_channels=1,
               exclude=(), group_cost=None, max_prune_ratio=None, inplace=False, tolerance=0.02, return_report=False,
-              verbose=False):
+              verbose=False, criterion=None, calibration=None, compensate=None, calibration_size=64):
     """Prune ``model`` with COP and return the smaller model (an ordinary module with fewer channels).
 
     Exactly one target:
@@ -163,13 +238,30 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
             target, cuts that would overshoot by more than half of it give way to cuts that fit.
         return_report: also return a :class:`PruneReport`.
         verbose: print the report, the channels kept per layer group and the graph's notes.
+        criterion: how filters are scored within COP's cost-aware selection (``compress.scores``): ``'cop'``
+            (the paper's consumer-weight correlation, data-free), ``'cop_magnitude'`` (correlation combined with
+            the BatchNorm-folded filter magnitude, data-free), ``'cop_activation'`` (how well the other channels
+            predict a channel's feature maps on calibration images, weighted by what it feeds) or ``'taylor'``
+            (first-order change of the embedding). Default: ``DEFAULT_CRITERION`` with calibration data,
+            ``DEFAULT_DATA_FREE_CRITERION`` without (with a warning saying so).
+        calibration: a DataLoader of torchreid batches (or any iterable of them) or an image tensor
+            (N, 3, H, W), from the training data; the first ``calibration_size`` images are used.
+        compensate: after the cut, refit every layer reading pruned channels by least squares on the
+            calibration images so that it reproduces its unpruned output (``compress.compensate``); default: on
+            when calibration data is given.
 
     Channels that reach the model's output (the embedding) are never pruned, so the feature size, the classifier
     and anything downstream stay compatible. BatchNorm statistics, BConv-Cell running states and concatenation
     consumers are sliced with their channels. The module is left in the training mode it had.
     """
     opts = check_options(flops_reduction, params_reduction, prune_rate, preset, alpha, beta, gamma, topk,
-                         round_to, min_channels, group_cost, max_prune_ratio)
+                         round_to, min_channels, group_cost, max_prune_ratio, criterion, compensate,
+                         has_data=calibration is not None)
+    criterion, compensate = opts["criterion"], opts["compensate"]
+    if calibration is None and "criterion" in opts["defaults"]:
+        warnings.warn("prune_cop without calibration data uses the data-free criterion {!r}; pass calibration= "
+                      "(training images) for the default {!r} with compensation".format(
+                          DEFAULT_DATA_FREE_CRITERION, DEFAULT_CRITERION), UserWarning, stacklevel=2)
     target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
     round_to, group_cost, max_prune_ratio = opts["round_to"], opts["group_cost"], opts["max_prune_ratio"]
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or tolerance < 0:
@@ -184,10 +276,18 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     if not inplace:
         net = copy.deepcopy(net)
 
+    images = None
+    if calibration is not None:
+        param = next(iter(net.parameters()))
+        images = calibration_images(calibration, calibration_size).to(param.device, param.dtype)
+        if tuple(images.shape[-2:]) != input_size:
+            raise ValueError("calibration images are {}x{} but input_size is {}x{}; use images of the size the "
+                             "model runs at".format(*images.shape[-2:], *input_size))
     flops_before, params_before = count_flops(net, input_size), count_params(net)
     graph = build_graph(net, input_size, exclude=exclude)
     selector = COPSelector(graph, a, b, c, topk=topk, round_to=round_to, min_channels=min_channels,
-                           group_cost=group_cost, max_prune_ratio=max_prune_ratio)
+                           group_cost=group_cost, max_prune_ratio=max_prune_ratio,
+                           states=_selection_states(graph, criterion, images, topk))
     flops_outside = flops_before - selector.flops        # layers the graph does not change
     params_outside = params_before - selector.params
 
@@ -222,7 +322,10 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
                     "channels reaching the output, and single-channel layers"))
     sizes = [(g.name, g.size, int(selector.alive[g.offset:g.offset + g.size].sum())) for g in
              graph.prunable_groups()]
+    parent = copy.deepcopy(net) if compensate else None
     shrink(graph, selector.alive)
+    fits = compensate_consumers(graph, parent, selector.alive, images) if compensate else []
+    del parent
 
     flops_after, params_after = count_flops(net, input_size), count_params(net)
     if flops_after != flops_outside + selector.flops:
@@ -236,7 +339,9 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
                          flops_before=flops_before, flops_after=flops_after,
                          params_before=params_before, params_after=params_after,
                          filters_removed=int(selector.removed_filters), filters_total=int(selector.total_filters),
-                         groups=sizes, notes=list(graph.notes))
+                         groups=sizes, notes=list(graph.notes), criterion=criterion, compensate=compensate,
+                         defaults=opts["defaults"], calibration_images=0 if images is None else len(images),
+                         compensation=fits)
     if verbose:
         print(report)
         print(report.layer_table())

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["PRESETS", "PRESET_OPTIONS", "GROUP_COSTS", "pearson_correlation", "normalize_correlation", "redundancy",
-           "importance", "group_correlation", "CostModel", "COPSelector"]
+           "importance", "group_correlation", "correlation_state", "CostModel", "COPSelector"]
 
 GROUP_COSTS = ("mean", "sum")
 
@@ -190,8 +190,12 @@ class CostModel:
 
 # -- greedy selection -------------------------------------------------------------------------------------------
 class _GroupState:
-    def __init__(self, group, corr, zero, k):
+    """COP's redundancy of one group, updated as units go. ``strength`` (per unit, in [0, 1]) turns it into
+    ``cop_magnitude``'s r = 1 - ((1 - r_cop) + strength) / 2."""
+
+    def __init__(self, group, corr, zero, k, strength=None):
         n = group.size
+        self.strength = None if strength is None else np.asarray(strength, dtype=np.float64)
         self.group = group
         self.corr = normalize_correlation(corr).astype(np.float32)
         self.zero = zero
@@ -199,9 +203,15 @@ class _GroupState:
         self.alive = np.ones(n, dtype=bool)
         self.n_alive = n
         self.topk = np.argpartition(self.corr, n - self.k, axis=1)[:, n - self.k:]
-        self.r = self.corr[np.arange(n)[:, None], self.topk].mean(1).astype(np.float64)
+        self.r = self._combine(self.corr[np.arange(n)[:, None], self.topk].mean(1).astype(np.float64),
+                               slice(None))
         self.r[zero] = 1.0 + 1e-6  # feeds nothing: the most redundant filter there is
         self.r_live = self.r.copy()
+
+    def _combine(self, r, rows):
+        if self.strength is None:
+            return r
+        return 1.0 - ((1.0 - r) + self.strength[rows]) / 2.0
 
     def best(self):
         return int(np.argmax(self.r_live))
@@ -218,10 +228,16 @@ class _GroupState:
             sub = self.corr[rows]
             top = np.argpartition(sub, n - self.k, axis=1)[:, n - self.k:]
             self.topk[rows] = top
-            r = np.take_along_axis(sub, top, 1).mean(1)
+            r = self._combine(np.take_along_axis(sub, top, 1).mean(1), rows)
             r[self.zero[rows]] = 1.0 + 1e-6
             self.r[rows] = r
             self.r_live[rows] = r
+
+
+def correlation_state(graph, group, topk=3, strength=None):
+    """COP's selection state of ``group`` (``strength``: see :class:`_GroupState`)."""
+    corr, zero = group_correlation(graph, group)
+    return _GroupState(group, corr, zero, topk, strength)
 
 
 class COPSelector:
@@ -237,13 +253,15 @@ class COPSelector:
         min_channels: never keep fewer channels than this in a group.
         max_prune_ratio: never remove more than this fraction of a group's channels (1.0: no limit, the paper's
             behaviour); like Torch-Pruning's ``max_pruning_ratio``, it stops one layer being cut to a sliver.
+        states: {group index: selection state} of another criterion (``compress.scores``); default: COP's
+            correlation redundancy.
         group_cost: how a group of coupled layers (a residual stage) gets its F_l / P_l: ``'mean'`` over its
             producing layers (each layer plus its consumer, averaged) or ``'sum'`` (every layer its channels
             touch: what removing one of its channels saves).
     """
 
     def __init__(self, graph, alpha, beta, gamma, topk=3, round_to=1, min_channels=1, group_cost="mean",
-                 max_prune_ratio=1.0):
+                 max_prune_ratio=1.0, states=None):
         if group_cost not in GROUP_COSTS:
             raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
                                                                                   ", ".join(GROUP_COSTS)))
@@ -257,10 +275,9 @@ class COPSelector:
         self.flops = self.costs.total_flops()
         self.params = self.costs.total_params()
         self.removed_filters = 0
-        self.states = {}
-        for g in graph.prunable_groups():
-            corr, zero = group_correlation(graph, g)
-            self.states[g.index] = _GroupState(g, corr, zero, topk)
+        if states is None:  # the paper's criterion
+            states = {g.index: correlation_state(graph, g, topk) for g in graph.prunable_groups()}
+        self.states = states
         self.order = sorted(self.states)           # prunable group indices
         self.slot = {gi: s for s, gi in enumerate(self.order)}
         rec_index = {id(r): i for i, r in enumerate(graph.records)}
