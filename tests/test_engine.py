@@ -5,7 +5,7 @@ import os.path as osp
 import pytest
 import torch
 
-import ptl_torchreid.engine.mixin as mixin_module
+import ptl_torchreid.engine.evaluator as evaluator_module
 from ptl_torchreid.cli import build_datamanager, build_engine, build_model
 from ptl_torchreid.config import engine_run_kwargs, load_config
 from ptl_torchreid.engine import ENGINES, PTLImageSoftmaxEngine, build_optimizer, clamp_ranks
@@ -242,13 +242,13 @@ def test_ranks_clamped_to_gallery_size(data_root, datamanager, tmp_path, capsys)
 
 def test_evaluation_uses_vectorised_evaluate_rank(data_root, datamanager, tmp_path, monkeypatch):
     calls = []
-    real = mixin_module.evaluate_rank
+    real = evaluator_module.evaluate_rank
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mixin_module, "evaluate_rank", spy)
+    monkeypatch.setattr(evaluator_module, "evaluate_rank", spy)
     engine = make_engine(tiny_cfg(data_root, tmp_path, "model.name", "osnet_x0_25"), datamanager)
     engine.test(ranks=[1, 5])
     assert len(calls) == 1 and calls[0]["max_rank"] == 5

@@ -161,10 +161,15 @@ def test_int8_rejected_beyond_the_map_limit_keeps_fp32_only(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_ptl_model_graph_holds_its_frozen_state(tmp_path):
+@pytest.mark.parametrize("mode", ["branch", "rectify"])
+def test_ptl_model_graph_holds_its_frozen_state(tmp_path, mode):
     torch.manual_seed(0)
-    model = build_model("ptl_osnet_x0_25", num_classes=3, input_size=(64, 32))
+    model = build_model("ptl_osnet_x0_25", num_classes=3, input_size=(64, 32), mode=mode)
     with torch.no_grad():
+        # the paths from the side stream start at zero; make them live, as after fine-tuning
+        for name, p in model.named_parameters():
+            if name.startswith(("side_proj.", "rectify")) and name.endswith("weight"):
+                p.normal_(0, 0.1)
         for _ in range(3):  # training batches move the running (eval) state away from zero
             model(torch.randn(4, 3, 64, 32))
     model.eval()

@@ -12,16 +12,9 @@ import ptl_torchreid
 from ptl_torchreid import models
 from ptl_torchreid._torchreid import model_factory, torchreid
 from ptl_torchreid.models import backbones
+from tiny import shared_weights
 
 SMALL = "ptl_osnet_x0_25"
-
-
-def shared_weights():
-    root = os.environ.get("PTL_SHARED_DIR") or osp.join(osp.dirname(__file__), "..", "..", "shared")
-    path = osp.join(root, "weights", "osnet_x0_25_msmt17.pth")
-    if not osp.isfile(path):
-        pytest.skip("model-zoo file not available: " + path)
-    return path
 
 
 def small_model(**kw):

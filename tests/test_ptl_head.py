@@ -15,18 +15,11 @@ from ptl_torchreid import _torchreid, models
 from ptl_torchreid.cli import build_model as build_model_from_config
 from ptl_torchreid.config import ConfigError, get_default_config, merge_from_list, validate_config
 from ptl_torchreid.models import backbones
+from tiny import shared_weights
 
 torchreid = _torchreid.torchreid
 SIZE = (64, 32)
 MODES = [dict(), dict(mode="rectify")]
-
-
-def shared_weights():
-    root = os.environ.get("PTL_SHARED_DIR") or osp.join(osp.dirname(__file__), "..", "..", "shared")
-    path = osp.join(root, "weights", "osnet_x0_25_msmt17.pth")
-    if not osp.isfile(path):
-        pytest.skip("model-zoo file not available: " + path)
-    return path
 
 
 def plain_and_file(name, tmp_path, num_classes=5):

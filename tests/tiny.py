@@ -1,4 +1,9 @@
-"""Settings of the tiny runs that the engine, CLI, resume and safety tests train: seconds each on a CPU."""
+"""Settings of the tiny runs that the engine, CLI, resume and safety tests train: seconds each on a CPU; and
+where the shared model-zoo checkpoint lives."""
+import os
+import os.path as osp
+
+import pytest
 
 # Tiny synthetic dataset, 64x32 images, P x K = 2 x 2 batches, no loader workers.
 TINY_DATA = [
@@ -47,3 +52,13 @@ def save(obj, f, *a, **k):
 torch.save = save
 sys.exit(main(args))
 """
+
+
+def shared_weights():
+    """The torchreid model-zoo file ``osnet_x0_25_msmt17.pth`` beside the checkout (or under $PTL_SHARED_DIR);
+    skips the test where it is absent."""
+    root = os.environ.get("PTL_SHARED_DIR") or osp.join(osp.dirname(__file__), "..", "..", "shared")
+    path = osp.join(root, "weights", "osnet_x0_25_msmt17.pth")
+    if not osp.isfile(path):
+        pytest.skip("model-zoo file not available: " + path)
+    return path

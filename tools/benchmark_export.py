@@ -23,9 +23,10 @@ import time
 import warnings
 
 import numpy as np
-import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+import torch  # noqa: E402
 
 from ptl_torchreid import cli  # noqa: E402
 from ptl_torchreid.compress import count_flops, prune_cop  # noqa: E402

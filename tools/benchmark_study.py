@@ -30,6 +30,7 @@ _TOOLS = osp.dirname(osp.abspath(__file__))
 sys.path.insert(0, osp.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
 
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 import bench_measure as bm  # noqa: E402
 import bench_report as br  # noqa: E402
 import benchmark as bench  # noqa: E402
