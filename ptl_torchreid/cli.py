@@ -213,11 +213,12 @@ def check_datamanager(datamanager, cfg):
         clamp_ranks(cfg.test.ranks, len(gallery), name)  # notes now, not after training
 
 
-def load_initial_weights(model, path, mode="match", trust=False):
+def load_initial_weights(model, path, mode="match", trust=False, checkpoint=None):
     """Load ``model.load_weights`` into ``model`` (a plain torchreid checkpoint given to a PTL model fills its
-    backbone; see ``ptl_torchreid.models.load_pretrained_weights``)."""
+    backbone; see ``ptl_torchreid.models.load_pretrained_weights``). ``checkpoint``: the file already loaded."""
     net = unwrap(model)
-    checkpoint = load_checkpoint(path, map_location="cpu", trust=trust)
+    if checkpoint is None:
+        checkpoint = load_checkpoint(path, map_location="cpu", trust=trust)
     try:
         state_dict = extract_state_dict(checkpoint)
     except ValueError as e:
@@ -245,7 +246,7 @@ def build_model(cfg, num_classes):
         print("Note: '{}' is a plain torchreid model; the ptl.* settings are ignored.".format(cfg.model.name))
     if cfg.model.load_weights:
         load_initial_weights(model, cfg.model.load_weights, cfg.model.load_weights_mode,
-                             cfg.model.trust_checkpoint)
+                             cfg.model.trust_checkpoint, checkpoint=checkpoint)
     return model
 
 

@@ -189,7 +189,27 @@ class CostModel:
 
 
 # -- greedy selection -------------------------------------------------------------------------------------------
-class _GroupState:
+class StaticState:
+    """Selection state of a group whose redundancy does not change as units go (``taylor``); the base of the
+    states that update it."""
+
+    def __init__(self, group, r):
+        self.group = group
+        self.alive = np.ones(group.size, dtype=bool)
+        self.n_alive = group.size
+        self.r = np.asarray(r, dtype=np.float64).copy()
+        self.r_live = self.r.copy()
+
+    def best(self):
+        return int(np.argmax(self.r_live))
+
+    def remove(self, u):
+        self.alive[u] = False
+        self.n_alive -= 1
+        self.r_live[u] = -np.inf
+
+
+class _GroupState(StaticState):
     """COP's redundancy of one group, updated as units go. ``strength`` (per unit, in [0, 1]) turns it into
     ``cop_magnitude``'s r = 1 - ((1 - r_cop) + strength) / 2."""
 
@@ -213,13 +233,8 @@ class _GroupState:
             return r
         return 1.0 - ((1.0 - r) + self.strength[rows]) / 2.0
 
-    def best(self):
-        return int(np.argmax(self.r_live))
-
     def remove(self, u):
-        self.alive[u] = False
-        self.n_alive -= 1
-        self.r_live[u] = -np.inf
+        super().remove(u)
         self.corr[u, :] = 0.0
         self.corr[:, u] = 0.0
         rows = np.flatnonzero((self.topk == u).any(1) & self.alive)

@@ -27,6 +27,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .calibration import consumer_columns
+from .criterion import StaticState
 
 __all__ = ["CRITERIA", "DATA_CRITERIA", "column_energy", "bn_relu_energy", "magnitude_strength",
            "activation_statistics", "taylor_scores", "ActivationState", "StaticState", "relative_redundancy"]
@@ -203,25 +204,6 @@ def relative_redundancy(value, reference=None):
     if ref <= 0:
         return np.ones_like(value)
     return np.clip(1.0 - value / ref, 0.0, 1.0)
-
-
-class StaticState:
-    """Selection state of a group whose redundancy does not change as units go (``taylor``)."""
-
-    def __init__(self, group, r):
-        self.group = group
-        self.alive = np.ones(group.size, dtype=bool)
-        self.n_alive = group.size
-        self.r = np.asarray(r, dtype=np.float64).copy()
-        self.r_live = self.r.copy()
-
-    def best(self):
-        return int(np.argmax(self.r_live))
-
-    def remove(self, u):
-        self.alive[u] = False
-        self.n_alive -= 1
-        self.r_live[u] = -np.inf
 
 
 class ActivationState(StaticState):
