@@ -6,8 +6,10 @@ OpenMP threads wait passively unless the user chose otherwise (see ``ptl_torchre
 """
 __version__ = "0.1.0"
 
-from . import _openmp  # noqa: E402,F401  (first: OpenMP waiting must be set before torch is imported)
-from . import models  # noqa: E402  (registers the ptl_* models in torchreid)
+from . import (
+    _openmp,  # noqa: E402,F401  (first: OpenMP waiting must be set before torch is imported)
+    models,  # noqa: E402  (registers the ptl_* models in torchreid)
+)
 
 models.register_models()
 from . import data  # noqa: E402,F401  (registers the synthetic datasets in torchreid)

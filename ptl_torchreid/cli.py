@@ -61,7 +61,6 @@ from ptl_torchreid.export import ExportError
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, is_ptl_state_dict, load_pretrained_weights, unwrap
 from ptl_torchreid.utils import distributed as pdist
-from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, describe_cpu_threads
 from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -69,6 +68,7 @@ from ptl_torchreid.utils.checkpoint import (
     extract_state_dict,
     load_checkpoint,
 )
+from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, describe_cpu_threads
 from ptl_torchreid.utils.savedir import SaveDirError, SaveDirLock
 
 torchreid = _torchreid.torchreid
@@ -120,9 +120,9 @@ def check_dataset_roots(cfg):
         expected = osp.join(root, subdir)
         if not osp.isdir(expected):
             raise DatasetRootError(
-                "dataset '{}' was not found: expected its files under {} (data.root = '{}'). ptl-torchreid "
-                "does not download datasets; put {} there (torchreid's layout) or point --root / data.root at "
-                "the folder that contains '{}'.".format(name, expected, cfg.data.root, name, subdir)
+                f"dataset '{name}' was not found: expected its files under {expected} (data.root = '{cfg.data.root}'). ptl-torchreid "
+                f"does not download datasets; put {name} there (torchreid's layout) or point --root / data.root at "
+                f"the folder that contains '{subdir}'."
             )
 
 
@@ -138,11 +138,15 @@ def build_datamanager(cfg):
         datamanager = _build_image_datamanager(cfg)
     if pdist.get_world_size() > 1:
         try:
-            distribute_train_loaders(datamanager, cfg.sampler.train_sampler, cfg.sampler.num_instances,
-                                     seed=cfg.train.seed, train_sampler_t=cfg.sampler.train_sampler_t)
+            distribute_train_loaders(
+                datamanager,
+                cfg.sampler.train_sampler,
+                cfg.sampler.num_instances,
+                seed=cfg.train.seed,
+                train_sampler_t=cfg.sampler.train_sampler_t,
+            )
         except ValueError as e:
-            raise ConfigError("distributed training over {} processes: {}".format(pdist.get_world_size(), e)) \
-                from None
+            raise ConfigError(f"distributed training over {pdist.get_world_size()} processes: {e}") from None
     return datamanager
 
 
@@ -172,16 +176,28 @@ def _build_image_datamanager(cfg):
 def _datamanager_failure(cfg, e):
     frame = traceback.extract_tb(e.__traceback__)[-1]
     where = '{} ("{}", line {})'.format((frame.line or "").strip(), osp.basename(frame.filename), frame.lineno)
-    hints = ["an empty or incomplete dataset folder (scan it with: ptl-torchreid check-data --root {} -s {})".format(
-        cfg.data.root, " ".join(_dataset_names(cfg)))]
+    hints = [
+        "an empty or incomplete dataset folder (scan it with: ptl-torchreid check-data --root {} -s {})".format(
+            cfg.data.root, " ".join(_dataset_names(cfg))
+        )
+    ]
     if "RandomIdentitySampler" in (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t):
-        hints.append("fewer training identities than train.batch_size / sampler.num_instances = {} "
-                     "(RandomIdentitySampler puts that many identities in every batch)".format(
-                         cfg.train.batch_size // cfg.sampler.num_instances))
-    return ("torchreid could not build the data loaders for sources {} / targets {} under data.root = '{}': "
-            "{}{} at {}. Likely causes: {}.".format(list(cfg.data.sources), list(cfg.data.targets), cfg.data.root,
-                                                    type(e).__name__, ": " + str(e) if str(e) else "", where,
-                                                    "; ".join(hints)))
+        hints.append(
+            f"fewer training identities than train.batch_size / sampler.num_instances = {cfg.train.batch_size // cfg.sampler.num_instances} "
+            "(RandomIdentitySampler puts that many identities in every batch)"
+        )
+    return (
+        "torchreid could not build the data loaders for sources {} / targets {} under data.root = '{}': "
+        "{}{} at {}. Likely causes: {}.".format(
+            list(cfg.data.sources),
+            list(cfg.data.targets),
+            cfg.data.root,
+            type(e).__name__,
+            ": " + str(e) if str(e) else "",
+            where,
+            "; ".join(hints),
+        )
+    )
 
 
 def check_datamanager(datamanager, cfg):
@@ -190,26 +206,33 @@ def check_datamanager(datamanager, cfg):
     (each a :class:`DatasetError`); a gallery smaller than the largest of ``test.ranks`` is noted."""
     training = cfg.train.max_epoch > cfg.train.start_epoch and not cfg.test.evaluate
     if training and datamanager.num_train_pids < 1:
-        raise DatasetError("the training set of {} holds no identities under data.root = '{}'; check the dataset "
-                           "with: ptl-torchreid check-data".format(list(cfg.data.sources), cfg.data.root))
+        raise DatasetError(
+            f"the training set of {list(cfg.data.sources)} holds no identities under data.root = '{cfg.data.root}'; check the dataset "
+            "with: ptl-torchreid check-data"
+        )
     for name, splits in datamanager.test_dataset.items():
         query, gallery = splits["query"], splits["gallery"]
         for split, items in (("query", query), ("gallery", gallery)):
             if not items:
-                raise DatasetError("the {} set of target '{}' is empty (data.root = '{}'): nothing to evaluate; "
-                                   "check the dataset with: ptl-torchreid check-data".format(split, name,
-                                                                                           cfg.data.root))
+                raise DatasetError(
+                    f"the {split} set of target '{name}' is empty (data.root = '{cfg.data.root}'): nothing to evaluate; "
+                    "check the dataset with: ptl-torchreid check-data"
+                )
         cams = {item[2] for item in query} | {item[2] for item in gallery}
         if len(cams) < 2:
-            raise DatasetError("the test set of target '{}' has images from {} camera(s) only; ReID evaluation "
-                               "needs at least 2, since gallery images from the query's own camera are "
-                               "discarded".format(name, len(cams)))
+            raise DatasetError(
+                f"the test set of target '{name}' has images from {len(cams)} camera(s) only; ReID evaluation "
+                "needs at least 2, since gallery images from the query's own camera are "
+                "discarded"
+            )
         gallery_cams = {}
         for item in gallery:
             gallery_cams.setdefault(item[1], set()).add(item[2])
         if not any(gallery_cams.get(q[1], set()) - {q[2]} for q in query):
-            raise DatasetError("no query of target '{}' has a gallery image of the same identity from another "
-                               "camera, so every query would be discarded; check the query/gallery split".format(name))
+            raise DatasetError(
+                f"no query of target '{name}' has a gallery image of the same identity from another "
+                "camera, so every query would be discarded; check the query/gallery split"
+            )
         clamp_ranks(cfg.test.ranks, len(gallery), name)  # notes now, not after training
 
 
@@ -222,10 +245,10 @@ def load_initial_weights(model, path, mode="match", trust=False, checkpoint=None
     try:
         state_dict = extract_state_dict(checkpoint)
     except ValueError as e:
-        raise CheckpointReadError('model.load_weights = "{}" holds no model weights: {}'.format(path, e)) from None
+        raise CheckpointReadError(f'model.load_weights = "{path}" holds no model weights: {e}') from None
     if is_ptl(net) and not is_ptl_state_dict(state_dict):
-        print('Loading plain model weights from "{}" into the PTL backbone'.format(path))
-    print('Loading weights from "{}" (model.load_weights_mode = {})'.format(path, mode))
+        print(f'Loading plain model weights from "{path}" into the PTL backbone')
+    print(f'Loading weights from "{path}" (model.load_weights_mode = {mode})')
     return load_pretrained_weights(net, state_dict, mode=mode)
 
 
@@ -237,16 +260,22 @@ def build_model(cfg, num_classes):
     if is_pruned_checkpoint(checkpoint):
         model = load_pruned_model(checkpoint, num_classes=num_classes, loss=cfg.loss.name)
         if is_ptl(model):
-            model.configure_cells(state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state,
-                                  momentum=cfg.ptl.momentum)
+            model.configure_cells(
+                state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum
+            )
         print('Loaded the pruned {} from "{}"'.format(checkpoint["pruning"]["arch"], path))
         return model
     model = _build_model(**model_kwargs(cfg, num_classes))
     if not is_ptl_model_name(cfg.model.name) and cfg.ptl != get_default_config().ptl:
-        print("Note: '{}' is a plain torchreid model; the ptl.* settings are ignored.".format(cfg.model.name))
+        print(f"Note: '{cfg.model.name}' is a plain torchreid model; the ptl.* settings are ignored.")
     if cfg.model.load_weights:
-        load_initial_weights(model, cfg.model.load_weights, cfg.model.load_weights_mode,
-                             cfg.model.trust_checkpoint, checkpoint=checkpoint)
+        load_initial_weights(
+            model,
+            cfg.model.load_weights,
+            cfg.model.load_weights_mode,
+            cfg.model.trust_checkpoint,
+            checkpoint=checkpoint,
+        )
     return model
 
 
@@ -262,9 +291,14 @@ def build_engine(cfg, datamanager=None, model=None):
     optimizer = build_optimizer(model, **optimizer_kwargs(cfg))
     scheduler = torchreid.optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
     engine_cls = ENGINES[cfg.loss.name]
-    engine = engine_cls(datamanager, model, optimizer, scheduler=scheduler,
-                        checkpoint_extras={"config": cfg.dump(), "model_name": cfg.model.name},
-                        **engine_kwargs(cfg))
+    engine = engine_cls(
+        datamanager,
+        model,
+        optimizer,
+        scheduler=scheduler,
+        checkpoint_extras={"config": cfg.dump(), "model_name": cfg.model.name},
+        **engine_kwargs(cfg),
+    )
     engine.start_epoch = cfg.train.start_epoch
     resume = resume_path(cfg)
     if resume:
@@ -280,9 +314,9 @@ def check_paths(cfg):
         section, leaf = key.split(".")
         path = cfg[section][leaf]
         if path and path != "auto" and osp.isdir(path):
-            raise ConfigError("{} = '{}' is a directory; give a checkpoint file in it".format(key, path))
+            raise ConfigError(f"{key} = '{path}' is a directory; give a checkpoint file in it")
         if path and path != "auto" and not osp.isfile(path):
-            raise ConfigError("{} = '{}': no such file".format(key, path))
+            raise ConfigError(f"{key} = '{path}': no such file")
 
 
 def check_checkpoint_files(cfg):
@@ -311,10 +345,11 @@ def run(cfg):
     reset_skipped_images()
     results = engine.run(**kwargs)
     if cfg.data.skip_corrupt:
-        print("Skipped {} unreadable image(s) during this run (data.skip_corrupt is on; each training image was "
-              "replaced by another sample of the same identity; query and gallery images are never replaced). Find "
-              "them with: ptl-torchreid check-data".format(
-                  skipped_images()))
+        print(
+            f"Skipped {skipped_images()} unreadable image(s) during this run (data.skip_corrupt is on; each training image was "
+            "replaced by another sample of the same identity; query and gallery images are never replaced). Find "
+            "them with: ptl-torchreid check-data"
+        )
     return results
 
 
@@ -329,12 +364,15 @@ def format_results_table(results):
         return "(no results)"
     ranks = sorted({r for res in results.values() for r in res["cmc"]})
     minp = any("mINP" in res for res in results.values())
-    header = ["target", "mAP"] + ["mINP"] * minp + ["Rank-{}".format(r) for r in ranks]
+    header = ["target", "mAP"] + ["mINP"] * minp + [f"Rank-{r}" for r in ranks]
     rows = []
     for name, res in results.items():
         cmc = res["cmc"]
-        rows.append([name, "{:.1%}".format(res["mAP"])] + ["{:.1%}".format(res.get("mINP", float("nan")))] * minp
-                    + ["{:.1%}".format(cmc[r]) if r in cmc else "-" for r in ranks])
+        rows.append(
+            [name, "{:.1%}".format(res["mAP"])]
+            + ["{:.1%}".format(res.get("mINP", float("nan")))] * minp
+            + [f"{cmc[r]:.1%}" if r in cmc else "-" for r in ranks]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
 
     def line(cells):
@@ -373,8 +411,11 @@ class _Tee:
             os.makedirs(osp.dirname(path), exist_ok=True)
             self.file = open(path, "a")
         except OSError as e:
-            raise SaveDirError(e.errno, "cannot write the log file '{}': {}; make data.save_dir writable or choose "
-                               "another one".format(path, e.strerror or e)) from None
+            raise SaveDirError(
+                e.errno,
+                f"cannot write the log file '{path}': {e.strerror or e}; make data.save_dir writable or choose "
+                "another one",
+            ) from None
         self.console = sys.stdout
 
     def _file_failed(self, e):
@@ -382,8 +423,11 @@ class _Tee:
         file, self.file = self.file, None
         with contextlib.suppress(OSError):
             file.close()
-        print("ptl-torchreid: warning: the log file '{}' could not be written ({}); output continues on the "
-              "console only".format(self.path, e.strerror or e), file=sys.stderr)
+        print(
+            f"ptl-torchreid: warning: the log file '{self.path}' could not be written ({e.strerror or e}); output continues on the "
+            "console only",
+            file=sys.stderr,
+        )
 
     def write(self, msg):
         self.console.write(msg)
@@ -415,8 +459,10 @@ class _Tee:
                 self.file.close()
             except OSError as e:
                 self.file = None
-                print("ptl-torchreid: warning: the end of the log file '{}' could not be written ({})".format(
-                    self.path, e.strerror or e), file=sys.stderr)
+                print(
+                    f"ptl-torchreid: warning: the end of the log file '{self.path}' could not be written ({e.strerror or e})",
+                    file=sys.stderr,
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,10 +488,18 @@ def _run_and_report(cfg, args):
 
 
 register_command("train", "train, then evaluate on the targets (the default command)", _run_and_report)
-register_command("test", "evaluate only (sets test.evaluate True); give weights with model.load_weights",
-                 _run_and_report, overrides=["test.evaluate", "True"])
-register_command("visrank", "evaluate and save ranked-result images to <save_dir>/visrank_<target>",
-                 _run_and_report, overrides=["test.evaluate", "True", "test.visrank", "True"])
+register_command(
+    "test",
+    "evaluate only (sets test.evaluate True); give weights with model.load_weights",
+    _run_and_report,
+    overrides=["test.evaluate", "True"],
+)
+register_command(
+    "visrank",
+    "evaluate and save ranked-result images to <save_dir>/visrank_<target>",
+    _run_and_report,
+    overrides=["test.evaluate", "True", "test.visrank", "True"],
+)
 
 
 def _dataset_dirs(cfg, names):
@@ -456,8 +510,9 @@ def _dataset_dirs(cfg, names):
     for name in names:
         subdir = getattr(registry.get(name), "dataset_dir", None)
         if not isinstance(subdir, str):
-            raise DatasetRootError("dataset '{}' does not say where its files are (no dataset_dir); scan its folder "
-                                   "with --dir".format(name))
+            raise DatasetRootError(
+                f"dataset '{name}' does not say where its files are (no dataset_dir); scan its folder with --dir"
+            )
         out.append((name, osp.join(root, subdir), name if name in PATTERNS else "market-style"))
     return out
 
@@ -473,9 +528,9 @@ def check_data(cfg, args):
         jobs = [(n, d, args.pattern or p) for n, d, p in _dataset_dirs(cfg, names)]
     status = 0
     for name, folder, pattern in jobs:
-        print("== {} ==".format(name))
+        print(f"== {name} ==")
         if not args.dir and is_synthetic_dataset(name) and not osp.isdir(folder):
-            print('"{}" is not generated yet; it is generated (and valid) on first use.'.format(folder))
+            print(f'"{folder}" is not generated yet; it is generated (and valid) on first use.')
             continue
         try:
             if not args.dir and is_user_source(name):  # folder / list-file / no-camera source
@@ -483,7 +538,7 @@ def check_data(cfg, args):
             else:
                 report = check_dataset_root(folder, pattern=pattern, num_workers=args.scan_workers)
         except DatasetRootError as e:
-            print("Problem: {}".format(e))
+            print(f"Problem: {e}")
             status = 1
             continue
         print(format_report(report, max_files=args.max_files))
@@ -494,19 +549,30 @@ def check_data(cfg, args):
 
 
 def _check_data_arguments(parser):
-    parser.add_argument("--dir", type=str, default="",
-                        help="scan this dataset folder (Market-1501 layout) instead of the config's datasets "
-                             "under data.root")
-    parser.add_argument("--pattern", choices=sorted(PATTERNS), default=None,
-                        help="file-name convention for identities and cameras (default: by dataset name, "
-                             "else market-style)")
+    parser.add_argument(
+        "--dir",
+        type=str,
+        default="",
+        help="scan this dataset folder (Market-1501 layout) instead of the config's datasets under data.root",
+    )
+    parser.add_argument(
+        "--pattern",
+        choices=sorted(PATTERNS),
+        default=None,
+        help="file-name convention for identities and cameras (default: by dataset name, else market-style)",
+    )
     parser.add_argument("--max-files", type=int, default=20, help="problem files listed per kind")
     parser.add_argument("--scan-workers", type=int, default=4, help="threads decoding images")
 
 
-register_command("check-data", "scan the datasets (-s/-t under --root, or --dir) for unreadable, empty or mislabeled "
-                 "images and layout problems; exit status 1 when any is found", check_data,
-                 add_arguments=_check_data_arguments, tool=True)
+register_command(
+    "check-data",
+    "scan the datasets (-s/-t under --root, or --dir) for unreadable, empty or mislabeled "
+    "images and layout problems; exit status 1 when any is found",
+    check_data,
+    add_arguments=_check_data_arguments,
+    tool=True,
+)
 
 
 def _run_prune(cfg, args):
@@ -521,28 +587,46 @@ def _prune_arguments(parser):
     add_prune_arguments(parser)
 
 
-register_command("prune", "COP-prune model.load_weights to a target (--flops-reduction/--params-reduction/"
-                 "--prune-rate), fine-tune, evaluate, save", _run_prune, add_arguments=_prune_arguments)
+register_command(
+    "prune",
+    "COP-prune model.load_weights to a target (--flops-reduction/--params-reduction/"
+    "--prune-rate), fine-tune, evaluate, save",
+    _run_prune,
+    add_arguments=_prune_arguments,
+)
 
 
-register_command("embed", "write the features of a folder, list file or DATASET:SPLIT (--input) to --output "
-                 "(.npz with the image paths)", lambda cfg, args: run_embed(cfg, args, build_model),
-                 add_arguments=add_embed_arguments, tool=True)
-register_command("search", "top-k gallery images of each query from saved features (--query/--gallery), as a "
-                 "table, results.csv and visrank-style PNGs", run_search, add_arguments=add_search_arguments,
-                 tool=True)
-register_command("export", "export model.load_weights (plain, PTL or pruned) to ONNX / OpenVINO (--format, "
-                 "--int8), checked against PyTorch, with a sidecar JSON",
-                 lambda cfg, args: run_export(cfg, args, build_datamanager, build_model),
-                 add_arguments=add_export_arguments)
+register_command(
+    "embed",
+    "write the features of a folder, list file or DATASET:SPLIT (--input) to --output (.npz with the image paths)",
+    lambda cfg, args: run_embed(cfg, args, build_model),
+    add_arguments=add_embed_arguments,
+    tool=True,
+)
+register_command(
+    "search",
+    "top-k gallery images of each query from saved features (--query/--gallery), as a "
+    "table, results.csv and visrank-style PNGs",
+    run_search,
+    add_arguments=add_search_arguments,
+    tool=True,
+)
+register_command(
+    "export",
+    "export model.load_weights (plain, PTL or pruned) to ONNX / OpenVINO (--format, "
+    "--int8), checked against PyTorch, with a sidecar JSON",
+    lambda cfg, args: run_export(cfg, args, build_datamanager, build_model),
+    add_arguments=add_export_arguments,
+)
 
 
 def build_parser(command="train"):
     cmd = COMMANDS[command]
     parser = argparse.ArgumentParser(
         prog="ptl-torchreid" if command == "train" else "ptl-torchreid " + command,
-        description="PTL (Progressive Transfer Learning) for torchreid. Command '{}': {}.".format(command, cmd.help),
-        epilog="commands: " + "; ".join("{} ({})".format(c.name, c.help) for c in COMMANDS.values())
+        description=f"PTL (Progressive Transfer Learning) for torchreid. Command '{command}': {cmd.help}.",
+        epilog="commands: "
+        + "; ".join(f"{c.name} ({c.help})" for c in COMMANDS.values())
         + ". Config keys follow torchreid's default_config plus a 'ptl' section.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -551,21 +635,38 @@ def build_parser(command="train"):
     parser.add_argument("-t", "--targets", type=str, nargs="+", help="target datasets (data.targets)")
     parser.add_argument("--transforms", type=str, nargs="+", help="training augmentations (data.transforms)")
     parser.add_argument("--root", type=str, default="", help="path to the dataset root (data.root)")
-    parser.add_argument("--resume", type=str, nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="resume training from CHECKPOINT, or, without a value, from the latest checkpoint "
-                             "in data.save_dir when there is one (train.resume)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="allow checkpoints that cannot be read weights-only (legacy pickles) to be fully "
-                             "unpickled. Unpickling can run arbitrary code contained in the file: use it only "
-                             "for files from a source you trust (model.trust_checkpoint)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train into a data.save_dir that holds the checkpoints of an earlier run, deleting them "
-                             "first (without it such a folder needs --resume or another data.save_dir)")
+    parser.add_argument(
+        "--resume",
+        type=str,
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="resume training from CHECKPOINT, or, without a value, from the latest checkpoint "
+        "in data.save_dir when there is one (train.resume)",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow checkpoints that cannot be read weights-only (legacy pickles) to be fully "
+        "unpickled. Unpickling can run arbitrary code contained in the file: use it only "
+        "for files from a source you trust (model.trust_checkpoint)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into a data.save_dir that holds the checkpoints of an earlier run, deleting them "
+        "first (without it such a folder needs --resume or another data.save_dir)",
+    )
     parser.add_argument("--version", action="version", version="ptl_torchreid " + __version__)
     if cmd.add_arguments is not None:
         cmd.add_arguments(parser)
-    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
-                        help="KEY VALUE config overrides, e.g. train.max_epoch 10 ptl.lr_mult 10")
+    parser.add_argument(
+        "opts",
+        default=None,
+        nargs=argparse.REMAINDER,
+        help="KEY VALUE config overrides, e.g. train.max_epoch 10 ptl.lr_mult 10",
+    )
     return parser
 
 
@@ -614,8 +715,11 @@ def _check_command_name(argv):
     if not argv or argv[0] in COMMANDS or argv[0].startswith("-") or "." in argv[0]:
         return
     near = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.5)
-    raise ConfigError("unknown command '{}'{}; the commands are {}".format(
-        argv[0], " (did you mean '{}')".format(near[0]) if near else "", ", ".join(COMMANDS)))
+    raise ConfigError(
+        "unknown command '{}'{}; the commands are {}".format(
+            argv[0], f" (did you mean '{near[0]}')" if near else "", ", ".join(COMMANDS)
+        )
+    )
 
 
 def resume_command(argv):
@@ -648,20 +752,29 @@ def parse_command_line(argv=None):
         flags += ["train.resume", args.resume]
     if args.trust_checkpoint:
         flags += ["model.trust_checkpoint", "True"]
-    cfg = load_config(args.config_file or None, list(args.opts or []) + flags + COMMANDS[command].overrides,
-                      sources=args.sources, targets=args.targets, transforms=args.transforms,
-                      root=args.root or None)
+    cfg = load_config(
+        args.config_file or None,
+        list(args.opts or []) + flags + COMMANDS[command].overrides,
+        sources=args.sources,
+        targets=args.targets,
+        transforms=args.transforms,
+        root=args.root or None,
+    )
     if not COMMANDS[command].tool:
         if COMMANDS[command].run is _run_and_report and not cfg.test.evaluate and cfg.train.max_epoch == 0:
-            raise ConfigError("train.max_epoch = 0: there is nothing to train, and test.evaluate is False, so nothing "
-                              "would be evaluated either. Set train.max_epoch to the number of epochs to train, or "
-                              "evaluate model.load_weights with the 'test' command")
+            raise ConfigError(
+                "train.max_epoch = 0: there is nothing to train, and test.evaluate is False, so nothing "
+                "would be evaluated either. Set train.max_epoch to the number of epochs to train, or "
+                "evaluate model.load_weights with the 'test' command"
+            )
         check_paths(cfg)
         check_dataset_roots(cfg)
         if cfg.model.trust_checkpoint:
-            print("Warning: model.trust_checkpoint is on: a checkpoint that cannot be read weights-only will be "
-                  "fully unpickled, which runs any code it contains. Use it only for files you trust.",
-                  file=sys.stderr)
+            print(
+                "Warning: model.trust_checkpoint is on: a checkpoint that cannot be read weights-only will be "
+                "fully unpickled, which runs any code it contains. Use it only for files you trust.",
+                file=sys.stderr,
+            )
         check_checkpoint_files(cfg)
     return command, args, cfg
 
@@ -687,21 +800,27 @@ def _save_dir_guard(cfg, args):
                     "data.save_dir = '{}' already holds the checkpoints of an earlier run ({}). A new run would "
                     "overwrite them and mix both runs in latest.json: continue that run with --resume, train into "
                     "another data.save_dir, or delete them first with --overwrite".format(
-                        cfg.data.save_dir, ", ".join(osp.basename(p) for p in earlier[-3:])))
+                        cfg.data.save_dir, ", ".join(osp.basename(p) for p in earlier[-3:])
+                    )
+                )
             # the weights this run starts from stay, even when they are one of those checkpoints
             keep = {osp.realpath(cfg.model.load_weights)} if cfg.model.load_weights else set()
             deleted = [p for p in earlier if osp.realpath(p) not in keep]
             for path in deleted + [manager.pointer_path]:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
-            print("--overwrite: deleted the {} checkpoint(s) of the earlier run in '{}'{}".format(
-                len(deleted), manager.save_dir, " (kept model.load_weights)" if len(deleted) < len(earlier) else ""))
+            print(
+                "--overwrite: deleted the {} checkpoint(s) of the earlier run in '{}'{}".format(
+                    len(deleted), manager.save_dir, " (kept model.load_weights)" if len(deleted) < len(earlier) else ""
+                )
+            )
         yield
 
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM outside the engine's training loop (which checkpoints first) stops like Ctrl-C, not silently."""
+
     def stop(signum, frame):
         raise TrainingInterrupted(signum)
 
@@ -718,12 +837,11 @@ def _sigterm_as_interrupt():
 def _report_interrupt(e, argv):
     if isinstance(e, TrainingInterrupted):
         name, status, saved = e.signal_name, e.exit_status, e.checkpoint
-        where = "" if e.epoch is None else " at epoch {}, iteration {}".format(e.epoch, e.iteration)
+        where = "" if e.epoch is None else f" at epoch {e.epoch}, iteration {e.iteration}"
     else:
         name, status, saved, where = "SIGINT", 128 + signal.SIGINT, None, ""
-    what = ('checkpoint saved to "{}"'.format(saved) if saved else "no checkpoint was written at the stop")
-    print("ptl-torchreid: stopped by {}{}; {}. Resume with: {}".format(name, where, what, resume_command(argv)),
-          file=sys.stderr)
+    what = f'checkpoint saved to "{saved}"' if saved else "no checkpoint was written at the stop"
+    print(f"ptl-torchreid: stopped by {name}{where}; {what}. Resume with: {resume_command(argv)}", file=sys.stderr)
     return status
 
 
@@ -746,17 +864,33 @@ def _main(argv):
             status = cmd.run(cfg, args)
         else:
             log_name = "{}-{}.log".format(command, time.strftime("%Y-%m-%d-%H-%M-%S"))
-            with distributed_session(cfg) as ctx, _save_dir_guard(cfg, args), \
-                    _log_file(osp.join(cfg.data.save_dir, log_name)):
-                print("ptl_torchreid {} | torch {} | device {}{}".format(
-                    __version__, torch.__version__, "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
-                    " | {} processes ({})".format(ctx.world_size, ctx.backend) if ctx.distributed else ""))
+            with (
+                distributed_session(cfg) as ctx,
+                _save_dir_guard(cfg, args),
+                _log_file(osp.join(cfg.data.save_dir, log_name)),
+            ):
+                print(
+                    "ptl_torchreid {} | torch {} | device {}{}".format(
+                        __version__,
+                        torch.__version__,
+                        "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
+                        f" | {ctx.world_size} processes ({ctx.backend})" if ctx.distributed else "",
+                    )
+                )
                 print(describe_cpu_threads(apply_cpu_threads(cfg.train.cpu_threads)))
-                print("Configuration:\n{}".format(cfg.dump()))
+                print(f"Configuration:\n{cfg.dump()}")
                 status = cmd.run(cfg, args)
-    except (ConfigError, DatasetRootError, DatasetError, CheckpointError, NonFiniteLossError, ImageReadError,
-            SaveDirError, ExportError) as e:
+    except (
+        ConfigError,
+        DatasetRootError,
+        DatasetError,
+        CheckpointError,
+        NonFiniteLossError,
+        ImageReadError,
+        SaveDirError,
+        ExportError,
+    ) as e:
         # Errors whose message says what is wrong and how to fix it; a traceback would only bury it.
-        print("ptl-torchreid: error: {}".format(e), file=sys.stderr)
+        print(f"ptl-torchreid: error: {e}", file=sys.stderr)
         return 2
     return status if type(status) is int else 0

@@ -13,8 +13,17 @@ import os.path as osp
 
 from ptl_torchreid.compress import is_pruned_checkpoint, pruning_info
 from ptl_torchreid.config import ConfigError
-from ptl_torchreid.export import (DEFAULT_BATCH_SIZES, FORMATS, MAX_ABS, MIN_COSINE, UnsupportedModelError, calibration_batches,
-                                  export_model, first_images, test_sets)
+from ptl_torchreid.export import (
+    DEFAULT_BATCH_SIZES,
+    FORMATS,
+    MAX_ABS,
+    MIN_COSINE,
+    UnsupportedModelError,
+    calibration_batches,
+    export_model,
+    first_images,
+    test_sets,
+)
 
 __all__ = ["add_export_arguments", "run_export", "missing_export_packages"]
 
@@ -84,6 +93,6 @@ def run_export(cfg, args, build_datamanager, build_model):
                               pruning=pruning, dynamic_batch=not args.static_batch, name=args.export_name or None,
                               max_abs=args.max_abs, min_cosine=args.min_cosine)
     except UnsupportedModelError as e:
-        raise ConfigError("model.name = '{}' cannot be exported: {}".format(cfg.model.name, e)) from None
+        raise ConfigError(f"model.name = '{cfg.model.name}' cannot be exported: {e}") from None
     print("Sidecar JSON next to each model: " + ", ".join(result.sidecars.values()))
     return 0

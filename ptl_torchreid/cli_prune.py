@@ -14,8 +14,15 @@ import argparse
 import os.path as osp
 
 from ptl_torchreid import _torchreid
-from ptl_torchreid.compress import (PRESETS, compare_latency, count_flops, count_params, make_pruning_info,
-                                    prune_cop, save_pruned_model)
+from ptl_torchreid.compress import (
+    PRESETS,
+    compare_latency,
+    count_flops,
+    count_params,
+    make_pruning_info,
+    prune_cop,
+    save_pruned_model,
+)
 from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION, check_options
 from ptl_torchreid.compress.criterion import GROUP_COSTS
 from ptl_torchreid.compress.distill import Distillation
@@ -46,14 +53,26 @@ def add_cop_arguments(group, target_required=False):
     group.add_argument("--max-prune-ratio", type=float, default=None,
                        help="most of any layer's channels that may go, e.g. 0.5 (default: no limit)")
     group.add_argument("--exclude", nargs="+", default=(), help="module names whose channels are kept")
-    group.add_argument("--criterion", default=None, choices=CRITERIA,
-                       help="filter criterion inside COP's cost-aware selection; 'cop' is the paper's (default: {} "
-                            "with training data, {} without)".format(DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION))
-    group.add_argument("--compensate", default=None, action=argparse.BooleanOptionalAction,
-                       help="refit the layers reading pruned channels by least squares on calibration images "
-                            "(default: on with training data)")
-    group.add_argument("--calibration-images", type=int, default=64,
-                       help="training images for the data-aware criteria and compensation")
+    group.add_argument(
+        "--criterion",
+        default=None,
+        choices=CRITERIA,
+        help=f"filter criterion inside COP's cost-aware selection; 'cop' is the paper's (default: {DEFAULT_CRITERION} "
+        f"with training data, {DEFAULT_DATA_FREE_CRITERION} without)",
+    )
+    group.add_argument(
+        "--compensate",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="refit the layers reading pruned channels by least squares on calibration images "
+        "(default: on with training data)",
+    )
+    group.add_argument(
+        "--calibration-images",
+        type=int,
+        default=64,
+        help="training images for the data-aware criteria and compensation",
+    )
 
 
 def add_prune_arguments(parser):
@@ -63,38 +82,63 @@ def add_prune_arguments(parser):
     g.add_argument("--latency-batch", type=int, default=32, help="batch of the latency measurement (0: skip)")
     g.add_argument("--latency-rounds", type=int, default=3)
     g.add_argument("--skip-eval-before", action="store_true", help="do not evaluate the unpruned model")
-    g.add_argument("--distill", action="store_true",
-                   help="distil the unpruned model into the pruned one during the fine-tuning")
-    g.add_argument("--distill-feature-weight", type=float, default=1.0,
-                   help="weight of the embedding distillation loss (normalised features, squared distance)")
-    g.add_argument("--distill-logit-weight", type=float, default=0.0,
-                   help="weight of the logit (KL) distillation loss; only when the classifiers match")
+    g.add_argument(
+        "--distill", action="store_true", help="distil the unpruned model into the pruned one during the fine-tuning"
+    )
+    g.add_argument(
+        "--distill-feature-weight",
+        type=float,
+        default=1.0,
+        help="weight of the embedding distillation loss (normalised features, squared distance)",
+    )
+    g.add_argument(
+        "--distill-logit-weight",
+        type=float,
+        default=0.0,
+        help="weight of the logit (KL) distillation loss; only when the classifiers match",
+    )
     g.add_argument("--distill-temperature", type=float, default=4.0)
-    g.add_argument("--steps", type=int, default=1,
-                   help="prune in this many steps, each followed by train.max_epoch / steps epochs of fine-tuning")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="prune in this many steps, each followed by train.max_epoch / steps epochs of fine-tuning",
+    )
 
 
 def prune_options(args, has_data=False):
     """``prune_cop`` keyword arguments from the parsed flags, validated before any work starts; ``has_data``:
     training images will be passed as calibration."""
-    options = dict(flops_reduction=args.flops_reduction, params_reduction=args.params_reduction,
-                   prune_rate=args.prune_rate, preset=args.preset, alpha=args.alpha, beta=args.beta,
-                   gamma=args.gamma, round_to=args.round_to, group_cost=args.group_cost, topk=args.topk,
-                   min_channels=args.min_channels, max_prune_ratio=args.max_prune_ratio,
-                   exclude=tuple(args.exclude), criterion=args.criterion, compensate=args.compensate)
+    options = dict(
+        flops_reduction=args.flops_reduction,
+        params_reduction=args.params_reduction,
+        prune_rate=args.prune_rate,
+        preset=args.preset,
+        alpha=args.alpha,
+        beta=args.beta,
+        gamma=args.gamma,
+        round_to=args.round_to,
+        group_cost=args.group_cost,
+        topk=args.topk,
+        min_channels=args.min_channels,
+        max_prune_ratio=args.max_prune_ratio,
+        exclude=tuple(args.exclude),
+        criterion=args.criterion,
+        compensate=args.compensate,
+    )
     checked = {k: v for k, v in options.items() if k != "exclude"}
     try:
         check_options(has_data=has_data, **checked)
         if args.calibration_images < 2:
-            raise ValueError("--calibration-images {} is too few; use 2 or more".format(args.calibration_images))
+            raise ValueError(f"--calibration-images {args.calibration_images} is too few; use 2 or more")
         if getattr(args, "steps", 1) < 1:
-            raise ValueError("--steps {} is not valid; use 1 or more".format(args.steps))
+            raise ValueError(f"--steps {args.steps} is not valid; use 1 or more")
         if getattr(args, "steps", 1) > 1 and args.prune_rate is not None:
             raise ValueError("--steps works with --flops-reduction or --params-reduction")
         if getattr(args, "distill", False):
             Distillation.check(args.distill_feature_weight, args.distill_logit_weight, args.distill_temperature)
     except ValueError as e:
-        raise ConfigError("prune: {} (see ptl-torchreid prune --help)".format(e)) from None
+        raise ConfigError(f"prune: {e} (see ptl-torchreid prune --help)") from None
     return options
 
 
@@ -127,8 +171,8 @@ def _fmt(v, pct=False):
     if v is None:
         return "-"
     if pct:
-        return "{:.1%}".format(v)
-    return "{:,d}".format(v) if isinstance(v, int) else "{:.4f}".format(v)
+        return f"{v:.1%}"
+    return f"{v:,d}" if isinstance(v, int) else f"{v:.4f}"
 
 
 def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
@@ -142,15 +186,20 @@ def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
     epochs_left = cfg.train.max_epoch
     for step, target in enumerate(targets, 1):
         try:
-            pruned, report = prune_cop(current, input_size=size, return_report=True,
-                                       calibration=datamanager.train_loader,
-                                       calibration_size=args.calibration_images, **dict(kwargs, **target))
+            pruned, report = prune_cop(
+                current,
+                input_size=size,
+                return_report=True,
+                calibration=datamanager.train_loader,
+                calibration_size=args.calibration_images,
+                **dict(kwargs, **target),
+            )
         except ValueError as e:  # invalid preset/weights, unreachable target, unsupported layer
-            raise ConfigError("pruning {}: {}".format(cfg.model.name, e)) from None
+            raise ConfigError(f"pruning {cfg.model.name}: {e}") from None
         report.distill = bool(args.distill)
         first = first or report
         if steps > 1:
-            print("=> Pruning step {} of {}".format(step, steps))
+            print(f"=> Pruning step {step} of {steps}")
         print(report)
         print(report.layer_table())
         for note in report.notes:
@@ -162,13 +211,17 @@ def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
         step_cfg.train.max_epoch = epochs
         engine = cli.build_engine(step_cfg, datamanager, pruned)
         if args.distill:
-            Distillation(model, args.distill_feature_weight, args.distill_logit_weight,
-                         args.distill_temperature).attach(engine)
+            Distillation(
+                model, args.distill_feature_weight, args.distill_logit_weight, args.distill_temperature
+            ).attach(engine)
         info = make_pruning_info(pruned, cfg.model.name, report=report)
         engine.checkpoint_extras["pruning"] = info  # every checkpoint of the fine-tuning reloads as a pruned model
         if epochs > 0:
-            print("=> Fine-tuning the pruned model for {} epochs{}".format(
-                epochs, " with distillation from the unpruned model" if args.distill else ""))
+            print(
+                "=> Fine-tuning the pruned model for {} epochs{}".format(
+                    epochs, " with distillation from the unpruned model" if args.distill else ""
+                )
+            )
             results = engine.run(**engine_run_kwargs(step_cfg))
         elif step == steps:
             results = _evaluate(engine, step_cfg)
@@ -187,8 +240,7 @@ def run_prune(cfg, args):
     if not cfg.model.load_weights:
         raise ConfigError("prune needs the trained model to prune: set model.load_weights")
     if resume_path(cfg):
-        raise ConfigError("prune starts from model.load_weights and does not resume; unset train.resume / "
-                          "model.resume")
+        raise ConfigError("prune starts from model.load_weights and does not resume; unset train.resume / model.resume")
     torchreid.utils.set_random_seed(cfg.train.seed)
     datamanager = cli.build_datamanager(cfg)
     model = cli.build_model(cfg, datamanager.num_train_pids)
@@ -201,25 +253,34 @@ def run_prune(cfg, args):
     pruned, report, after = _prune_and_finetune(cfg, args, cli, datamanager, model, options)
 
     out = args.out or osp.join(cfg.data.save_dir, "model", "pruned.pth.tar")
-    save_pruned_model(pruned, out, cfg.model.name, report=report,
-                      extra={"results": after, "config": cfg.dump(), "model_name": cfg.model.name})
+    save_pruned_model(
+        pruned,
+        out,
+        cfg.model.name,
+        report=report,
+        extra={"results": after, "config": cfg.dump(), "model_name": cfg.model.name},
+    )
 
-    rows = [("params", count_params(model), count_params(pruned)),
-            ("FLOPs ({}x{})".format(*size), count_flops(model, size), count_flops(pruned, size))]
+    rows = [
+        ("params", count_params(model), count_params(pruned)),
+        ("FLOPs ({}x{})".format(*size), count_flops(model, size), count_flops(pruned, size)),
+    ]
     if args.latency_batch > 0:
-        lat = compare_latency({"before": model, "after": pruned}, size, args.latency_batch,
-                              rounds=args.latency_rounds)
+        lat = compare_latency({"before": model, "after": pruned}, size, args.latency_batch, rounds=args.latency_rounds)
         device = next(pruned.parameters()).device
-        rows.append(("latency s (batch {}, {})".format(args.latency_batch, device.type), lat["before"]["median"],
-                     lat["after"]["median"]))
+        rows.append(
+            (f"latency s (batch {args.latency_batch}, {device.type})", lat["before"]["median"], lat["after"]["median"])
+        )
     r1_before, map_before = _first(before)
     r1_after, map_after = _first(after)
     lines = ["", "| | before | after |", "|---|---|---|"]
-    lines += ["| {} | {} | {} |".format(n, _fmt(b), _fmt(a)) for n, b, a in rows]
+    lines += [f"| {n} | {_fmt(b)} | {_fmt(a)} |" for n, b, a in rows]
     target = next(iter(after), "")
-    lines += ["| Rank-1 ({}) | {} | {} |".format(target, _fmt(r1_before, True), _fmt(r1_after, True)),
-              "| mAP ({}) | {} | {} |".format(target, _fmt(map_before, True), _fmt(map_after, True)),
-              "", "Pruned model saved to {} (reload: ptl_torchreid.compress.load_pruned_model, or as "
-              "model.load_weights)".format(out)]
+    lines += [
+        f"| Rank-1 ({target}) | {_fmt(r1_before, True)} | {_fmt(r1_after, True)} |",
+        f"| mAP ({target}) | {_fmt(map_before, True)} | {_fmt(map_after, True)} |",
+        "",
+        f"Pruned model saved to {out} (reload: ptl_torchreid.compress.load_pruned_model, or as model.load_weights)",
+    ]
     print("\n".join(lines))
     return after

@@ -66,8 +66,10 @@ def list_images(spec, cfg, split=None):
     name, _, which = spec.rpartition(":")
     registry = torchreid_image_datasets()
     if name not in registry or which not in SPLITS:
-        raise ConfigError('--input "{}" is neither a folder, a list file nor DATASET:SPLIT with a dataset of {} '
-                          "and a split of {}".format(spec, sorted(registry), SPLITS))
+        raise ConfigError(
+            f'--input "{spec}" is neither a folder, a list file nor DATASET:SPLIT with a dataset of {sorted(registry)} '
+            f"and a split of {SPLITS}"
+        )
     dataset = registry[name](root=cfg.data.root, transform=None, mode=which, verbose=False)
     return list(getattr(dataset, which))
 
@@ -95,8 +97,9 @@ class _Images(torch.utils.data.Dataset):
 @torch.no_grad()
 def embed_images(model, items, cfg, device, progress=True):
     """float32 features of ``items`` with the test transform of ``cfg`` (and the flip test with ``test.flip``)."""
-    _, transform = torchreid.data.transforms.build_transforms(cfg.data.height, cfg.data.width, transforms=None,
-                                                              norm_mean=cfg.data.norm_mean, norm_std=cfg.data.norm_std)
+    _, transform = torchreid.data.transforms.build_transforms(
+        cfg.data.height, cfg.data.width, transforms=None, norm_mean=cfg.data.norm_mean, norm_std=cfg.data.norm_std
+    )
     loader = DataLoader(_Images(items, transform), batch_size=cfg.test.batch_size, num_workers=cfg.data.workers)
     model.eval()
     feats = []
@@ -126,7 +129,7 @@ def save_features(path, features, items):
 def load_features(path):
     """``(features, paths, pids, camids)`` of a file written by :func:`save_features`."""
     if not osp.isfile(path):
-        raise ConfigError('features file "{}" does not exist (write it with: ptl-torchreid embed)'.format(path))
+        raise ConfigError(f'features file "{path}" does not exist (write it with: ptl-torchreid embed)')
     if path.endswith(".npy"):
         feats = np.load(path)
         sidecar = path[:-4] + ".paths.txt"
@@ -137,16 +140,15 @@ def load_features(path):
         data = np.load(path, allow_pickle=False)
         return data["features"], data["paths"], data["pids"], data["camids"]
     except (KeyError, ValueError, OSError) as e:
-        raise ConfigError('features file "{}" is not one written by ptl-torchreid embed ({})'.format(path, e)) \
-            from None
+        raise ConfigError(f'features file "{path}" is not one written by ptl-torchreid embed ({e})') from None
 
 
 def run_embed(cfg, args, build_model):
     items = list_images(args.input, cfg, args.split)
     if not items:
-        raise ConfigError('--input "{}" holds no images'.format(args.input))
+        raise ConfigError(f'--input "{args.input}" holds no images')
     if cfg.model.load_weights and not osp.isfile(cfg.model.load_weights):
-        raise ConfigError("model.load_weights = '{}': no such file".format(cfg.model.load_weights))
+        raise ConfigError(f"model.load_weights = '{cfg.model.load_weights}': no such file")
     if not cfg.model.load_weights:
         print("Warning: embedding with a model without trained weights (set model.load_weights).")
     cfg.defrost()
@@ -156,7 +158,7 @@ def run_embed(cfg, args, build_model):
     model.to(device)
     feats = embed_images(model, items, cfg, device, progress=cfg.train.progress_bar)
     save_features(args.output, feats, items)
-    print('Wrote {} features of size {} to "{}"'.format(len(feats), feats.shape[1], args.output))
+    print(f'Wrote {len(feats)} features of size {feats.shape[1]} to "{args.output}"')
     return 0
 
 
@@ -167,8 +169,7 @@ def add_search_arguments(parser):
     parser.add_argument("--query", required=True, help="query features (written by embed)")
     parser.add_argument("--gallery", required=True, help="gallery features (written by embed)")
     parser.add_argument("--topk", type=int, default=10, help="gallery images per query")
-    parser.add_argument("--out", default="", help="folder for results.csv and the PNGs (default: data.save_dir/"
-                                                   "search)")
+    parser.add_argument("--out", default="", help="folder for results.csv and the PNGs (default: data.save_dir/search)")
     parser.add_argument("--max-images", type=int, default=100, help="queries drawn as PNGs")
 
 
@@ -186,7 +187,7 @@ def search_topk(qf, gf, k, metric="euclidean", normalize=False, rerank_options=N
     rows = max(1, int(memory_cap // (len(gf) * BYTES_PER_DISTANCE)))
     idx, dist = [], []
     for s in range(0, len(qf), rows):
-        d = torchreid.metrics.compute_distance_matrix(qf[s:s + rows], gf, metric)
+        d = torchreid.metrics.compute_distance_matrix(qf[s : s + rows], gf, metric)
         v, i = torch.topk(d, k, dim=1, largest=False)
         idx.append(i)
         dist.append(v)
@@ -214,23 +215,39 @@ def run_search(cfg, args):
     qf, q_paths, q_pids, _ = load_features(args.query)
     gf, g_paths, g_pids, _ = load_features(args.gallery)
     if qf.shape[1] != gf.shape[1]:
-        raise ConfigError("--query has features of size {} but --gallery of size {}: embed both with the same "
-                          "model".format(qf.shape[1], gf.shape[1]))
+        raise ConfigError(
+            f"--query has features of size {qf.shape[1]} but --gallery of size {gf.shape[1]}: embed both with the same "
+            "model"
+        )
     if args.topk < 1:
-        raise ConfigError("--topk must be >= 1, got {}".format(args.topk))
+        raise ConfigError(f"--topk must be >= 1, got {args.topk}")
     options = None
     if cfg.test.rerank:
         options = dict(k1=cfg.test.rerank_k1, k2=cfg.test.rerank_k2, lambda_value=cfg.test.rerank_lambda)
-    idx, dist = search_topk(qf, gf, args.topk, cfg.test.dist_metric, cfg.test.normalize_feature, options,
-                            memory_cap=int(cfg.test.max_distmat_gb * (1 << 30)))
+    idx, dist = search_topk(
+        qf,
+        gf,
+        args.topk,
+        cfg.test.dist_metric,
+        cfg.test.normalize_feature,
+        options,
+        memory_cap=int(cfg.test.max_distmat_gb * (1 << 30)),
+    )
     out = args.out or osp.join(cfg.data.save_dir, "search")
     os.makedirs(out, exist_ok=True)
     rows = []
     for qi in range(len(qf)):
         for r, (gi, d) in enumerate(zip(idx[qi], dist[qi]), 1):
             known = q_pids[qi] >= 0 and g_pids[gi] >= 0
-            rows.append([str(q_paths[qi]), r, str(g_paths[gi]), "{:.4f}".format(d),
-                         ("yes" if q_pids[qi] == g_pids[gi] else "no") if known else "?"])
+            rows.append(
+                [
+                    str(q_paths[qi]),
+                    r,
+                    str(g_paths[gi]),
+                    f"{d:.4f}",
+                    ("yes" if q_pids[qi] == g_pids[gi] else "no") if known else "?",
+                ]
+            )
     with open(osp.join(out, "results.csv"), "w", newline="") as f:
         csv.writer(f).writerows([["query", "rank", "gallery", "distance", "same id"]] + rows)
     header = "| query | rank | gallery | distance | same id |"
@@ -239,6 +256,7 @@ def run_search(cfg, args):
         matches = [bool(q_pids[qi] == g_pids[g]) if q_pids[qi] >= 0 and g_pids[g] >= 0 else None for g in idx[qi]]
         name = "{:05d}_{}.png".format(qi, osp.splitext(osp.basename(str(q_paths[qi])))[0] or "query")
         draw_ranking(osp.join(out, name), q_paths[qi], [g_paths[g] for g in idx[qi]], matches)
-    print('Top-{} of {} queries written to "{}" (results.csv and {} PNGs)'.format(
-        idx.shape[1], len(qf), out, min(len(qf), args.max_images)))
+    print(
+        f'Top-{idx.shape[1]} of {len(qf)} queries written to "{out}" (results.csv and {min(len(qf), args.max_images)} PNGs)'
+    )
     return 0

@@ -268,7 +268,7 @@ def nearest_keys(key, cfg, n=3):
 def _unknown_key_error(key, cfg, source):
     near = nearest_keys(key, cfg)
     hint = " Did you mean {}?".format(" or ".join(repr(k) for k in near)) if near else ""
-    return ConfigError("unknown config key '{}'{}.{}".format(key, source, hint))
+    return ConfigError(f"unknown config key '{key}'{source}.{hint}")
 
 
 def _type_name(t):
@@ -294,9 +294,7 @@ def _coerce_scalar(value, default, key, source):
     if want is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(
-        "config key '{}'{} must be {} (like the default {!r}), got {!r}".format(
-            key, source, _type_name(want), default, value
-        )
+        f"config key '{key}'{source} must be {_type_name(want)} (like the default {default!r}), got {value!r}"
     )
 
 
@@ -323,9 +321,7 @@ def _coerce(value, default, key, source):
         return value
     if isinstance(value, (list, tuple)):
         raise ConfigError(
-            "config key '{}'{} takes a single value (like the default {!r}), got the list {!r}".format(
-                key, source, default, value
-            )
+            f"config key '{key}'{source} takes a single value (like the default {default!r}), got the list {value!r}"
         )
     return _coerce_scalar(value, default, key, source)
 
@@ -370,8 +366,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise _DuplicateKeyError("key '{}' is given twice (lines {} and {}); keep one of them".format(
-                    _dotted(self, node, key), seen[key] + 1, key_node.start_mark.line + 1))
+                raise _DuplicateKeyError(f"key '{_dotted(self, node, key)}' is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one of them")
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -407,22 +402,24 @@ _UniqueKeyLoader.compose_document = _compose_with_parents
 def merge_from_file(cfg, path):
     """Merge a YAML file into ``cfg`` (strict: unknown keys and wrong types are errors)."""
     if osp.isdir(path):
-        raise ConfigError("config file {} is a directory, not a YAML file; give the path of the file".format(path))
+        raise ConfigError(f"config file {path} is a directory, not a YAML file; give the path of the file")
     if not osp.isfile(path):
-        raise ConfigError("config file not found: {}".format(path))
+        raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
         try:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
         except _DuplicateKeyError as e:
-            raise ConfigError("config file {}: {}".format(path, e)) from None
+            raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError("config file {} is not valid YAML: {}".format(path, e)) from None
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if data is None:
-        raise ConfigError("config file {} is empty (no settings in it); give a config with at least one key, or leave "
-                          "out --config-file to use the defaults".format(path))
+        raise ConfigError(
+            f"config file {path} is empty (no settings in it); give a config with at least one key, or leave "
+            "out --config-file to use the defaults"
+        )
     if not isinstance(data, dict):
-        raise ConfigError("config file {} must hold a mapping of sections, got {}".format(path, type(data).__name__))
-    source = " (in {})".format(path)
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    source = f" (in {path})"
     for key, value in _flatten(data):
         _set_key(cfg, key, value, source)
     return cfg
@@ -449,15 +446,14 @@ def merge_from_list(cfg, opts):
     for key, value in zip(opts[0::2], opts[1::2]):
         if not isinstance(key, str) or key.startswith("-"):
             raise ConfigError(
-                "expected a config KEY, got {!r}; options (--config-file, -s, ...) must come before the "
-                "KEY VALUE overrides".format(key)
+                f"expected a config KEY, got {key!r}; options (--config-file, -s, ...) must come before the "
+                "KEY VALUE overrides"
             )
         _set_key(cfg, key, _decode(value), " (command-line override)")
     return cfg
 
 
-def load_config(config_file=None, opts=None, sources=None, targets=None, transforms=None, root=None,
-                validate=True):
+def load_config(config_file=None, opts=None, sources=None, targets=None, transforms=None, root=None, validate=True):
     """Defaults <- YAML file <- torchreid-style flags <- ``KEY VALUE`` overrides, then validated."""
     cfg = get_default_config()
     if config_file:
@@ -494,7 +490,8 @@ def expand_save_dir(cfg):
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ConfigError(
             "data.save_dir = '{}' has an invalid placeholder ({}); available: {}".format(
-                cfg.data.save_dir, e, ", ".join("{" + k + "}" for k in values))
+                cfg.data.save_dir, e, ", ".join("{" + k + "}" for k in values)
+            )
         ) from None
     return cfg
 
@@ -508,13 +505,14 @@ def _choice(key, value, choices):
     if value not in choices:
         near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3, cutoff=0.5)
         hint = " Did you mean {}?".format(" or ".join(repr(c) for c in near)) if near else ""
-        raise ConfigError("{} = {!r} is not valid.{} Valid values: {}.".format(
-            key, value, hint, ", ".join(map(str, choices))))
+        raise ConfigError(
+            "{} = {!r} is not valid.{} Valid values: {}.".format(key, value, hint, ", ".join(map(str, choices)))
+        )
 
 
 def _check(cond, key, value, requirement):
     if not cond:
-        raise ConfigError("{} = {!r} is invalid: {}".format(key, value, requirement))
+        raise ConfigError(f"{key} = {value!r} is invalid: {requirement}")
 
 
 def resume_path(cfg):
@@ -522,8 +520,10 @@ def resume_path(cfg):
     ``'auto'``: the latest checkpoint in ``data.save_dir``, if any)."""
     a, b = cfg.train.resume, cfg.model.resume
     if a and b and a != b:
-        raise ConfigError("train.resume = {!r} and model.resume = {!r} name different checkpoints; model.resume is "
-                          "torchreid's name for train.resume, set only one of them".format(a, b))
+        raise ConfigError(
+            f"train.resume = {a!r} and model.resume = {b!r} name different checkpoints; model.resume is "
+            "torchreid's name for train.resume, set only one of them"
+        )
     return a or b
 
 
@@ -559,7 +559,7 @@ def _register_user_sources(cfg):
         try:
             register_user_sources(cfg.data[key.split(".")[1]])
         except DatasetRootError as e:
-            raise ConfigError("{}: {}".format(key, e)) from None
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def _available_models():
@@ -585,8 +585,12 @@ def validate_config(cfg):
             _choice(key, name, datasets)
     if cfg.data.load_train_targets:
         overlap = set(cfg.data.sources) & set(cfg.data.targets)
-        _check(not overlap, "data.load_train_targets", True,
-               "sources and targets must not overlap (both contain {})".format(sorted(overlap)))
+        _check(
+            not overlap,
+            "data.load_train_targets",
+            True,
+            f"sources and targets must not overlap (both contain {sorted(overlap)})",
+        )
     for t in cfg.data.transforms:
         _choice("data.transforms", t.lower(), TRANSFORMS)
     _check(cfg.data.height > 0, "data.height", cfg.data.height, "must be positive")
@@ -595,27 +599,41 @@ def validate_config(cfg):
         # the side stream follows the backbone's stride-32 taps, which only line up for such sizes
         for key in ("height", "width"):
             size = cfg.data[key]
-            _check(size % PTL_SIZE_MULTIPLE == 0, "data." + key, size,
-                   "{} needs a multiple of {} (its side stream follows the backbone's stride-{} taps); use {} or "
-                   "{}".format(cfg.model.name, PTL_SIZE_MULTIPLE, PTL_SIZE_MULTIPLE,
-                               max(PTL_SIZE_MULTIPLE, size // PTL_SIZE_MULTIPLE * PTL_SIZE_MULTIPLE),
-                               (size // PTL_SIZE_MULTIPLE + 1) * PTL_SIZE_MULTIPLE))
+            _check(
+                size % PTL_SIZE_MULTIPLE == 0,
+                "data." + key,
+                size,
+                f"{cfg.model.name} needs a multiple of {PTL_SIZE_MULTIPLE} (its side stream follows the backbone's stride-{PTL_SIZE_MULTIPLE} taps); use {max(PTL_SIZE_MULTIPLE, size // PTL_SIZE_MULTIPLE * PTL_SIZE_MULTIPLE)} or "
+                f"{(size // PTL_SIZE_MULTIPLE + 1) * PTL_SIZE_MULTIPLE}",
+            )
     _check(cfg.data.workers >= 0, "data.workers", cfg.data.workers, "must be >= 0")
     _check(cfg.data.k_tfm >= 1, "data.k_tfm", cfg.data.k_tfm, "must be >= 1")
     _check(cfg.data.split_id >= 0, "data.split_id", cfg.data.split_id, "must be >= 0")
     _check(len(cfg.data.norm_mean) == 3, "data.norm_mean", cfg.data.norm_mean, "needs 3 values (RGB)")
-    _check(len(cfg.data.norm_std) == 3 and all(s > 0 for s in cfg.data.norm_std), "data.norm_std",
-           cfg.data.norm_std, "needs 3 positive values (RGB)")
+    _check(
+        len(cfg.data.norm_std) == 3 and all(s > 0 for s in cfg.data.norm_std),
+        "data.norm_std",
+        cfg.data.norm_std,
+        "needs 3 positive values (RGB)",
+    )
     _check(bool(cfg.data.save_dir), "data.save_dir", cfg.data.save_dir, "must not be empty")
     _check(bool(cfg.data.root), "data.root", cfg.data.root, "must not be empty (the folder holding the datasets)")
     syn = cfg.data.synthetic
     unset = " (or -1 for the dataset's own default)"
-    _check(syn.num_train_ids == -1 or syn.num_train_ids >= 2, "data.synthetic.num_train_ids", syn.num_train_ids,
-           "softmax training needs at least 2 identities" + unset)
+    _check(
+        syn.num_train_ids == -1 or syn.num_train_ids >= 2,
+        "data.synthetic.num_train_ids",
+        syn.num_train_ids,
+        "softmax training needs at least 2 identities" + unset,
+    )
     for k in ("num_test_ids", "images_per_id_per_camera"):
         _check(syn[k] == -1 or syn[k] >= 1, "data.synthetic." + k, syn[k], "must be >= 1" + unset)
-    _check(syn.num_cameras == -1 or syn.num_cameras >= 2, "data.synthetic.num_cameras", syn.num_cameras,
-           "needs at least 2 cameras (query and gallery come from different cameras)" + unset)
+    _check(
+        syn.num_cameras == -1 or syn.num_cameras >= 2,
+        "data.synthetic.num_cameras",
+        syn.num_cameras,
+        "needs at least 2 cameras (query and gallery come from different cameras)" + unset,
+    )
     _check(syn.seed >= -1, "data.synthetic.seed", syn.seed, "must be >= 0" + unset)
 
     _choice("sampler.train_sampler", cfg.sampler.train_sampler, choices["samplers"])
@@ -629,42 +647,77 @@ def validate_config(cfg):
     _check(tr.lr > 0, "train.lr", tr.lr, "the learning rate must be positive")
     _check(tr.weight_decay >= 0, "train.weight_decay", tr.weight_decay, "must be >= 0")
     _check(tr.max_epoch >= 0, "train.max_epoch", tr.max_epoch, "must be >= 0")
-    _check(0 <= tr.start_epoch <= max(tr.max_epoch, 0), "train.start_epoch", tr.start_epoch,
-           "must be between 0 and train.max_epoch ({})".format(tr.max_epoch))
+    _check(
+        0 <= tr.start_epoch <= max(tr.max_epoch, 0),
+        "train.start_epoch",
+        tr.start_epoch,
+        f"must be between 0 and train.max_epoch ({tr.max_epoch})",
+    )
     _check(tr.batch_size >= 1, "train.batch_size", tr.batch_size, "must be >= 1")
     samplers = (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t)
     if "RandomIdentitySampler" in samplers:
-        _check(tr.batch_size >= cfg.sampler.num_instances, "train.batch_size", tr.batch_size,
-               "RandomIdentitySampler takes sampler.num_instances ({}) images per identity, so the batch must "
-               "hold at least that many".format(cfg.sampler.num_instances))
-        _check(tr.batch_size % cfg.sampler.num_instances == 0, "train.batch_size", tr.batch_size,
-               "RandomIdentitySampler needs a multiple of sampler.num_instances ({}): P identities x K "
-               "images per batch".format(cfg.sampler.num_instances))
+        _check(
+            tr.batch_size >= cfg.sampler.num_instances,
+            "train.batch_size",
+            tr.batch_size,
+            f"RandomIdentitySampler takes sampler.num_instances ({cfg.sampler.num_instances}) images per identity, so the batch must "
+            "hold at least that many",
+        )
+        _check(
+            tr.batch_size % cfg.sampler.num_instances == 0,
+            "train.batch_size",
+            tr.batch_size,
+            f"RandomIdentitySampler needs a multiple of sampler.num_instances ({cfg.sampler.num_instances}): P identities x K "
+            "images per batch",
+        )
     if "RandomDomainSampler" in samplers:
-        _check(tr.batch_size % cfg.sampler.num_cams == 0, "train.batch_size", tr.batch_size,
-               "RandomDomainSampler needs a multiple of sampler.num_cams ({})".format(cfg.sampler.num_cams))
+        _check(
+            tr.batch_size % cfg.sampler.num_cams == 0,
+            "train.batch_size",
+            tr.batch_size,
+            f"RandomDomainSampler needs a multiple of sampler.num_cams ({cfg.sampler.num_cams})",
+        )
     if "RandomDatasetSampler" in samplers:
-        _check(tr.batch_size % cfg.sampler.num_datasets == 0, "train.batch_size", tr.batch_size,
-               "RandomDatasetSampler needs a multiple of sampler.num_datasets ({})".format(
-                   cfg.sampler.num_datasets))
+        _check(
+            tr.batch_size % cfg.sampler.num_datasets == 0,
+            "train.batch_size",
+            tr.batch_size,
+            f"RandomDatasetSampler needs a multiple of sampler.num_datasets ({cfg.sampler.num_datasets})",
+        )
     _check(tr.fixbase_epoch >= 0, "train.fixbase_epoch", tr.fixbase_epoch, "must be >= 0")
     _check(tr.base_lr_mult > 0, "train.base_lr_mult", tr.base_lr_mult, "must be positive")
     _choice("train.lr_scheduler", tr.lr_scheduler, choices["schedulers"])
-    _check(len(tr.stepsize) > 0 and all(s > 0 for s in tr.stepsize), "train.stepsize", tr.stepsize,
-           "needs one or more positive epoch numbers")
+    _check(
+        len(tr.stepsize) > 0 and all(s > 0 for s in tr.stepsize),
+        "train.stepsize",
+        tr.stepsize,
+        "needs one or more positive epoch numbers",
+    )
     if tr.lr_scheduler == "multi_step":
-        _check(list(tr.stepsize) == sorted(tr.stepsize), "train.stepsize", tr.stepsize,
-               "multi_step milestones must be increasing")
+        _check(
+            list(tr.stepsize) == sorted(tr.stepsize),
+            "train.stepsize",
+            tr.stepsize,
+            "multi_step milestones must be increasing",
+        )
     _check(tr.gamma > 0, "train.gamma", tr.gamma, "must be positive")
     _check(tr.print_freq >= 1, "train.print_freq", tr.print_freq, "must be >= 1")
     _check(tr.seed >= 0, "train.seed", tr.seed, "must be >= 0")
     _choice("train.amp_dtype", tr.amp_dtype, AMP_DTYPES)
-    _check(tr.checkpoint_every_n_iters >= 0, "train.checkpoint_every_n_iters", tr.checkpoint_every_n_iters,
-           "must be >= 0 (0: checkpoints only after evaluations)")
+    _check(
+        tr.checkpoint_every_n_iters >= 0,
+        "train.checkpoint_every_n_iters",
+        tr.checkpoint_every_n_iters,
+        "must be >= 0 (0: checkpoints only after evaluations)",
+    )
     _check(tr.keep_last >= 0, "train.keep_last", tr.keep_last, "must be >= 0 (0: keep every checkpoint)")
     resume_path(cfg)  # both resume keys set to different checkpoints is an error
-    _check(is_valid_cpu_threads(tr.cpu_threads), "train.cpu_threads", tr.cpu_threads,
-           "must be 'auto', a number of threads >= 1, or 0 (torch's own default)")
+    _check(
+        is_valid_cpu_threads(tr.cpu_threads),
+        "train.cpu_threads",
+        tr.cpu_threads,
+        "must be 'auto', a number of threads >= 1, or 0 (torch's own default)",
+    )
 
     _check(cfg.sgd.momentum >= 0, "sgd.momentum", cfg.sgd.momentum, "must be >= 0")
     _check(cfg.sgd.dampening >= 0, "sgd.dampening", cfg.sgd.dampening, "must be >= 0")
@@ -677,50 +730,82 @@ def validate_config(cfg):
     _check(tl.weight_t >= 0, "loss.triplet.weight_t", tl.weight_t, "must be >= 0")
     _check(tl.weight_x >= 0, "loss.triplet.weight_x", tl.weight_x, "must be >= 0")
     if cfg.loss.name == "triplet":
-        _check(tl.weight_t + tl.weight_x > 0, "loss.triplet.weight_t", tl.weight_t,
-               "weight_t and weight_x cannot both be 0")
+        _check(
+            tl.weight_t + tl.weight_x > 0,
+            "loss.triplet.weight_t",
+            tl.weight_t,
+            "weight_t and weight_x cannot both be 0",
+        )
         # As torchreid's check_cfg: with no softmax term the classifier is outside the graph.
-        _check(not (tl.weight_x == 0 and tr.fixbase_epoch > 0), "train.fixbase_epoch", tr.fixbase_epoch,
-               "must be 0 when loss.triplet.weight_x is 0 (the classifier would get no gradient)")
+        _check(
+            not (tl.weight_x == 0 and tr.fixbase_epoch > 0),
+            "train.fixbase_epoch",
+            tr.fixbase_epoch,
+            "must be 0 when loss.triplet.weight_x is 0 (the classifier would get no gradient)",
+        )
 
     te = cfg.test
     _check(te.batch_size >= 1, "test.batch_size", te.batch_size, "must be >= 1")
     _choice("test.dist_metric", te.dist_metric, DIST_METRICS)
-    _check(len(te.ranks) > 0 and all(r >= 1 for r in te.ranks), "test.ranks", te.ranks,
-           "needs one or more ranks >= 1")
-    _check(te.eval_freq == -1 or te.eval_freq >= 1, "test.eval_freq", te.eval_freq,
-           "must be -1 (evaluate after training only) or >= 1")
+    _check(len(te.ranks) > 0 and all(r >= 1 for r in te.ranks), "test.ranks", te.ranks, "needs one or more ranks >= 1")
+    _check(
+        te.eval_freq == -1 or te.eval_freq >= 1,
+        "test.eval_freq",
+        te.eval_freq,
+        "must be -1 (evaluate after training only) or >= 1",
+    )
     _check(te.start_eval >= 0, "test.start_eval", te.start_eval, "must be >= 0")
     _check(te.visrank_topk >= 1, "test.visrank_topk", te.visrank_topk, "must be >= 1")
     _validate_test_options(te)
-    _check(not te.visrank or te.evaluate, "test.visrank", te.visrank,
-           "ranked-result visualisation runs in test mode only; also set test.evaluate True (or use the "
-           "'visrank' command)")
+    _check(
+        not te.visrank or te.evaluate,
+        "test.visrank",
+        te.visrank,
+        "ranked-result visualisation runs in test mode only; also set test.evaluate True (or use the "
+        "'visrank' command)",
+    )
 
     p = cfg.ptl
     _choice("ptl.state_mode", p.state_mode, PTL_STATE_MODES)
     _choice("ptl.eval_state", p.eval_state, PTL_EVAL_STATES)
     _choice("ptl.reset_policy", p.reset_policy, PTL_RESET_POLICIES)
     if p.reset_policy == "iter":
-        _check(p.reset_every_n_iters >= 1, "ptl.reset_every_n_iters", p.reset_every_n_iters,
-               "must be >= 1 when ptl.reset_policy is 'iter'")
+        _check(
+            p.reset_every_n_iters >= 1,
+            "ptl.reset_every_n_iters",
+            p.reset_every_n_iters,
+            "must be >= 1 when ptl.reset_policy is 'iter'",
+        )
     _check(p.reset_every_n_iters >= 0, "ptl.reset_every_n_iters", p.reset_every_n_iters, "must be >= 0")
-    _check(p.freeze_backbone_epochs >= -1, "ptl.freeze_backbone_epochs", p.freeze_backbone_epochs,
-           "must be -1 (frozen throughout), 0 (never frozen) or a number of epochs")
+    _check(
+        p.freeze_backbone_epochs >= -1,
+        "ptl.freeze_backbone_epochs",
+        p.freeze_backbone_epochs,
+        "must be -1 (frozen throughout), 0 (never frozen) or a number of epochs",
+    )
     _check(p.lr_mult > 0, "ptl.lr_mult", p.lr_mult, "must be positive")
     _check(0 < p.momentum <= 1, "ptl.momentum", p.momentum, "must be in (0, 1]")
-    for key, choices in (("mode", PTL_MODES), ("head", PTL_HEADS), ("side_pool", PTL_SIDE_POOLS),
-                         ("cell_init", PTL_CELL_INITS), ("cell_type", PTL_CELL_TYPES),
-                         ("stage3_tap", PTL_STAGE3_TAPS)):
+    for key, choices in (
+        ("mode", PTL_MODES),
+        ("head", PTL_HEADS),
+        ("side_pool", PTL_SIDE_POOLS),
+        ("cell_init", PTL_CELL_INITS),
+        ("cell_type", PTL_CELL_TYPES),
+        ("stage3_tap", PTL_STAGE3_TAPS),
+    ):
         _choice("ptl." + key, p[key], choices)
     try:
         check_stages(p.rectify_stages)
     except ValueError:
-        raise ConfigError("ptl.rectify_stages = {} is not valid; give one or more distinct names of {}".format(
-            list(p.rectify_stages), ", ".join(PTL_STAGES))) from None
+        raise ConfigError(
+            "ptl.rectify_stages = {} is not valid; give one or more distinct names of {}".format(
+                list(p.rectify_stages), ", ".join(PTL_STAGES)
+            )
+        ) from None
 
-    _check(isinstance(cfg.use_gpu, bool) or cfg.use_gpu == "auto", "use_gpu", cfg.use_gpu,
-           "must be 'auto', True or False")
+    _check(
+        isinstance(cfg.use_gpu, bool) or cfg.use_gpu == "auto", "use_gpu", cfg.use_gpu, "must be 'auto', True or False"
+    )
     return cfg
 
 
@@ -785,10 +870,19 @@ def model_kwargs(cfg, num_classes):
     if is_ptl_model_name(cfg.model.name):
         # The cells' state shapes follow the input size, so the model is built for data.height x data.width.
         p = cfg.ptl
-        kwargs.update(state_mode=p.state_mode, eval_state=p.eval_state, momentum=p.momentum,
-                      input_size=(cfg.data.height, cfg.data.width), mode=p.mode, head=p.head,
-                      rectify_stages=tuple(p.rectify_stages), side_pool=p.side_pool, cell_init=p.cell_init,
-                      cell_type=p.cell_type, stage3_tap=p.stage3_tap)
+        kwargs.update(
+            state_mode=p.state_mode,
+            eval_state=p.eval_state,
+            momentum=p.momentum,
+            input_size=(cfg.data.height, cfg.data.width),
+            mode=p.mode,
+            head=p.head,
+            rectify_stages=tuple(p.rectify_stages),
+            side_pool=p.side_pool,
+            cell_init=p.cell_init,
+            cell_type=p.cell_type,
+            stage3_tap=p.stage3_tap,
+        )
     return kwargs
 
 
@@ -869,8 +963,20 @@ def _validate_test_options(te):
 def evaluation_kwargs(cfg):
     """The engine's ``evaluation`` options (``ptl_torchreid.engine.evaluator.EvalOptions``) from ``test.*``."""
     te = cfg.test
-    return {k: te[k] for k in ("rerank_k1", "rerank_k2", "rerank_lambda", "aqe", "aqe_k", "aqe_alpha", "flip",
-                               "roc", "max_distmat_gb")}
+    return {
+        k: te[k]
+        for k in (
+            "rerank_k1",
+            "rerank_k2",
+            "rerank_lambda",
+            "aqe",
+            "aqe_k",
+            "aqe_alpha",
+            "flip",
+            "roc",
+            "max_distmat_gb",
+        )
+    }
 
 
 def engine_run_kwargs(cfg):

@@ -32,7 +32,7 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
               "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
               "train.batch_size", "8", "sampler.num_instances", "2", "test.batch_size", "32"]
     for seed in ("1", "2"):
-        assert study.main(["--seeds", seed, "--json", str(tmp_path / "s{}.json".format(seed))] + common) == 0
+        assert study.main(["--seeds", seed, "--json", str(tmp_path / f"s{seed}.json")] + common) == 0
     one = json.load(open(tmp_path / "s1.json"))
     assert one["steps_per_variant"] >= 2 and one["seeds"] == [1]
     # zero-initialised paths: before fine-tuning every variant is the plain model

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from ptl_torchreid import _torchreid
@@ -107,7 +106,7 @@ def test_train_then_test_and_visrank(data_root, tmp_path, capsys):
     assert "Start training" not in out and "Rank-1" in out
     assert not (tmp_path / "test" / "model").exists()
     mAP = state["results"]["synthetic_reid"]["mAP"]
-    assert "{:.1%}".format(mAP) in out  # the same weights give the same result
+    assert f"{mAP:.1%}" in out  # the same weights give the same result
 
     assert main(["visrank"] + demo_args(data_root, tmp_path / "vis", "model.load_weights", str(best),
                                         "test.visrank_topk", "3")) == 0

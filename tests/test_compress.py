@@ -10,11 +10,21 @@ import torch.nn.functional as F
 
 import ptl_torchreid  # noqa: F401  (registers the ptl_* models)
 from ptl_torchreid import _torchreid
-from ptl_torchreid.compress import (PRESETS, UnsupportedLayerError, build_graph, count_flops, count_params,
-                                    kept_fraction, load_pruned_model, pruning_info, register_pruned_model,
-                                    save_pruned_model, shrink)
+from ptl_torchreid.compress import (
+    PRESETS,
+    UnsupportedLayerError,
+    build_graph,
+    count_flops,
+    count_params,
+    kept_fraction,
+    load_pruned_model,
+    pruning_info,
+    register_pruned_model,
+    save_pruned_model,
+    shrink,
+)
 from ptl_torchreid.compress import prune_cop as _prune_cop
-from ptl_torchreid.compress.criterion import COPSelector, group_correlation, normalize_correlation
+from ptl_torchreid.compress.criterion import COPSelector, group_correlation
 from ptl_torchreid.models import BConvCell, build_model
 
 torchreid = _torchreid.torchreid
@@ -655,7 +665,7 @@ def test_prune_command_prunes_finetunes_evaluates_and_saves(tmp_path, capsys):
     assert main(["test", "--config-file", DEMO, "--root", root] + TINY +
                 ["data.save_dir", str(save / "test"), "model.load_weights", str(pruned_file)]) == 0
     out = capsys.readouterr().out
-    assert "Loaded the pruned osnet_x0_25" in out and "mAP: {:.1%}".format(after) in out
+    assert "Loaded the pruned osnet_x0_25" in out and f"mAP: {after:.1%}" in out
 
 
 @pytest.mark.parametrize("flags, message", [

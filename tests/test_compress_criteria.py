@@ -9,12 +9,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ptl_torchreid.compress import build_graph, load_pruned_model, prune_cop, pruning_info, save_pruned_model, shrink
-from ptl_torchreid.compress.compensate import compensate, refit_consumer, reconstruction_error
+from ptl_torchreid.compress.compensate import compensate, reconstruction_error, refit_consumer
 from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION
 from ptl_torchreid.compress.criterion import correlation_state
 from ptl_torchreid.compress.distill import Distillation
-from ptl_torchreid.compress.scores import (ActivationState, activation_statistics, bn_relu_energy,
-                                           magnitude_strength, taylor_scores)
+from ptl_torchreid.compress.scores import (
+    ActivationState,
+    activation_statistics,
+    bn_relu_energy,
+    magnitude_strength,
+    taylor_scores,
+)
 from ptl_torchreid.models import build_model
 
 

@@ -179,11 +179,11 @@ def test_every_shipped_config_loads_and_validates():
     names = {osp.basename(p) for p in CONFIGS}
     assert "synthetic_demo.yaml" in names
     for ds in ("market1501", "dukemtmcreid", "msmt17", "cuhk03"):
-        assert {"ptl_resnet50_{}.yaml".format(ds), "resnet50_{}.yaml".format(ds)} <= names
+        assert {f"ptl_resnet50_{ds}.yaml", f"resnet50_{ds}.yaml"} <= names
     for path in CONFIGS:
         with open(path) as f:
             first = f.readline()
-        assert first.startswith("# "), "{} must start with a comment saying what it reproduces".format(path)
+        assert first.startswith("# "), f"{path} must start with a comment saying what it reproduces"
         load_config(path)
 
 
@@ -194,7 +194,7 @@ def test_baseline_twins_differ_only_in_model_name():
         if not name.startswith("ptl_"):
             continue
         twin = osp.join(osp.dirname(path), name[len("ptl_"):])
-        assert osp.isfile(twin), "{} has no baseline twin".format(name)
+        assert osp.isfile(twin), f"{name} has no baseline twin"
         ptl = load_config(path, validate=False)
         base = load_config(twin, validate=False)
         assert ptl.model.name == "ptl_" + base.model.name

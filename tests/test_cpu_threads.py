@@ -168,8 +168,7 @@ def test_tool_scripts_import_the_package_before_torch(script):
         roots = {n.split(".")[0] for n in names}
         if "ptl_torchreid" in roots:
             return
-        assert not roots & set(_FIRST_LOADERS), "{} imports {} before ptl_torchreid".format(
-            osp.basename(script), sorted(roots))
+        assert not roots & set(_FIRST_LOADERS), f"{osp.basename(script)} imports {sorted(roots)} before ptl_torchreid"
 
 
 _TORCHRUN_CHILD = """
@@ -193,4 +192,4 @@ def test_torchrun_processes_on_one_machine_split_the_cpus(tmp_path):
                           str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     for rank in (0, 1):
-        assert json.loads((tmp_path / "rank{}".format(rank)).read_text()) == [4, 2, 4]
+        assert json.loads((tmp_path / f"rank{rank}").read_text()) == [4, 2, 4]

@@ -20,8 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ptl_torchreid import models
-from ptl_torchreid.data.samplers import (DistributedRandomIdentitySampler, ShardSampler,
-                                         build_distributed_train_sampler, rebuild_loader)
+from ptl_torchreid.data.samplers import (
+    DistributedRandomIdentitySampler,
+    ShardSampler,
+    build_distributed_train_sampler,
+    rebuild_loader,
+)
 from ptl_torchreid.models.bconv import BConvCell
 from ptl_torchreid.utils import amp
 from ptl_torchreid.utils import distributed as pdist
@@ -128,7 +132,7 @@ def _ddp_cells_worker(rank, out_dir):
     results["gathered"] = pdist.all_gather_tensors(t)
     results["gathered_bool"] = pdist.all_gather_tensors(torch.tensor([True, False][: rank + 1]))
     results["mean"] = pdist.all_reduce_mean(float(rank + 1), weight=rank + 1)
-    torch.save(results, osp.join(out_dir, "rank{}.pt".format(rank)))
+    torch.save(results, osp.join(out_dir, f"rank{rank}.pt"))
 
 
 def _workers(rank, out_dir):
@@ -147,7 +151,7 @@ def spawned(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddp_cells(spawned):
-    return [torch.load(spawned / "rank{}.pt".format(r)) for r in range(WORLD)]
+    return [torch.load(spawned / f"rank{r}.pt") for r in range(WORLD)]
 
 
 def test_dataset_mode_states_match_single_process_over_union(ddp_cells):
@@ -285,12 +289,12 @@ def _ddp_ptl_worker(rank, out_dir):
         net = models.unwrap(model)
         torch.save({"states": [c.state for c in net.cells()], "running": [c.running_state for c in net.cells()],
                     "loss": float(loss), "weight": net.classifier.weight.detach().clone()},
-                   osp.join(out_dir, "{}_rank{}.pt".format(tag, rank)))
+                   osp.join(out_dir, f"{tag}_rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("tag", sorted(PTL_VARIANTS))
 def test_ptl_model_states_agree_across_ranks_under_ddp_and_bf16(spawned, tag):
-    r0, r1 = (torch.load(spawned / "{}_rank{}.pt".format(tag, r)) for r in range(WORLD))
+    r0, r1 = (torch.load(spawned / f"{tag}_rank{r}.pt") for r in range(WORLD))
     assert math.isfinite(r0["loss"]) and math.isfinite(r1["loss"])
     assert r0["loss"] != r1["loss"]  # the ranks did see different data
     torch.testing.assert_close(r0["weight"], r1["weight"])  # DDP kept the weights equal
@@ -332,7 +336,7 @@ def _cli_worker(rank, out_dir):
 
     cli.build_engine = recording_build_engine
     # each rank gets its own save_dir, so that what each rank writes can be told apart
-    save_dir = osp.join(out_dir, "cli", "rank{}".format(rank))
+    save_dir = osp.join(out_dir, "cli", f"rank{rank}")
     stdout, sys.stdout = sys.stdout, io.StringIO()
     try:
         status = cli.main(["--root", osp.join(out_dir, "cli-data")] + CLI_OPTS
@@ -357,7 +361,7 @@ def _cli_worker(rank, out_dir):
                 "buffers": {k: v.clone() for k, v in net.named_buffers() if "running_mean" in k},
                 "backbone": [p.detach().clone() for p in net.backbone.parameters()][:4],
                 "sharded": sharded, "local": local, "gallery_pids": [item[1] for item in gallery.dataset.data]},
-               osp.join(out_dir, "cli_rank{}.pt".format(rank)))
+               osp.join(out_dir, f"cli_rank{rank}.pt"))
     _reliability_checks(rank, out_dir, engine, save_dir)
 
 
@@ -391,12 +395,12 @@ def _reliability_checks(rank, out_dir, engine, save_dir):
         out["written"] = engine._write_checkpoint(FailingManager(), lambda: {"x": 1}, iteration=1)
     except CheckpointError as e:
         out["write_error"] = str(e)
-    torch.save(out, osp.join(out_dir, "reliability_rank{}.pt".format(rank)))
+    torch.save(out, osp.join(out_dir, f"reliability_rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
 def cli_run(spawned):
-    return [torch.load(spawned / "cli_rank{}.pt".format(r)) for r in range(WORLD)], spawned
+    return [torch.load(spawned / f"cli_rank{r}.pt") for r in range(WORLD)], spawned
 
 
 def test_cli_trains_with_ddp_and_distributed_identity_sampler(cli_run):
@@ -440,7 +444,7 @@ def test_cli_iteration_checkpoints_written_by_rank0_only(cli_run):
 
 
 def test_resume_loads_rank0_checkpoint_on_every_rank(spawned):
-    r0, r1 = (torch.load(spawned / "reliability_rank{}.pt".format(r)) for r in range(WORLD))
+    r0, r1 = (torch.load(spawned / f"reliability_rank{r}.pt") for r in range(WORLD))
     assert r0["start"] == r1["start"] == 2 and r0["iteration"] == r1["iteration"] > 0
     for a, b in zip(r0["weights"], r1["weights"]):
         assert torch.equal(a, b)  # the ranks' different weights were replaced by the same checkpoint's
@@ -448,7 +452,7 @@ def test_resume_loads_rank0_checkpoint_on_every_rank(spawned):
 
 
 def test_non_finite_loss_and_failed_write_stop_every_rank(spawned):
-    r0, r1 = (torch.load(spawned / "reliability_rank{}.pt".format(r)) for r in range(WORLD))
+    r0, r1 = (torch.load(spawned / f"reliability_rank{r}.pt") for r in range(WORLD))
     assert "on another rank" in r0["nonfinite"] and "loss nan on rank 1" in r1["nonfinite"]
     assert r0["write_error"] == "disk full" and "rank 0 could not write" in r1["write_error"]
     assert "written" not in r0 and "written" not in r1
@@ -514,7 +518,7 @@ def test_engine_refuses_plain_sampler_and_fixbase_without_unused_parameters():
 def fake_source(num_pids=23, seed=0):
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(1, 14, (num_pids,), generator=g).tolist()
-    return [("img_{}_{}.jpg".format(pid, i), pid, i % 3, 0) for pid, n in enumerate(counts) for i in range(n)]
+    return [(f"img_{pid}_{i}.jpg", pid, i % 3, 0) for pid, n in enumerate(counts) for i in range(n)]
 
 
 def rank_batches(source, world, epoch, batch_size=8, k=4, seed=5):

@@ -16,7 +16,7 @@ def make_images(folder, n, seed):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        cv2.imwrite(str(folder / "img{:02d}.jpg".format(i)), rng.integers(0, 255, (32, 16, 3), dtype=np.uint8))
+        cv2.imwrite(str(folder / f"img{i:02d}.jpg"), rng.integers(0, 255, (32, 16, 3), dtype=np.uint8))
 
 
 def test_embed_and_search_round_trip(tmp_path, capsys):

@@ -4,13 +4,13 @@ import os.path as osp
 
 import pytest
 import torch
+from tiny import TINY_RUN
 
 import ptl_torchreid.engine.evaluator as evaluator_module
 from ptl_torchreid.cli import build_datamanager, build_engine, build_model
 from ptl_torchreid.config import engine_run_kwargs, load_config
 from ptl_torchreid.engine import ENGINES, PTLImageSoftmaxEngine, build_optimizer, clamp_ranks
 from ptl_torchreid.models import is_ptl
-from tiny import TINY_RUN
 
 TINY = TINY_RUN + ["data.transforms", "['random_flip']", "train.lr", "0.001"]
 
@@ -234,7 +234,7 @@ def test_ranks_clamped_to_gallery_size(data_root, datamanager, tmp_path, capsys)
     engine.test(ranks=[1, 5, 10, 1000])
     out = capsys.readouterr().out
     num_gallery = len(datamanager.test_dataset["synthetic_reid"]["gallery"])
-    assert "Rank-1000 cannot be computed" in out and "only {} images".format(num_gallery) in out
+    assert "Rank-1000 cannot be computed" in out and f"only {num_gallery} images" in out
     assert sorted(engine.last_results["synthetic_reid"]["cmc"]) == [r for r in (1, 5, 10) if r <= num_gallery]
     assert clamp_ranks([1, 5, 20], 10) == [1, 5]
     assert clamp_ranks([20], 10) == [1]

@@ -1,10 +1,10 @@
 """The engine's test-time options: re-ranking, AQE, ROC, chunked ranking and the flip test, from the config."""
 import pytest
 import torch
+from tiny import run_opts
 
 from ptl_torchreid.cli import build_engine, run
 from ptl_torchreid.config import load_config
-from tiny import run_opts
 
 
 def config(data_root, save_dir, *extra):

@@ -12,14 +12,21 @@ import torch.nn as nn
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
+from tiny import TINY_DATA  # noqa: E402
+
 from ptl_torchreid.cli import main  # noqa: E402
 from ptl_torchreid.compress import load_pruned_model, prune_cop, save_pruned_model  # noqa: E402
-from ptl_torchreid.export import (OnnxRuntimeRunner, ParityError, QuantizationRejected,  # noqa: E402
-                                  UnsupportedModelError, export_model, export_onnx, read_sidecar)
-from ptl_torchreid.export import pipeline  # noqa: E402
+from ptl_torchreid.export import (  # noqa: E402
+    OnnxRuntimeRunner,
+    ParityError,
+    QuantizationRejected,
+    UnsupportedModelError,
+    export_model,
+    export_onnx,
+    pipeline,  # noqa: E402
+    read_sidecar,
+)
 from ptl_torchreid.models import build_model  # noqa: E402
-
-from tiny import TINY_DATA  # noqa: E402
 
 SIZE = (16, 8)
 

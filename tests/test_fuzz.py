@@ -103,7 +103,7 @@ def test_config_override_fuzz(pairs, odd):
 
 names = st.one_of(
     st.text(max_size=40),
-    st.builds(lambda pid, cam, rest: "{}_c{}{}".format(pid, cam, rest),
+    st.builds(lambda pid, cam, rest: f"{pid}_c{cam}{rest}",
               st.integers(-10 ** 30, 10 ** 30), st.integers(-5, 10 ** 20), st.text(max_size=10)),
     st.from_regex(r"\A-?\d{1,6}_c\d{1,3}s\d_\d{6}_\d{2}\.(jpg|png)\Z"),
 )

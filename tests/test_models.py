@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
+from tiny import shared_weights
 
 import ptl_torchreid
 from ptl_torchreid import models
 from ptl_torchreid._torchreid import model_factory, torchreid
 from ptl_torchreid.models import backbones
-from tiny import shared_weights
 
 SMALL = "ptl_osnet_x0_25"
 

@@ -9,13 +9,13 @@ import os.path as osp
 
 import pytest
 import torch
+from tiny import shared_weights
 
 import ptl_torchreid  # noqa: F401  (registers the ptl_* models)
 from ptl_torchreid import _torchreid, models
 from ptl_torchreid.cli import build_model as build_model_from_config
 from ptl_torchreid.config import ConfigError, get_default_config, merge_from_list, validate_config
 from ptl_torchreid.models import backbones
-from tiny import shared_weights
 
 torchreid = _torchreid.torchreid
 SIZE = (64, 32)
@@ -31,7 +31,7 @@ def plain_and_file(name, tmp_path, num_classes=5):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
-    path = str(tmp_path / "{}.pth.tar".format(name))
+    path = str(tmp_path / f"{name}.pth.tar")
     torch.save({"state_dict": plain.state_dict(), "epoch": 1}, path)
     return plain.eval(), path
 
@@ -238,8 +238,8 @@ def test_pruning_follows_the_side_stream_into_the_backbone(options, tmp_path):
     assert report.flops_reduction > 0.25
     if options.get("mode") == "rectify":
         for k, rectifier in ((1, pruned.rectify1), (2, pruned.rectify2), (3, pruned.rectify3)):
-            side = getattr(pruned, "bconv{}".format(k + 2)).out_channels
-            width = getattr(pruned, "fuse{}".format(k + 1))[0].in_channels - side  # the stage's channels
+            side = getattr(pruned, f"bconv{k + 2}").out_channels
+            width = getattr(pruned, f"fuse{k + 1}")[0].in_channels - side  # the stage's channels
             assert rectifier.scale.out_channels == rectifier.shift.out_channels == width
             assert rectifier.scale.in_channels == side
     x = torch.rand(2, 3, *SIZE)

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from tiny import PAUSING_SAVE_SCRIPT, run_opts
 
 import ptl_torchreid.utils.checkpoint as ckmod
 from ptl_torchreid import cli
@@ -30,7 +31,6 @@ from ptl_torchreid.utils.checkpoint import (
     save_checkpoint,
 )
 from ptl_torchreid.utils.savedir import LOCK_NAME, SaveDirLock, owner_tag
-from tiny import PAUSING_SAVE_SCRIPT, run_opts
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -170,7 +170,7 @@ def test_following_the_divergence_advice_finishes_the_run(data_root, tmp_path, c
 
     assert main(args + ["train.lr", "0.0003", "train.max_epoch", "3", "--resume", good]) == 0
     captured = capsys.readouterr()
-    assert 'Resumed from "{}"'.format(good) in captured.out and "Non-finite" not in captured.err
+    assert f'Resumed from "{good}"' in captured.out and "Non-finite" not in captured.err
     final = load_checkpoint(str(save_dir / "model" / "model.pth.tar-3"))
     assert all(g["lr"] == pytest.approx(0.0003) for g in final["optimizer"]["param_groups"])
 
@@ -195,12 +195,12 @@ def test_two_runs_at_once_the_second_is_refused_and_the_first_finishes(data_root
         assert marker.exists(), first.communicate(timeout=30)[0][-3000:]
         folder = save_dir / "model"
         in_progress = [p.name for p in folder.iterdir() if p.name.endswith(ckmod.TMP_SUFFIX)]
-        assert len(in_progress) == 1 and "pid{}@".format(first.pid) in in_progress[0]
+        assert len(in_progress) == 1 and f"pid{first.pid}@" in in_progress[0]
 
         # a second run into the same folder is refused, naming the first one
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert "in use by a running training run" in err and "pid {}".format(first.pid) in err
+        assert "in use by a running training run" in err and f"pid {first.pid}" in err
         # and a cleanup by another process keeps a temporary file whose writer still runs
         CheckpointManager(str(folder))
         assert [p.name for p in folder.iterdir() if p.name.endswith(ckmod.TMP_SUFFIX)] == in_progress
@@ -221,7 +221,7 @@ def test_stale_lock_is_taken_over_and_stale_temp_files_removed(data_root, tmp_pa
     pid = dead_pid()
     (save_dir / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": owner_tag().split("@", 1)[1],
                                                   "started": "2026-01-01T00:00:00"}))
-    mine = save_dir / "model" / ".model-iter9.pth.tar.{}.x1.ptl-tmp".format(owner_tag())
+    mine = save_dir / "model" / f".model-iter9.pth.tar.{owner_tag()}.x1.ptl-tmp"
     gone = save_dir / "model" / ".model-iter9.pth.tar.pid{}@{}.x2.ptl-tmp".format(pid, owner_tag().split("@", 1)[1])
     other_host = save_dir / "model" / ".model-iter9.pth.tar.pid1@elsewhere.example.x3.ptl-tmp"
     for p in (mine, gone, other_host):
@@ -233,7 +233,7 @@ def test_stale_lock_is_taken_over_and_stale_temp_files_removed(data_root, tmp_pa
 
     assert main(opts(data_root, save_dir)) == 0
     out = capsys.readouterr().out
-    assert "took over the lock" in out and "pid {}".format(pid) in out
+    assert "took over the lock" in out and f"pid {pid}" in out
     assert not (save_dir / LOCK_NAME).exists()
 
 
@@ -348,7 +348,7 @@ def test_signal_writes_a_checkpoint_prints_the_resume_command_and_exits(data_roo
 
     # the printed command resumes (with fewer epochs here, to stay short)
     assert main(args + ["--resume", "train.max_epoch", "2"]) == 0
-    assert 'Resumed from "{}"'.format(saved) in capsys.readouterr().out
+    assert f'Resumed from "{saved}"' in capsys.readouterr().out
 
 
 def test_second_signal_stops_at_once():
@@ -376,7 +376,7 @@ def test_skip_corrupt_never_replaces_query_or_gallery_images(tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[:100])
     assert main(["test"] + opts(root, tmp_path / "eval", "data.skip_corrupt", "True")) == 2
     err = capsys.readouterr().err
-    assert 'Cannot read query image "{}"'.format(victim) in err and "evaluation sets are never altered" in err
+    assert f'Cannot read query image "{victim}"' in err and "evaluation sets are never altered" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,7 +439,7 @@ def test_directories_where_files_are_expected(tmp_path, capsys):
     with pytest.raises(ConfigError, match="is a directory"):
         load_config(str(tmp_path))
     assert main(["model.load_weights", str(tmp_path)]) == 2
-    assert "model.load_weights = '{}' is a directory".format(tmp_path) in capsys.readouterr().err
+    assert f"model.load_weights = '{tmp_path}' is a directory" in capsys.readouterr().err
 
 
 def test_empty_yaml_and_duplicate_keys_are_errors(tmp_path):

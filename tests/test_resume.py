@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from tiny import PAUSING_SAVE_SCRIPT, TINY_RUN
 
 from ptl_torchreid import _torchreid
 from ptl_torchreid.cli import build_datamanager, build_engine, main
@@ -20,7 +21,6 @@ from ptl_torchreid.config import engine_run_kwargs, load_config
 from ptl_torchreid.engine import NonFiniteLossError, PTLImageSoftmaxEngine
 from ptl_torchreid.utils.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
 from ptl_torchreid.utils.resume import EpochLoader, capture_rng_state, restore_rng_state, seeded_rng
-from tiny import PAUSING_SAVE_SCRIPT, TINY_RUN
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -219,7 +219,7 @@ def test_iteration_checkpoints_keep_the_last_n(data_root, datamanager, tmp_path)
     periodic = sorted(p.name for p in folder.iterdir() if p.name.startswith("model") and "best" not in p.name)
     last_iter = engine.iteration - engine.iteration % 2
     # the final epoch checkpoint and the newest iteration checkpoint survive; older ones were deleted
-    assert periodic == sorted(["model-iter{}.pth.tar".format(last_iter), "model.pth.tar-2"])
+    assert periodic == sorted([f"model-iter{last_iter}.pth.tar", "model.pth.tar-2"])
     assert json.loads((folder / "latest.json").read_text())["latest"] == "model.pth.tar-2"
     assert (folder / "model-best.pth.tar").is_file()
 
@@ -365,6 +365,6 @@ def test_sigkill_in_the_middle_of_a_save_then_resume_finishes(data_root, dataman
 
     assert main(["--resume"] + args) == 0  # --resume without a value: the latest checkpoint
     out = capsys.readouterr().out
-    assert 'Resumed from "{}" (epoch 1, after batch 2'.format(latest) in out and "Rank-1" in out
+    assert f'Resumed from "{latest}" (epoch 1, after batch 2' in out and "Rank-1" in out
     final = load_checkpoint(str(folder / "model.pth.tar-1"))
     assert final["epoch"] == 1 and final["iteration"] > 2

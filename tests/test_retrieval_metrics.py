@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from ptl_torchreid.metrics import (PairROC, alpha_query_expansion, evaluate_rank, evaluate_rank_chunked, rerank,
-                                   tpr_at_fpr)
+from ptl_torchreid.metrics import (
+    PairROC,
+    alpha_query_expansion,
+    evaluate_rank,
+    evaluate_rank_chunked,
+    rerank,
+    tpr_at_fpr,
+)
 
 rerank_module = importlib.import_module("ptl_torchreid.metrics.rerank")  # the module, not the function
 

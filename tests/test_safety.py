@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import run_opts
 
 from ptl_torchreid.cli import build_datamanager, build_model, check_datamanager, main, parse_command_line
 from ptl_torchreid.config import ConfigError, load_config
 from ptl_torchreid.data import DatasetError
 from ptl_torchreid.utils.checkpoint import UntrustedCheckpointWarning, load_checkpoint, save_checkpoint
-from tiny import run_opts
 
 
 def args_for(root, save_dir, *extra):
@@ -32,7 +32,7 @@ class _Payload:
         self.marker = str(marker)
 
     def __reduce__(self):
-        return exec, ("open({!r}, 'w').write('code ran')".format(self.marker),)
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
 
 
 def malicious_checkpoint(path, marker):
@@ -138,7 +138,7 @@ def test_corrupt_image_is_named_fast_or_skipped_and_counted(corrupt_root, tmp_pa
     assert main(args_for(root, tmp_path / "a")) == 2
     assert time.time() - t0 < 60
     err = capsys.readouterr().err
-    assert 'Cannot read image "{}"'.format(victim) in err and "check-data" in err
+    assert f'Cannot read image "{victim}"' in err and "check-data" in err
 
     assert main(args_for(root, tmp_path / "b", "data.skip_corrupt", "True")) == 0
     out = capsys.readouterr().out
@@ -188,11 +188,11 @@ def _market(root, cams_test=(1, 2), train_ids=4, images=True):
         return base
     for pid in range(1, train_ids + 1):
         for i, cam in enumerate((1, 2, 1, 2)):
-            img.save(str(base / "bounding_box_train" / "{:04d}_c{}s1_{:06d}_00.jpg".format(pid, cam, i)))
+            img.save(str(base / "bounding_box_train" / f"{pid:04d}_c{cam}s1_{i:06d}_00.jpg"))
     for pid in (11, 12, 13):
-        img.save(str(base / "query" / "{:04d}_c{}s1_000001_00.jpg".format(pid, cams_test[0])))
+        img.save(str(base / "query" / f"{pid:04d}_c{cams_test[0]}s1_000001_00.jpg"))
         for i in range(2):
-            img.save(str(base / "bounding_box_test" / "{:04d}_c{}s1_{:06d}_00.jpg".format(pid, cams_test[-1], i)))
+            img.save(str(base / "bounding_box_test" / f"{pid:04d}_c{cams_test[-1]}s1_{i:06d}_00.jpg"))
     return base
 
 

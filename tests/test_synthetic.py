@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import ptl_torchreid.data as data
-from ptl_torchreid.data import synthetic
 from ptl_torchreid._torchreid import torchreid
+from ptl_torchreid.data import synthetic
 
 TINY = dict(num_train_ids=6, num_test_ids=5, num_cameras=3, images_per_id_per_camera=2, height=64, width=32,
             num_distractor_ids=2)
@@ -99,7 +99,7 @@ def test_market1501_protocol(tmp_path, k):
         gallery[pid].add(cam)
     query_cams = defaultdict(list)
     for _, pid, cam in s["query"]:
-        assert gallery[pid] - {cam}, "query of id {} in camera {} has no cross-camera match".format(pid, cam)
+        assert gallery[pid] - {cam}, f"query of id {pid} in camera {cam} has no cross-camera match"
         query_cams[pid].append(cam)
     for pid, cams in query_cams.items():
         assert len(cams) == len(set(cams)), "at most one query per camera"

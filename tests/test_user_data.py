@@ -28,7 +28,7 @@ def make_folder(root):
         for pid in ids:
             for cam in (1, 2):
                 for k in range(1 if sub == "query" else 2):
-                    write_image(root / sub / "{:04d}_c{}s1_{:06d}_00.jpg".format(pid, cam, k), n)
+                    write_image(root / sub / f"{pid:04d}_c{cam}s1_{k:06d}_00.jpg", n)
                     n += 1
     return root
 
@@ -41,7 +41,7 @@ def make_lists(root, folder, no_camera=False):
         for p in sorted((folder / sub).iterdir()):
             pid, cam = int(p.name[:4]), int(p.name[6])
             rel = osp.relpath(str(p), str(root))
-            lines.append("{} {}".format(rel, pid) if no_camera else "{} {} {}".format(rel, pid, cam))
+            lines.append(f"{rel} {pid}" if no_camera else f"{rel} {pid} {cam}")
         (root / (split + ".txt")).write_text("# path pid camid\n" + "\n".join(lines) + "\n")
     return root
 

@@ -209,12 +209,11 @@ def machine_description(device):
     """One line: CPU/GPU, threads, library versions."""
     device = torch.device(device)
     if device.type == "cuda":
-        what = "GPU {}".format(torch.cuda.get_device_name(device))
+        what = f"GPU {torch.cuda.get_device_name(device)}"
     else:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        what = "CPU {} ({} cores usable, {} torch threads)".format(
-            cpu_model() or platform.machine(), cpus, torch.get_num_threads())
-    return "{}; torch {}, Python {}".format(what, torch.__version__, platform.python_version())
+        what = f"CPU {cpu_model() or platform.machine()} ({cpus} cores usable, {torch.get_num_threads()} torch threads)"
+    return f"{what}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def cpu_model():

@@ -81,7 +81,7 @@ def plot_cmc(curves, path, title=""):
         std = [100 * s for _, s in stats]
         color = _STYLES[i % len(_STYLES)]
         ax.plot(ranks, mean, marker="o", markersize=3, color=color,
-                label="{} (Rank-1 {:.1f}%, n={})".format(label, mean[0], len(runs)))
+                label=f"{label} (Rank-1 {mean[0]:.1f}%, n={len(runs)})")
         if len(runs) > 1:
             ax.fill_between(ranks, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.15)
@@ -114,7 +114,7 @@ def plot_training(runs, path, title=""):
             for ep in epochs:
                 vals = [e[key] for s in seeds for e in s["epochs"] if e["epoch"] == ep and key in e]
                 ys.append(mean_std(vals)[0])
-            ax_l.plot(epochs, ys, dashes[j % len(dashes)], marker=".", color=color, label="{} {}".format(label, key))
+            ax_l.plot(epochs, ys, dashes[j % len(dashes)], marker=".", color=color, label=f"{label} {key}")
         epochs = sorted({e["epoch"] for s in seeds for e in s["evals"]})
         if epochs:
             stats = [mean_std([e["mAP"] for s in seeds for e in s["evals"] if e["epoch"] == ep]) for ep in epochs]

@@ -49,17 +49,16 @@ _TOOLS = osp.dirname(osp.abspath(__file__))
 sys.path.insert(0, osp.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-import torch  # noqa: E402
-
 import bench_measure as bm  # noqa: E402
 import bench_report as br  # noqa: E402
+import torch  # noqa: E402
+
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import _torchreid  # noqa: E402
-from ptl_torchreid.cli import build_datamanager, build_engine, build_model, check_paths  # noqa: E402
+from ptl_torchreid.cli import build_datamanager, build_engine, check_paths  # noqa: E402
 from ptl_torchreid.config import (  # noqa: E402
     ConfigError,
     engine_run_kwargs,
-    get_default_config,
     is_ptl_model_name,
     load_config,
     merge_from_list,
@@ -121,9 +120,9 @@ def ablation_specs(ptl, reset_iters, freeze_epochs):
     variants = [
         ("state_mode slot", ["ptl.state_mode", "slot"]),
         ("reset never", ["ptl.reset_policy", "never"]),
-        ("reset iter {}".format(reset_iters), ["ptl.reset_policy", "iter", "ptl.reset_every_n_iters",
+        (f"reset iter {reset_iters}", ["ptl.reset_policy", "iter", "ptl.reset_every_n_iters",
                                                str(reset_iters)]),
-        ("freeze backbone {} ep".format(freeze_epochs), ["ptl.freeze_backbone_epochs", str(freeze_epochs)]),
+        (f"freeze backbone {freeze_epochs} ep", ["ptl.freeze_backbone_epochs", str(freeze_epochs)]),
         ("freeze backbone throughout", ["ptl.freeze_backbone_epochs", "-1"]),
     ]
     # Final evaluation only: the curves are plotted for the main models.
@@ -134,7 +133,7 @@ def ablation_specs(ptl, reset_iters, freeze_epochs):
 def _import(path):
     module, _, fn = path.partition(":")
     if not fn:
-        raise ValueError("builder {!r} must be 'module:function'".format(path))
+        raise ValueError(f"builder {path!r} must be 'module:function'")
     return getattr(importlib.import_module(module), fn)
 
 
@@ -269,7 +268,7 @@ def probe_memory(cfg, spec, work_dir, steps=3, random_batch=False, threads=None,
     'train_bytes'}``; ``train_bytes`` is the peak during ``steps`` training steps minus the memory after setup
     (model, optimizer, data loaded): activations, gradients, optimizer state and temporaries."""
     os.makedirs(work_dir, exist_ok=True)
-    cfg_path = osp.join(work_dir, "probe_{}.yaml".format(_slug(spec.label)))
+    cfg_path = osp.join(work_dir, f"probe_{_slug(spec.label)}.yaml")
     with open(cfg_path, "w") as f:
         f.write(cfg.dump())
     cmd = [sys.executable, osp.abspath(__file__), "--probe-memory", cfg_path, "--probe-spec", spec.to_json(),
@@ -285,8 +284,7 @@ def probe_memory(cfg, spec, work_dir, steps=3, random_batch=False, threads=None,
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("PROBE "):
             return json.loads(line[len("PROBE "):])
-    raise RuntimeError("memory probe for {} failed (exit {}):\n{}".format(
-        spec.label, proc.returncode, (proc.stdout + proc.stderr)[-3000:]))
+    raise RuntimeError(f"memory probe for {spec.label} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
 
 
 def _first_item(items):
@@ -302,8 +300,10 @@ def _probe_main(args):
         engine = spec_engine(cfg, spec)
         if args.probe_random_batch:
             num_classes = engine.datamanager.num_train_pids
-            batch = {"img": torch.randn(cfg.train.batch_size, 3, cfg.data.height, cfg.data.width),
-                     "pid": torch.randint(0, num_classes, (cfg.train.batch_size,))}
+            batch = {
+                "img": torch.randn(cfg.train.batch_size, 3, cfg.data.height, cfg.data.width),
+                "pid": torch.randint(0, num_classes, (cfg.train.batch_size,)),
+            }
             batches = [batch] * args.probe_steps
         else:
             batches = []
@@ -314,8 +314,7 @@ def _probe_main(args):
                         break
         # The engine's own epoch loop over these batches (state reset, freezing, optimizer, scheduler): a loader
         # whose items are the prepared batches, in order.
-        engine.train_loader = torch.utils.data.DataLoader(batches, batch_size=1, shuffle=False,
-                                                          collate_fn=_first_item)
+        engine.train_loader = torch.utils.data.DataLoader(batches, batch_size=1, shuffle=False, collate_fn=_first_item)
         engine.epoch, engine.max_epoch = 0, 1
         kwargs = engine_run_kwargs(cfg)
         device = engine.device
@@ -334,16 +333,19 @@ def _probe_main(args):
                 print("note: cannot reset the peak-RSS mark; the peak includes setup", file=sys.stderr)
         heap = bm.HeapPeak() if device.type == "cpu" else contextlib.nullcontext()
         with heap:
-            engine.train(print_freq=10 ** 9, fixbase_epoch=kwargs["fixbase_epoch"],
-                         open_layers=kwargs["open_layers"])
+            engine.train(print_freq=10**9, fixbase_epoch=kwargs["fixbase_epoch"], open_layers=kwargs["open_layers"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device)
         else:
             peak = bm.peak_rss_bytes()
-    out = {"device": device.type, "setup_bytes": setup, "peak_bytes": peak,
-           "train_bytes": peak - setup if setup is not None else None,
-           "measure": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"}
+    out = {
+        "device": device.type,
+        "setup_bytes": setup,
+        "peak_bytes": peak,
+        "train_bytes": peak - setup if setup is not None else None,
+        "measure": "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)",
+    }
     if device.type == "cpu" and heap.peak is not None and heap_setup is not None:
         out["heap_setup_bytes"] = heap_setup
         out["heap_train_bytes"] = heap.peak - heap_setup
@@ -359,6 +361,7 @@ def _slug(text):
 # Comparison mode
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _config_hash(cfg):
     return hashlib.sha1(cfg.dump().encode()).hexdigest()[:10]
 
@@ -373,21 +376,27 @@ def pretrain(args, baseline_name):
     _apply_sets(cfg, args.pretrain_set, "--pretrain-set")
     cfg.data.save_dir = ""
     key = _config_hash(cfg)
-    cfg.data.save_dir = osp.join(args.work_dir, "pretrain_{}_{}".format(baseline_name, key))
+    cfg.data.save_dir = osp.join(args.work_dir, f"pretrain_{baseline_name}_{key}")
     validate_config(cfg)
-    path = osp.join(cfg.data.save_dir, "model", "model.pth.tar-{}".format(cfg.train.max_epoch))
+    path = osp.join(cfg.data.save_dir, "model", f"model.pth.tar-{cfg.train.max_epoch}")
     if osp.isfile(path):
-        print("pretraining: reusing {} (same config)".format(path))
+        print(f"pretraining: reusing {path} (same config)")
         return path, cfg
-    print("pretraining {} on {} for {} epoch(s) (log: {}) ...".format(
-        baseline_name, "+".join(cfg.data.sources), cfg.train.max_epoch, osp.join(cfg.data.save_dir, "train.log")))
+    print(
+        "pretraining {} on {} for {} epoch(s) (log: {}) ...".format(
+            baseline_name, "+".join(cfg.data.sources), cfg.train.max_epoch, osp.join(cfg.data.save_dir, "train.log")
+        )
+    )
     t0 = time.perf_counter()
     run, _ = train_run(cfg, ModelSpec("pretrain", baseline_name), quiet=not args.verbose)
     res = next(iter(run["results"].values()))
-    print("pretraining done in {:.0f}s; on {}: mAP {:.1%}, Rank-1 {:.1%}".format(
-        time.perf_counter() - t0, "+".join(cfg.data.targets), res["mAP"], res["cmc"][1]))
+    print(
+        "pretraining done in {:.0f}s; on {}: mAP {:.1%}, Rank-1 {:.1%}".format(
+            time.perf_counter() - t0, "+".join(cfg.data.targets), res["mAP"], res["cmc"][1]
+        )
+    )
     if not osp.isfile(path):
-        raise RuntimeError("pretraining did not write {}".format(path))
+        raise RuntimeError(f"pretraining did not write {path}")
     return path, cfg
 
 
@@ -406,13 +415,19 @@ def _apply_sets(cfg, items, flag):
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError("{} {!r}: expected KEY=VALUE".format(flag, item))
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
         merge_from_list(cfg, [key, value])
 
 
 def finetune_base_config(args):
-    cfg = load_config(args.config_file, opts=list(args.opts), sources=args.sources, targets=args.targets,
-                      root=args.root or None, validate=False)
+    cfg = load_config(
+        args.config_file,
+        opts=list(args.opts),
+        sources=args.sources,
+        targets=args.targets,
+        root=args.root or None,
+        validate=False,
+    )
     _set_epochs(cfg, args.epochs)
     _apply_sets(cfg, args.set, "--set")
     cfg.train.progress_bar = False
@@ -424,8 +439,9 @@ def finetune_base_config(args):
 
 def compare(args):
     base = finetune_base_config(args)
-    baseline = args.baseline or (base.model.name if not is_ptl_model_name(base.model.name)
-                                 else base.model.name[len("ptl_"):])
+    baseline = args.baseline or (
+        base.model.name if not is_ptl_model_name(base.model.name) else base.model.name[len("ptl_") :]
+    )
     ptl = args.ptl or "ptl_" + baseline
     specs = main_specs(baseline, ptl, [_parse_spec(s) for s in args.spec or []])
     if args.ablation:
@@ -445,16 +461,24 @@ def compare(args):
     for i, seed in enumerate(args.seeds):
         order = specs if i % 2 == 0 else specs[::-1]
         for spec in order:
-            save_dir = osp.join(args.work_dir, _slug(spec.label), "seed{}".format(seed))
+            save_dir = osp.join(args.work_dir, _slug(spec.label), f"seed{seed}")
             cfg = spec_config(base, spec, **{"train.seed": seed, "data.save_dir": save_dir})
             run, engine = train_run(cfg, spec, quiet=not args.verbose)
             runs[spec.label].append(run)
             if spec.group == "main":
                 engines[spec.label] = (engine, cfg)
             first = next(iter(run["results"].values()))
-            print("seed {} {:<32} mAP {:5.1f}  Rank-1 {:5.1f}  step {:.3f}s  ({:.0f}s)".format(
-                seed, spec.label, 100 * first["mAP"], 100 * first["cmc"][1], bm.median(run["iter_times"][1:]),
-                run["wall_seconds"]), flush=True)
+            print(
+                "seed {} {:<32} mAP {:5.1f}  Rank-1 {:5.1f}  step {:.3f}s  ({:.0f}s)".format(
+                    seed,
+                    spec.label,
+                    100 * first["mAP"],
+                    100 * first["cmc"][1],
+                    bm.median(run["iter_times"][1:]),
+                    run["wall_seconds"],
+                ),
+                flush=True,
+            )
 
     main = [s for s in specs if s.group == "main"]
     costs = measure_costs(args, main, engines)
@@ -482,7 +506,7 @@ def _parse_spec(text):
     """``LABEL=MODEL[@module:function][,KEY=VALUE...]`` -> ModelSpec (an extra column, e.g. a pruned model)."""
     head, *pairs = text.split(",")
     if "=" not in head:
-        raise SystemExit("--spec {!r}: expected LABEL=MODEL[@module:function][,KEY=VALUE...]".format(text))
+        raise SystemExit(f"--spec {text!r}: expected LABEL=MODEL[@module:function][,KEY=VALUE...]")
     label, model = head.split("=", 1)
     model, _, builder = model.partition("@")
     opts = []
@@ -508,8 +532,9 @@ def measure_costs(args, specs, engines):
     for spec in specs:
         engine, cfg = engines[spec.label]
         t = bm.median(times[spec.label])
-        costs[spec.label].update(embed_seconds=t, embed_batch=cfg.test.batch_size,
-                                 embed_images_per_s=cfg.test.batch_size / t)
+        costs[spec.label].update(
+            embed_seconds=t, embed_batch=cfg.test.batch_size, embed_images_per_s=cfg.test.batch_size / t
+        )
     # Training steps timed again, alternating between the models, on one real batch each: the runs above
     # happen one after another, so a change of machine load between them would bias their own timings.
     # (This changes the trained weights, so it comes after every evaluation.)
@@ -524,9 +549,10 @@ def measure_costs(args, specs, engines):
     if not args.no_memory:
         for spec in specs:
             engine, cfg = engines[spec.label]
-            print("peak memory of {} (fresh process) ...".format(spec.label), flush=True)
-            costs[spec.label]["memory"] = probe_memory(cfg, spec, osp.join(args.work_dir, "probes"),
-                                                       threads=args.threads)
+            print(f"peak memory of {spec.label} (fresh process) ...", flush=True)
+            costs[spec.label]["memory"] = probe_memory(
+                cfg, spec, osp.join(args.work_dir, "probes"), threads=args.threads
+            )
     return costs
 
 
@@ -566,9 +592,12 @@ def compare_markdown(report, specs):
     main = [s for s in specs if s.group == "main"]
     base = main[0]
     targets = _targets(runs)
-    header = ["metric"] + ["{} ({})".format(s.label, s.name) for s in main] + \
-        ["{}/{}".format(s.label, base.label) for s in main[1:]] + \
-        ["{} − {}".format(s.label, base.label) for s in main[1:]]
+    header = (
+        ["metric"]
+        + [f"{s.label} ({s.name})" for s in main]
+        + [f"{s.label}/{base.label}" for s in main[1:]]
+        + [f"{s.label} − {base.label}" for s in main[1:]]
+    )
     rows = []
     n_seeds = len(runs[base.label])
 
@@ -577,15 +606,18 @@ def compare_markdown(report, specs):
         return br.fmt_mean_std(diffs)
 
     for target in targets:
-        suffix = " [{}]".format(target) if len(targets) > 1 else ""
+        suffix = f" [{target}]" if len(targets) > 1 else ""
         for key, name in ((1, "Rank-1 (%)"), (5, "Rank-5 (%)"), ("mAP", "mAP (%)")):
             fn = lambda r, key=key, target=target: _accuracy(r, target, key)  # noqa: E731
             if any(fn(r) is None for s in main for r in runs[s.label]):
                 continue
             means = {s.label: br.mean_std([fn(r) for r in runs[s.label]])[0] for s in main}
-            rows.append([name + suffix] + [br.fmt_mean_std([fn(r) for r in runs[s.label]]) for s in main]
-                        + [br.fmt_ratio(means[s.label], means[base.label]) for s in main[1:]]
-                        + [paired_diff(s, fn) for s in main[1:]])
+            rows.append(
+                [name + suffix]
+                + [br.fmt_mean_std([fn(r) for r in runs[s.label]]) for s in main]
+                + [br.fmt_ratio(means[s.label], means[base.label]) for s in main[1:]]
+                + [paired_diff(s, fn) for s in main[1:]]
+            )
 
     def cost_row(name, values, fmt, higher_is_better=False):
         cells = [fmt(values[s.label]) if values.get(s.label) is not None else "-" for s in main]
@@ -595,55 +627,74 @@ def compare_markdown(report, specs):
     c = costs
     batch = runs[base.label][0]["batch_size"]
     step = {k: c[k]["step_seconds"] for k in c}
-    cost_row("training step (ms, batch {}, interleaved)".format(batch), {k: 1000 * v for k, v in step.items()},
-             "{:.0f}".format)
+    cost_row(f"training step (ms, batch {batch}, interleaved)", {k: 1000 * v for k, v in step.items()}, "{:.0f}".format)
     cost_row("training images/s (interleaved)", {k: batch / v for k, v in step.items()}, "{:.1f}".format)
     in_run = {s.label: bm.median([t for r in runs[s.label] for t in r["iter_times"][1:]]) for s in main}
-    cost_row("training step (ms, median during the runs)", {k: 1000 * v for k, v in in_run.items()},
-             "{:.0f}".format)
+    cost_row("training step (ms, median during the runs)", {k: 1000 * v for k, v in in_run.items()}, "{:.0f}".format)
     emb_batch = c[base.label]["embed_batch"]
-    cost_row("embedding images/s (eval forward, batch {})".format(emb_batch),
-             {k: c[k]["embed_images_per_s"] for k in c}, "{:.1f}".format)
-    cost_row("evaluation time (s, final test, median)",
-             {s.label: bm.median([r["eval_seconds"] for r in runs[s.label]]) for s in main}, "{:.2f}".format)
+    cost_row(
+        f"embedding images/s (eval forward, batch {emb_batch})",
+        {k: c[k]["embed_images_per_s"] for k in c},
+        "{:.1f}".format,
+    )
+    cost_row(
+        "evaluation time (s, final test, median)",
+        {s.label: bm.median([r["eval_seconds"] for r in runs[s.label]]) for s in main},
+        "{:.2f}".format,
+    )
     cost_row("GFLOPs / image, inference", {k: c[k]["flops"]["inference"] / 1e9 for k in c}, "{:.3f}".format)
     cost_row("GFLOPs / image, training step", {k: c[k]["flops"]["train"] / 1e9 for k in c}, "{:.3f}".format)
     cost_row("parameters (M)", {k: c[k]["params"] / 1e6 for k in c}, "{:.3f}".format)
     if all("memory" in c[k] for k in c):
         mem = c[base.label]["memory"]
-        what = "peak training memory (MB, {} over setup)".format(
-            "allocated" if mem["device"] == "cuda" else "RSS")
-        cost_row(what, {k: c[k]["memory"]["train_bytes"] / 2 ** 20 for k in c}, "{:.0f}".format)
+        what = "peak training memory (MB, {} over setup)".format("allocated" if mem["device"] == "cuda" else "RSS")
+        cost_row(what, {k: c[k]["memory"]["train_bytes"] / 2**20 for k in c}, "{:.0f}".format)
         if all("heap_train_bytes" in c[k]["memory"] for k in c):
-            cost_row("peak training memory (MB, heap in use over setup)",
-                     {k: c[k]["memory"]["heap_train_bytes"] / 2 ** 20 for k in c}, "{:.0f}".format)
-        cost_row("peak memory, absolute (MB)", {k: c[k]["memory"]["peak_bytes"] / 2 ** 20 for k in c},
-                 "{:.0f}".format)
-    lines = ["### Side by side ({} seed{}: {})".format(n_seeds, "s" if n_seeds > 1 else "",
-                                                     ", ".join(str(r["seed"]) for r in _by_seed(runs[base.label]))),
-             "", br.markdown_table(header, rows), ""]
-    lines.append("Accuracy: mean ± sample std over seeds; the last column is the paired per-seed difference "
-                 "(mean ± std). Costs: training step = forward + loss + backward + optimizer step, data loading "
-                 "excluded; 'interleaved': one training batch per model, timed after training with the models "
-                 "alternating, median of {r} rounds; 'during the runs': median over all iterations of all "
-                 "seeds but each run's first (runs are sequential, so load changes between them show here); "
-                 "embedding throughput: eval-mode forward of a fixed random batch after training, models "
-                 "alternating, median of {r} rounds; "
-                 "evaluation time: the engine's whole final test (feature extraction with data loading, "
-                 "distances, ranking); peak training memory: a fresh process per model, peak during 3 training "
-                 "steps over the memory after setup, as the kernel's peak RSS (includes freed memory the "
-                 "allocator keeps) and as malloc's heap in use sampled after every aten operation."
-                 .format(r=report["throughput_rounds"]))
+            cost_row(
+                "peak training memory (MB, heap in use over setup)",
+                {k: c[k]["memory"]["heap_train_bytes"] / 2**20 for k in c},
+                "{:.0f}".format,
+            )
+        cost_row("peak memory, absolute (MB)", {k: c[k]["memory"]["peak_bytes"] / 2**20 for k in c}, "{:.0f}".format)
+    lines = [
+        "### Side by side ({} seed{}: {})".format(
+            n_seeds, "s" if n_seeds > 1 else "", ", ".join(str(r["seed"]) for r in _by_seed(runs[base.label]))
+        ),
+        "",
+        br.markdown_table(header, rows),
+        "",
+    ]
+    lines.append(
+        "Accuracy: mean ± sample std over seeds; the last column is the paired per-seed difference "
+        "(mean ± std). Costs: training step = forward + loss + backward + optimizer step, data loading "
+        "excluded; 'interleaved': one training batch per model, timed after training with the models "
+        "alternating, median of {r} rounds; 'during the runs': median over all iterations of all "
+        "seeds but each run's first (runs are sequential, so load changes between them show here); "
+        "embedding throughput: eval-mode forward of a fixed random batch after training, models "
+        "alternating, median of {r} rounds; "
+        "evaluation time: the engine's whole final test (feature extraction with data loading, "
+        "distances, ranking); peak training memory: a fresh process per model, peak during 3 training "
+        "steps over the memory after setup, as the kernel's peak RSS (includes freed memory the "
+        "allocator keeps) and as malloc's heap in use sampled after every aten operation.".format(
+            r=report["throughput_rounds"]
+        )
+    )
 
     per_seed = []
     for s in [x for x in specs]:
         for target in targets:
-            vals = ["{:.1f}/{:.1f}".format(100 * _accuracy(r, target, "mAP"), 100 * _accuracy(r, target, 1))
-                    for r in _by_seed(runs[s.label])]
+            vals = [
+                "{:.1f}/{:.1f}".format(100 * _accuracy(r, target, "mAP"), 100 * _accuracy(r, target, 1))
+                for r in _by_seed(runs[s.label])
+            ]
             per_seed.append([s.label, target] + vals)
     seeds = [r["seed"] for r in _by_seed(runs[base.label])]
-    lines += ["", "Per seed (mAP/Rank-1, %):", "",
-              br.markdown_table(["model", "target"] + ["seed {}".format(sd) for sd in seeds], per_seed)]
+    lines += [
+        "",
+        "Per seed (mAP/Rank-1, %):",
+        "",
+        br.markdown_table(["model", "target"] + [f"seed {sd}" for sd in seeds], per_seed),
+    ]
 
     abl = ablation_markdown(report, specs)
     if abl:
@@ -662,14 +713,24 @@ def ablation_rows(report, specs):
     rows = []
     for s in specs[:2] + [x for x in specs if x.group == "ablation"]:
         rs = _by_seed(runs[s.label])
-        rows.append((s.label, s.note or "", [r["results"][target]["mAP"] for r in rs],
-                     [r["results"][target]["cmc"][1] for r in rs]))
+        rows.append(
+            (
+                s.label,
+                s.note or "",
+                [r["results"][target]["mAP"] for r in rs],
+                [r["results"][target]["cmc"][1] for r in rs],
+            )
+        )
         for extra, options in s.extra_evals.items():
             if all(extra in r["extra_results"] for r in rs):
-                rows.append((extra, "same trained models, evaluated with " + ", ".join(
-                    "{} {}".format(k, v) for k, v in options.items()),
-                    [r["extra_results"][extra][target]["mAP"] for r in rs],
-                    [r["extra_results"][extra][target]["cmc"][1] for r in rs]))
+                rows.append(
+                    (
+                        extra,
+                        "same trained models, evaluated with " + ", ".join(f"{k} {v}" for k, v in options.items()),
+                        [r["extra_results"][extra][target]["mAP"] for r in rs],
+                        [r["extra_results"][extra][target]["cmc"][1] for r in rs],
+                    )
+                )
     return rows
 
 
@@ -683,14 +744,29 @@ def ablation_markdown(report, specs):
     for label, setting, maps, r1s in rows:
         d_base = br.fmt_mean_std([a - b for a, b in zip(maps, base_map)])
         d_ptl = br.fmt_mean_std([a - b for a, b in zip(maps, ptl_map)]) if label != rows[0][0] else ""
-        table.append([label, setting, br.fmt_mean_std(r1s), br.fmt_mean_std(maps), d_base, d_ptl,
-                      " ".join("{:.1f}".format(100 * m) for m in maps)])
+        table.append(
+            [
+                label,
+                setting,
+                br.fmt_mean_std(r1s),
+                br.fmt_mean_std(maps),
+                d_base,
+                d_ptl,
+                " ".join(f"{100 * m:.1f}" for m in maps),
+            ]
+        )
     header = ["variant", "setting", "Rank-1 (%)", "mAP (%)", "Δ mAP vs baseline", "Δ mAP vs PTL", "mAP per seed"]
-    return "\n".join(["### PTL ablation ({})".format(_targets(report["runs"])[0]), "",
-                      br.markdown_table(header, table), "",
-                      "Δ: paired per-seed difference in mAP points (mean ± std). Each variant changes one "
-                      "setting of the PTL row; everything else (data, seeds, schedule, pretrained weights) is "
-                      "shared."])
+    return "\n".join(
+        [
+            "### PTL ablation ({})".format(_targets(report["runs"])[0]),
+            "",
+            br.markdown_table(header, table),
+            "",
+            "Δ: paired per-seed difference in mAP points (mean ± std). Each variant changes one "
+            "setting of the PTL row; everything else (data, seeds, schedule, pretrained weights) is "
+            "shared.",
+        ]
+    )
 
 
 def compare_plots(report, specs, prefix):
@@ -699,18 +775,21 @@ def compare_plots(report, specs, prefix):
     target = _targets(runs)[0]
     curves = {}
     for s in main:
-        curves["{} ({})".format(s.label, s.name)] = [
+        curves[f"{s.label} ({s.name})"] = [
             [v for _, v in sorted(r["results"][target]["cmc"].items(), key=lambda kv: int(kv[0]))]
-            for r in runs[s.label]]
+            for r in runs[s.label]
+        ]
     n = len(runs[main[0].label])
-    paths = [br.plot_cmc(curves, prefix + "_cmc.png", title="CMC on {} (mean over {} seed{})".format(
-        target, n, "s" if n > 1 else ""))]
-    training = {"{} ({})".format(s.label, s.name): runs[s.label] for s in main}
-    paths.append(br.plot_training(training, prefix + "_training.png",
-                                  title="fine-tuning on {}".format(target)))
+    paths = [
+        br.plot_cmc(
+            curves, prefix + "_cmc.png", title="CMC on {} (mean over {} seed{})".format(target, n, "s" if n > 1 else "")
+        )
+    ]
+    training = {f"{s.label} ({s.name})": runs[s.label] for s in main}
+    paths.append(br.plot_training(training, prefix + "_training.png", title=f"fine-tuning on {target}"))
     if any(s.group == "ablation" for s in specs):
         rows = [(label, maps) for label, _, maps, _ in ablation_rows(report, specs)]
-        paths.append(br.plot_ablation(rows, prefix + "_ablation.png", title="PTL ablation on {}".format(target)))
+        paths.append(br.plot_ablation(rows, prefix + "_ablation.png", title=f"PTL ablation on {target}"))
     return paths
 
 
@@ -718,17 +797,41 @@ def compare_plots(report, specs, prefix):
 # Speed mode
 # ---------------------------------------------------------------------------------------------------------
 
+
 def speed(args):
     names = args.models or ["resnet50", "ptl_resnet50"]
     if len(names) < 2:
         raise SystemExit("--speed needs a baseline and at least one other model (--models A B)")
-    opts = ["model.pretrained", "False", "data.sources", "['synthetic_reid']", "data.targets", "['synthetic_reid']",
-            "data.height", str(args.height), "data.width", str(args.width), "train.batch_size",
-            str(args.batch_size), "data.workers", "0", "train.progress_bar", "False",
-            "data.synthetic.num_train_ids", "8", "data.synthetic.num_test_ids", "2",
-            "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "1",
-            "data.save_dir", osp.join(args.work_dir, "speed"),
-            "data.root", args.root or osp.join(args.work_dir, "reid-data")]
+    opts = [
+        "model.pretrained",
+        "False",
+        "data.sources",
+        "['synthetic_reid']",
+        "data.targets",
+        "['synthetic_reid']",
+        "data.height",
+        str(args.height),
+        "data.width",
+        str(args.width),
+        "train.batch_size",
+        str(args.batch_size),
+        "data.workers",
+        "0",
+        "train.progress_bar",
+        "False",
+        "data.synthetic.num_train_ids",
+        "8",
+        "data.synthetic.num_test_ids",
+        "2",
+        "data.synthetic.num_cameras",
+        "2",
+        "data.synthetic.images_per_id_per_camera",
+        "1",
+        "data.save_dir",
+        osp.join(args.work_dir, "speed"),
+        "data.root",
+        args.root or osp.join(args.work_dir, "reid-data"),
+    ]
     base = load_config(args.config_file or None, opts=opts + list(args.opts), validate=False)
     specs = [ModelSpec(n, n) for n in names]
     load_start = bm.load_average()
@@ -741,31 +844,44 @@ def speed(args):
             engine = spec_engine(cfg, spec)
         engines[spec.label] = (engine, cfg)
         g = torch.Generator().manual_seed(0)
-        batch = {"img": torch.randn(args.batch_size, 3, args.height, args.width, generator=g),
-                 "pid": torch.randint(0, engine.datamanager.num_train_pids, (args.batch_size,), generator=g)}
+        batch = {
+            "img": torch.randn(args.batch_size, 3, args.height, args.width, generator=g),
+            "pid": torch.randint(0, engine.datamanager.num_train_pids, (args.batch_size,), generator=g),
+        }
         train_tasks[spec.label] = _train_step_task(engine, batch)
         infer_tasks[spec.label] = _embed_task(engine, batch["img"].to(engine.device))
-        info[spec.label] = {"flops": bm.count_flops(engine.net, args.height, args.width, device=engine.device),
-                            "params": bm.count_params(engine.net)}
-    print("machine: {}; load average {:.1f}".format(bm.machine_description(engines[names[0]][0].device),
-                                                   load_start), flush=True)
-    print("timing {} training steps per model, interleaved ...".format(args.rounds), flush=True)
+        info[spec.label] = {
+            "flops": bm.count_flops(engine.net, args.height, args.width, device=engine.device),
+            "params": bm.count_params(engine.net),
+        }
+    print(f"machine: {bm.machine_description(engines[names[0]][0].device)}; load average {load_start:.1f}", flush=True)
+    print(f"timing {args.rounds} training steps per model, interleaved ...", flush=True)
     train_times = bm.interleaved(train_tasks, rounds=args.rounds, warmup=1)
-    print("timing {} embedding batches per model, interleaved ...".format(args.rounds), flush=True)
+    print(f"timing {args.rounds} embedding batches per model, interleaved ...", flush=True)
     infer_times = bm.interleaved(infer_tasks, rounds=args.rounds, warmup=1)
     if not args.no_memory:
         for spec in specs:
             engine, cfg = engines[spec.label]
-            print("peak memory of {} (fresh process) ...".format(spec.label), flush=True)
-            info[spec.label]["memory"] = probe_memory(cfg, spec, osp.join(args.work_dir, "probes"),
-                                                      random_batch=True, threads=args.threads)
+            print(f"peak memory of {spec.label} (fresh process) ...", flush=True)
+            info[spec.label]["memory"] = probe_memory(
+                cfg, spec, osp.join(args.work_dir, "probes"), random_batch=True, threads=args.threads
+            )
     load_end = bm.load_average()
-    report = {"mode": "speed", "command": _command_line(),
-              "machine": bm.machine_description(engines[names[0]][0].device),
-              "load_average": [load_start, load_end], "batch_size": args.batch_size,
-              "height": args.height, "width": args.width, "rounds": args.rounds,
-              "train_times": train_times, "infer_times": infer_times, "info": info,
-              "optimizer": base.train.optim, "loss": base.loss.name}
+    report = {
+        "mode": "speed",
+        "command": _command_line(),
+        "machine": bm.machine_description(engines[names[0]][0].device),
+        "load_average": [load_start, load_end],
+        "batch_size": args.batch_size,
+        "height": args.height,
+        "width": args.width,
+        "rounds": args.rounds,
+        "train_times": train_times,
+        "infer_times": infer_times,
+        "info": info,
+        "optimizer": base.train.optim,
+        "loss": base.loss.name,
+    }
     text = speed_markdown(report, [s.label for s in specs])
     print("\n" + text)
     _write_outputs(args, report, text, None)
@@ -786,12 +902,13 @@ def speed_markdown(report, labels):
     b = report["batch_size"]
     med_t = {k: bm.median(v) for k, v in tt.items()}
     med_i = {k: bm.median(v) for k, v in it.items()}
-    header = ["metric"] + labels + ["{}/{}".format(k, base) for k in labels[1:]]
+    header = ["metric"] + labels + [f"{k}/{base}" for k in labels[1:]]
     rows = []
 
     def row(name, values, fmt):
-        rows.append([name] + [fmt(values[k]) for k in labels]
-                    + [br.fmt_ratio(values[k], values[base]) for k in labels[1:]])
+        rows.append(
+            [name] + [fmt(values[k]) for k in labels] + [br.fmt_ratio(values[k], values[base]) for k in labels[1:]]
+        )
 
     row("training step (s, median)", med_t, "{:.3f}".format)
     row("training images/s", {k: b / v for k, v in med_t.items()}, "{:.2f}".format)
@@ -802,13 +919,18 @@ def speed_markdown(report, labels):
     row("parameters (M)", {k: info[k]["params"] / 1e6 for k in labels}, "{:.2f}".format)
     has_mem = all("memory" in info[k] for k in labels)
     if has_mem:
-        row("peak training memory (MB, RSS over setup)",
-            {k: info[k]["memory"]["train_bytes"] / 2 ** 20 for k in labels}, "{:.0f}".format)
+        row(
+            "peak training memory (MB, RSS over setup)",
+            {k: info[k]["memory"]["train_bytes"] / 2**20 for k in labels},
+            "{:.0f}".format,
+        )
         if all("heap_train_bytes" in info[k]["memory"] for k in labels):
-            row("peak training memory (MB, heap in use over setup)",
-                {k: info[k]["memory"]["heap_train_bytes"] / 2 ** 20 for k in labels}, "{:.0f}".format)
-        row("peak memory, absolute (MB)", {k: info[k]["memory"]["peak_bytes"] / 2 ** 20 for k in labels},
-            "{:.0f}".format)
+            row(
+                "peak training memory (MB, heap in use over setup)",
+                {k: info[k]["memory"]["heap_train_bytes"] / 2**20 for k in labels},
+                "{:.0f}".format,
+            )
+        row("peak memory, absolute (MB)", {k: info[k]["memory"]["peak_bytes"] / 2**20 for k in labels}, "{:.0f}".format)
 
     targets = []
     met_all = True
@@ -823,9 +945,16 @@ def speed_markdown(report, labels):
         for name, t, f, rr in (("training time", time_t, flop_t, rr_t), ("embedding time", time_i, flop_i, rr_i)):
             ok = t <= 1.10 * f
             met_all &= ok
-            targets.append(["{} ratio {}/{}".format(name, k, base), "{:.2f} (rounds {:.2f}-{:.2f})".format(
-                t, rr[0], rr[-1]), "{:.2f}".format(f), "{:.2f}".format(t / f), "<= 1.10",
-                "yes" if ok else "NO"])
+            targets.append(
+                [
+                    f"{name} ratio {k}/{base}",
+                    f"{t:.2f} (rounds {rr[0]:.2f}-{rr[-1]:.2f})",
+                    f"{f:.2f}",
+                    f"{t / f:.2f}",
+                    "<= 1.10",
+                    "yes" if ok else "NO",
+                ]
+            )
         if has_mem:
             measures = [("train_bytes", "RSS" if info[k]["memory"]["device"] == "cpu" else "allocated")]
             if all("heap_train_bytes" in info[x]["memory"] for x in (k, base)):
@@ -834,25 +963,40 @@ def speed_markdown(report, labels):
                 m = info[k]["memory"][key] / info[base]["memory"][key]
                 ok = m <= 1.5
                 met_all &= ok
-                targets.append(["peak training memory ratio {}/{} ({})".format(k, base, what), "{:.2f}".format(m),
-                                "-", "-", "<= 1.50", "yes" if ok else "NO"])
+                targets.append(
+                    [
+                        f"peak training memory ratio {k}/{base} ({what})",
+                        f"{m:.2f}",
+                        "-",
+                        "-",
+                        "<= 1.50",
+                        "yes" if ok else "NO",
+                    ]
+                )
     report["targets_met"] = met_all
-    lines = ["### Speed and memory: batch {}, {}x{}, {} + {} loss, {} rounds interleaved".format(
-        b, report["height"], report["width"], report["optimizer"], report["loss"], report["rounds"]), "",
-        br.markdown_table(header, rows), "",
-        br.markdown_table(["target", "time ratio", "FLOP ratio", "time / FLOP ratio", "limit", "met"], targets), "",
+    lines = [
+        "### Speed and memory: batch {}, {}x{}, {} + {} loss, {} rounds interleaved".format(
+            b, report["height"], report["width"], report["optimizer"], report["loss"], report["rounds"]
+        ),
+        "",
+        br.markdown_table(header, rows),
+        "",
+        br.markdown_table(["target", "time ratio", "FLOP ratio", "time / FLOP ratio", "limit", "met"], targets),
+        "",
         "Times: one training step (forward, loss, backward, optimizer step) or one eval-mode embedding forward on a "
         "fixed random batch (no data loading); models alternate every round (ABBA order); medians. Memory: a "
         "fresh process per model, peak during 3 training steps minus the memory after setup; 'RSS': the "
         "kernel's peak resident set (includes freed memory the allocator keeps, i.e. fragmentation); 'heap "
         "in use': malloc's bytes in use, sampled after every aten operation (the CPU analogue of CUDA's "
-        "max_memory_allocated)."]
+        "max_memory_allocated).",
+    ]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Output and command line
 # ---------------------------------------------------------------------------------------------------------
+
 
 def _command_line():
     argv = [a if a and all(c.isalnum() or c in "-_./=:,@[]'" for c in a) else json.dumps(a) for a in sys.argv[1:]]
@@ -864,24 +1008,29 @@ def _write_outputs(args, report, text, plot_fn):
     if plot_fn is not None and args.plots:
         plots = plot_fn(args.plots)
         for p in plots:
-            print("plot written to {}".format(p))
+            print(f"plot written to {p}")
     if args.out:
-        head = ["Command: `{}`".format(report["command"]), "",
-                "Machine: {}; load average {:.1f} at the start, {:.1f} at the end.".format(
-                    report["machine"], *report["load_average"]), ""]
+        head = [
+            "Command: `{}`".format(report["command"]),
+            "",
+            "Machine: {}; load average {:.1f} at the start, {:.1f} at the end.".format(
+                report["machine"], *report["load_average"]
+            ),
+            "",
+        ]
         if plots:
             rel = [osp.relpath(p, osp.dirname(osp.abspath(args.out)) or ".") for p in plots]
-            text = text + "\n\n" + "\n".join("![{}]({})".format(osp.basename(p), r) for p, r in zip(plots, rel))
+            text = text + "\n\n" + "\n".join(f"![{osp.basename(p)}]({r})" for p, r in zip(plots, rel))
         d = osp.dirname(args.out)
         if d:
             os.makedirs(d, exist_ok=True)
         with open(args.out, "w") as f:
             f.write("\n".join(head) + text + "\n")
-        print("table written to {}".format(args.out))
+        print(f"table written to {args.out}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=_json_default)
-        print("raw results written to {}".format(args.json))
+        print(f"raw results written to {args.json}")
 
 
 def _json_default(o):
@@ -891,44 +1040,72 @@ def _json_default(o):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=None,
-                   help="fine-tuning config (default: {} for the comparison, the package defaults for --speed)"
-                   .format(osp.relpath(SYNTHETIC_FINETUNE_CONFIG, REPO)))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config-file",
+        default=None,
+        help=f"fine-tuning config (default: {osp.relpath(SYNTHETIC_FINETUNE_CONFIG, REPO)} for the comparison, the package defaults for --speed)",
+    )
     p.add_argument("--root", default="", help="dataset root (data.root) for both stages")
     p.add_argument("-s", "--sources", nargs="+", help="fine-tuning source datasets (data.sources)")
     p.add_argument("-t", "--targets", nargs="+", help="fine-tuning target datasets (data.targets)")
     p.add_argument("--baseline", default=None, help="plain torchreid model (default: the config's model.name)")
     p.add_argument("--ptl", default=None, help="PTL model (default: ptl_<baseline>)")
-    p.add_argument("--spec", action="append",
-                   help="extra column LABEL=MODEL[@module:function][,KEY=VALUE...], e.g. a pruned model")
+    p.add_argument(
+        "--spec", action="append", help="extra column LABEL=MODEL[@module:function][,KEY=VALUE...], e.g. a pruned model"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="train.seed values")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="fine-tuning epochs (train.max_epoch; the LR steps are scaled with it)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="config override for the fine-tuning stage only (repeatable)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="fine-tuning epochs (train.max_epoch; the LR steps are scaled with it)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="config override for the fine-tuning stage only (repeatable)",
+    )
     p.add_argument("--eval-freq", type=int, default=2, help="evaluate every N epochs (for the mAP curve)")
     p.add_argument("--cmc-rank", type=int, default=20, help="CMC curve up to this rank")
-    p.add_argument("--pretrain-config", default=None,
-                   help="config to pretrain the plain model on the source domain (default with the synthetic "
-                   "config: {})".format(osp.relpath(SYNTHETIC_PRETRAIN_CONFIG, REPO)))
-    p.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="pretraining epochs (train.max_epoch; the LR steps are scaled with it)")
-    p.add_argument("--pretrain-init", default=None,
-                   help="initial weights of the pretraining stage (model.load_weights there), e.g. a model-zoo file")
-    p.add_argument("--pretrain-set", action="append", metavar="KEY=VALUE",
-                   help="config override for the pretraining stage only (repeatable)")
+    p.add_argument(
+        "--pretrain-config",
+        default=None,
+        help="config to pretrain the plain model on the source domain (default with the synthetic "
+        f"config: {osp.relpath(SYNTHETIC_PRETRAIN_CONFIG, REPO)})",
+    )
+    p.add_argument(
+        "--pretrain-epochs",
+        type=int,
+        default=None,
+        help="pretraining epochs (train.max_epoch; the LR steps are scaled with it)",
+    )
+    p.add_argument(
+        "--pretrain-init",
+        default=None,
+        help="initial weights of the pretraining stage (model.load_weights there), e.g. a model-zoo file",
+    )
+    p.add_argument(
+        "--pretrain-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="config override for the pretraining stage only (repeatable)",
+    )
     p.add_argument("--pretrain-weights", default=None, help="start every model from these weights instead")
     p.add_argument("--no-pretrain", action="store_true", help="no pretraining; models start as the config says")
     p.add_argument("--ablation", action="store_true", help="add the PTL cell ablation")
     p.add_argument("--ablation-reset-iters", type=int, default=4, help="N of the 'reset iter N' variant")
     p.add_argument("--ablation-freeze-epochs", type=int, default=3, help="K of the 'freeze K epochs' variant")
-    p.add_argument("--throughput-rounds", type=int, default=10,
-                   help="timed embedding batches and training steps per model after training")
+    p.add_argument(
+        "--throughput-rounds",
+        type=int,
+        default=10,
+        help="timed embedding batches and training steps per model after training",
+    )
     p.add_argument("--speed", action="store_true", help="speed/memory mode (random batches, no training run)")
-    p.add_argument("--models", nargs="+", default=None, help="--speed: baseline first (default resnet50 "
-                   "ptl_resnet50)")
+    p.add_argument("--models", nargs="+", default=None, help="--speed: baseline first (default resnet50 ptl_resnet50)")
     p.add_argument("--batch-size", type=int, default=32, help="--speed: batch size")
     p.add_argument("--height", type=int, default=256, help="--speed: input height")
     p.add_argument("--width", type=int, default=128, help="--speed: input width")
@@ -968,7 +1145,7 @@ def main(argv=None):
             raise SystemExit("--seeds needs at least one seed")
         return compare(args)
     except ConfigError as e:
-        print("benchmark: config error: {}".format(e), file=sys.stderr)
+        print(f"benchmark: config error: {e}", file=sys.stderr)
         return 2
 
 

@@ -25,15 +25,24 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 import torch  # noqa: E402
 
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import cli  # noqa: E402
 from ptl_torchreid.compress import count_flops, prune_cop  # noqa: E402
 from ptl_torchreid.config import load_config  # noqa: E402
-from ptl_torchreid.export import (INT8_MAX_MAP_DROP, OnnxRuntimeRunner, OpenVINORunner, TorchRunner,  # noqa
-                                  calibration_batches, export_model, first_images, frozen_eval_model,
-                                  retrieval_metrics, test_sets)
+from ptl_torchreid.export import (  # noqa
+    INT8_MAX_MAP_DROP,
+    OnnxRuntimeRunner,
+    OpenVINORunner,
+    TorchRunner,
+    calibration_batches,
+    export_model,
+    first_images,
+    frozen_eval_model,
+    retrieval_metrics,
+    test_sets,
+)
 from ptl_torchreid.export.openvino_format import quantize_int8  # noqa: E402
 from ptl_torchreid.models import build_model, load_pretrained_weights  # noqa: E402
 
@@ -83,14 +92,14 @@ def build_models(args, num_classes, stats_batches):
         build_model("ptl_resnet50", num_classes, pretrained=False, input_size=(256, 128)), stats_batches)
     t0 = time.time()
     pruned = prune_cop(models["resnet50"], flops_reduction=0.5, preset="faster", input_size=(256, 128))
-    print("COP pruning of resnet50 to -50% FLOPs: {:.0f}s".format(time.time() - t0), flush=True)
+    print(f"COP pruning of resnet50 to -50% FLOPs: {time.time() - t0:.0f}s", flush=True)
     models["resnet50_cop50"] = set_statistics(pruned, stats_batches)
     osnet = build_model("osnet_x0_25", num_classes, pretrained=False)
     if osp.isfile(args.osnet_weights):
         load_pretrained_weights(osnet, args.osnet_weights, verbose=False)
         models["osnet_x0_25"] = osnet.eval()
     else:
-        print("note: {} not found; osnet_x0_25 is randomly initialised".format(args.osnet_weights))
+        print(f"note: {args.osnet_weights} not found; osnet_x0_25 is randomly initialised")
         models["osnet_x0_25"] = set_statistics(osnet, stats_batches)
     return {k: models[k] for k in args.models}
 
@@ -130,47 +139,72 @@ def main():
     n_query = len(sets[0][1].dataset)
     n_gallery = len(sets[0][2].dataset)
     load_start = load_average()
-    print("Machine: CPU {}, {} cores usable; torch {}; load average at start {:.2f}".format(
-        cpu_model(), len(os.sched_getaffinity(0)), torch.__version__, load_start), flush=True)
+    print(
+        f"Machine: CPU {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable; torch {torch.__version__}; load average at start {load_start:.2f}",
+        flush=True,
+    )
     models = build_models(args, datamanager.num_train_pids, stats)
 
     accuracy, latency, parity, flops = {}, {}, {}, {}
     for name, model in models.items():
-        print("\n== {} ==".format(name), flush=True)
+        print(f"\n== {name} ==", flush=True)
         flops[name] = count_flops(model, (256, 128))
         out = osp.join(args.work_dir, name)
         # Checked at --max-abs (default 1e-3, fast-reid's order); the table shows the measured difference against
         # the 1e-4 target.
-        result = export_model(model, out, name, dataset="synthetic_reid", fmt="openvino", input_size=(256, 128),
-                              images=images, eval_sets=sets, max_abs=args.max_abs,
-                              log=lambda s: print(s, flush=True))
-        parity[name] = {k: (max(b["max_abs"] for b in c["parity"]["batches"].values()),
-                            max(b["feature_max"] for b in c["parity"]["batches"].values()))
-                        for k, c in result.checks.items()}
+        result = export_model(
+            model,
+            out,
+            name,
+            dataset="synthetic_reid",
+            fmt="openvino",
+            input_size=(256, 128),
+            images=images,
+            eval_sets=sets,
+            max_abs=args.max_abs,
+            log=lambda s: print(s, flush=True),
+        )
+        parity[name] = {
+            k: (
+                max(b["max_abs"] for b in c["parity"]["batches"].values()),
+                max(b["feature_max"] for b in c["parity"]["batches"].values()),
+            )
+            for k, c in result.checks.items()
+        }
         t0 = time.time()
         int8_model = quantize_int8(result.files["openvino"], calibration)
-        print("INT8 quantisation: {:.0f}s".format(time.time() - t0), flush=True)
+        print(f"INT8 quantisation: {time.time() - t0:.0f}s", flush=True)
         net = frozen_eval_model(model)
-        acc = {"pytorch": result.reference[sets[0][0]],
-               "onnxruntime": result.checks["onnx"]["retrieval"][sets[0][0]],
-               "openvino": result.checks["openvino"]["retrieval"][sets[0][0]]}
+        acc = {
+            "pytorch": result.reference[sets[0][0]],
+            "onnxruntime": result.checks["onnx"]["retrieval"][sets[0][0]],
+            "openvino": result.checks["openvino"]["retrieval"][sets[0][0]],
+        }
         acc["openvino_int8"] = retrieval_metrics(OpenVINORunner(int8_model), sets[0][1], sets[0][2])
         accuracy[name] = acc
         for threads in args.threads:
-            runners = {"pytorch": TorchRunner(net, threads), "onnxruntime": OnnxRuntimeRunner(result.files["onnx"],
-                                                                                              threads),
-                       "openvino": OpenVINORunner(result.files["openvino"], threads),
-                       "openvino_int8": OpenVINORunner(int8_model, threads)}
+            runners = {
+                "pytorch": TorchRunner(net, threads),
+                "onnxruntime": OnnxRuntimeRunner(result.files["onnx"], threads),
+                "openvino": OpenVINORunner(result.files["openvino"], threads),
+                "openvino_int8": OpenVINORunner(int8_model, threads),
+            }
             for batch in args.batches:
                 x = np.ascontiguousarray(images[:batch])
                 reps = 10 if batch == 1 else 1
                 tasks = {k: timer(r, x, reps) for k, r in runners.items()}
                 times = interleaved(tasks, args.rounds, warmup=1)
                 latency[(name, threads, batch)] = {k: median(v) for k, v in times.items()}
-                print("latency {} threads={} batch={}: {} (load {:.2f})".format(
-                    name, threads, batch, ", ".join("{} {:.1f} ms".format(k, v * 1e3) for k, v in
-                                                    latency[(name, threads, batch)].items()), load_average()),
-                      flush=True)
+                print(
+                    "latency {} threads={} batch={}: {} (load {:.2f})".format(
+                        name,
+                        threads,
+                        batch,
+                        ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in latency[(name, threads, batch)].items()),
+                        load_average(),
+                    ),
+                    flush=True,
+                )
         report = format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start)
         print("\n" + report, flush=True)
         if args.out_md:  # after every model, so a partial run still leaves its tables
@@ -179,39 +213,57 @@ def main():
 
 
 def format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start):
-    lines = ["Machine: CPU {}, {} cores usable, torch {}; 1-min load average {:.2f} at start, {:.2f} at the "
-             "end. Medians of {} interleaved rounds (batch 1: mean of 10 calls per round).".format(
-                 cpu_model(), len(os.sched_getaffinity(0)), torch.__version__, load_start, load_average(),
-                 args.rounds), "",
-             "Latency per batch, ms (speed-up over PyTorch eager in brackets):", "",
-             "| model | threads | batch | pytorch | onnxruntime | openvino fp32 | openvino int8 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: CPU {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable, torch {torch.__version__}; 1-min load average {load_start:.2f} at start, {load_average():.2f} at the "
+        f"end. Medians of {args.rounds} interleaved rounds (batch 1: mean of 10 calls per round).",
+        "",
+        "Latency per batch, ms (speed-up over PyTorch eager in brackets):",
+        "",
+        "| model | threads | batch | pytorch | onnxruntime | openvino fp32 | openvino int8 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (name, threads, batch), t in latency.items():
         base = t["pytorch"]
-        cells = ["{:.1f}".format(base * 1e3)] + ["{:.1f} ({:.2f}x)".format(t[k] * 1e3, base / t[k])
-                                                 for k in RUNTIMES[1:]]
+        cells = [f"{base * 1e3:.1f}"] + [f"{t[k] * 1e3:.1f} ({base / t[k]:.2f}x)" for k in RUNTIMES[1:]]
         lines.append("| {} | {} | {} | {} |".format(name, threads, batch, " | ".join(cells)))
     if "resnet50" in accuracy and "resnet50_cop50" in accuracy:
-        lines += ["", "COP speed-up kept after export (resnet50 latency / resnet50_cop50 latency; FLOPs ratio "
-                  "{:.2f}x):".format(flops["resnet50"] / flops["resnet50_cop50"]), "",
-                  "| threads | batch | " + " | ".join(RUNTIMES) + " |", "|---|---|" + "---|" * len(RUNTIMES)]
+        lines += [
+            "",
+            "COP speed-up kept after export (resnet50 latency / resnet50_cop50 latency; FLOPs ratio {:.2f}x):".format(
+                flops["resnet50"] / flops["resnet50_cop50"]
+            ),
+            "",
+            "| threads | batch | " + " | ".join(RUNTIMES) + " |",
+            "|---|---|" + "---|" * len(RUNTIMES),
+        ]
         for (name, threads, batch), t in latency.items():
             if name != "resnet50" or ("resnet50_cop50", threads, batch) not in latency:
                 continue
             p = latency[("resnet50_cop50", threads, batch)]
-            lines.append("| {} | {} | ".format(threads, batch) + " | ".join(
-                "{:.2f}x".format(t[k] / p[k]) for k in RUNTIMES) + " |")
-    lines += ["", "Accuracy on the synthetic test set ({} query, {} gallery images), Rank-1 / mAP; largest "
-              "fp32 feature difference against PyTorch over batches 1/7/32:".format(n_query, n_gallery), "",
-              "| model | GFLOPs | pytorch | onnxruntime | openvino fp32 | openvino int8 | int8 mAP drop | "
-              "max-abs ORT / OV (largest feature value) |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(f"| {threads} | {batch} | " + " | ".join(f"{t[k] / p[k]:.2f}x" for k in RUNTIMES) + " |")
+    lines += [
+        "",
+        f"Accuracy on the synthetic test set ({n_query} query, {n_gallery} gallery images), Rank-1 / mAP; largest "
+        "fp32 feature difference against PyTorch over batches 1/7/32:",
+        "",
+        "| model | GFLOPs | pytorch | onnxruntime | openvino fp32 | openvino int8 | int8 mAP drop | "
+        "max-abs ORT / OV (largest feature value) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, acc in accuracy.items():
         drop = (acc["pytorch"]["mAP"] - acc["openvino_int8"]["mAP"]) * 100
-        lines.append("| {} | {:.2f} | {} | {:.2f} pt{} | {:.1e} / {:.1e} ({:.1f}) |".format(
-            name, flops[name] / 1e9, " | ".join(
-                "{:.1%} / {:.1%}".format(acc[k]["rank1"], acc[k]["mAP"]) for k in RUNTIMES), drop,
-            "" if drop <= INT8_MAX_MAP_DROP else " (rejected)", parity[name]["onnx"][0], parity[name]["openvino"][0],
-            parity[name]["onnx"][1]))
+        lines.append(
+            "| {} | {:.2f} | {} | {:.2f} pt{} | {:.1e} / {:.1e} ({:.1f}) |".format(
+                name,
+                flops[name] / 1e9,
+                " | ".join("{:.1%} / {:.1%}".format(acc[k]["rank1"], acc[k]["mAP"]) for k in RUNTIMES),
+                drop,
+                "" if drop <= INT8_MAX_MAP_DROP else " (rejected)",
+                parity[name]["onnx"][0],
+                parity[name]["openvino"][0],
+                parity[name]["onnx"][1],
+            )
+        )
     return "\n".join(lines)
 
 

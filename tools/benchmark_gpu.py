@@ -23,11 +23,10 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import models  # noqa: E402  (registers the ptl_* models)
 from ptl_torchreid.utils.amp import autocast_context, check_precision, make_grad_scaler, memory_format  # noqa: E402
 
@@ -69,7 +68,7 @@ def parse_args(argv=None):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return "CPU {} ({} threads)".format(platform.processor() or platform.machine(), torch.get_num_threads())
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def _sync(device):
@@ -127,7 +126,7 @@ def bench_one(name, mode, args):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not math.isfinite(loss):
-        raise RuntimeError("{} in mode {} gave a non-finite loss {}".format(name, mode, loss))
+        raise RuntimeError(f"{name} in mode {mode} gave a non-finite loss {loss}")
     return {"model": name, "mode": mode, "images_per_s": args.batch_size * args.iters / elapsed,
             "peak_mib": peak, "loss": loss}
 
@@ -145,41 +144,49 @@ def run(args):
 
 
 def _ratio(a, b):
-    return "{:.2f}x".format(a / b) if a and b else "-"
+    return f"{a / b:.2f}x" if a and b else "-"
 
 
 def to_markdown(results, args):
     by = {(r["model"], r["mode"]): r for r in results}
     baseline = args.models[0]
-    amp_name = {"fp32": "fp32", "amp": "AMP ({})".format(args.amp_dtype),
-                "amp_cl": "AMP ({}) + channels_last".format(args.amp_dtype)}
+    amp_name = {"fp32": "fp32", "amp": f"AMP ({args.amp_dtype})",
+                "amp_cl": f"AMP ({args.amp_dtype}) + channels_last"}
     lines = [
-        "Device: **{}**; torch {}; batch {}, {}x{}, {} classes, {} optimizer, {} timed steps after {} warm-up "
-        "steps; synthetic data on the device.".format(
-            device_name(args.device), torch.__version__, args.batch_size, args.height, args.width, args.num_classes,
-            args.optim.upper(), args.iters, args.warmup, ),
+        f"Device: **{device_name(args.device)}**; torch {torch.__version__}; batch {args.batch_size}, {args.height}x{args.width}, {args.num_classes} classes, {args.optim.upper()} optimizer, {args.iters} timed steps after {args.warmup} warm-up "
+        "steps; synthetic data on the device.",
     ]
     if args.device.type == "cuda":
-        lines.append("fp32 math flags: cudnn.allow_tf32={}, matmul.allow_tf32={}.".format(
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
-    lines += ["", "| model | mode | images/s | peak memory (MiB) | vs fp32 (same model) | vs {} (same mode) |".format(
-        baseline), "|---|---|---:|---:|---:|---:|"]
+        lines.append(
+            f"fp32 math flags: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}."
+        )
+    lines += [
+        "",
+        f"| model | mode | images/s | peak memory (MiB) | vs fp32 (same model) | vs {baseline} (same mode) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in results:
         fp32 = by.get((r["model"], "fp32"))
         base = by.get((baseline, r["mode"]))
-        lines.append("| {} | {} | {:.1f} | {} | {} | {} |".format(
-            r["model"], amp_name[r["mode"]], r["images_per_s"],
-            "n/a" if r["peak_mib"] is None else "{:.0f}".format(r["peak_mib"]),
-            _ratio(r["images_per_s"], fp32["images_per_s"]) if fp32 else "-",
-            _ratio(r["images_per_s"], base["images_per_s"]) if base else "-"))
+        lines.append(
+            "| {} | {} | {:.1f} | {} | {} | {} |".format(
+                r["model"],
+                amp_name[r["mode"]],
+                r["images_per_s"],
+                "n/a" if r["peak_mib"] is None else "{:.0f}".format(r["peak_mib"]),
+                _ratio(r["images_per_s"], fp32["images_per_s"]) if fp32 else "-",
+                _ratio(r["images_per_s"], base["images_per_s"]) if base else "-",
+            )
+        )
     summary = []
     for model in args.models[1:]:
         fp32 = by.get((model, "fp32"))
         for mode in ("amp", "amp_cl"):
             r = by.get((model, mode))
             if fp32 and r:
-                summary.append("- {} / fp32 {}: {}".format(amp_name[mode], model, _ratio(r["images_per_s"],
-                                                                                     fp32["images_per_s"])))
+                summary.append(
+                    "- {} / fp32 {}: {}".format(amp_name[mode], model, _ratio(r["images_per_s"], fp32["images_per_s"]))
+                )
     if summary:
         lines += ["", "Throughput ratios:"] + summary
     return "\n".join(lines) + "\n"
@@ -189,7 +196,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    print("device: {}".format(device_name(args.device)), flush=True)
+    print(f"device: {device_name(args.device)}", flush=True)
     results = run(args)
     text = to_markdown(results, args)
     print()
@@ -197,7 +204,7 @@ def main(argv=None):
     if args.out:
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            f.write("# GPU training benchmark ({})\n\n".format(datetime.date.today().isoformat()))
+            f.write(f"# GPU training benchmark ({datetime.date.today().isoformat()})\n\n")
             f.write(text)
         print("wrote " + args.out)
     return results, text

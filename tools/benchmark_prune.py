@@ -31,10 +31,9 @@ import time
 import warnings
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-
 import torch  # noqa: E402
 
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import _torchreid  # noqa: E402
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop  # noqa
 from ptl_torchreid.compress.distill import Distillation  # noqa: E402
@@ -46,7 +45,7 @@ from bench_report import mean_std  # noqa: E402
 
 
 def _load():
-    return "{:.2f}".format(load_average())
+    return f"{load_average():.2f}"
 
 
 def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_to=None, tol=0.003,
@@ -221,7 +220,7 @@ def accuracy_table(results):
         diff = "-"
         if l1 is not None and r is not l1:
             d, ci = paired_difference(maps, {int(k): v for k, v in l1["mAP"].items()})
-            diff = "{:+.1f} ± {:.1f}".format(d, ci)
+            diff = f"{d:+.1f} ± {ci:.1f}"
         if not maps:
             lines.append("| {} | {} | {:.4f} | {:.3f} | {:.1f} | {:.1f} | - | - | - | - | - |".format(
                 r["name"], r["variant"], r["gflops"], r["mparams"], *r["before"]))
@@ -229,7 +228,7 @@ def accuracy_table(results):
         before = "- | -" if r["before"] is None else "{:.1f} | {:.1f}".format(*r["before"])
         lines.append("| {} | {} | {:.4f} | {:.3f} | {} | {:.1f} ± {:.1f} | {:.1f} ± {:.1f} | {} | {} | {:.1f} |".format(
             r["name"], r["variant"], r["gflops"], r["mparams"], before, r_m, r_s, m_m, m_s, diff,
-            " ".join("{}:{:.1f}".format(s, maps[s]) for s in sorted(maps)), r["minutes"]))
+            " ".join(f"{s}:{maps[s]:.1f}" for s in sorted(maps)), r["minutes"]))
     return lines
 
 
@@ -247,9 +246,9 @@ def accuracy_section(args):
     if unknown:
         raise SystemExit("--rows: unknown {}; choose from {}".format(", ".join(unknown), ", ".join(ACCURACY_ROWS)))
     source_ckpt = args.source_weights
-    origin = "given weights {}".format(osp.basename(source_ckpt)) if source_ckpt else \
-        "trained {} epochs on synthetic_source".format(args.source_epochs)
-    lines = ["## Accuracy after fine-tuning on synthetic_target ({}, 128x64)".format(arch), "",
+    origin = f"given weights {osp.basename(source_ckpt)}" if source_ckpt else \
+        f"trained {args.source_epochs} epochs on synthetic_source"
+    lines = [f"## Accuracy after fine-tuning on synthetic_target ({arch}, 128x64)", "",
              "Source model: {} ({}); every model below then gets the same budget of {} epochs on "
              "synthetic_target (triplet + softmax, Adam, the recipe of "
              "configs/osnet_x0_25_synthetic_source_to_target.yaml), once per fine-tuning seed ({}), and is "
@@ -284,7 +283,7 @@ def accuracy_section(args):
             pre = (res["rank1"] * 100, res["mAP"] * 100)
         for seed in ([] if args.before_only else seeds):
             model = make_model()
-            cfg = _config(TARGET_CONFIG, root, osp.join(work, "{}_seed{}".format(tag, seed)),
+            cfg = _config(TARGET_CONFIG, root, osp.join(work, f"{tag}_seed{seed}"),
                           epochs or args.target_epochs, arch, seed=seed)
             res = _train(cfg, model, teacher=None if teacher is None else teacher[seed])
             rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
@@ -300,7 +299,7 @@ def accuracy_section(args):
         return trained
 
     if "baseline" in rows:
-        teachers = finetune("baseline", "{} (unpruned)".format(arch), "-", source_model, "baseline")
+        teachers = finetune("baseline", f"{arch} (unpruned)", "-", source_model, "baseline")
     paper, round_to = _prune_cop_fitting(source_model(), size, preset="faster", criterion="cop")
     target = count_flops(paper, size)
     for key in rows:
@@ -347,12 +346,12 @@ def accuracy_section(args):
             load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
             return ptl
 
-        ptl = finetune("ptl_unpruned", "ptl_{} (unpruned)".format(arch), "-", ptl_model, "ptl",
+        ptl = finetune("ptl_unpruned", f"ptl_{arch} (unpruned)", "-", ptl_model, "ptl",
                        before=False)[seeds[0]]
         small, _ = _prune_cop_fitting(ptl, size, reduction=1 - base_flops / count_flops(ptl, size),
                                       preset="faster", calibration=images)
         extra = max(1, args.target_epochs // 2)
-        finetune("ptl_pruned", "ptl_{} pruned to {}'s FLOPs (+{} epochs)".format(arch, arch, extra),
+        finetune("ptl_pruned", f"ptl_{arch} pruned to {arch}'s FLOPs (+{extra} epochs)",
                  variant_name(DEFAULT_CRITERION, True), lambda: copy.deepcopy(small), "ptl_pruned", extra)
     return lines + accuracy_table(results) + [""]
 
@@ -363,7 +362,7 @@ def _table(models, lats, base_name, base_flops, size, threads):
     head = "| model | GFLOPs | FLOP reduction | params (M) |"
     sep = "|---|---|---|---|"
     for t in threads:
-        head += " latency {0} thr. (s) | speed-up {0} thr. |".format(t)
+        head += f" latency {t} thr. (s) | speed-up {t} thr. |"
         sep += "---|---|"
         if t == 1:
             head += " speed-up 1 thr. (CPU time) |"
@@ -371,8 +370,7 @@ def _table(models, lats, base_name, base_flops, size, threads):
     rows = [head, sep]
     for name, model in models.items():
         flops = count_flops(model, size)
-        row = "| {} | {:.2f} | {:.1%} | {:.2f} |".format(name, flops / 1e9, 1 - flops / base_flops,
-                                                        count_params(model) / 1e6)
+        row = f"| {name} | {flops / 1e9:.2f} | {1 - flops / base_flops:.1%} | {count_params(model) / 1e6:.2f} |"
         for t in threads:
             lat, base = lats[t][name], lats[t][base_name]
             row += " {:.3f} | {:.2f}x |".format(lat["median"], base["median"] / lat["median"])
@@ -448,7 +446,7 @@ def main(argv=None):
     for name, kwargs in variants:
         t = time.perf_counter()
         models[name] = prune_cop(base, flops_reduction=args.reduction, input_size=size, **kwargs)
-        notes.append("{}: pruning took {:.1f} s".format(name, time.perf_counter() - t))
+        notes.append(f"{name}: pruning took {time.perf_counter() - t:.1f} s")
     if not args.no_peers:
         try:
             import torch_pruning as tp
@@ -464,7 +462,7 @@ def main(argv=None):
                     warnings.simplefilter("ignore")
                     models[name] = _torch_pruning_to_flops(base, target, size, imp, round_to)
     lats = {t: compare_latency(models, size, args.batch_size, rounds=args.rounds, num_threads=t) for t in threads}
-    lines += ["## ResNet-50 at a {:.0%} FLOP reduction".format(args.reduction), ""]
+    lines += [f"## ResNet-50 at a {args.reduction:.0%} FLOP reduction", ""]
     lines += _table(models, lats, "resnet50 (unpruned)", base_flops, size, threads)
     lines += [""] + ["- " + n for n in notes] + [""]
 
@@ -477,8 +475,7 @@ def main(argv=None):
         pruned = prune_cop(ptl, flops_reduction=reduction, preset="faster", input_size=size, criterion="cop")
         trio = {"resnet50": base, "ptl_resnet50": ptl, "ptl_resnet50 pruned": pruned}
         lats = {t: compare_latency(trio, size, args.batch_size, rounds=args.rounds, num_threads=t) for t in threads}
-        lines += ["## PTL at baseline cost: ptl_resnet50 pruned (faster) by {:.1%} to ResNet-50's FLOPs".format(
-            reduction), ""]
+        lines += [f"## PTL at baseline cost: ptl_resnet50 pruned (faster) by {reduction:.1%} to ResNet-50's FLOPs", ""]
         lines += _table(trio, lats, "resnet50", base_flops, size, threads)
         lines += [""]
     if args.accuracy:
@@ -508,7 +505,7 @@ def merged_report(paths):
 
 
 def _emit(lines, args):
-    lines.append("Load average at end: {}.".format(_load()))
+    lines.append(f"Load average at end: {_load()}.")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -103,7 +103,7 @@ def main(argv=None):
                              use_metric_cuhk03=args.cuhk03, num_threads=args.threads)
 
     t_ours, (cmc, mAP) = timed(ours, args.repeats)
-    print("ours:      {:.3f} s (best of {})  Rank-1 {:.4f}  mAP {:.4f}".format(t_ours, args.repeats, cmc[0], mAP))
+    print(f"ours:      {t_ours:.3f} s (best of {args.repeats})  Rank-1 {cmc[0]:.4f}  mAP {mAP:.4f}")
 
     t_ref, identical = None, None
     if not args.skip_torchreid:
@@ -117,20 +117,19 @@ def main(argv=None):
             use_metric_cuhk03=args.cuhk03, use_cython=False)
         t_ref = time.perf_counter() - t0
         identical = bool(np.array_equal(cmc_ref, cmc) and mAP_ref == mAP)
-        print("torchreid: {:.3f} s (1 run)       Rank-1 {:.4f}  mAP {:.4f}".format(t_ref, cmc_ref[0], mAP_ref))
-        print("identical: {}".format(identical))
+        print(f"torchreid: {t_ref:.3f} s (1 run)       Rank-1 {cmc_ref[0]:.4f}  mAP {mAP_ref:.4f}")
+        print(f"identical: {identical}")
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     header = "| problem | metric | ours (s) | torchreid fallback (s) | speed-up | identical |"
     row = "| {} x {} | {} | {:.3f} | {} | {} | {} |".format(
         distmat.shape[0], distmat.shape[1], metric, t_ours,
-        "{:.2f}".format(t_ref) if t_ref is not None else "skipped",
-        "{:.0f}x".format(t_ref / t_ours) if t_ref is not None else "-",
+        f"{t_ref:.2f}" if t_ref is not None else "skipped",
+        f"{t_ref / t_ours:.0f}x" if t_ref is not None else "-",
         {None: "not checked", True: "yes", False: "NO"}[identical])
     table = "\n".join([header, "|---|---|---|---|---|---|", row])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    env = "{} CPUs usable, load average {:.1f} at the end, numpy {}, Python {}, {}".format(
-        cpus, load, np.__version__, platform.python_version(), platform.processor() or platform.machine())
+    env = f"{cpus} CPUs usable, load average {load:.1f} at the end, numpy {np.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}"
     print()
     print(table)
     print()
@@ -138,8 +137,8 @@ def main(argv=None):
     if args.out:
         cmd = "python tools/benchmark_rank.py " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.out, "w") as f:
-            f.write("Command: `{}`\n\n{}\n\n{}\n".format(cmd.strip(), table, env))
-        print("written to {}".format(args.out))
+            f.write(f"Command: `{cmd.strip()}`\n\n{table}\n\n{env}\n")
+        print(f"written to {args.out}")
     return 0 if identical is not False else 1
 
 

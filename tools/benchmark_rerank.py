@@ -26,9 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from bench_measure import load_average, machine_description, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa
 from benchmark_rank import make_features  # noqa: E402
+
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
 SIZES = {
     "market": dict(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, num_distractors=2798),
@@ -128,13 +129,13 @@ def main(argv=None):
         compared = "CMC/mAP/mINP/TPR identical: {}".format("yes" if same_metrics else "NO")
         if os.path.exists(os.path.join(tmp, new + ".npy")) and os.path.exists(os.path.join(tmp, ref + ".npy")):
             a, b = np.load(os.path.join(tmp, new + ".npy")), np.load(os.path.join(tmp, ref + ".npy"))
-            compared += "; max |distance difference| {:.2e}".format(float(np.abs(a - b).max()))
+            compared += f"; max |distance difference| {float(np.abs(a - b).max()):.2e}"
     header = "| case | method | time (s) | peak memory (GB) | Rank-1 | mAP | mINP | TPR@FPR 1e-4 / 1e-3 / 1e-2 |"
     rows = [header, "|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
         rows.append("| {} ({} x {}) | {} | {:.1f} | {:.2f} | {:.1%} | {:.1%} | {:.1%} | {} |".format(
             args.case, nq, ng, m, r["seconds"], r["peak_gb"], r["rank1"], r["mAP"], r["mINP"],
-            " / ".join("{:.1%}".format(t) for t in r["tpr"])))
+            " / ".join(f"{t:.1%}" for t in r["tpr"])))
     if ref in results and new in results:
         rows.append("| | ratio {}/{} | {:.2f}x faster | {:.3f} of the memory | | | | |".format(
             ref, new, results[ref]["seconds"] / results[new]["seconds"],
@@ -145,7 +146,7 @@ def main(argv=None):
     if args.out:
         cmd = "python tools/benchmark_rerank.py " + " ".join(argv if argv is not None else sys.argv[1:])
         with open(args.out, "w") as f:
-            f.write("Command: `{}`\n\n{}\n".format(cmd.strip(), text))
+            f.write(f"Command: `{cmd.strip()}`\n\n{text}\n")
     ok = not compared or "NO" not in compared
     return 0 if ok else 1
 

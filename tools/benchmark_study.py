@@ -30,13 +30,13 @@ _TOOLS = osp.dirname(osp.abspath(__file__))
 sys.path.insert(0, osp.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 import bench_measure as bm  # noqa: E402
 import bench_report as br  # noqa: E402
 import benchmark as bench  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.config import engine_run_kwargs  # noqa: E402
 
 REPO = osp.dirname(_TOOLS)
@@ -137,12 +137,11 @@ def run_study(args):
     for i, seed in enumerate(args.seeds):
         elapsed = (time.perf_counter() - t_start) / 60
         if seeds_done and args.budget_minutes and elapsed + elapsed / len(seeds_done) > args.budget_minutes:
-            print("stopping before seed {}: {:.0f} of {:.0f} budget minutes used".format(
-                seed, elapsed, args.budget_minutes), flush=True)
+            print(f"stopping before seed {seed}: {elapsed:.0f} of {args.budget_minutes:.0f} budget minutes used", flush=True)
             break
         order = specs if i % 2 == 0 else specs[::-1]
         for spec in order:
-            save_dir = osp.join(args.work_dir, bench._slug(spec.label), "seed{}".format(seed))
+            save_dir = osp.join(args.work_dir, bench._slug(spec.label), f"seed{seed}")
             cfg = bench.spec_config(base, spec, **{"train.seed": seed, "data.save_dir": save_dir})
             if spec.label not in epoch0:
                 with bench._quiet(osp.join(save_dir, "epoch0.log"), not args.verbose):
@@ -156,24 +155,43 @@ def run_study(args):
                 run["flops"] = bm.count_flops(engine.net, cfg.data.height, cfg.data.width)
                 run["params"] = bm.count_params(engine.net)
             runs[spec.label].append(run)
-            print("seed {} {:<18} mAP {:5.1f}  Rank-1 {:5.1f}  {} steps  step {:.3f}s  ({:.0f}s)".format(
-                seed, spec.label, 100 * run["mAP"], 100 * run["rank1"], run["steps"], run["iter_median"],
-                run["wall_seconds"]), flush=True)
+            print(
+                "seed {} {:<18} mAP {:5.1f}  Rank-1 {:5.1f}  {} steps  step {:.3f}s  ({:.0f}s)".format(
+                    seed,
+                    spec.label,
+                    100 * run["mAP"],
+                    100 * run["rank1"],
+                    run["steps"],
+                    run["iter_median"],
+                    run["wall_seconds"],
+                ),
+                flush=True,
+            )
         seeds_done.append(seed)
-        write_outputs(args, make_report(args, base, weights, pre_cfg, epochs * per_epoch, seeds_done, epoch0, runs,
-                                        load_start, t_start))
-    return make_report(args, base, weights, pre_cfg, epochs * per_epoch, seeds_done, epoch0, runs, load_start,
-                       t_start)
+        write_outputs(
+            args,
+            make_report(
+                args, base, weights, pre_cfg, epochs * per_epoch, seeds_done, epoch0, runs, load_start, t_start
+            ),
+        )
+    return make_report(args, base, weights, pre_cfg, epochs * per_epoch, seeds_done, epoch0, runs, load_start, t_start)
 
 
 def make_report(args, base, weights, pre_cfg, steps, seeds_done, epoch0, runs, load_start, t_start):
-    return {"command": "python tools/benchmark_study.py " + " ".join(sys.argv[1:]),
-            "machine": bm.machine_description(torch.device("cpu")),
-            "load_average": [load_start, bm.load_average()], "pretrain_weights": weights,
-            "pretrain_config": pre_cfg.dump() if pre_cfg else None, "finetune_config": base.dump(),
-            "seeds": list(seeds_done), "steps_per_variant": steps, "variants": list(args.variants),
-            "epoch0": epoch0, "runs": {k: [r for r in v if r["seed"] in seeds_done] for k, v in runs.items()},
-            "minutes": (time.perf_counter() - t_start) / 60}
+    return {
+        "command": "python tools/benchmark_study.py " + " ".join(sys.argv[1:]),
+        "machine": bm.machine_description(torch.device("cpu")),
+        "load_average": [load_start, bm.load_average()],
+        "pretrain_weights": weights,
+        "pretrain_config": pre_cfg.dump() if pre_cfg else None,
+        "finetune_config": base.dump(),
+        "seeds": list(seeds_done),
+        "steps_per_variant": steps,
+        "variants": list(args.variants),
+        "epoch0": epoch0,
+        "runs": {k: [r for r in v if r["seed"] in seeds_done] for k, v in runs.items()},
+        "minutes": (time.perf_counter() - t_start) / 60,
+    }
 
 
 def merge_reports(paths):
@@ -183,16 +201,18 @@ def merge_reports(paths):
     for other, path in zip(reports[1:], paths[1:]):
         for key in ("finetune_config", "pretrain_weights", "steps_per_variant", "variants"):
             if other[key] != first[key]:
-                raise SystemExit("{}: '{}' differs from {}; only studies of the same design merge".format(
-                    path, key, paths[0]))
+                raise SystemExit(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
         if set(other["seeds"]) & set(first["seeds"]):
             raise SystemExit("{}: seeds {} are in {} too".format(path, other["seeds"], paths[0]))
     merged = dict(first)
     merged["seeds"] = sorted(s for r in reports for s in r["seeds"])
-    merged["runs"] = {v: sorted((run for r in reports for run in r["runs"][v]), key=lambda run: run["seed"])
-                      for v in first["variants"]}
-    merged["command"] = " && ".join(r["command"] for r in reports) + " && python tools/benchmark_study.py --merge " \
-        + " ".join(paths)
+    merged["runs"] = {
+        v: sorted((run for r in reports for run in r["runs"][v]), key=lambda run: run["seed"])
+        for v in first["variants"]
+    }
+    merged["command"] = (
+        " && ".join(r["command"] for r in reports) + " && python tools/benchmark_study.py --merge " + " ".join(paths)
+    )
     merged["minutes"] = max(r["minutes"] for r in reports)
     merged["load_average"] = [max(r["load_average"][0] for r in reports), max(r["load_average"][1] for r in reports)]
     return merged
@@ -227,21 +247,41 @@ def study_markdown(report):
         vs_adapter = paired(mAP[label], mAP[adapter]) if adapter in runs and runs[adapter] else None
         e0 = report["epoch0"].get(label, {})
         step = statistics.median([r["iter_median"] for r in runs[label]]) if runs[label] else float("nan")
-        rows.append([label, br.fmt_mean_std(mAP[label]), br.fmt_mean_std(r1[label]), fmt_paired(vs_plain),
-                     fmt_paired(vs_adapter), "{:.1f} / {:.1f}".format(100 * e0.get("mAP", float("nan")),
-                                                                      100 * e0.get("rank1", float("nan"))),
-                     br.fmt_ratio(step, statistics.median([r["iter_median"] for r in plain])) if plain else "-",
-                     br.fmt_ratio(first.get("flops", {}).get("inference"), ref_cost["flops"]["inference"])
-                     if ref_cost else "-",
-                     "{:.3f}".format(first.get("params", float("nan")) / 1e6), VARIANTS[label][2]])
-    header = ["variant", "mAP (%)", "Rank-1 (%)", "Δ mAP vs plain [95% CI]", "Δ mAP vs its adapter [95% CI]",
-              "epoch 0 mAP / Rank-1", "train step vs plain", "inference FLOPs vs plain", "params (M)", "what"]
-    per_seed = [[label] + ["{:.1f}".format(100 * v) for v in mAP[label]] for label in report["variants"]]
+        rows.append(
+            [
+                label,
+                br.fmt_mean_std(mAP[label]),
+                br.fmt_mean_std(r1[label]),
+                fmt_paired(vs_plain),
+                fmt_paired(vs_adapter),
+                "{:.1f} / {:.1f}".format(100 * e0.get("mAP", float("nan")), 100 * e0.get("rank1", float("nan"))),
+                br.fmt_ratio(step, statistics.median([r["iter_median"] for r in plain])) if plain else "-",
+                br.fmt_ratio(first.get("flops", {}).get("inference"), ref_cost["flops"]["inference"])
+                if ref_cost
+                else "-",
+                "{:.3f}".format(first.get("params", float("nan")) / 1e6),
+                VARIANTS[label][2],
+            ]
+        )
+    header = [
+        "variant",
+        "mAP (%)",
+        "Rank-1 (%)",
+        "Δ mAP vs plain [95% CI]",
+        "Δ mAP vs its adapter [95% CI]",
+        "epoch 0 mAP / Rank-1",
+        "train step vs plain",
+        "inference FLOPs vs plain",
+        "params (M)",
+        "what",
+    ]
+    per_seed = [[label] + [f"{100 * v:.1f}" for v in mAP[label]] for label in report["variants"]]
     lines = [
         "Command: `{}`".format(report["command"]),
         "",
         "Machine: {}; load average {:.1f} at the start, {:.1f} at the end; {:.0f} minutes.".format(
-            report["machine"], report["load_average"][0], report["load_average"][1], report["minutes"]),
+            report["machine"], report["load_average"][0], report["load_average"][1], report["minutes"]
+        ),
         "Seeds {} (paired: every variant starts from the same source model for each seed); {} fine-tuning steps "
         "per variant.".format(", ".join(map(str, seeds)), report["steps_per_variant"]),
         "",
@@ -254,7 +294,7 @@ def study_markdown(report):
         "",
         "mAP per seed (%):",
         "",
-        br.markdown_table(["variant"] + ["seed {}".format(s) for s in seeds], per_seed),
+        br.markdown_table(["variant"] + [f"seed {s}" for s in seeds], per_seed),
     ]
     return "\n".join(lines)
 
@@ -268,8 +308,9 @@ def plot_study(report, path):
         p = paired([r["mAP"] for r in runs[label]], [r["mAP"] for r in runs["plain"]])
         if p is None:
             continue
-        ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["ci"][0]], [p["ci"][1] - p["mean"]]], fmt="o", color="C0",
-                    capsize=3)
+        ax.errorbar(
+            p["mean"], y, xerr=[[p["mean"] - p["ci"][0]], [p["ci"][1] - p["mean"]]], fmt="o", color="C0", capsize=3
+        )
         ax.plot(p["diffs"], [y] * len(p["diffs"]), "k.", markersize=4)
     ax.axvline(0, color="C7", lw=1)
     ax.axvline(1.5, color="C3", lw=1, ls="--", label="target +1.5")
@@ -292,20 +333,38 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--min-steps", type=int, default=1000, help="fine-tuning steps every variant gets at least")
     p.add_argument("--budget-minutes", type=float, default=0, help="stop before a seed that would exceed this")
-    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="fine-tuning overrides (default: {})".format(" ".join(DEFAULT_SETS)))
-    p.add_argument("--pretrain-set", action="append", default=None, metavar="KEY=VALUE",
-                   help="pretraining overrides (default: {})".format(" ".join(DEFAULT_PRETRAIN_SETS)))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="fine-tuning overrides (default: {})".format(" ".join(DEFAULT_SETS)),
+    )
+    p.add_argument(
+        "--pretrain-set",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="pretraining overrides (default: {})".format(" ".join(DEFAULT_PRETRAIN_SETS)),
+    )
     p.add_argument("--pretrain-epochs", type=int, default=None)
-    p.add_argument("--pretrain-weights", default=None,
-                   help="start from these source weights (e.g. another study's cached pretraining) instead")
+    p.add_argument(
+        "--pretrain-weights",
+        default=None,
+        help="start from these source weights (e.g. another study's cached pretraining) instead",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--work-dir", default="log/study")
     p.add_argument("--out", default=None, help="Markdown report")
     p.add_argument("--json", default=None, help="all measurements")
     p.add_argument("--plots", default=None, help="plot prefix: <prefix>_delta.png")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="merge the --json reports of studies run over disjoint seeds, write --out/--json/--plots")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="merge the --json reports of studies run over disjoint seeds, write --out/--json/--plots",
+    )
     p.add_argument("--verbose", action="store_true")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     args = p.parse_args(argv)

@@ -32,10 +32,9 @@ import time
 _TOOLS = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(_TOOLS)
 sys.path.insert(0, REPO)
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-
 import torch  # noqa: E402
 
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.cli import build_datamanager, build_engine  # noqa: E402
 from ptl_torchreid.config import load_config  # noqa: E402
 from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, openmp_waiting, usable_cpus  # noqa: E402
@@ -52,8 +51,8 @@ def settings(cpus):
         BASELINE: (True, 0, {}),
         "ours (auto, passive)": (False, "auto", {}),
         "1 thread": (True, 1, {}),
-        "{} threads, passive".format(cpus): (True, cpus, {"OMP_WAIT_POLICY": "PASSIVE"}),
-        "{} threads, short spin".format(cpus): (True, cpus, {"GOMP_SPINCOUNT": SHORT_SPIN}),
+        f"{cpus} threads, passive": (True, cpus, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        f"{cpus} threads, short spin": (True, cpus, {"GOMP_SPINCOUNT": SHORT_SPIN}),
     }
 
 
@@ -108,7 +107,7 @@ class Worker:
         for line in self.proc.stdout:
             if line.startswith(prefix):
                 return line[len(prefix):].strip()
-        raise RuntimeError("setting '{}' failed (exit {}); its error is above".format(self.label, self.proc.wait()))
+        raise RuntimeError(f"setting '{self.label}' failed (exit {self.proc.wait()}); its error is above")
 
     def measure(self):
         self.proc.stdin.write("measure\n")
@@ -133,7 +132,7 @@ def _child_env(extra):
 
 def start_busy(n, seconds):
     """``n`` single-threaded busy loops, each ending by itself after ``seconds``."""
-    code = "import time\nend = time.time() + {}\nwhile time.time() < end:\n    pass\n".format(float(seconds))
+    code = f"import time\nend = time.time() + {float(seconds)}\nwhile time.time() < end:\n    pass\n"
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
 
 
@@ -200,12 +199,15 @@ def _median(runs, key):
 
 
 def report_markdown(args, cpus, labels, results):
-    out = ["CPU training-step time of the demo (ptl_osnet_x0_25, batch 32, 128x64, {} timed steps after {} "
-           "warm-up, median of {} interleaved rounds), {} usable CPUs, {} ({}), torch {}.".format(
-               args.steps, args.warmup, args.rounds, cpus, platform.processor() or platform.machine(),
-               platform.platform(), torch.__version__), ""]
-    header = "| busy processes | setting | threads | wall s (median) | CPU s (median) | vs torch default | " \
-             "loadavg before -> after |"
+    out = [
+        f"CPU training-step time of the demo (ptl_osnet_x0_25, batch 32, 128x64, {args.steps} timed steps after {args.warmup} "
+        f"warm-up, median of {args.rounds} interleaved rounds), {cpus} usable CPUs, {platform.processor() or platform.machine()} ({platform.platform()}), torch {torch.__version__}.",
+        "",
+    ]
+    header = (
+        "| busy processes | setting | threads | wall s (median) | CPU s (median) | vs torch default | "
+        "loadavg before -> after |"
+    )
     out += [header, "|---" * (header.count("|") - 1) + "|"]
     checks = []
     for n_busy, res in results.items():
@@ -215,38 +217,58 @@ def report_markdown(args, cpus, labels, results):
         for label in labels:
             wall = _median(runs[label], "wall")
             threads = sorted({r["threads"] for r in runs[label]})
-            out.append("| {} | {} | {} | {:.2f} | {:.2f} | {:.2f}x | {} -> {} |".format(
-                n_busy, label, "/".join(map(str, threads)), wall, _median(runs[label], "cpu"), base / wall,
-                res["loadavg_before"], res["loadavg_after"]))
+            out.append(
+                "| {} | {} | {} | {:.2f} | {:.2f} | {:.2f}x | {} -> {} |".format(
+                    n_busy,
+                    label,
+                    "/".join(map(str, threads)),
+                    wall,
+                    _median(runs[label], "cpu"),
+                    base / wall,
+                    res["loadavg_before"],
+                    res["loadavg_after"],
+                )
+            )
         ours = _median(runs["ours (auto, passive)"], "wall")
         best_label = min(fixed + [BASELINE], key=lambda lab: _median(runs[lab], "wall"))
         best = _median(runs[best_label], "wall")
         if n_busy:
-            checks.append("with {} busy: ours is {:.2f}x faster than torch's default (target >= 2x): {}".format(
-                n_busy, base / ours, "met" if base / ours >= 2 else "MISSED"))
+            checks.append(
+                "with {} busy: ours is {:.2f}x faster than torch's default (target >= 2x): {}".format(
+                    n_busy, base / ours, "met" if base / ours >= 2 else "MISSED"
+                )
+            )
         else:
-            checks.append("quiet: ours is {:+.1%} vs the best fixed setting ({}) (target within 5%): {}".format(
-                ours / best - 1, best_label, "met" if ours <= 1.05 * best else "MISSED"))
+            checks.append(
+                "quiet: ours is {:+.1%} vs the best fixed setting ({}) (target within 5%): {}".format(
+                    ours / best - 1, best_label, "met" if ours <= 1.05 * best else "MISSED"
+                )
+            )
     return "\n".join(out + [""] + ["- " + c for c in checks]) + "\n"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--loads", type=int, nargs="+", default=[0, 1, 2],
-                        help="numbers of competing busy processes, one case each")
+    parser.add_argument(
+        "--loads", type=int, nargs="+", default=[0, 1, 2], help="numbers of competing busy processes, one case each"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per load case")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
-    parser.add_argument("--busy-timeout", type=float, default=900.0,
-                        help="seconds after which a busy process stops by itself (it is stopped after its case)")
+    parser.add_argument(
+        "--busy-timeout",
+        type=float,
+        default=900.0,
+        help="seconds after which a busy process stops by itself (it is stopped after its case)",
+    )
     parser.add_argument("--out", type=str, default="", help="also write the Markdown report here")
     args = parser.parse_args(argv)
     if any(n < 0 for n in args.loads) or args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--loads must be >= 0, --rounds and --steps >= 1, --warmup >= 0")
-    print("loadavg at start: {}".format(loadavg()), flush=True)
+    print(f"loadavg at start: {loadavg()}", flush=True)
     cpus, labels, results = run_benchmark(args)
     text = report_markdown(args, cpus, labels, results)
-    print("\n" + text + "\nloadavg at end: {}".format(loadavg()))
+    print("\n" + text + f"\nloadavg at end: {loadavg()}")
     if args.out:
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

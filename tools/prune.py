@@ -23,13 +23,19 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-
 import torch  # noqa: E402
 
+import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.cli_prune import add_cop_arguments, prune_options  # noqa: E402
-from ptl_torchreid.compress import (compare_latency, count_flops, count_params, is_pruned_checkpoint,  # noqa: E402
-                                    load_pruned_model, prune_cop, save_pruned_model)
+from ptl_torchreid.compress import (  # noqa: E402
+    compare_latency,
+    count_flops,
+    count_params,
+    is_pruned_checkpoint,
+    load_pruned_model,
+    prune_cop,
+    save_pruned_model,
+)
 from ptl_torchreid.config import ConfigError  # noqa: E402
 from ptl_torchreid.models import build_model, load_pretrained_weights  # noqa: E402
 from ptl_torchreid.utils.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
@@ -62,7 +68,7 @@ def load_model(args):
         if is_pruned_checkpoint(checkpoint):
             arch = checkpoint["pruning"]["arch"]
             if args.arch and args.arch != arch:
-                raise SystemExit("--arch {} does not match the pruned checkpoint's {}".format(args.arch, arch))
+                raise SystemExit(f"--arch {args.arch} does not match the pruned checkpoint's {arch}")
             return load_pruned_model(checkpoint), arch
     if not args.arch:
         raise SystemExit("--arch is required unless --weights is a pruned checkpoint")
@@ -103,8 +109,7 @@ def main(argv=None):
     if args.latency_batch > 0:
         lat = compare_latency({"before": model, "after": pruned}, size, args.latency_batch,
                               rounds=args.latency_rounds, num_threads=args.threads)
-        rows.append(("latency (s, batch {}, {} threads)".format(args.latency_batch,
-                                                                args.threads or torch.get_num_threads()),
+        rows.append((f"latency (s, batch {args.latency_batch}, {args.threads or torch.get_num_threads()} threads)",
                      lat["before"]["median"], lat["after"]["median"], "{:.3f}"))
     print("\n{:<36s} {:>16s} {:>16s} {:>8s}".format("", "before", "after", "ratio"))
     for name, before, after, fmt in rows:
@@ -112,7 +117,7 @@ def main(argv=None):
                                                          before / after if after else float("inf")))
     if args.out:
         save_pruned_model(pruned, args.out, arch=arch, report=report)
-        print("\nsaved {} (reload: ptl_torchreid.compress.load_pruned_model)".format(args.out))
+        print(f"\nsaved {args.out} (reload: ptl_torchreid.compress.load_pruned_model)")
     return pruned
 
 

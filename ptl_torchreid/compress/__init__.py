@@ -12,8 +12,15 @@ Modules: ``graph`` (channel dependency graph), ``criterion`` (correlation, redun
 from .cop import PruneReport, check_target, kept_fraction, prune_cop
 from .criterion import PRESET_OPTIONS, PRESETS
 from .graph import ChannelGraph, UnsupportedLayerError, build_graph
-from .io import (build_kwargs_of, is_pruned_checkpoint, load_pruned_model, make_pruning_info, pruning_info,
-                 register_pruned_model, save_pruned_model)
+from .io import (
+                 build_kwargs_of,
+                 is_pruned_checkpoint,
+                 load_pruned_model,
+                 make_pruning_info,
+                 pruning_info,
+                 register_pruned_model,
+                 save_pruned_model,
+)
 from .measure import compare_latency, count_flops, count_params, measure_latency
 from .surgery import apply_channel_config, channel_config, shrink
 

@@ -21,29 +21,36 @@ def calibration_images(calibration, max_images=64):
     with ``'img'``, or tuples whose first entry is the image tensor, e.g. a torchreid train loader)."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 4:
-            raise ValueError("calibration images must be a 4-d tensor (N, 3, H, W), got shape {}".format(
-                tuple(calibration.shape)))
+            raise ValueError(
+                f"calibration images must be a 4-d tensor (N, 3, H, W), got shape {tuple(calibration.shape)}"
+            )
         images = calibration[:max_images]
     else:
         chunks, count = [], 0
         try:
             iterator = iter(calibration)
         except TypeError:
-            raise ValueError("calibration= must be an image tensor or a DataLoader of torchreid batches, got "
-                             "{}".format(type(calibration).__name__)) from None
+            raise ValueError(
+                "calibration= must be an image tensor or a DataLoader of torchreid batches, got "
+                f"{type(calibration).__name__}"
+            ) from None
         for batch in iterator:
             imgs = _images_of(batch)
             if imgs is None or imgs.dim() != 4:
-                raise ValueError("calibration batches must be torchreid batches (a dict with 'img', or (imgs, "
-                                 "pids, ...)); got a {}".format(type(batch).__name__))
-            chunks.append(imgs[:max_images - count])
+                raise ValueError(
+                    "calibration batches must be torchreid batches (a dict with 'img', or (imgs, "
+                    f"pids, ...)); got a {type(batch).__name__}"
+                )
+            chunks.append(imgs[: max_images - count])
             count += len(chunks[-1])
             if count >= max_images:
                 break
         images = torch.cat(chunks) if chunks else None
     if images is None or len(images) < 2:
-        raise ValueError("calibration data gave {} images; the data-aware criteria and compensation need at "
-                         "least 2".format(0 if images is None else len(images)))
+        raise ValueError(
+            f"calibration data gave {0 if images is None else len(images)} images; the data-aware criteria and compensation need at "
+            "least 2"
+        )
     return images
 
 
@@ -87,7 +94,7 @@ def layer_io(model, module, images, output=False, batch_size=32):
     try:
         for start in range(0, len(images), batch_size):
             try:
-                model(images[start:start + batch_size])
+                model(images[start : start + batch_size])
             except _Stop:
                 pass
     finally:
@@ -96,5 +103,5 @@ def layer_io(model, module, images, output=False, batch_size=32):
         if was_training:
             model.train()
     if not stored:
-        raise RuntimeError("module {} was not called in the forward pass".format(type(module).__name__))
+        raise RuntimeError(f"module {type(module).__name__} was not called in the forward pass")
     return torch.cat(stored)

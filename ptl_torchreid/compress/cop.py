@@ -10,8 +10,16 @@ from .compensate import compensate as compensate_consumers
 from .criterion import GROUP_COSTS, PRESET_OPTIONS, PRESETS, COPSelector, correlation_state
 from .graph import build_graph
 from .measure import count_flops, count_params
-from .scores import (CRITERIA, DATA_CRITERIA, ActivationState, StaticState, activation_statistics,
-                     magnitude_strength, relative_redundancy, taylor_scores)
+from .scores import (
+    CRITERIA,
+    DATA_CRITERIA,
+    ActivationState,
+    StaticState,
+    activation_statistics,
+    magnitude_strength,
+    relative_redundancy,
+    taylor_scores,
+)
 from .surgery import shrink
 
 __all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction", "variant_name",
@@ -91,50 +99,65 @@ class PruneReport:
                     compensation=[[str(n), float(a), float(b)] for n, a, b in self.compensation])
 
     def __str__(self):
-        lines = ["COP pruning, {}{}, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}, "
-                 "max_prune_ratio={:g}), target {}={:g}".format(
-                     self.variant, " (default)" if "criterion" in self.defaults else "", self.preset, self.alpha, self.beta, self.gamma, self.round_to, self.group_cost,
-                     self.max_prune_ratio, self.target, self.value),
-                 "  FLOPs  {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.flops_before, self.flops_after,
-                                                                   self.flops_reduction),
-                 "  params {:>14,d} -> {:>14,d}  (-{:.1%})".format(self.params_before, self.params_after,
-                                                                   self.params_reduction),
-                 "  filters removed {} of {} prunable ({:.1%})".format(self.filters_removed, self.filters_total,
-                                                                      self.prune_rate)]
+        lines = [
+            "COP pruning, {}{}, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}, "
+            "max_prune_ratio={:g}), target {}={:g}".format(
+                self.variant,
+                " (default)" if "criterion" in self.defaults else "",
+                self.preset,
+                self.alpha,
+                self.beta,
+                self.gamma,
+                self.round_to,
+                self.group_cost,
+                self.max_prune_ratio,
+                self.target,
+                self.value,
+            ),
+            f"  FLOPs  {self.flops_before:>14,d} -> {self.flops_after:>14,d}  (-{self.flops_reduction:.1%})",
+            f"  params {self.params_before:>14,d} -> {self.params_after:>14,d}  (-{self.params_reduction:.1%})",
+            f"  filters removed {self.filters_removed} of {self.filters_total} prunable ({self.prune_rate:.1%})",
+        ]
         if self.compensation:
             before = sum(b for _, b, _ in self.compensation)
             after = sum(a for _, _, a in self.compensation)
-            lines.append("  compensation: {} layers refitted on {} calibration images, reconstruction error "
-                         "-{:.1%}".format(len(self.compensation), self.calibration_images,
-                                          1 - after / before if before else 0.0))
+            lines.append(
+                f"  compensation: {len(self.compensation)} layers refitted on {self.calibration_images} calibration images, reconstruction error "
+                f"-{1 - after / before if before else 0.0:.1%}"
+            )
         return "\n".join(lines)
 
     def layer_table(self):
-        return "\n".join("  {:<55s} {:>5d} -> {:>5d}".format(n, a, b) for n, a, b in self.groups)
+        return "\n".join(f"  {n:<55s} {a:>5d} -> {b:>5d}" for n, a, b in self.groups)
 
 
 def check_target(flops_reduction=None, params_reduction=None, prune_rate=None):
     """Validate that exactly one target is given, as a number in [0, 1); returns (name, value)."""
     given = {k: v for k, v in zip(_TARGETS, (flops_reduction, params_reduction, prune_rate)) if v is not None}
     if len(given) != 1:
-        raise ValueError("give exactly one pruning target out of flops_reduction, params_reduction and "
-                         "prune_rate (got {})".format(", ".join(given) or "none"))
-    (name, value), = given.items()
+        raise ValueError(
+            "give exactly one pruning target out of flops_reduction, params_reduction and prune_rate (got {})".format(
+                ", ".join(given) or "none"
+            )
+        )
+    ((name, value),) = given.items()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError("{}={!r} is not valid: it is the fraction to remove, a number in [0, 1) (e.g. 0.5 "
-                         "removes half)".format(name, value))
+        raise ValueError(
+            f"{name}={value!r} is not valid: it is the fraction to remove, a number in [0, 1) (e.g. 0.5 removes half)"
+        )
     return name, float(value)
 
 
 def _weights(preset, alpha, beta, gamma):
     if preset not in PRESETS:
-        raise ValueError("unknown preset {!r}; choose one of {} (or give alpha, beta and gamma)".format(
-            preset, ", ".join(PRESETS)))
+        raise ValueError(
+            "unknown preset {!r}; choose one of {} (or give alpha, beta and gamma)".format(preset, ", ".join(PRESETS))
+        )
     a, b, c = PRESETS[preset]
     a, b, c = (a if alpha is None else alpha), (b if beta is None else beta), (c if gamma is None else gamma)
     for name, v in (("alpha", a), ("beta", b), ("gamma", c)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or v < 0:
-            raise ValueError("{}={!r} is not valid; importance weights are numbers >= 0".format(name, v))
+            raise ValueError(f"{name}={v!r} is not valid; importance weights are numbers >= 0")
     if a == b == c == 0:
         raise ValueError("alpha, beta and gamma are all 0: the importance would not rank anything")
     return float(a), float(b), float(c)
@@ -148,24 +171,45 @@ def check_criterion(criterion=None, compensate=None, has_data=False):
         criterion = DEFAULT_CRITERION if has_data else DEFAULT_DATA_FREE_CRITERION
         defaults.append("criterion")
     if criterion not in CRITERIA:
-        raise ValueError("criterion={!r} is not valid; choose one of {} ('cop' is the paper's method)".format(
-            criterion, ", ".join(CRITERIA)))
+        raise ValueError(
+            "criterion={!r} is not valid; choose one of {} ('cop' is the paper's method)".format(
+                criterion, ", ".join(CRITERIA)
+            )
+        )
     if criterion in DATA_CRITERIA and not has_data:
-        raise ValueError("criterion={!r} needs calibration data: pass calibration= (a DataLoader of torchreid "
-                         "batches or an image tensor) to prune_cop, or use the prune command with a config (its "
-                         "training data); the data-free criteria are 'cop' and 'cop_magnitude'".format(criterion))
+        raise ValueError(
+            f"criterion={criterion!r} needs calibration data: pass calibration= (a DataLoader of torchreid "
+            "batches or an image tensor) to prune_cop, or use the prune command with a config (its "
+            "training data); the data-free criteria are 'cop' and 'cop_magnitude'"
+        )
     if compensate is None:
         compensate = has_data
         defaults.append("compensate")
     if compensate and not has_data:
-        raise ValueError("compensate=True refits layers on calibration data: pass calibration= (a DataLoader of "
-                         "torchreid batches or an image tensor)")
+        raise ValueError(
+            "compensate=True refits layers on calibration data: pass calibration= (a DataLoader of "
+            "torchreid batches or an image tensor)"
+        )
     return criterion, bool(compensate), defaults
 
 
-def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced", alpha=None,
-                  beta=None, gamma=None, topk=3, round_to=None, min_channels=1, group_cost=None,
-                  max_prune_ratio=None, criterion=None, compensate=None, has_data=False):
+def check_options(
+    flops_reduction=None,
+    params_reduction=None,
+    prune_rate=None,
+    preset="balanced",
+    alpha=None,
+    beta=None,
+    gamma=None,
+    topk=3,
+    round_to=None,
+    min_channels=1,
+    group_cost=None,
+    max_prune_ratio=None,
+    criterion=None,
+    compensate=None,
+    has_data=False,
+):
     """Validate ``prune_cop``'s options (everything but the model) and resolve the preset's and the criterion's
     defaults. Returns dict(target, value, weights, round_to, group_cost, max_prune_ratio, criterion, compensate,
     defaults); raises ValueError naming the bad option."""
@@ -173,24 +217,36 @@ def check_options(flops_reduction=None, params_reduction=None, prune_rate=None, 
     criterion, compensate, defaults = check_criterion(criterion, compensate, has_data)
     weights = _weights(preset, alpha, beta, gamma)
     if group_cost is not None and group_cost not in GROUP_COSTS:
-        raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
-                                                                              ", ".join(GROUP_COSTS)))
+        raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost, ", ".join(GROUP_COSTS)))
     if round_to is None:
         round_to = PRESET_OPTIONS[preset]["round_to"]
     if group_cost is None:
         group_cost = PRESET_OPTIONS[preset]["group_cost"]
     for name, v in (("topk", topk), ("round_to", round_to), ("min_channels", min_channels)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError("{}={!r} is not valid; use an integer >= 1".format(name, v))
+            raise ValueError(f"{name}={v!r} is not valid; use an integer >= 1")
     if max_prune_ratio is None:
         max_prune_ratio = 1.0
-    elif (isinstance(max_prune_ratio, bool) or not isinstance(max_prune_ratio, numbers.Real)
-          or not 0.0 < float(max_prune_ratio) <= 1.0):
-        raise ValueError("max_prune_ratio={!r} is not valid; use a fraction in (0, 1] (the most of any layer's "
-                         "channels that may go; 1 = no limit)".format(max_prune_ratio))
-    return dict(target=target, value=value, weights=weights, round_to=round_to, group_cost=group_cost,
-                max_prune_ratio=float(max_prune_ratio), criterion=criterion, compensate=compensate,
-                defaults=defaults)
+    elif (
+        isinstance(max_prune_ratio, bool)
+        or not isinstance(max_prune_ratio, numbers.Real)
+        or not 0.0 < float(max_prune_ratio) <= 1.0
+    ):
+        raise ValueError(
+            f"max_prune_ratio={max_prune_ratio!r} is not valid; use a fraction in (0, 1] (the most of any layer's "
+            "channels that may go; 1 = no limit)"
+        )
+    return dict(
+        target=target,
+        value=value,
+        weights=weights,
+        round_to=round_to,
+        group_cost=group_cost,
+        max_prune_ratio=float(max_prune_ratio),
+        criterion=criterion,
+        compensate=compensate,
+        defaults=defaults,
+    )
 
 
 def _selection_states(graph, criterion, images, topk):
@@ -207,10 +263,31 @@ def _selection_states(graph, criterion, images, topk):
     return {g.index: StaticState(g, relative_redundancy(scores[g.index])) for g in groups}
 
 
-def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=None, preset="balanced",
-              input_size=(256, 128), alpha=None, beta=None, gamma=None, topk=3, round_to=None, min_channels=1,
-              exclude=(), group_cost=None, max_prune_ratio=None, inplace=False, tolerance=0.02, return_report=False,
-              verbose=False, criterion=None, calibration=None, compensate=None, calibration_size=64):
+def prune_cop(
+    model,
+    flops_reduction=None,
+    params_reduction=None,
+    prune_rate=None,
+    preset="balanced",
+    input_size=(256, 128),
+    alpha=None,
+    beta=None,
+    gamma=None,
+    topk=3,
+    round_to=None,
+    min_channels=1,
+    exclude=(),
+    group_cost=None,
+    max_prune_ratio=None,
+    inplace=False,
+    tolerance=0.02,
+    return_report=False,
+    verbose=False,
+    criterion=None,
+    calibration=None,
+    compensate=None,
+    calibration_size=64,
+):
     """Prune ``model`` with COP and return the smaller model (an ordinary module with fewer channels).
 
     Exactly one target:
@@ -254,25 +331,43 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
     and anything downstream stay compatible. BatchNorm statistics, BConv-Cell running states and concatenation
     consumers are sliced with their channels. The module is left in the training mode it had.
     """
-    opts = check_options(flops_reduction, params_reduction, prune_rate, preset, alpha, beta, gamma, topk,
-                         round_to, min_channels, group_cost, max_prune_ratio, criterion, compensate,
-                         has_data=calibration is not None)
+    opts = check_options(
+        flops_reduction,
+        params_reduction,
+        prune_rate,
+        preset,
+        alpha,
+        beta,
+        gamma,
+        topk,
+        round_to,
+        min_channels,
+        group_cost,
+        max_prune_ratio,
+        criterion,
+        compensate,
+        has_data=calibration is not None,
+    )
     criterion, compensate = opts["criterion"], opts["compensate"]
     if calibration is None and "criterion" in opts["defaults"]:
-        warnings.warn("prune_cop without calibration data uses the data-free criterion {!r}; pass calibration= "
-                      "(training images) for the default {!r} with compensation".format(
-                          DEFAULT_DATA_FREE_CRITERION, DEFAULT_CRITERION), UserWarning, stacklevel=2)
+        warnings.warn(
+            f"prune_cop without calibration data uses the data-free criterion {DEFAULT_DATA_FREE_CRITERION!r}; pass calibration= "
+            f"(training images) for the default {DEFAULT_CRITERION!r} with compensation",
+            UserWarning,
+            stacklevel=2,
+        )
     target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
     round_to, group_cost, max_prune_ratio = opts["round_to"], opts["group_cost"], opts["max_prune_ratio"]
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or tolerance < 0:
-        raise ValueError("tolerance={!r} is not valid; use a fraction >= 0 (0.02 = 2 points)".format(tolerance))
+        raise ValueError(f"tolerance={tolerance!r} is not valid; use a fraction >= 0 (0.02 = 2 points)")
     input_size = tuple(int(s) for s in input_size)
     net = unwrap(model)
     built_for = getattr(net, "input_size", None)  # PTL models: the cells' state shapes follow it
     if built_for is not None and tuple(built_for) != input_size:
-        raise ValueError("the model was built for input_size={} but pruning was asked at input_size={}; pass "
-                         "input_size={} (FLOPs and the cells' states depend on it)".format(
-                             tuple(built_for), input_size, tuple(built_for)))
+        raise ValueError(
+            f"the model was built for input_size={tuple(built_for)} but pruning was asked at input_size={input_size}; pass "
+            f"input_size={tuple(built_for)} (FLOPs and the cells' states depend on it)"
+        )
     if not inplace:
         net = copy.deepcopy(net)
 
@@ -281,14 +376,26 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
         param = next(iter(net.parameters()))
         images = calibration_images(calibration, calibration_size).to(param.device, param.dtype)
         if tuple(images.shape[-2:]) != input_size:
-            raise ValueError("calibration images are {}x{} but input_size is {}x{}; use images of the size the "
-                             "model runs at".format(*images.shape[-2:], *input_size))
+            raise ValueError(
+                "calibration images are {}x{} but input_size is {}x{}; use images of the size the model runs at".format(
+                    *images.shape[-2:], *input_size
+                )
+            )
     flops_before, params_before = count_flops(net, input_size), count_params(net)
     graph = build_graph(net, input_size, exclude=exclude)
-    selector = COPSelector(graph, a, b, c, topk=topk, round_to=round_to, min_channels=min_channels,
-                           group_cost=group_cost, max_prune_ratio=max_prune_ratio,
-                           states=_selection_states(graph, criterion, images, topk))
-    flops_outside = flops_before - selector.flops        # layers the graph does not change
+    selector = COPSelector(
+        graph,
+        a,
+        b,
+        c,
+        topk=topk,
+        round_to=round_to,
+        min_channels=min_channels,
+        group_cost=group_cost,
+        max_prune_ratio=max_prune_ratio,
+        states=_selection_states(graph, criterion, images, topk),
+    )
+    flops_outside = flops_before - selector.flops  # layers the graph does not change
     params_outside = params_before - selector.params
 
     def reached():
@@ -311,17 +418,25 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
 
     while value > 0 and not reached():
         if not selector.step(accept):
-            got = {"flops_reduction": 1 - (flops_outside + selector.flops) / flops_before,
-                   "params_reduction": 1 - (params_outside + selector.params) / params_before,
-                   "prune_rate": selector.removed_filters / max(1, selector.total_filters)}[target]
+            got = {
+                "flops_reduction": 1 - (flops_outside + selector.flops) / flops_before,
+                "params_reduction": 1 - (params_outside + selector.params) / params_before,
+                "prune_rate": selector.removed_filters / max(1, selector.total_filters),
+            }[target]
             raise ValueError(
                 "cannot reach {}={:g}: with min_channels={}, round_to={} and max_prune_ratio={:g} the prunable "
                 "layers allow at most {:.3f}. Lower the target or min_channels/round_to, or raise max_prune_ratio. "
                 "Parts of the model that are kept: {}".format(
-                    target, value, min_channels, round_to, max_prune_ratio, got, "; ".join(graph.notes) or
-                    "channels reaching the output, and single-channel layers"))
-    sizes = [(g.name, g.size, int(selector.alive[g.offset:g.offset + g.size].sum())) for g in
-             graph.prunable_groups()]
+                    target,
+                    value,
+                    min_channels,
+                    round_to,
+                    max_prune_ratio,
+                    got,
+                    "; ".join(graph.notes) or "channels reaching the output, and single-channel layers",
+                )
+            )
+    sizes = [(g.name, g.size, int(selector.alive[g.offset : g.offset + g.size].sum())) for g in graph.prunable_groups()]
     parent = copy.deepcopy(net) if compensate else None
     shrink(graph, selector.alive)
     fits = compensate_consumers(graph, parent, selector.alive, images) if compensate else []
@@ -329,19 +444,41 @@ def prune_cop(model, flops_reduction=None, params_reduction=None, prune_rate=Non
 
     flops_after, params_after = count_flops(net, input_size), count_params(net)
     if flops_after != flops_outside + selector.flops:
-        warnings.warn("FLOPs counted after pruning ({:,}) differ from the pruner's estimate ({:,}); the target was "
-                      "steered by the estimate".format(flops_after, flops_outside + selector.flops), RuntimeWarning)
+        warnings.warn(
+            f"FLOPs counted after pruning ({flops_after:,}) differ from the pruner's estimate ({flops_outside + selector.flops:,}); the target was "
+            "steered by the estimate",
+            RuntimeWarning,
+        )
     if target == "flops_reduction" and abs((1 - flops_after / flops_before) - value) > tolerance:
-        warnings.warn("FLOP reduction {:.3f} misses the requested {:.3f} by more than {}".format(
-            1 - flops_after / flops_before, value, tolerance), RuntimeWarning)
-    report = PruneReport(preset=preset, alpha=a, beta=b, gamma=c, target=target, value=value, round_to=round_to,
-                         group_cost=group_cost, max_prune_ratio=max_prune_ratio, input_size=input_size,
-                         flops_before=flops_before, flops_after=flops_after,
-                         params_before=params_before, params_after=params_after,
-                         filters_removed=int(selector.removed_filters), filters_total=int(selector.total_filters),
-                         groups=sizes, notes=list(graph.notes), criterion=criterion, compensate=compensate,
-                         defaults=opts["defaults"], calibration_images=0 if images is None else len(images),
-                         compensation=fits)
+        warnings.warn(
+            f"FLOP reduction {1 - flops_after / flops_before:.3f} misses the requested {value:.3f} by more than {tolerance}",
+            RuntimeWarning,
+        )
+    report = PruneReport(
+        preset=preset,
+        alpha=a,
+        beta=b,
+        gamma=c,
+        target=target,
+        value=value,
+        round_to=round_to,
+        group_cost=group_cost,
+        max_prune_ratio=max_prune_ratio,
+        input_size=input_size,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        params_before=params_before,
+        params_after=params_after,
+        filters_removed=int(selector.removed_filters),
+        filters_total=int(selector.total_filters),
+        groups=sizes,
+        notes=list(graph.notes),
+        criterion=criterion,
+        compensate=compensate,
+        defaults=opts["defaults"],
+        calibration_images=0 if images is None else len(images),
+        compensation=fits,
+    )
     if verbose:
         print(report)
         print(report.layer_table())

@@ -46,17 +46,17 @@ class Distillation:
         """Raise ValueError naming a bad option."""
         for name, v in (("feature_weight", feature_weight), ("logit_weight", logit_weight)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError("distillation {}={!r} is not valid; use a number >= 0".format(name, v))
+                raise ValueError(f"distillation {name}={v!r} is not valid; use a number >= 0")
         if feature_weight == 0 and logit_weight == 0:
             raise ValueError("distillation with feature_weight=0 and logit_weight=0 would add nothing")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError("distillation temperature={!r} is not valid; use a number > 0".format(temperature))
+            raise ValueError(f"distillation temperature={temperature!r} is not valid; use a number > 0")
 
     def _classifier(self, net):
         classifier = getattr(net, "classifier", None)
         if not isinstance(classifier, torch.nn.Linear):
             raise ValueError("distillation needs models with a Linear 'classifier' (torchreid's layout); got "
-                             "{}".format(type(classifier).__name__))
+                             f"{type(classifier).__name__}")
         return classifier
 
     def attach(self, engine):

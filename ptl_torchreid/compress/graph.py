@@ -121,9 +121,7 @@ class LayerRecord:
         self.out_units = None
 
     def __repr__(self):
-        return "LayerRecord({}, {}, in={}, out={})".format(
-            self.name, self.kind, None if self.in_labels is None else len(self.in_labels),
-            None if self.out_labels is None else len(self.out_labels))
+        return f"LayerRecord({self.name}, {self.kind}, in={None if self.in_labels is None else len(self.in_labels)}, out={None if self.out_labels is None else len(self.out_labels)})"
 
 
 class Group:
@@ -131,12 +129,12 @@ class Group:
 
     def __init__(self, index, roots):
         self.index = index
-        self.roots = roots          # union-find root per unit, in unit order
-        self.offset = 0             # first global unit index
-        self.producers = []         # LayerRecords whose output channels are these units
-        self.consumers = []         # dense LayerRecords reading these units (conv/linear/cell inputs)
-        self.members = []           # every LayerRecord touching these units (producers, consumers, BN, ...)
-        self.frozen = None          # reason, or None when prunable
+        self.roots = roots  # union-find root per unit, in unit order
+        self.offset = 0  # first global unit index
+        self.producers = []  # LayerRecords whose output channels are these units
+        self.consumers = []  # dense LayerRecords reading these units (conv/linear/cell inputs)
+        self.members = []  # every LayerRecord touching these units (producers, consumers, BN, ...)
+        self.frozen = None  # reason, or None when prunable
 
     @property
     def size(self):
@@ -151,11 +149,12 @@ class Group:
         if not self.producers:
             return "<no producer>"
         extra = len(self.producers) - 1
-        return self.producers[0].name + (" (+{} coupled)".format(extra) if extra else "")
+        return self.producers[0].name + (f" (+{extra} coupled)" if extra else "")
 
     def __repr__(self):
-        return "Group({}, units={}, {})".format(self.name, self.size,
-                                                "prunable" if self.prunable else "frozen: {}".format(self.frozen))
+        return "Group({}, units={}, {})".format(
+            self.name, self.size, "prunable" if self.prunable else f"frozen: {self.frozen}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -188,9 +187,18 @@ _GETITEM = ["__getitem__"]
 
 def _build_op_table():
     table, by_name = {}, {}
-    for kind, names in (("passthrough", _PASSTHROUGH), ("elementwise", _ELEMENTWISE), ("reduction", _REDUCTIONS),
-                        ("dimwise", _DIMWISE), ("cat", _CAT), ("split", _SPLIT), ("reshape", _RESHAPE),
-                        ("permute", _PERMUTE), ("expand", _EXPAND), ("getitem", _GETITEM)):
+    for kind, names in (
+        ("passthrough", _PASSTHROUGH),
+        ("elementwise", _ELEMENTWISE),
+        ("reduction", _REDUCTIONS),
+        ("dimwise", _DIMWISE),
+        ("cat", _CAT),
+        ("split", _SPLIT),
+        ("reshape", _RESHAPE),
+        ("permute", _PERMUTE),
+        ("expand", _EXPAND),
+        ("getitem", _GETITEM),
+    ):
         for name in names:
             by_name[name] = kind
             for namespace in (torch, torch.Tensor, F, torch.special):
@@ -243,8 +251,8 @@ class _Tracer(TorchFunctionMode):
         self.model = model
         self.exclude = set(exclude)
         self.uf = _UnionFind()
-        self.labels = {}        # id(tensor) -> (tensor, labels)
-        self.records = {}       # name -> LayerRecord (in order of first call)
+        self.labels = {}  # id(tensor) -> (tensor, labels)
+        self.records = {}  # name -> LayerRecord (in order of first call)
         self.depth = 0
         self.batch = None
         self.notes = []
@@ -299,9 +307,10 @@ class _Tracer(TorchFunctionMode):
         name, kind = self.names[module]
         if kind == "unsupported":
             raise UnsupportedLayerError(
-                "cannot prune through module {!r} of type {}: it has its own weights and the pruner does not "
-                "know how they are indexed by channels. Pass exclude=[{!r}] to keep its input and output "
-                "channels unpruned.".format(name, type(module).__name__, name))
+                f"cannot prune through module {name!r} of type {type(module).__name__}: it has its own weights and the pruner does not "
+                f"know how they are indexed by channels. Pass exclude=[{name!r}] to keep its input and output "
+                "channels unpruned."
+            )
         tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
         outputs = [o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)]
         if not tensors or not outputs:
@@ -309,15 +318,18 @@ class _Tracer(TorchFunctionMode):
         x, y = tensors[0], outputs[0]
         if kind == "linear" and x.dim() != 2:
             kind = "barrier"
-            self.notes.append("{}: a Linear on a {}-d input is not pruned".format(name, x.dim()))
+            self.notes.append(f"{name}: a Linear on a {x.dim()}-d input is not pruned")
         if kind in ("excluded", "barrier", "grouped"):
-            reason = {"excluded": "excluded by the caller ({})",
-                      "barrier": "{} normalises or mixes across channels",
-                      "grouped": "{} is a grouped (not depthwise) convolution"}[kind].format(name)
-            note = {"grouped": "{}: grouped convolutions are not pruned; its input and output channels are kept",
-                    "barrier": "{}: {} normalises across channels; its input and output channels are kept",
-                    "excluded": "{}: excluded; its input and output channels are kept"}[kind].format(
-                        name, type(module).__name__)
+            reason = {
+                "excluded": "excluded by the caller ({})",
+                "barrier": "{} normalises or mixes across channels",
+                "grouped": "{} is a grouped (not depthwise) convolution",
+            }[kind].format(name)
+            note = {
+                "grouped": "{}: grouped convolutions are not pruned; its input and output channels are kept",
+                "barrier": "{}: {} normalises across channels; its input and output channels are kept",
+                "excluded": "{}: excluded; its input and output channels are kept",
+            }[kind].format(name, type(module).__name__)
             if note not in self.notes:
                 self.notes.append(note)
             for t in tensors:
@@ -327,7 +339,7 @@ class _Tracer(TorchFunctionMode):
                 if o.dim() >= 2:
                     self.set(o, self.uf.new(o.shape[1], frozen=reason))
             return
-        in_labels = self.labels_or_frozen(x, "input of {} is not traced".format(name))
+        in_labels = self.labels_or_frozen(x, f"input of {name} is not traced")
         rec = self.records.get(name)
         if rec is None:
             rec = self.records[name] = LayerRecord(name, module, kind)
@@ -373,7 +385,7 @@ class _Tracer(TorchFunctionMode):
                 raise _Unknown()
             labels = getattr(self, "_op_" + kind)(args, kwargs, outputs, traced)
         except _Unknown:
-            reason = "operation {} is not understood by the dependency graph".format(_op_name(func))
+            reason = f"operation {_op_name(func)} is not understood by the dependency graph"
             for t in traced:
                 self.uf.freeze(self.get(t), reason)
             labels = [self.uf.new(o.shape[1], frozen=reason) if o.dim() >= 2 else None for o in outputs]
@@ -450,8 +462,7 @@ class _Tracer(TorchFunctionMode):
         if out.dim() < 2:
             raise _Unknown()
         if dim == 1:
-            return [np.concatenate([self.labels_or_frozen(t, "concatenated with an untraced tensor")
-                                    for t in tensors])]
+            return [np.concatenate([self.labels_or_frozen(t, "concatenated with an untraced tensor") for t in tensors])]
         labelled = [self.get(t) for t in tensors]
         if any(lab is None or len(lab) != out.shape[1] for lab in labelled):
             raise _Unknown()
@@ -507,8 +518,11 @@ class _Tracer(TorchFunctionMode):
         index = args[1] if len(args) > 1 else None
         index = index if isinstance(index, tuple) else (index,)
         full = slice(None, None, None)
-        ok = (isinstance(index[0], slice) and (len(index) == 1 or index[1] == full or index[1] is Ellipsis)
-              and all(not isinstance(i, torch.Tensor) for i in index))
+        ok = (
+            isinstance(index[0], slice)
+            and (len(index) == 1 or index[1] == full or index[1] is Ellipsis)
+            and all(not isinstance(i, torch.Tensor) for i in index)
+        )
         if not ok:
             raise _Unknown()
         if outputs[0].dim() < 2 or outputs[0].shape[1] != x.shape[1]:
@@ -561,8 +575,11 @@ class ChannelGraph:
         lines = []
         for g in self.groups:
             if g.producers:
-                lines.append("{:<55s} {:>5d}  {}".format(g.name, g.size, "prunable" if g.prunable else
-                                                         "kept: {}".format(g.frozen or "single channel")))
+                lines.append(
+                    "{:<55s} {:>5d}  {}".format(
+                        g.name, g.size, "prunable" if g.prunable else "kept: {}".format(g.frozen or "single channel")
+                    )
+                )
         return "\n".join(lines + ["note: " + n for n in self.notes])
 
 
@@ -587,14 +604,18 @@ def build_graph(model, input_size=(256, 128), exclude=(), example_input=None):
         kw = dict(device=param.device, dtype=param.dtype) if param is not None else {}
         example_input = torch.randn(2, 3, *_as_tuple(input_size), **kw)
     if example_input.shape[0] < 2:
-        raise ValueError("trace the model with a batch of at least 2 samples (got {}); with one sample, batch and "
-                         "channel reshapes cannot be told apart".format(example_input.shape[0]))
+        raise ValueError(
+            f"trace the model with a batch of at least 2 samples (got {example_input.shape[0]}); with one sample, batch and "
+            "channel reshapes cannot be told apart"
+        )
     exclude = list(exclude or ())
     names = {n for n, _ in model.named_modules()}
     missing = [n for n in exclude if n not in names]
     if missing:
-        raise ValueError("exclude names {} are not modules of the model; valid names are those of "
-                         "model.named_modules(), e.g. {}".format(missing, sorted(names - {""})[:5]))
+        raise ValueError(
+            "exclude names {} are not modules of the model; valid names are those of "
+            "model.named_modules(), e.g. {}".format(missing, sorted(names - {""})[:5])
+        )
 
     tracer = _Tracer(model, exclude)
     tracer.batch = example_input.shape[0]
@@ -633,7 +654,7 @@ def _assemble(model, tracer, input_size, batch):
     # Units in a stable order: producers' output order first, then anything else that was seen.
     seen, order = set(), []
     for rec in records:
-        for labels in ((rec.out_labels, rec.in_labels) if rec.kind in PRODUCERS else (rec.in_labels,)):
+        for labels in (rec.out_labels, rec.in_labels) if rec.kind in PRODUCERS else (rec.in_labels,):
             for x in roots[labels].tolist():
                 if x not in seen:
                     seen.add(x)
@@ -653,7 +674,7 @@ def _assemble(model, tracer, input_size, batch):
     num_units = offset
     unit_group = np.empty(num_units, dtype=np.int64)
     for g in groups:
-        unit_group[g.offset:g.offset + g.size] = g.index
+        unit_group[g.offset : g.offset + g.size] = g.index
         reasons = [frozen_roots[x] for x in g.roots.tolist() if x in frozen_roots]
         if reasons:
             g.frozen = reasons[0]

@@ -99,7 +99,7 @@ def _load(path_or_checkpoint, map_location, trust):
         return path_or_checkpoint, "<checkpoint dict>"
     path = str(path_or_checkpoint)
     if not osp.isfile(path):
-        raise FileNotFoundError("pruned model file {} does not exist".format(path))
+        raise FileNotFoundError(f"pruned model file {path} does not exist")
     return load_checkpoint(path, map_location=map_location, trust=trust), path
 
 
@@ -107,9 +107,9 @@ def pruning_info(path_or_checkpoint, map_location="cpu", trust=False):
     """The ``pruning`` entry of a pruned checkpoint (arch, channels, report, ...)."""
     checkpoint, where = _load(path_or_checkpoint, map_location, trust)
     if not is_pruned_checkpoint(checkpoint):
-        raise ValueError("{} is not a pruned-model checkpoint: it has no 'pruning' entry with a channel "
+        raise ValueError(f"{where} is not a pruned-model checkpoint: it has no 'pruning' entry with a channel "
                          "configuration. Save pruned models with ptl_torchreid.compress.save_pruned_model "
-                         "(or the 'prune' command).".format(where))
+                         "(or the 'prune' command).")
     return checkpoint["pruning"]
 
 
@@ -181,6 +181,6 @@ def register_pruned_model(path, name=None, trust=False):
         return model
 
     factory.__name__ = name
-    factory.__doc__ = "Pruned model loaded from {}".format(path)
+    factory.__doc__ = f"Pruned model loaded from {path}"
     _torchreid.model_factory()[name] = factory
     return name

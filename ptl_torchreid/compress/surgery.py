@@ -76,7 +76,7 @@ def _shrink_layer(rec, keep_in, keep_out):
         m.in_channels, m.out_channels = int(keep_in.sum()), len(out)
         m.conv.in_channels, m.conv.out_channels = m.in_channels, 4 * m.out_channels
     else:
-        raise AssertionError("no surgery for layer kind {!r}".format(kind))
+        raise AssertionError(f"no surgery for layer kind {kind!r}")
 
 
 @torch.no_grad()
@@ -84,14 +84,13 @@ def shrink(graph, alive):
     """Remove, in place, every unit of ``graph`` whose entry in the boolean array ``alive`` is False."""
     alive = np.asarray(alive, dtype=bool)
     if alive.shape != (graph.num_units,):
-        raise ValueError("alive must have one entry per unit ({}), got shape {}".format(graph.num_units,
-                                                                                      alive.shape))
+        raise ValueError(f"alive must have one entry per unit ({graph.num_units}), got shape {alive.shape}")
     for g in graph.groups:
         dead = ~alive[g.offset:g.offset + g.size]
         if dead.any() and not g.prunable:
             raise ValueError("group {} cannot be pruned: {}".format(g.name, g.frozen or "single channel"))
         if dead.all():
-            raise ValueError("group {} would lose all its {} channels; keep at least one".format(g.name, g.size))
+            raise ValueError(f"group {g.name} would lose all its {g.size} channels; keep at least one")
     for rec in graph.records:
         _shrink_layer(rec, alive[rec.in_units], alive[rec.out_units])
     return graph.model
@@ -154,6 +153,8 @@ def apply_channel_config(model, config):
             _resize(m, "running_state", (1, m.out_channels) + tuple(m.state_size))
             m.reset_state()
         else:
-            raise ValueError("module {!r} of type {} has a channel configuration but is not a layer the pruner "
-                             "knows".format(name, type(m).__name__))
+            raise ValueError(
+                f"module {name!r} of type {type(m).__name__} has a channel configuration but is not a layer the pruner "
+                "knows"
+            )
     return model

@@ -31,7 +31,7 @@ def _replicas_and_rank(num_replicas, rank):
     num_replicas = get_world_size() if num_replicas is None else num_replicas
     rank = get_rank() if rank is None else rank
     if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise ValueError("rank={} is not valid for num_replicas={}".format(rank, num_replicas))
+        raise ValueError(f"rank={rank} is not valid for num_replicas={num_replicas}")
     return int(num_replicas), int(rank)
 
 
@@ -56,12 +56,14 @@ class DistributedRandomIdentitySampler(Sampler):
 
     def __init__(self, data_source, batch_size, num_instances, num_replicas=None, rank=None, seed=0):
         if num_instances < 1 or batch_size < num_instances:
-            raise ValueError("batch_size={} must be at least num_instances={} (and num_instances >= 1)".format(
-                batch_size, num_instances))
+            raise ValueError(
+                f"batch_size={batch_size} must be at least num_instances={num_instances} (and num_instances >= 1)"
+            )
         if batch_size % num_instances:
-            raise ValueError("batch_size={} must be a multiple of num_instances={} so that every batch holds whole "
-                             "identities; change sampler.num_instances or the train batch size".format(
-                                 batch_size, num_instances))
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of num_instances={num_instances} so that every batch holds whole "
+                "identities; change sampler.num_instances or the train batch size"
+            )
         num_replicas, rank = _replicas_and_rank(num_replicas, rank)
         self.data_source = data_source
         self.batch_size = int(batch_size)
@@ -79,9 +81,10 @@ class DistributedRandomIdentitySampler(Sampler):
         self.index_dic = {pid: index_dic[pid] for pid in self.pids}
         needed = self.num_pids_per_batch * self.num_replicas
         if len(self.pids) < needed:
-            raise ValueError("the training set has {} identities but {} ranks x {} identities per batch need at "
-                             "least {}; lower the batch size, raise num_instances, or use fewer processes".format(
-                                 len(self.pids), self.num_replicas, self.num_pids_per_batch, needed))
+            raise ValueError(
+                f"the training set has {len(self.pids)} identities but {self.num_replicas} ranks x {self.num_pids_per_batch} identities per batch need at "
+                f"least {needed}; lower the batch size, raise num_instances, or use fewer processes"
+            )
         self._cache = (None, None)
 
     def set_epoch(self, epoch):
@@ -95,7 +98,7 @@ class DistributedRandomIdentitySampler(Sampler):
             idxs = rng.choice(idxs, size=self.num_instances, replace=True)
         idxs = rng.permutation(idxs)
         usable = len(idxs) - len(idxs) % self.num_instances
-        return [idxs[i:i + self.num_instances].tolist() for i in range(0, usable, self.num_instances)]
+        return [idxs[i : i + self.num_instances].tolist() for i in range(0, usable, self.num_instances)]
 
     def _shards(self, rng, chunks):
         """Deal shuffled identities to the rank whose shard has the fewest chunks so far."""
@@ -131,8 +134,9 @@ class DistributedRandomIdentitySampler(Sampler):
         rng = np.random.default_rng([self.seed, epoch])
         chunks = {pid: self._chunks(rng, pid) for pid in self.pids}
         shards = self._shards(rng, chunks)
-        per_rank = [self._batches(np.random.default_rng([self.seed, epoch, r]), shard, chunks)
-                    for r, shard in enumerate(shards)]
+        per_rank = [
+            self._batches(np.random.default_rng([self.seed, epoch, r]), shard, chunks) for r, shard in enumerate(shards)
+        ]
         n = min(len(b) for b in per_rank)
         return [b[:n] for b in per_rank]
 
@@ -154,10 +158,7 @@ class DistributedRandomIdentitySampler(Sampler):
         return len(self) // self.batch_size
 
     def __repr__(self):
-        return "{}(P={}, K={}, rank={}/{}, seed={}, epoch={}, identities={})".format(
-            type(self).__name__, self.num_pids_per_batch, self.num_instances, self.rank, self.num_replicas,
-            self.seed, self.epoch, len(self.pids))
-
+        return f"{type(self).__name__}(P={self.num_pids_per_batch}, K={self.num_instances}, rank={self.rank}/{self.num_replicas}, seed={self.seed}, epoch={self.epoch}, identities={len(self.pids)})"
 
 
 class ShardSampler(Sampler):
@@ -176,8 +177,9 @@ class ShardSampler(Sampler):
         return len(range(self.rank, self.length, self.num_replicas))
 
 
-def build_distributed_train_sampler(data_source, train_sampler, batch_size, num_instances=4, seed=0,
-                                    num_replicas=None, rank=None):
+def build_distributed_train_sampler(
+    data_source, train_sampler, batch_size, num_instances=4, seed=0, num_replicas=None, rank=None
+):
     """The distributed counterpart of torchreid's ``build_train_sampler`` for ``train_sampler``:
 
     - ``RandomIdentitySampler`` -> :class:`DistributedRandomIdentitySampler` (P x K on disjoint identity shards);
@@ -189,13 +191,23 @@ def build_distributed_train_sampler(data_source, train_sampler, batch_size, num_
     """
     num_replicas, rank = _replicas_and_rank(num_replicas, rank)
     if train_sampler == "RandomIdentitySampler":
-        return DistributedRandomIdentitySampler(data_source, batch_size, num_instances, num_replicas=num_replicas,
-                                                rank=rank, seed=seed)
+        return DistributedRandomIdentitySampler(
+            data_source, batch_size, num_instances, num_replicas=num_replicas, rank=rank, seed=seed
+        )
     if train_sampler in ("RandomSampler", "SequentialSampler"):
-        return DistributedSampler(data_source, num_replicas=num_replicas, rank=rank,
-                                  shuffle=train_sampler == "RandomSampler", seed=seed, drop_last=False)
-    raise ValueError("sampler.train_sampler={!r} has no distributed version; use one of {} for multi-process "
-                     "training".format(train_sampler, ", ".join(DISTRIBUTED_TRAIN_SAMPLERS)))
+        return DistributedSampler(
+            data_source,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=train_sampler == "RandomSampler",
+            seed=seed,
+            drop_last=False,
+        )
+    raise ValueError(
+        "sampler.train_sampler={!r} has no distributed version; use one of {} for multi-process training".format(
+            train_sampler, ", ".join(DISTRIBUTED_TRAIN_SAMPLERS)
+        )
+    )
 
 
 def rebuild_loader(loader, sampler, drop_last=None):
@@ -203,17 +215,26 @@ def rebuild_loader(loader, sampler, drop_last=None):
     ``sampler`` (and ``drop_last`` if given)."""
     if loader.batch_size is None:
         raise ValueError("rebuild_loader needs a loader with a batch_size (not a batch_sampler)")
-    kwargs = dict(batch_size=loader.batch_size, sampler=sampler, shuffle=False, num_workers=loader.num_workers,
-                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                  drop_last=loader.drop_last if drop_last is None else drop_last, timeout=loader.timeout,
-                  worker_init_fn=loader.worker_init_fn, generator=loader.generator)
+    kwargs = dict(
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last if drop_last is None else drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+    )
     if loader.num_workers > 0:
         kwargs.update(persistent_workers=loader.persistent_workers, prefetch_factor=loader.prefetch_factor)
     return DataLoader(loader.dataset, **kwargs)
 
 
-def distribute_train_loaders(datamanager, train_sampler, num_instances=4, seed=0, train_sampler_t=None,
-                             num_replicas=None, rank=None):
+def distribute_train_loaders(
+    datamanager, train_sampler, num_instances=4, seed=0, train_sampler_t=None, num_replicas=None, rank=None
+):
     """Replace ``datamanager.train_loader`` (and ``train_loader_t`` when the target train sets are loaded) of a
     torchreid data manager by loaders with the distributed samplers of :func:`build_distributed_train_sampler`,
     keeping their per-rank batch size, workers and ``drop_last=True``. Returns the data manager.
@@ -226,8 +247,14 @@ def distribute_train_loaders(datamanager, train_sampler, num_instances=4, seed=0
         specs.append(("train_loader_t", train_sampler_t or train_sampler))
     for attr, name in specs:
         loader = getattr(datamanager, attr)
-        sampler = build_distributed_train_sampler(loader.dataset.train, name, loader.batch_size,
-                                                  num_instances=num_instances, seed=seed,
-                                                  num_replicas=num_replicas, rank=rank)
+        sampler = build_distributed_train_sampler(
+            loader.dataset.train,
+            name,
+            loader.batch_size,
+            num_instances=num_instances,
+            seed=seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
         setattr(datamanager, attr, rebuild_loader(loader, sampler, drop_last=True))
     return datamanager

@@ -37,8 +37,8 @@ import cv2
 import numpy as np
 
 from .._torchreid import torchreid
-from . import check
 from ..utils.savedir import file_mode
+from . import check
 
 __all__ = [
     "FORMAT_VERSION",
@@ -126,18 +126,22 @@ class SyntheticParams:
             object.__setattr__(self, key, int(getattr(self, key)))  # numpy ints would not survive json
         if self.min_cameras_per_id > self.num_cameras:
             raise ValueError(
-                "min_cameras_per_id={} exceeds num_cameras={}; lower min_cameras_per_id or add cameras".format(
-                    self.min_cameras_per_id, self.num_cameras))
+                f"min_cameras_per_id={self.min_cameras_per_id} exceeds num_cameras={self.num_cameras}; lower min_cameras_per_id or add cameras"
+            )
         if self.max_cameras_per_id is not None and not (
-                self.min_cameras_per_id <= self.max_cameras_per_id <= self.num_cameras):
+            self.min_cameras_per_id <= self.max_cameras_per_id <= self.num_cameras
+        ):
             raise ValueError(
-                "max_cameras_per_id={} must lie in [min_cameras_per_id={}, num_cameras={}] (or be None)".format(
-                    self.max_cameras_per_id, self.min_cameras_per_id, self.num_cameras))
+                f"max_cameras_per_id={self.max_cameras_per_id} must lie in [min_cameras_per_id={self.min_cameras_per_id}, num_cameras={self.num_cameras}] (or be None)"
+            )
         if not isinstance(self.style, str) or self.style not in STYLES:
-            raise ValueError("Unknown style {!r}{}; valid styles: {}".format(
-                self.style, _suggest(self.style, STYLES), ", ".join(STYLES)))
+            raise ValueError(
+                "Unknown style {!r}{}; valid styles: {}".format(
+                    self.style, _suggest(self.style, STYLES), ", ".join(STYLES)
+                )
+            )
         if self.image_format not in _IMAGE_EXTS:
-            raise ValueError("image_format must be one of {}, got {!r}".format(_IMAGE_EXTS, self.image_format))
+            raise ValueError(f"image_format must be one of {_IMAGE_EXTS}, got {self.image_format!r}")
 
     @property
     def cameras_per_id(self):
@@ -152,16 +156,18 @@ PARAM_NAMES = tuple(f.name for f in dataclasses.fields(SyntheticParams))
 
 def _check_int(key, value, lo, hi, why):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError("Synthetic dataset parameter {} must be an integer, got {!r} ({})".format(
-            key, value, type(value).__name__))
+        raise TypeError(f"Synthetic dataset parameter {key} must be an integer, got {value!r} ({type(value).__name__})")
     if not lo <= value <= hi:
-        raise ValueError("Synthetic dataset parameter {} must be in [{}, {}], got {}{}".format(
-            key, lo, hi, value, ": " + why if why else ""))
+        raise ValueError(
+            "Synthetic dataset parameter {} must be in [{}, {}], got {}{}".format(
+                key, lo, hi, value, ": " + why if why else ""
+            )
+        )
 
 
 def _suggest(word, choices):
     close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return " (did you mean {!r}?)".format(close[0]) if close else ""
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def make_params(base=None, **overrides):
@@ -169,8 +175,11 @@ def make_params(base=None, **overrides):
     base = base if base is not None else SyntheticParams()
     for key in overrides:
         if key not in PARAM_NAMES:
-            raise TypeError("Unknown synthetic dataset parameter {!r}{}; valid parameters: {}".format(
-                key, _suggest(key, PARAM_NAMES), ", ".join(PARAM_NAMES)))
+            raise TypeError(
+                "Unknown synthetic dataset parameter {!r}{}; valid parameters: {}".format(
+                    key, _suggest(key, PARAM_NAMES), ", ".join(PARAM_NAMES)
+                )
+            )
     return dataclasses.replace(base, **overrides)
 
 
@@ -182,34 +191,102 @@ def make_params(base=None, **overrides):
 # wheel; a (lo, hi) range in degrees (0 red, 60 yellow, 120 green, 240 blue) keeps them in one family.
 _BASE_STYLE = dict(
     scenes=("indoor", "street", "park", "station"),
-    gain=(0.75, 1.2), contrast=(0.85, 1.1), gamma=(0.9, 1.1), cast=(0.01, 0.06), cast_hue=None,
-    saturation=(0.8, 1.1), shade=(0.0, 0.3), blur=(0.0, 1.1), lowres=(1.0, 2.0), noise=(1.0, 6.0),
-    jpeg=(60, 92), scale=(0.8, 0.95), perspective=(-0.1, 0.1), offset=(-0.08, 0.08), occlusion=(0.0, 0.35),
-    clutter=(0, 4), view_concentration=1.2, light_jitter=0.08,
+    gain=(0.75, 1.2),
+    contrast=(0.85, 1.1),
+    gamma=(0.9, 1.1),
+    cast=(0.01, 0.06),
+    cast_hue=None,
+    saturation=(0.8, 1.1),
+    shade=(0.0, 0.3),
+    blur=(0.0, 1.1),
+    lowres=(1.0, 2.0),
+    noise=(1.0, 6.0),
+    jpeg=(60, 92),
+    scale=(0.8, 0.95),
+    perspective=(-0.1, 0.1),
+    offset=(-0.08, 0.08),
+    occlusion=(0.0, 0.35),
+    clutter=(0, 4),
+    view_concentration=1.2,
+    light_jitter=0.08,
 )
 STYLES = {
     # cameras drawn from all scene types and moderate photometric ranges: the default, Market-1501-like
     "mixed": dict(_BASE_STYLE),
     # bright, warm, sharp, tidy scenes, little occlusion
-    "indoor": dict(_BASE_STYLE, scenes=("indoor", "station"), gain=(0.95, 1.2), contrast=(0.9, 1.1),
-                   gamma=(0.9, 1.05), cast=(0.02, 0.08), cast_hue=(10.0, 60.0), saturation=(0.95, 1.15),
-                   shade=(0.0, 0.15), blur=(0.0, 0.5), lowres=(1.0, 1.3), noise=(0.5, 2.5), jpeg=(80, 95),
-                   scale=(0.84, 0.95), perspective=(-0.04, 0.04), offset=(-0.04, 0.04), occlusion=(0.0, 0.12),
-                   clutter=(0, 2)),
+    "indoor": dict(
+        _BASE_STYLE,
+        scenes=("indoor", "station"),
+        gain=(0.95, 1.2),
+        contrast=(0.9, 1.1),
+        gamma=(0.9, 1.05),
+        cast=(0.02, 0.08),
+        cast_hue=(10.0, 60.0),
+        saturation=(0.95, 1.15),
+        shade=(0.0, 0.15),
+        blur=(0.0, 0.5),
+        lowres=(1.0, 1.3),
+        noise=(0.5, 2.5),
+        jpeg=(80, 95),
+        scale=(0.84, 0.95),
+        perspective=(-0.04, 0.04),
+        offset=(-0.04, 0.04),
+        occlusion=(0.0, 0.12),
+        clutter=(0, 2),
+    ),
     # dimmer or over-exposed, cool, desaturated, soft, low resolution, busy scenes, frequent occlusion
-    "outdoor": dict(_BASE_STYLE, scenes=("street", "park"), gain=(0.7, 1.25), contrast=(0.8, 1.0),
-                    gamma=(1.0, 1.2), cast=(0.03, 0.1), cast_hue=(150.0, 260.0), saturation=(0.7, 0.95),
-                    shade=(0.1, 0.35), blur=(0.4, 1.3), lowres=(1.3, 2.1), noise=(2.0, 7.0), jpeg=(55, 80),
-                    scale=(0.76, 0.9), perspective=(-0.12, 0.12), offset=(-0.1, 0.1), occlusion=(0.15, 0.4),
-                    clutter=(1, 4)),
+    "outdoor": dict(
+        _BASE_STYLE,
+        scenes=("street", "park"),
+        gain=(0.7, 1.25),
+        contrast=(0.8, 1.0),
+        gamma=(1.0, 1.2),
+        cast=(0.03, 0.1),
+        cast_hue=(150.0, 260.0),
+        saturation=(0.7, 0.95),
+        shade=(0.1, 0.35),
+        blur=(0.4, 1.3),
+        lowres=(1.3, 2.1),
+        noise=(2.0, 7.0),
+        jpeg=(55, 80),
+        scale=(0.76, 0.9),
+        perspective=(-0.12, 0.12),
+        offset=(-0.1, 0.1),
+        occlusion=(0.15, 0.4),
+        clutter=(1, 4),
+    ),
     # strong colour casts and exposure differences between cameras: a hard variant of "mixed"
-    "harsh": dict(_BASE_STYLE, gain=(0.6, 1.3), contrast=(0.7, 1.15), gamma=(0.8, 1.3), cast=(0.06, 0.3),
-                  saturation=(0.55, 1.25), scale=(0.74, 0.94)),
+    "harsh": dict(
+        _BASE_STYLE,
+        gain=(0.6, 1.3),
+        contrast=(0.7, 1.15),
+        gamma=(0.8, 1.3),
+        cast=(0.06, 0.3),
+        saturation=(0.55, 1.25),
+        scale=(0.74, 0.94),
+    ),
     # no camera shift at all: an easy control for ablations and debugging
-    "clean": dict(_BASE_STYLE, scenes=("indoor",), gain=(1.0, 1.0), contrast=(1.0, 1.0), gamma=(1.0, 1.0),
-                  cast=(0.0, 0.0), saturation=(1.0, 1.0), shade=(0.0, 0.0), blur=(0.0, 0.0), lowres=(1.0, 1.0),
-                  noise=(0.0, 0.0), jpeg=(95, 95), scale=(0.88, 0.88), perspective=(0.0, 0.0), offset=(0.0, 0.0),
-                  occlusion=(0.0, 0.0), clutter=(0, 0), view_concentration=50.0, light_jitter=0.0),
+    "clean": dict(
+        _BASE_STYLE,
+        scenes=("indoor",),
+        gain=(1.0, 1.0),
+        contrast=(1.0, 1.0),
+        gamma=(1.0, 1.0),
+        cast=(0.0, 0.0),
+        saturation=(1.0, 1.0),
+        shade=(0.0, 0.0),
+        blur=(0.0, 0.0),
+        lowres=(1.0, 1.0),
+        noise=(0.0, 0.0),
+        jpeg=(95, 95),
+        scale=(0.88, 0.88),
+        perspective=(0.0, 0.0),
+        offset=(0.0, 0.0),
+        occlusion=(0.0, 0.0),
+        clutter=(0, 0),
+        view_concentration=50.0,
+        light_jitter=0.0,
+    ),
 }
 
 
@@ -217,26 +294,51 @@ STYLES = {
 # Colours and identities
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _bgr(r, g, b):
     return np.array([b, g, r], np.float32)
 
 
 _CLOTH = {
-    "black": _bgr(30, 30, 32), "white": _bgr(235, 235, 230), "grey": _bgr(128, 128, 130),
-    "charcoal": _bgr(70, 70, 74), "navy": _bgr(25, 40, 90), "blue": _bgr(40, 100, 200),
-    "lightblue": _bgr(140, 185, 230), "red": _bgr(200, 35, 40), "maroon": _bgr(120, 30, 45),
-    "green": _bgr(50, 140, 60), "olive": _bgr(110, 110, 50), "yellow": _bgr(230, 205, 50),
-    "orange": _bgr(240, 130, 30), "pink": _bgr(240, 150, 180), "purple": _bgr(110, 50, 130),
-    "brown": _bgr(120, 70, 40), "beige": _bgr(215, 190, 150), "teal": _bgr(20, 130, 130),
+    "black": _bgr(30, 30, 32),
+    "white": _bgr(235, 235, 230),
+    "grey": _bgr(128, 128, 130),
+    "charcoal": _bgr(70, 70, 74),
+    "navy": _bgr(25, 40, 90),
+    "blue": _bgr(40, 100, 200),
+    "lightblue": _bgr(140, 185, 230),
+    "red": _bgr(200, 35, 40),
+    "maroon": _bgr(120, 30, 45),
+    "green": _bgr(50, 140, 60),
+    "olive": _bgr(110, 110, 50),
+    "yellow": _bgr(230, 205, 50),
+    "orange": _bgr(240, 130, 30),
+    "pink": _bgr(240, 150, 180),
+    "purple": _bgr(110, 50, 130),
+    "brown": _bgr(120, 70, 40),
+    "beige": _bgr(215, 190, 150),
+    "teal": _bgr(20, 130, 130),
 }
 _CLOTH_NAMES = list(_CLOTH)
 _TOP_WEIGHTS = np.array([3, 3, 2, 2, 2, 2, 1.5, 2, 1, 1.5, 1, 1, 1, 1, 1, 1, 1.5, 1], np.float64)
 _BOTTOM_NAMES = ["black", "navy", "blue", "charcoal", "grey", "beige", "brown", "olive", "white", "red", "lightblue"]
 _BOTTOM_WEIGHTS = np.array([4, 3, 3, 2, 2, 2, 1.5, 1, 0.8, 0.6, 1.2], np.float64)
-_SKIN = [_bgr(255, 224, 196), _bgr(241, 194, 160), _bgr(224, 172, 130), _bgr(198, 134, 90),
-         _bgr(141, 85, 54), _bgr(95, 60, 40)]
-_HAIR = [_bgr(20, 16, 14), _bgr(60, 40, 25), _bgr(110, 75, 40), _bgr(200, 165, 100), _bgr(150, 150, 150),
-         _bgr(150, 60, 30)]
+_SKIN = [
+    _bgr(255, 224, 196),
+    _bgr(241, 194, 160),
+    _bgr(224, 172, 130),
+    _bgr(198, 134, 90),
+    _bgr(141, 85, 54),
+    _bgr(95, 60, 40),
+]
+_HAIR = [
+    _bgr(20, 16, 14),
+    _bgr(60, 40, 25),
+    _bgr(110, 75, 40),
+    _bgr(200, 165, 100),
+    _bgr(150, 150, 150),
+    _bgr(150, 60, 30),
+]
 _TOP_PATTERNS = ["solid", "hstripes", "vstripes", "checks", "plaid", "dots", "block", "diagonal"]
 _TOP_PATTERN_WEIGHTS = np.array([4, 2, 1, 1, 1, 1, 1.5, 1], np.float64)
 
@@ -290,8 +392,9 @@ def _make_identity(seed, pid):
     bottom_pattern = "solid" if rng.random() < 0.8 else _pick(rng, ["hstripes", "vstripes", "checks", "plaid"])
     ident["bottom_pattern"] = _pattern_params(rng, bottom_pattern)
     _, ident["bottom2"] = _cloth(rng, exclude=bottom_name)
-    ident["shoes"] = _jitter_colour(rng, _CLOTH[_pick(rng, ["black", "white", "brown", "grey", "red", "blue"],
-                                                     np.array([4, 3, 2, 1.5, 0.5, 0.5]))])
+    ident["shoes"] = _jitter_colour(
+        rng, _CLOTH[_pick(rng, ["black", "white", "brown", "grey", "red", "blue"], np.array([4, 3, 2, 1.5, 0.5, 0.5]))]
+    )
     ident["skin"] = _jitter_colour(rng, _SKIN[int(rng.integers(len(_SKIN)))], hue=3, sat=0.08, val=0.06)
     ident["hair"] = _jitter_colour(rng, _HAIR[int(rng.integers(len(_HAIR)))], hue=4, sat=0.1, val=0.15)
     ident["hair_style"] = _pick(rng, ["short", "long", "bald", "bun"], np.array([5, 3, 0.7, 1.0]))
@@ -304,14 +407,30 @@ def _make_identity(seed, pid):
     ident["arm"] = float(rng.uniform(0.026, 0.038))
     # accessories
     ident["hat"] = (_pick(rng, ["cap", "beanie"]), _cloth(rng)[1]) if rng.random() < 0.22 else None
-    ident["backpack"] = (_cloth(rng, ["black", "grey", "navy", "red", "green", "blue", "brown", "orange"])[1],
-                         float(rng.uniform(0.85, 1.15))) if rng.random() < 0.3 else None
-    ident["shoulder_bag"] = (_cloth(rng, ["black", "brown", "beige", "white", "red", "grey"])[1],
-                             int(rng.choice([-1, 1]))) if rng.random() < 0.25 else None
+    ident["backpack"] = (
+        (
+            _cloth(rng, ["black", "grey", "navy", "red", "green", "blue", "brown", "orange"])[1],
+            float(rng.uniform(0.85, 1.15)),
+        )
+        if rng.random() < 0.3
+        else None
+    )
+    ident["shoulder_bag"] = (
+        (_cloth(rng, ["black", "brown", "beige", "white", "red", "grey"])[1], int(rng.choice([-1, 1])))
+        if rng.random() < 0.25
+        else None
+    )
     ident["handbag"] = (_cloth(rng)[1], int(rng.choice([-1, 1]))) if rng.random() < 0.15 else None
     ident["scarf"] = _cloth(rng)[1] if rng.random() < 0.12 else None
-    ident["print"] = (_pick(rng, ["circle", "square", "triangle", "band"]), _cloth(rng, exclude=top_name)[1],
-                      float(rng.uniform(0.035, 0.06))) if rng.random() < 0.3 else None
+    ident["print"] = (
+        (
+            _pick(rng, ["circle", "square", "triangle", "band"]),
+            _cloth(rng, exclude=top_name)[1],
+            float(rng.uniform(0.035, 0.06)),
+        )
+        if rng.random() < 0.3
+        else None
+    )
     return ident
 
 
@@ -351,9 +470,14 @@ def _rect(x0, y0, x1, y1):
 
 def _round_rect(x0, y0, x1, y1, r):
     r = max(min(r, (x1 - x0) / 2, (y1 - y0) / 2), 0.5)
-    return np.concatenate([
-        _ellipse((x1 - r, y0 + r), r, r, 270, 360, 7), _ellipse((x1 - r, y1 - r), r, r, 0, 90, 7),
-        _ellipse((x0 + r, y1 - r), r, r, 90, 180, 7), _ellipse((x0 + r, y0 + r), r, r, 180, 270, 7)])
+    return np.concatenate(
+        [
+            _ellipse((x1 - r, y0 + r), r, r, 270, 360, 7),
+            _ellipse((x1 - r, y1 - r), r, r, 0, 90, 7),
+            _ellipse((x0 + r, y1 - r), r, r, 90, 180, 7),
+            _ellipse((x0 + r, y0 + r), r, r, 180, 270, 7),
+        ]
+    )
 
 
 def _pattern_mask(p, u, v):
@@ -428,6 +552,7 @@ class _Painter:
 # People
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _draw_person(pt, ident, view, pose, cx, foot_y, P):
     """Draws a stylised pedestrian of height ``P`` standing at (cx, foot_y). Side views face +x."""
     side = view == "side"
@@ -444,8 +569,9 @@ def _draw_person(pt, ident, view, pose, cx, foot_y, P):
     arm_w = ident["arm"] * P
     skin, hair, top, bottom = ident["skin"], ident["hair"], ident["top"], ident["bottom"]
     top_fill = dict(colour=top, colour2=ident["top2"], pattern=ident["top_pattern"], origin=(ucx, sh_y), unit=P)
-    bot_fill = dict(colour=bottom, colour2=ident["bottom2"], pattern=ident["bottom_pattern"], origin=(cx, hip_y),
-                    unit=P)
+    bot_fill = dict(
+        colour=bottom, colour2=ident["bottom2"], pattern=ident["bottom_pattern"], origin=(cx, hip_y), unit=P
+    )
     leg_len = foot_y - hip_y
     knee_t = 0.48
     far = 0.78  # the far limbs of a side view are in shadow
@@ -470,13 +596,23 @@ def _draw_person(pt, ident, view, pose, cx, foot_y, P):
             if ident["bottom_kind"] == "shorts":
                 pt.fill(_limb(hp, knee, leg_w * 1.05, leg_w * 0.95), **_dim(bot_fill, dim))
         shoe_dx = 0.02 * P if side else 0.0
-        pt.fill(_ellipse((ft[0] + shoe_dx, ft[1] + 0.006 * P), 0.034 * P if side else 0.027 * P, 0.016 * P),
-                ident["shoes"] * dim)
+        pt.fill(
+            _ellipse((ft[0] + shoe_dx, ft[1] + 0.006 * P), 0.034 * P if side else 0.027 * P, 0.016 * P),
+            ident["shoes"] * dim,
+        )
     # hip block / skirt
     if ident["bottom_kind"] == "skirt":
-        pt.fill(np.array([[cx - ww, hip_y - 0.02 * P], [cx + ww, hip_y - 0.02 * P],
-                          [cx + ww * 1.45, hip_y + 0.5 * leg_len], [cx - ww * 1.45, hip_y + 0.5 * leg_len]]),
-                **bot_fill)
+        pt.fill(
+            np.array(
+                [
+                    [cx - ww, hip_y - 0.02 * P],
+                    [cx + ww, hip_y - 0.02 * P],
+                    [cx + ww * 1.45, hip_y + 0.5 * leg_len],
+                    [cx - ww * 1.45, hip_y + 0.5 * leg_len],
+                ]
+            ),
+            **bot_fill,
+        )
     else:
         pt.fill(_rect(cx - ww, hip_y - 0.02 * P, cx + ww, hip_y + 0.07 * P), **bot_fill)
 
@@ -501,22 +637,33 @@ def _draw_person(pt, ident, view, pose, cx, foot_y, P):
         pt.fill(_circle(hnd + (0, 0.012 * P), arm_w * 0.85), skin * dim)
         if ident["handbag"] is not None and (ident["handbag"][1] > 0) == (i == 1):
             bag_c = ident["handbag"][0] * dim
-            pt.fill(_round_rect(hnd[0] - 0.04 * P, hnd[1] + 0.01 * P, hnd[0] + 0.04 * P, hnd[1] + 0.085 * P,
-                                0.01 * P), bag_c)
+            pt.fill(
+                _round_rect(hnd[0] - 0.04 * P, hnd[1] + 0.01 * P, hnd[0] + 0.04 * P, hnd[1] + 0.085 * P, 0.01 * P),
+                bag_c,
+            )
 
     backpack = ident["backpack"]
     if side:
         if backpack is not None:  # carried on the back, i.e. behind (-x) in a side view facing +x
             bw = 0.09 * P * backpack[1]
-            pt.fill(_round_rect(ucx - sw - bw, sh_y + 0.01 * P, ucx - sw + 0.02 * P, sh_y + 0.24 * P * backpack[1],
-                                0.02 * P), backpack[0])
+            pt.fill(
+                _round_rect(
+                    ucx - sw - bw, sh_y + 0.01 * P, ucx - sw + 0.02 * P, sh_y + 0.24 * P * backpack[1], 0.02 * P
+                ),
+                backpack[0],
+            )
         arm(0, far)
     # neck, torso
-    pt.fill(_rect(head_c[0] - 0.35 * head_r, neck_y - 0.5 * head_r, head_c[0] + 0.35 * head_r, sh_y + 0.02 * P),
-            skin)
+    pt.fill(_rect(head_c[0] - 0.35 * head_r, neck_y - 0.5 * head_r, head_c[0] + 0.35 * head_r, sh_y + 0.02 * P), skin)
     torso = np.array([[ucx - sw, sh_y], [ucx + sw, sh_y], [cx + ww, hip_y + 0.02 * P], [cx - ww, hip_y + 0.02 * P]])
-    pt.fill([torso, _circle((ucx - sw + 0.02 * P, sh_y + 0.02 * P), 0.022 * P),
-             _circle((ucx + sw - 0.02 * P, sh_y + 0.02 * P), 0.022 * P)], **top_fill)
+    pt.fill(
+        [
+            torso,
+            _circle((ucx - sw + 0.02 * P, sh_y + 0.02 * P), 0.022 * P),
+            _circle((ucx + sw - 0.02 * P, sh_y + 0.02 * P), 0.022 * P),
+        ],
+        **top_fill,
+    )
     if view == "front" and ident["print"] is not None:
         shape, colour, size = ident["print"]
         pc = (ucx + 0.02 * P, sh_y + 0.1 * P)
@@ -526,38 +673,61 @@ def _draw_person(pt, ident, view, pose, cx, foot_y, P):
         elif shape == "square":
             pt.fill(_rect(pc[0] - s * 0.55, pc[1] - s * 0.55, pc[0] + s * 0.55, pc[1] + s * 0.55), colour)
         elif shape == "triangle":
-            pt.fill(np.array([[pc[0], pc[1] - s * 0.7], [pc[0] + s * 0.7, pc[1] + s * 0.5],
-                              [pc[0] - s * 0.7, pc[1] + s * 0.5]]), colour)
+            pt.fill(
+                np.array(
+                    [[pc[0], pc[1] - s * 0.7], [pc[0] + s * 0.7, pc[1] + s * 0.5], [pc[0] - s * 0.7, pc[1] + s * 0.5]]
+                ),
+                colour,
+            )
         else:
             pt.fill(_rect(ucx - sw * 0.95, pc[1] - s * 0.3, ucx + sw * 0.95, pc[1] + s * 0.3), colour)
     if view == "back" and backpack is not None:
         bw = 0.75 * sw * backpack[1]
         y1 = sh_y + 0.2 * P * backpack[1]
         pt.fill(_round_rect(ucx - bw, sh_y + 0.015 * P, ucx + bw, y1, 0.03 * P), backpack[0])
-        pt.fill(_round_rect(ucx - bw * 0.7, y1 - 0.07 * P, ucx + bw * 0.7, y1 - 0.01 * P, 0.015 * P),
-                backpack[0] * 0.75)
+        pt.fill(
+            _round_rect(ucx - bw * 0.7, y1 - 0.07 * P, ucx + bw * 0.7, y1 - 0.01 * P, 0.015 * P), backpack[0] * 0.75
+        )
     if view == "front" and backpack is not None:
         for sgn in (-1, 1):
-            pt.fill(_limb((ucx + sgn * sw * 0.55, sh_y + 0.005 * P), (ucx + sgn * sw * 0.5, sh_y + 0.17 * P),
-                          0.011 * P, 0.011 * P), backpack[0] * 0.9)
+            pt.fill(
+                _limb(
+                    (ucx + sgn * sw * 0.55, sh_y + 0.005 * P),
+                    (ucx + sgn * sw * 0.5, sh_y + 0.17 * P),
+                    0.011 * P,
+                    0.011 * P,
+                ),
+                backpack[0] * 0.9,
+            )
     bag = ident["shoulder_bag"]
     if bag is not None:
         sgn = bag[1] * (-1 if view == "back" else 1)
         if side:
             pt.fill(_limb((ucx, sh_y + 0.01 * P), (ucx + 0.01 * P, hip_y), 0.007 * P, 0.007 * P), bag[0] * 0.6)
-            pt.fill(_round_rect(ucx - 0.045 * P, hip_y - 0.02 * P, ucx + 0.045 * P, hip_y + 0.06 * P, 0.01 * P),
-                    bag[0])
+            pt.fill(_round_rect(ucx - 0.045 * P, hip_y - 0.02 * P, ucx + 0.045 * P, hip_y + 0.06 * P, 0.01 * P), bag[0])
         else:
-            pt.fill(_limb((ucx + sgn * sw * 0.8, sh_y + 0.005 * P), (cx - sgn * ww * 1.05, hip_y - 0.01 * P),
-                          0.008 * P, 0.008 * P), bag[0] * 0.6)
+            pt.fill(
+                _limb(
+                    (ucx + sgn * sw * 0.8, sh_y + 0.005 * P),
+                    (cx - sgn * ww * 1.05, hip_y - 0.01 * P),
+                    0.008 * P,
+                    0.008 * P,
+                ),
+                bag[0] * 0.6,
+            )
             bx = cx - sgn * (ww + 0.035 * P)
             pt.fill(_round_rect(bx - 0.045 * P, hip_y - 0.03 * P, bx + 0.045 * P, hip_y + 0.05 * P, 0.01 * P), bag[0])
     if ident["scarf"] is not None:
-        pt.fill(_round_rect(head_c[0] - 0.75 * head_r, sh_y - 0.022 * P, head_c[0] + 0.75 * head_r, sh_y + 0.02 * P,
-                            0.01 * P), ident["scarf"])
+        pt.fill(
+            _round_rect(
+                head_c[0] - 0.75 * head_r, sh_y - 0.022 * P, head_c[0] + 0.75 * head_r, sh_y + 0.02 * P, 0.01 * P
+            ),
+            ident["scarf"],
+        )
         if view == "front":
-            pt.fill(_rect(head_c[0] + 0.1 * head_r, sh_y, head_c[0] + 0.55 * head_r, sh_y + 0.12 * P),
-                    ident["scarf"] * 0.92)
+            pt.fill(
+                _rect(head_c[0] + 0.1 * head_r, sh_y, head_c[0] + 0.55 * head_r, sh_y + 0.12 * P), ident["scarf"] * 0.92
+            )
     if side:
         arm(1, 1.0)
     else:
@@ -567,33 +737,60 @@ def _draw_person(pt, ident, view, pose, cx, foot_y, P):
     # head and hair
     style = ident["hair_style"]
     if style == "long" and view != "side":
-        pt.fill(_round_rect(head_c[0] - 1.1 * head_r, head_c[1] - 0.3 * head_r, head_c[0] + 1.1 * head_r,
-                            sh_y + (0.1 if view == "back" else 0.05) * P, 0.4 * head_r), hair)
+        pt.fill(
+            _round_rect(
+                head_c[0] - 1.1 * head_r,
+                head_c[1] - 0.3 * head_r,
+                head_c[0] + 1.1 * head_r,
+                sh_y + (0.1 if view == "back" else 0.05) * P,
+                0.4 * head_r,
+            ),
+            hair,
+        )
     if style == "long" and side:
-        pt.fill(_round_rect(head_c[0] - 1.05 * head_r, head_c[1] - 0.3 * head_r, head_c[0] + 0.2 * head_r,
-                            sh_y + 0.07 * P, 0.4 * head_r), hair)
+        pt.fill(
+            _round_rect(
+                head_c[0] - 1.05 * head_r,
+                head_c[1] - 0.3 * head_r,
+                head_c[0] + 0.2 * head_r,
+                sh_y + 0.07 * P,
+                0.4 * head_r,
+            ),
+            hair,
+        )
     pt.fill(_ellipse(head_c, head_r * (1.0 if not side else 1.05), head_r * 1.08), skin)
     if view == "back" and style != "bald":
         pt.fill(_ellipse(head_c, head_r * 1.04, head_r * 1.1), hair)
     elif style != "bald":
         if side:
-            pt.fill(_ellipse((head_c[0] - 0.1 * head_r, head_c[1] - 0.1 * head_r), head_r * 1.02, head_r * 1.02,
-                             140, 330), hair)
+            pt.fill(
+                _ellipse((head_c[0] - 0.1 * head_r, head_c[1] - 0.1 * head_r), head_r * 1.02, head_r * 1.02, 140, 330),
+                hair,
+            )
         else:
             pt.fill(_ellipse((head_c[0], head_c[1] - 0.15 * head_r), head_r * 1.06, head_r * 0.95, 180, 360), hair)
     if style == "bun":
         pt.fill(_circle((head_c[0] - (0.6 * head_r if side else 0), head_c[1] - head_r * 1.05), 0.42 * head_r), hair)
     if ident["hat"] is not None:
         kind, colour = ident["hat"]
-        pt.fill(_ellipse((head_c[0], head_c[1] - 0.25 * head_r), head_r * 1.1, head_r * (1.0 if kind == "beanie"
-                                                                                        else 0.85), 180, 360), colour)
+        pt.fill(
+            _ellipse(
+                (head_c[0], head_c[1] - 0.25 * head_r),
+                head_r * 1.1,
+                head_r * (1.0 if kind == "beanie" else 0.85),
+                180,
+                360,
+            ),
+            colour,
+        )
         if kind == "cap":
             if side:
-                pt.fill(_ellipse((head_c[0] + 0.9 * head_r, head_c[1] - 0.3 * head_r), 0.75 * head_r, 0.16 * head_r),
-                        colour * 0.85)
+                pt.fill(
+                    _ellipse((head_c[0] + 0.9 * head_r, head_c[1] - 0.3 * head_r), 0.75 * head_r, 0.16 * head_r),
+                    colour * 0.85,
+                )
             elif view == "front":
-                pt.fill(_ellipse((head_c[0], head_c[1] - 0.25 * head_r), 1.15 * head_r, 0.22 * head_r),
-                        colour * 0.85)
+                pt.fill(_ellipse((head_c[0], head_c[1] - 0.25 * head_r), 1.15 * head_r, 0.22 * head_r), colour * 0.85)
 
 
 def _dim(fill, factor):
@@ -614,18 +811,30 @@ def _draw_blob_person(pt, rng, cx, foot_y, P):
     top, bottom, skin = _random_clothes(rng)
     hr = 0.065 * P
     sw, hip_y, sh_y = 0.12 * P, foot_y - 0.48 * P, foot_y - P + 0.16 * P
-    pt.fill([_limb((cx - 0.05 * P, hip_y), (cx - 0.06 * P, foot_y), 0.04 * P, 0.03 * P),
-             _limb((cx + 0.05 * P, hip_y), (cx + 0.06 * P, foot_y), 0.04 * P, 0.03 * P)], bottom)
-    pt.fill([np.array([[cx - sw, sh_y], [cx + sw, sh_y], [cx + 0.9 * sw, hip_y + 0.03 * P],
-                       [cx - 0.9 * sw, hip_y + 0.03 * P]]),
-             _limb((cx - sw, sh_y + 0.02 * P), (cx - sw - 0.03 * P, sh_y + 0.34 * P), 0.03 * P, 0.025 * P),
-             _limb((cx + sw, sh_y + 0.02 * P), (cx + sw + 0.03 * P, sh_y + 0.34 * P), 0.03 * P, 0.025 * P)], top)
+    pt.fill(
+        [
+            _limb((cx - 0.05 * P, hip_y), (cx - 0.06 * P, foot_y), 0.04 * P, 0.03 * P),
+            _limb((cx + 0.05 * P, hip_y), (cx + 0.06 * P, foot_y), 0.04 * P, 0.03 * P),
+        ],
+        bottom,
+    )
+    pt.fill(
+        [
+            np.array(
+                [[cx - sw, sh_y], [cx + sw, sh_y], [cx + 0.9 * sw, hip_y + 0.03 * P], [cx - 0.9 * sw, hip_y + 0.03 * P]]
+            ),
+            _limb((cx - sw, sh_y + 0.02 * P), (cx - sw - 0.03 * P, sh_y + 0.34 * P), 0.03 * P, 0.025 * P),
+            _limb((cx + sw, sh_y + 0.02 * P), (cx + sw + 0.03 * P, sh_y + 0.34 * P), 0.03 * P, 0.025 * P),
+        ],
+        top,
+    )
     pt.fill(_circle((cx, foot_y - P + hr * 1.05), hr), skin)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cameras and scenes
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _noise_field(rng, h, w, cell, amp):
     small = rng.normal(0.0, 1.0, (h // cell + 2, w // cell + 2)).astype(np.float32)
@@ -642,8 +851,9 @@ def _make_scene(rng, kind, h, w, horizon):
     pt = _Painter(img)
     hz = int(horizon)
     if kind == "indoor":
-        wall = _scene_colour(rng, [(225, 215, 195), (200, 205, 210), (230, 225, 215), (190, 200, 180)][
-            int(rng.integers(4))])
+        wall = _scene_colour(
+            rng, [(225, 215, 195), (200, 205, 210), (230, 225, 215), (190, 200, 180)][int(rng.integers(4))]
+        )
         floor = _scene_colour(rng, [(150, 130, 110), (170, 170, 165), (120, 100, 80)][int(rng.integers(3))])
         img[:hz], img[hz:] = wall, floor
         x = rng.uniform(0, 40)
@@ -659,11 +869,16 @@ def _make_scene(rng, kind, h, w, horizon):
             y = hz + (h - hz) * (i / 11.0) ** 1.6
             pt.fill(_rect(0, y - 0.6, w, y + 0.6), floor * 0.8)
         for x in np.arange(rng.uniform(0, 30), w, 30.0):
-            pt.fill(np.array([[x - 0.6, hz], [x + 0.6, hz], [x + (x - w / 2) * 0.2 + 0.9, h],
-                              [x + (x - w / 2) * 0.2 - 0.9, h]]), floor * 0.8)
+            pt.fill(
+                np.array(
+                    [[x - 0.6, hz], [x + 0.6, hz], [x + (x - w / 2) * 0.2 + 0.9, h], [x + (x - w / 2) * 0.2 - 0.9, h]]
+                ),
+                floor * 0.8,
+            )
     elif kind == "street":
-        facade = _scene_colour(rng, [(170, 90, 70), (160, 160, 160), (200, 180, 150), (120, 110, 100)][
-            int(rng.integers(4))])
+        facade = _scene_colour(
+            rng, [(170, 90, 70), (160, 160, 160), (200, 180, 150), (120, 110, 100)][int(rng.integers(4))]
+        )
         ground = _scene_colour(rng, (110, 110, 112), 10)
         img[:hz], img[hz:] = facade, ground
         win = _scene_colour(rng, [(60, 80, 110), (40, 45, 55), (120, 150, 170)][int(rng.integers(3))], 10)
@@ -682,8 +897,15 @@ def _make_scene(rng, kind, h, w, horizon):
         for x in np.arange(rng.uniform(0, 40), w, rng.uniform(40, 90)):
             r = rng.uniform(0.12, 0.22) * h
             pt.fill(_rect(x - 0.02 * h, sky_y, x + 0.02 * h, hz), _bgr(90, 60, 40))
-            pt.fill([_circle((x + rng.uniform(-r, r) * 0.5, sky_y - rng.uniform(0, r) * 0.3 + dy), r * rng.uniform(
-                0.6, 1.0)) for dy in (0, 0.3 * r, -0.3 * r)], grass * rng.uniform(0.45, 0.7))
+            pt.fill(
+                [
+                    _circle(
+                        (x + rng.uniform(-r, r) * 0.5, sky_y - rng.uniform(0, r) * 0.3 + dy), r * rng.uniform(0.6, 1.0)
+                    )
+                    for dy in (0, 0.3 * r, -0.3 * r)
+                ],
+                grass * rng.uniform(0.45, 0.7),
+            )
         pt.fill(_rect(0, hz + 0.25 * (h - hz), w, hz + 0.55 * (h - hz)), _scene_colour(rng, (200, 185, 150), 15))
     elif kind == "station":
         wall = _scene_colour(rng, [(80, 80, 90), (110, 100, 90), (60, 70, 80)][int(rng.integers(3))])
@@ -709,7 +931,7 @@ def _make_panorama(rng, main_scene, scenes, h, wc, horizon):
         seg = int(rng.uniform(1.2, 3.0) * wc)
         kind = main_scene if rng.random() < 0.6 else scenes[int(rng.integers(len(scenes)))]
         part = _make_scene(rng, kind, h, seg, horizon + rng.uniform(-0.04, 0.04) * h)
-        strip[:, x:x + seg] = part[:, :width - x]
+        strip[:, x : x + seg] = part[:, : width - x]
         x += seg
     return strip
 
@@ -742,14 +964,24 @@ class _Camera:
 
     def describe(self):
         """JSON-friendly summary for the manifest."""
-        return dict(camid=self.index + 1, scene=self.scene, gain=round(self.gain, 3),
-                    contrast=round(self.contrast, 3), gamma=round(self.gamma, 3),
-                    cast_bgr=[round(float(c), 3) for c in self.cast], saturation=round(self.saturation, 3),
-                    blur=round(self.blur, 3), lowres=round(self.lowres, 3),
-                    noise=round(self.noise, 3), jpeg_quality=self.jpeg, person_scale=round(self.scale, 3),
-                    perspective=round(self.perspective, 3), offset=round(self.offset, 3),
-                    view_probs=dict(zip(("front", "back", "side"), [round(float(v), 3) for v in self.views])),
-                    occlusion=round(self.occlusion, 3))
+        return dict(
+            camid=self.index + 1,
+            scene=self.scene,
+            gain=round(self.gain, 3),
+            contrast=round(self.contrast, 3),
+            gamma=round(self.gamma, 3),
+            cast_bgr=[round(float(c), 3) for c in self.cast],
+            saturation=round(self.saturation, 3),
+            blur=round(self.blur, 3),
+            lowres=round(self.lowres, 3),
+            noise=round(self.noise, 3),
+            jpeg_quality=self.jpeg,
+            person_scale=round(self.scale, 3),
+            perspective=round(self.perspective, 3),
+            offset=round(self.offset, 3),
+            view_probs=dict(zip(("front", "back", "side"), [round(float(v), 3) for v in self.views])),
+            occlusion=round(self.occlusion, 3),
+        )
 
 
 def _make_cameras(params):
@@ -784,23 +1016,47 @@ def _make_cameras(params):
         horizon = hc * rng.uniform(0.45, 0.7)
         panorama = _make_panorama(rng, scene, scenes, hc, wc, horizon)
         shade_strength, shade_angle = u("shade"), rng.uniform(0, 2 * np.pi)
-        yy, xx = np.mgrid[0:params.height, 0:params.width].astype(np.float32)
-        ramp = ((xx / params.width - 0.5) * np.cos(shade_angle) + (yy / params.height - 0.5) * np.sin(shade_angle))
+        yy, xx = np.mgrid[0 : params.height, 0 : params.width].astype(np.float32)
+        ramp = (xx / params.width - 0.5) * np.cos(shade_angle) + (yy / params.height - 0.5) * np.sin(shade_angle)
         shade = ((1.0 + shade_strength * ramp) / 255.0)[..., None].astype(np.float32)
         views = rng.dirichlet([style["view_concentration"]] * 3)
         perspective = u("perspective")
-        cams.append(_Camera(
-            index=c, scene=scene, panorama=panorama, shade=shade, gain=gain, contrast=u("contrast"),
-            gamma=u("gamma"), cast=cast, cast_hue=hue, saturation=u("saturation"), blur=u("blur"),
-            lowres=u("lowres"), noise=u("noise"), jpeg=int(round(u("jpeg"))), scale=u("scale"),
-            perspective=perspective, warp=_perspective_maps(perspective, hc, wc), offset=u("offset"),
-            flip=float(rng.uniform(0.15, 0.85)), views=views, occlusion=u("occlusion"),
-            clutter=tuple(style["clutter"]), light_jitter=float(style["light_jitter"])))
+        cams.append(
+            _Camera(
+                index=c,
+                scene=scene,
+                panorama=panorama,
+                shade=shade,
+                gain=gain,
+                contrast=u("contrast"),
+                gamma=u("gamma"),
+                cast=cast,
+                cast_hue=hue,
+                saturation=u("saturation"),
+                blur=u("blur"),
+                lowres=u("lowres"),
+                noise=u("noise"),
+                jpeg=int(round(u("jpeg"))),
+                scale=u("scale"),
+                perspective=perspective,
+                warp=_perspective_maps(perspective, hc, wc),
+                offset=u("offset"),
+                flip=float(rng.uniform(0.15, 0.85)),
+                views=views,
+                occlusion=u("occlusion"),
+                clutter=tuple(style["clutter"]),
+                light_jitter=float(style["light_jitter"]),
+            )
+        )
     return cams
 
 
-_OCCLUDERS = {"indoor": ("person", "pillar", "counter"), "street": ("car", "pole", "person", "railing"),
-              "park": ("bush", "person", "railing", "pole"), "station": ("pillar", "person", "railing")}
+_OCCLUDERS = {
+    "indoor": ("person", "pillar", "counter"),
+    "street": ("car", "pole", "person", "railing"),
+    "park": ("bush", "person", "railing", "pole"),
+    "station": ("pillar", "person", "railing"),
+}
 
 
 def _draw_clutter(pt, rng, cam, hc, wc):
@@ -834,8 +1090,14 @@ def _draw_occluder(pt, rng, cam, hc, wc, foot_y, P):
         top = foot_y - P * rng.uniform(0.18, 0.4)
         if kind == "bush":
             col = _bgr(60, 110, 50) * rng.uniform(0.7, 1.1)
-            pt.fill([_circle((x, top + 0.12 * P + rng.uniform(0, 0.08) * P), 0.12 * P * rng.uniform(0.8, 1.3))
-                     for x in np.linspace(-0.1 * wc, 1.1 * wc, 6)] + [_rect(0, top + 0.1 * P, wc, hc)], col)
+            pt.fill(
+                [
+                    _circle((x, top + 0.12 * P + rng.uniform(0, 0.08) * P), 0.12 * P * rng.uniform(0.8, 1.3))
+                    for x in np.linspace(-0.1 * wc, 1.1 * wc, 6)
+                ]
+                + [_rect(0, top + 0.1 * P, wc, hc)],
+                col,
+            )
         else:
             col = _random_clothes(rng)[0] if kind == "car" else _scene_colour(rng, (140, 110, 80), 30)
             pt.fill(_round_rect(-0.2 * wc, top, 1.2 * wc, hc + 10, 0.06 * P if kind == "car" else 1), col)
@@ -844,8 +1106,11 @@ def _draw_occluder(pt, rng, cam, hc, wc, foot_y, P):
     elif kind == "railing":
         y = foot_y - P * rng.uniform(0.25, 0.45)
         col = _bgr(60, 60, 65) * rng.uniform(0.7, 1.5)
-        pt.fill([_rect(0, y, wc, y + 0.025 * P), _rect(0, y + 0.12 * P, wc, y + 0.14 * P)] +
-                [_rect(x, y, x + 0.02 * P, hc) for x in np.arange(rng.uniform(0, 0.2) * wc, wc, 0.35 * wc)], col)
+        pt.fill(
+            [_rect(0, y, wc, y + 0.025 * P), _rect(0, y + 0.12 * P, wc, y + 0.14 * P)]
+            + [_rect(x, y, x + 0.02 * P, hc) for x in np.arange(rng.uniform(0, 0.2) * wc, wc, 0.35 * wc)],
+            col,
+        )
     else:  # a passer-by in front, at one edge
         side = rng.choice([-1.0, 1.0])
         x = wc * (0.5 + side * rng.uniform(0.5, 0.7))
@@ -858,8 +1123,9 @@ def _perspective_maps(k, h, w):
     if abs(k) < 1e-4:
         return None
     d = abs(k) * w
-    src = (np.float32([[d, 0], [w - d, 0], [w, h], [0, h]]) if k > 0 else
-           np.float32([[0, 0], [w, 0], [w - d, h], [d, h]]))
+    src = (
+        np.float32([[d, 0], [w - d, 0], [w, h], [0, h]]) if k > 0 else np.float32([[0, 0], [w, 0], [w - d, h], [d, h]])
+    )
     dst = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
     inv = cv2.getPerspectiveTransform(dst, src)  # output pixel -> source pixel
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -885,8 +1151,9 @@ def _photometric(img, cam, rng, height, width):
         x = cv2.GaussianBlur(x, (0, 0), cam.blur)
     if cam.lowres > 1.05:
         small = (max(int(round(width / cam.lowres)), 4), max(int(round(height / cam.lowres)), 8))
-        x = cv2.resize(cv2.resize(x, small, interpolation=cv2.INTER_AREA), (width, height),
-                       interpolation=cv2.INTER_LINEAR)
+        x = cv2.resize(
+            cv2.resize(x, small, interpolation=cv2.INTER_AREA), (width, height), interpolation=cv2.INTER_LINEAR
+        )
     if cam.noise > 0:
         x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(cam.noise / 255.0)
     return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -899,15 +1166,18 @@ def _render(ident, cam, track, rng, params):
     """One bounding-box crop of ``ident`` seen by ``cam``; ``track`` holds what stays fixed within a tracklet."""
     hc, wc = params.height * _SUPERSAMPLE, params.width * _SUPERSAMPLE
     x0 = int(rng.integers(0, cam.panorama.shape[1] - wc + 1))
-    canvas = cam.panorama[:, x0:x0 + wc].copy()
+    canvas = cam.panorama[:, x0 : x0 + wc].copy()
     pt = _Painter(canvas)
     _draw_clutter(pt, rng, cam, hc, wc)
     P = cam.scale * hc * rng.uniform(0.95, 1.04)
     foot_y = hc - (hc - P) * rng.uniform(0.3, 0.65)
     cx = wc * (0.5 + cam.offset + track["dx"] + rng.normal(0, 0.025))
     view = track["view"] if rng.random() < 0.85 else _VIEWS[int(rng.integers(3))]
-    pose = dict(stride=rng.uniform(0.0, 0.14 if view == "side" else 0.08), swing=rng.uniform(-0.08, 0.08),
-                lean=rng.normal(0, 0.008))
+    pose = dict(
+        stride=rng.uniform(0.0, 0.14 if view == "side" else 0.08),
+        swing=rng.uniform(-0.08, 0.08),
+        lean=rng.normal(0, 0.008),
+    )
     _draw_person(_Painter(canvas, mirror_x=cx if track["mirror"] else None), ident, view, pose, cx, foot_y, P)
     if rng.random() < cam.occlusion:
         _draw_occluder(pt, rng, cam, hc, wc, foot_y, P)
@@ -919,6 +1189,7 @@ def _render(ident, cam, track, rng, params):
 # ----------------------------------------------------------------------------------------------------------------
 # Layout (who appears where) and generation
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _plan(params):
     """Lists (split, pid, cam_index, shot) for every image, in a fixed order."""
@@ -965,33 +1236,46 @@ def _generate(out_dir, params, verbose):
         cam = cams[c]
         if (pid, c) not in tracks:
             trng = np.random.default_rng(np.random.SeedSequence([params.seed, _TRACK, pid, c]))
-            tracks = {(pid, c): dict(view=_VIEWS[int(trng.choice(3, p=cam.views))],
-                                     mirror=bool(trng.random() < cam.flip), dx=float(trng.normal(0, 0.03)))}
+            tracks = {
+                (pid, c): dict(
+                    view=_VIEWS[int(trng.choice(3, p=cam.views))],
+                    mirror=bool(trng.random() < cam.flip),
+                    dx=float(trng.normal(0, 0.03)),
+                )
+            }
         rng = np.random.default_rng(np.random.SeedSequence([params.seed, _IMAGE, pid, c, shot]))
         img = _render(identities[pid], cam, tracks[(pid, c)], rng, params)
         frame[c] += int(rng.integers(5, 60))  # frames advance like a video, names stay unique per camera
-        name = "{:04d}_c{}s1_{:06d}_01.{}".format(pid, c + 1, frame[c], params.image_format)
+        name = f"{pid:04d}_c{c + 1}s1_{frame[c]:06d}_01.{params.image_format}"
         if params.image_format == "jpg":
             ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, cam.jpeg])
         else:
             ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
         if not ok:
-            raise RuntimeError("OpenCV failed to encode {}".format(name))
+            raise RuntimeError(f"OpenCV failed to encode {name}")
         with open(osp.join(out_dir, SPLIT_DIRS[split], name), "wb") as f:
             f.write(buf.tobytes())
         counts[split] += 1
         pids[split].add(pid)
     manifest = dict(
-        generator=GENERATOR, format_version=FORMAT_VERSION, params=params.to_dict(),
+        generator=GENERATOR,
+        format_version=FORMAT_VERSION,
+        params=params.to_dict(),
         style_preset=_style_record(params.style),
-        counts=counts, num_ids={s: len(v) for s, v in pids.items()},
-        cameras=[c.describe() for c in cams], seconds=round(time.time() - start, 2))
+        counts=counts,
+        num_ids={s: len(v) for s, v in pids.items()},
+        cameras=[c.describe() for c in cams],
+        seconds=round(time.time() - start, 2),
+    )
     # the manifest is written last: its presence marks a complete folder
     with open(osp.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     if verbose:
-        print("=> Generated synthetic ReID data in {:.1f}s: {} train / {} query / {} gallery images".format(
-            manifest["seconds"], counts["train"], counts["query"], counts["gallery"]))
+        print(
+            "=> Generated synthetic ReID data in {:.1f}s: {} train / {} query / {} gallery images".format(
+                manifest["seconds"], counts["train"], counts["query"], counts["gallery"]
+            )
+        )
     return manifest
 
 
@@ -1003,14 +1287,14 @@ def _style_record(style):
 def _read_manifest(dataset_dir):
     path = osp.join(dataset_dir, MANIFEST)
     if not osp.isfile(path):
-        return None, "no {} (not generated by {})".format(MANIFEST, GENERATOR)
+        return None, f"no {MANIFEST} (not generated by {GENERATOR})"
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        return None, "unreadable {} ({})".format(path, e)
+        return None, f"unreadable {path} ({e})"
     if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR:
-        return None, "{} was not written by {}".format(path, GENERATOR)
+        return None, f"{path} was not written by {GENERATOR}"
     return manifest, ""
 
 
@@ -1019,12 +1303,13 @@ def _staleness(manifest, dataset_dir, params):
     if manifest.get("format_version") != FORMAT_VERSION:
         return "format version {} on disk, {} expected".format(manifest.get("format_version"), FORMAT_VERSION)
     on_disk, wanted = manifest.get("params", {}), params.to_dict()
-    diff = ["{}: {!r} on disk vs {!r} requested".format(k, on_disk.get(k), wanted[k])
-            for k in wanted if on_disk.get(k) != wanted[k]]
+    diff = [
+        f"{k}: {on_disk.get(k)!r} on disk vs {wanted[k]!r} requested" for k in wanted if on_disk.get(k) != wanted[k]
+    ]
     if diff:
         return "generated with other parameters (" + "; ".join(diff) + ")"
     if manifest.get("style_preset") != _style_record(params.style):
-        return "the {!r} camera style preset has changed since generation".format(params.style)
+        return f"the {params.style!r} camera style preset has changed since generation"
     for split, d in SPLIT_DIRS.items():
         path = osp.join(dataset_dir, d)
         n = len(_list_images(path)) if osp.isdir(path) else 0
@@ -1042,23 +1327,25 @@ def prepare_synthetic_dataset(dataset_dir, params=None, on_mismatch="regenerate"
     """
     params = params if params is not None else SyntheticParams()
     if on_mismatch not in ("regenerate", "error"):
-        raise ValueError("on_mismatch must be 'regenerate' or 'error', got {!r}".format(on_mismatch))
+        raise ValueError(f"on_mismatch must be 'regenerate' or 'error', got {on_mismatch!r}")
     dataset_dir = osp.abspath(osp.expanduser(dataset_dir))
     if osp.exists(dataset_dir):
         manifest, problem = _read_manifest(dataset_dir)
         if manifest is None:
             raise RuntimeError(
-                "{} exists but is not a generated synthetic dataset: {}. It is left untouched; remove it or choose "
-                "another data root (or dataset_dir) for the synthetic data.".format(dataset_dir, problem))
+                f"{dataset_dir} exists but is not a generated synthetic dataset: {problem}. It is left untouched; remove it or choose "
+                "another data root (or dataset_dir) for the synthetic data."
+            )
         reason = _staleness(manifest, dataset_dir, params)
         if not reason:
             return manifest
         if on_mismatch == "error":
             raise RuntimeError(
-                "The synthetic dataset in {} does not match the requested one: {}. Delete the folder, use another "
-                "data root, or register the dataset with on_mismatch='regenerate'.".format(dataset_dir, reason))
+                f"The synthetic dataset in {dataset_dir} does not match the requested one: {reason}. Delete the folder, use another "
+                "data root, or register the dataset with on_mismatch='regenerate'."
+            )
         if verbose:
-            print("=> Regenerating {}: {}".format(dataset_dir, reason))
+            print(f"=> Regenerating {dataset_dir}: {reason}")
     parent = osp.dirname(dataset_dir)
     os.makedirs(parent, exist_ok=True)
     _remove_leftovers(dataset_dir)
@@ -1112,6 +1399,7 @@ def _move_into_place(tmp, dataset_dir, params):
 # Reading
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _list_images(dir_path):
     return sorted(n for n in os.listdir(dir_path) if n.rsplit(".", 1)[-1] in _IMAGE_EXTS and not n.startswith("."))
 
@@ -1140,6 +1428,7 @@ def read_split(dir_path, relabel=False):
 # torchreid datasets and registration
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class SyntheticReID(torchreid.data.ImageDataset):
     """A generated Market-1501-style dataset under ``<root>/<dataset_dir>``.
 
@@ -1155,8 +1444,9 @@ class SyntheticReID(torchreid.data.ImageDataset):
     def __init__(self, root="", **kwargs):
         self.root = osp.abspath(osp.expanduser(root))
         self.dataset_dir = osp.join(self.root, type(self).dataset_dir)
-        self.manifest = prepare_synthetic_dataset(self.dataset_dir, self.params, self.on_mismatch,
-                                                  verbose=kwargs.get("verbose", True))
+        self.manifest = prepare_synthetic_dataset(
+            self.dataset_dir, self.params, self.on_mismatch, verbose=kwargs.get("verbose", True)
+        )
         self.train_dir = osp.join(self.dataset_dir, SPLIT_DIRS["train"])
         self.query_dir = osp.join(self.dataset_dir, SPLIT_DIRS["query"])
         self.gallery_dir = osp.join(self.dataset_dir, SPLIT_DIRS["gallery"])
@@ -1170,10 +1460,18 @@ class SyntheticReID(torchreid.data.ImageDataset):
 # Our names: (dataset_dir, parameters). The transfer pair differs in camera style and id range (disjoint people).
 DEFAULT_DATASETS = {
     "synthetic_reid": ("synthetic_reid", SyntheticParams()),
-    "synthetic_source": ("synthetic_source", SyntheticParams(
-        num_train_ids=100, num_test_ids=40, num_cameras=4, style="indoor", id_offset=1000, num_distractor_ids=0)),
-    "synthetic_target": ("synthetic_target", SyntheticParams(
-        num_train_ids=60, num_test_ids=50, num_cameras=5, style="outdoor", id_offset=2000, num_distractor_ids=10)),
+    "synthetic_source": (
+        "synthetic_source",
+        SyntheticParams(
+            num_train_ids=100, num_test_ids=40, num_cameras=4, style="indoor", id_offset=1000, num_distractor_ids=0
+        ),
+    ),
+    "synthetic_target": (
+        "synthetic_target",
+        SyntheticParams(
+            num_train_ids=60, num_test_ids=50, num_cameras=5, style="outdoor", id_offset=2000, num_distractor_ids=10
+        ),
+    ),
 }
 
 _REGISTERED = {}  # name -> class that this module registered in torchreid
@@ -1189,31 +1487,40 @@ def register_synthetic_dataset(name, dataset_dir=None, on_mismatch="regenerate",
     else) already uses is refused. ``dataset_dir`` (default: ``name``) is the folder under the data root.
     """
     if not isinstance(name, str) or not _NAME_OK.match(name):
-        raise ValueError("Synthetic dataset name must be a non-empty string of letters, digits, '_', '.', '-'; "
-                         "got {!r}".format(name))
+        raise ValueError(
+            f"Synthetic dataset name must be a non-empty string of letters, digits, '_', '.', '-'; got {name!r}"
+        )
     default_dir, base = DEFAULT_DATASETS.get(name, (name, SyntheticParams()))
     p = make_params(base, **params)
     dataset_dir = default_dir if dataset_dir is None else dataset_dir
-    if not isinstance(dataset_dir, str) or not dataset_dir or osp.isabs(dataset_dir) or ".." in dataset_dir.split(
-            os.sep):
-        raise ValueError("dataset_dir must be a relative folder name under the data root, got {!r}".format(
-            dataset_dir))
+    if (
+        not isinstance(dataset_dir, str)
+        or not dataset_dir
+        or osp.isabs(dataset_dir)
+        or ".." in dataset_dir.split(os.sep)
+    ):
+        raise ValueError(f"dataset_dir must be a relative folder name under the data root, got {dataset_dir!r}")
     if on_mismatch not in ("regenerate", "error"):
-        raise ValueError("on_mismatch must be 'regenerate' or 'error', got {!r}".format(on_mismatch))
+        raise ValueError(f"on_mismatch must be 'regenerate' or 'error', got {on_mismatch!r}")
     attrs = dict(params=p, dataset_dir=dataset_dir, on_mismatch=on_mismatch)
     cls = _REGISTERED.get(name)
     if cls is not None:
         for key, value in attrs.items():
             setattr(cls, key, value)
         return cls
-    cls = type("SyntheticReID_" + re.sub(r"\W", "_", name), (SyntheticReID,),
-               dict(attrs, __module__=__name__, __doc__="Synthetic ReID dataset registered as {!r}.".format(name)))
+    cls = type(
+        "SyntheticReID_" + re.sub(r"\W", "_", name),
+        (SyntheticReID,),
+        dict(attrs, __module__=__name__, __doc__=f"Synthetic ReID dataset registered as {name!r}."),
+    )
     try:
         torchreid.data.register_image_dataset(name, cls)
     except ValueError:
-        raise ValueError("The dataset name {!r} is already registered in torchreid by another dataset; only "
-                         "synthetic datasets registered by ptl_torchreid can be re-registered. Choose another "
-                         "name.".format(name)) from None
+        raise ValueError(
+            f"The dataset name {name!r} is already registered in torchreid by another dataset; only "
+            "synthetic datasets registered by ptl_torchreid can be re-registered. Choose another "
+            "name."
+        ) from None
     _REGISTERED[name] = cls
     return cls
 
@@ -1233,11 +1540,12 @@ def _register_defaults():
 # Preview
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def make_contact_sheet(dataset_dir, split="train", num_ids=8, pids=None, scale=2, pad=4):
     """A BGR uint8 image: one row per identity, one column per camera (first image there, blank if unseen)."""
     items = read_split(osp.join(dataset_dir, SPLIT_DIRS[split]))
     if not items:
-        raise ValueError("No images in {}".format(osp.join(dataset_dir, SPLIT_DIRS[split])))
+        raise ValueError(f"No images in {osp.join(dataset_dir, SPLIT_DIRS[split])}")
     cams = sorted({c for _, _, c in items})
     first = {}
     for path, pid, cam in items:
@@ -1250,13 +1558,21 @@ def make_contact_sheet(dataset_dir, split="train", num_ids=8, pids=None, scale=2
     header = 14 * scale
     sheet = np.full((header + len(pids) * (h + pad) + pad, len(cams) * (w + pad) + pad, 3), 255, np.uint8)
     for j, cam in enumerate(cams):
-        cv2.putText(sheet, "cam {}".format(cam + 1), (pad + j * (w + pad) + 2, header - 3 * scale),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.3 * scale, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(
+            sheet,
+            f"cam {cam + 1}",
+            (pad + j * (w + pad) + 2, header - 3 * scale),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.3 * scale,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
         for i, pid in enumerate(pids):
             path = first.get((pid, cam))
             if path is None:
                 continue
             img = cv2.resize(cv2.imread(path), (w, h), interpolation=cv2.INTER_NEAREST)
             y, x = header + pad + i * (h + pad), pad + j * (w + pad)
-            sheet[y:y + h, x:x + w] = img
+            sheet[y : y + h, x : x + w] = img
     return sheet

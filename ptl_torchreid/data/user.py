@@ -21,8 +21,17 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import _torchreid
-from .check import (IMAGE_EXTENSIONS, SPLITS, DatasetError, DatasetReport, DatasetRootError, FileProblem,
-                    NamingPattern, SplitReport, parse_image_name)
+from .check import (
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    DatasetError,
+    DatasetReport,
+    DatasetRootError,
+    FileProblem,
+    NamingPattern,
+    SplitReport,
+    parse_image_name,
+)
 from .reader import ImageReadError, read_image
 
 __all__ = ["is_user_source", "register_user_sources", "UserSource", "parse_source", "read_list_file",
@@ -68,10 +77,10 @@ def parse_source(name):
     path = osp.abspath(osp.expanduser(spec))
     if kind == "list" or (kind is None and path.endswith(".txt")):
         if not osp.isfile(path):
-            raise DatasetRootError('data source "{}": list file "{}" does not exist'.format(name, path))
+            raise DatasetRootError(f'data source "{name}": list file "{path}" does not exist')
         path, kind = osp.dirname(path), "list"
     if not osp.isdir(path):
-        raise DatasetRootError('data source "{}": folder "{}" does not exist'.format(name, path))
+        raise DatasetRootError(f'data source "{name}": folder "{path}" does not exist')
     if kind is None:
         kind = "list" if all(osp.isfile(osp.join(path, f)) for f in LIST_FILES.values()) else "folder"
     source = UserSource(name, kind, path, no_camera)
@@ -80,7 +89,7 @@ def parse_source(name):
         layout = ("list files train.txt, query.txt and gallery.txt (lines 'path pid camid')" if kind == "list"
                   else "folders bounding_box_train, query and bounding_box_test (Market-1501 layout)")
         raise DatasetRootError('data source "{}": {} missing; expected {} in "{}"'.format(
-            name, ", ".join('"{}"'.format(m) for m in missing), layout, path))
+            name, ", ".join(f'"{m}"' for m in missing), layout, path))
     return source
 
 
@@ -98,20 +107,21 @@ def read_list_file(path, no_camera=False):
             want = "'path pid'" if no_camera else "'path pid camid'"
             if len(fields) not in ((2, 3) if no_camera else (3,)):
                 hint = (" (data without camera ids: prefix the source with nocam:)" if len(fields) == 2 else "")
-                raise DatasetError('list file "{}", line {}: expected {}, got {!r}{}'.format(
-                    path, lineno, want, text, hint))
+                raise DatasetError(f'list file "{path}", line {lineno}: expected {want}, got {text!r}{hint}')
             try:
                 pid = int(fields[1])
                 camid = None if no_camera else int(fields[2])
             except ValueError:
-                raise DatasetError('list file "{}", line {}: pid and camid must be integers, got {!r}'.format(
-                    path, lineno, text)) from None
+                raise DatasetError(
+                    f'list file "{path}", line {lineno}: pid and camid must be integers, got {text!r}'
+                ) from None
             if pid < -1:
-                raise DatasetError('list file "{}", line {}: pid {} is invalid (>= 0, or -1 for a distractor)'
-                                   .format(path, lineno, pid))
+                raise DatasetError(
+                    f'list file "{path}", line {lineno}: pid {pid} is invalid (>= 0, or -1 for a distractor)'
+                )
             image = fields[0] if osp.isabs(fields[0]) else osp.join(base, fields[0])
             if not osp.isfile(image):
-                raise DatasetError('list file "{}", line {}: image "{}" does not exist'.format(path, lineno, image))
+                raise DatasetError(f'list file "{path}", line {lineno}: image "{image}" does not exist')
             items.append((image, pid, camid))
     return items
 
@@ -126,12 +136,12 @@ def _read_folder(directory, no_camera):
             if no_camera:
                 m = _PID.match(n)
                 if m is None:
-                    raise ValueError('name "{}" does not start with <pid>'.format(n))
+                    raise ValueError(f'name "{n}" does not start with <pid>')
                 pid, cam = int(m.group(1)), None
             else:
                 pid, cam = parse_image_name(n, "market-style")
         except ValueError as e:
-            raise DatasetError('image "{}": {} (use nocam: for names without a camera)'.format(p, e)) from None
+            raise DatasetError(f'image "{p}": {e} (use nocam: for names without a camera)') from None
         items.append((p, pid, cam))
     return items
 
@@ -143,8 +153,9 @@ def read_source(source):
     splits = {}
     for split in LIST_FILES:
         where = source.split_path(split)
-        splits[split] = (read_list_file(where, source.no_camera) if source.kind == "list"
-                         else _read_folder(where, source.no_camera))
+        splits[split] = (
+            read_list_file(where, source.no_camera) if source.kind == "list" else _read_folder(where, source.no_camera)
+        )
     if source.no_camera:
         cams = {}
         for split in LIST_FILES:
@@ -165,7 +176,7 @@ def _dataset_class(source):
         def __init__(self, root="", **kwargs):
             splits = read_source(source)
             if source.no_camera:
-                print('Note: "{}": {}.'.format(source.name, NO_CAMERA_NOTE))
+                print(f'Note: "{source.name}": {NO_CAMERA_NOTE}.')
             base.__init__(self, splits["train"], splits["query"], splits["gallery"], **kwargs)
 
     UserDataset.__name__ = "UserDataset"
@@ -208,25 +219,29 @@ def check_user_source(name, num_workers=4):
         for (p, pid, cam), problem in zip(items, problems):
             if problem is not None:
                 (sr.empty if problem.reason.startswith("file is empty") else sr.unreadable).append(
-                    p if problem.reason.startswith("file is empty") else problem)
+                    p if problem.reason.startswith("file is empty") else problem
+                )
                 continue
             sr.num_ok += 1
             sr.pids.add(pid)
             sr.cams.add(cam)
             sr.samples.append((pid, cam))
         if not items:
-            report.problems.append('{}: "{}" holds no images'.format(split, sr.directory))
+            report.problems.append(f'{split}: "{sr.directory}" holds no images')
     q, g = report.splits["query"], report.splits["gallery"]
     gallery_cams = {}
     for pid, cam in g.samples:
         gallery_cams.setdefault(pid, set()).add(cam)
     report.queries_without_match = sum(1 for pid, cam in q.samples if not gallery_cams.get(pid, set()) - {cam})
     if q.samples and report.queries_without_match == len(q.samples):
-        report.problems.append("no query has a gallery image of the same identity from another camera; "
-                               "evaluation is impossible")
+        report.problems.append(
+            "no query has a gallery image of the same identity from another camera; evaluation is impossible"
+        )
     if not source.no_camera and len(q.cams | g.cams) < 2 and (q.samples or g.samples):
-        report.problems.append("test set (query + gallery) has 1 camera; cross-camera evaluation needs at least 2 "
-                               "(for data without camera ids use nocam:)")
+        report.problems.append(
+            "test set (query + gallery) has 1 camera; cross-camera evaluation needs at least 2 "
+            "(for data without camera ids use nocam:)"
+        )
     return report
 
 

@@ -13,8 +13,14 @@ from dataclasses import asdict, dataclass
 import torch.nn.functional as F
 
 from ptl_torchreid._torchreid import torchreid
-from ptl_torchreid.metrics import (DEFAULT_FPRS, PairROC, alpha_query_expansion, evaluate_rank,
-                                   evaluate_rank_chunked, rerank)
+from ptl_torchreid.metrics import (
+    DEFAULT_FPRS,
+    PairROC,
+    alpha_query_expansion,
+    evaluate_rank,
+    evaluate_rank_chunked,
+    rerank,
+)
 from ptl_torchreid.metrics.chunked import distmat_bytes
 
 __all__ = ["EvalOptions", "rank_features", "file_name"]
@@ -52,34 +58,62 @@ def rank_features(qf, gf, q_pids, g_pids, q_camids, g_camids, options, dist_metr
     if normalize_feature:
         qf, gf = F.normalize(qf, p=2, dim=1), F.normalize(gf, p=2, dim=1)
     if options.aqe:
-        print("Applying alpha-query expansion (k={}, alpha={}) ...".format(options.aqe_k, options.aqe_alpha))
+        print(f"Applying alpha-query expansion (k={options.aqe_k}, alpha={options.aqe_alpha}) ...")
         qf, gf = alpha_query_expansion(qf, gf, k=options.aqe_k, alpha=options.aqe_alpha)
     roc = PairROC(PairROC.count_negatives(q_pids, g_pids)) if options.roc else None
     cap = options.max_distmat_gb * (1 << 30)
     distmat = None
     if rerank_on:
-        print("Applying person re-ranking (k1={}, k2={}, lambda={}) ...".format(
-            options.rerank_k1, options.rerank_k2, options.rerank_lambda))
-        distmat = rerank(qf, gf, k1=options.rerank_k1, k2=options.rerank_k2, lambda_value=options.rerank_lambda,
-                         metric=dist_metric, progress=progress)
+        print(
+            f"Applying person re-ranking (k1={options.rerank_k1}, k2={options.rerank_k2}, lambda={options.rerank_lambda}) ..."
+        )
+        distmat = rerank(
+            qf,
+            gf,
+            k1=options.rerank_k1,
+            k2=options.rerank_k2,
+            lambda_value=options.rerank_lambda,
+            metric=dist_metric,
+            progress=progress,
+        )
     elif need_distmat or distmat_bytes(len(qf), len(gf)) <= cap:
         distmat = torchreid.metrics.compute_distance_matrix(qf, gf, dist_metric).numpy()
     if distmat is not None:
-        cmc, mAP, minp = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
-                                       use_metric_cuhk03=use_metric_cuhk03, return_minp=True)
+        cmc, mAP, minp = evaluate_rank(
+            distmat,
+            q_pids,
+            g_pids,
+            q_camids,
+            g_camids,
+            max_rank=max_rank,
+            use_metric_cuhk03=use_metric_cuhk03,
+            return_minp=True,
+        )
         if roc is not None:
             roc.add(distmat, q_pids, g_pids, q_camids, g_camids)
     else:
-        print("Ranking {} x {} in blocks: the full distance matrix would exceed test.max_distmat_gb = {} GB".format(
-            len(qf), len(gf), options.max_distmat_gb))
-        cmc, mAP, minp = evaluate_rank_chunked(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank,
-                                               metric=dist_metric, memory_cap=cap,
-                                               use_metric_cuhk03=use_metric_cuhk03, roc=roc, progress=progress)
+        print(
+            f"Ranking {len(qf)} x {len(gf)} in blocks: the full distance matrix would exceed test.max_distmat_gb = {options.max_distmat_gb} GB"
+        )
+        cmc, mAP, minp = evaluate_rank_chunked(
+            qf,
+            gf,
+            q_pids,
+            g_pids,
+            q_camids,
+            g_camids,
+            max_rank=max_rank,
+            metric=dist_metric,
+            memory_cap=cap,
+            use_metric_cuhk03=use_metric_cuhk03,
+            roc=roc,
+            progress=progress,
+        )
     tpr = {}
     if roc is not None:
         tpr = roc.tpr_at(DEFAULT_FPRS)
         if roc_plot:
             os.makedirs(osp.dirname(roc_plot) or ".", exist_ok=True)
             roc.plot(roc_plot)
-            print('ROC curve saved to "{}"'.format(roc_plot))
+            print(f'ROC curve saved to "{roc_plot}"')
     return cmc, mAP, minp, tpr, distmat

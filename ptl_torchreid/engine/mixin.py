@@ -34,8 +34,8 @@ from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler, memory_format
 from ptl_torchreid.utils.checkpoint import (
     CheckpointError,
-    CheckpointMismatchError,
     CheckpointManager,
+    CheckpointMismatchError,
     NonFiniteCheckpointError,
     load_checkpoint,
     to_plain,
@@ -118,15 +118,15 @@ class PTLEngineMixin:
                  find_unused_parameters=None, progress_bar=True, checkpoint_extras=None, keep_last=None, seed=0,
                  checkpoint_every_n_iters=0, evaluation=None, **kwargs):
         if reset_policy not in RESET_POLICIES:
-            raise ValueError("reset_policy must be one of {}, got {!r}".format(RESET_POLICIES, reset_policy))
+            raise ValueError(f"reset_policy must be one of {RESET_POLICIES}, got {reset_policy!r}")
         if reset_policy == "iter" and reset_every_n_iters < 1:
-            raise ValueError("reset_policy 'iter' needs reset_every_n_iters >= 1, got {}".format(
-                reset_every_n_iters))
+            raise ValueError(f"reset_policy 'iter' needs reset_every_n_iters >= 1, got {reset_every_n_iters}")
         if checkpoint_every_n_iters < 0:
-            raise ValueError("checkpoint_every_n_iters must be >= 0 (0: off), got {}".format(checkpoint_every_n_iters))
+            raise ValueError(f"checkpoint_every_n_iters must be >= 0 (0: off), got {checkpoint_every_n_iters}")
         if freeze_backbone_epochs < -1:
-            raise ValueError("freeze_backbone_epochs must be -1 (throughout), 0 (never) or K > 0, got {}".format(
-                freeze_backbone_epochs))
+            raise ValueError(
+                f"freeze_backbone_epochs must be -1 (throughout), 0 (never) or K > 0, got {freeze_backbone_epochs}"
+            )
 
         use_gpu = kwargs.pop("use_gpu", True)
         if device is None:
@@ -210,9 +210,10 @@ class PTLEngineMixin:
         sampler = getattr(self.train_loader, "sampler", None)
         if self.world_size > 1 and getattr(sampler, "num_replicas", None) != self.world_size:
             raise ValueError(
-                "distributed training over {} ranks needs a distributed train sampler, but the train loader uses "
-                "{}; call ptl_torchreid.data.samplers.distribute_train_loaders(datamanager, ...) before building "
-                "the engine (the command line does this)".format(self.world_size, type(sampler).__name__))
+                f"distributed training over {self.world_size} ranks needs a distributed train sampler, but the train loader uses "
+                f"{type(sampler).__name__}; call ptl_torchreid.data.samplers.distribute_train_loaders(datamanager, ...) before building "
+                "the engine (the command line does this)"
+            )
 
     def _sync_cell_states(self, batch_size):
         """After the optimizer step: average the cells' states over the ranks (weighted by batch size)."""
@@ -230,7 +231,8 @@ class PTLEngineMixin:
         if self.ddp and fixbase_epoch > 0 and open_layers and not self.model.find_unused_parameters:
             raise ValueError(
                 "fixbase epochs freeze layers after the model was wrapped in DistributedDataParallel; build the "
-                "engine with find_unused_parameters=True (the command line does so when train.fixbase_epoch > 0)")
+                "engine with find_unused_parameters=True (the command line does so when train.fixbase_epoch > 0)"
+            )
 
     # ----------------------------------------------------------------------------------------------------
     # PTL state and freezing
@@ -313,9 +315,15 @@ class PTLEngineMixin:
         loader = self.epoch_loader()
         self.num_batches = len(loader.plan(self.epoch))
         max_epoch = max(self.max_epoch, self.epoch + 1)
-        bar = tqdm(loader.batches(self.epoch, start), total=self.num_batches, initial=start,
-                   desc="epoch {}/{}".format(self.epoch + 1, max_epoch), disable=self._bar_disabled(), leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            loader.batches(self.epoch, start),
+            total=self.num_batches,
+            initial=start,
+            desc=f"epoch {self.epoch + 1}/{max_epoch}",
+            disable=self._bar_disabled(),
+            leave=False,
+            dynamic_ncols=True,
+        )
         epoch_start = end = time.time()
         for self.batch_idx, data in enumerate(bar, start):
             data_time.update(time.time() - end)
@@ -326,15 +334,11 @@ class PTLEngineMixin:
             losses.update(summary)
             self._after_train_step(losses)
             self._stop_if_signalled(losses)
-            bar.set_postfix({k: "{:.3f}".format(m.avg) for k, m in losses.meters.items()}, refresh=False)
+            bar.set_postfix({k: f"{m.avg:.3f}" for k, m in losses.meters.items()}, refresh=False)
             if (self.batch_idx + 1) % print_freq == 0:
                 remaining = (self.num_batches - self.batch_idx - 1) + (max_epoch - self.epoch - 1) * self.num_batches
                 tqdm.write(
-                    "epoch: [{}/{}][{}/{}]\ttime {:.3f} ({:.3f})\tdata {:.3f} ({:.3f})\teta {}\t{}\tlr {:.6f}".format(
-                        self.epoch + 1, max_epoch, self.batch_idx + 1, self.num_batches, batch_time.val,
-                        batch_time.avg, data_time.val, data_time.avg,
-                        datetime.timedelta(seconds=int(batch_time.avg * remaining)), losses, self.get_current_lr()
-                    )
+                    f"epoch: [{self.epoch + 1}/{max_epoch}][{self.batch_idx + 1}/{self.num_batches}]\ttime {batch_time.val:.3f} ({batch_time.avg:.3f})\tdata {data_time.val:.3f} ({data_time.avg:.3f})\teta {datetime.timedelta(seconds=int(batch_time.avg * remaining))}\t{losses}\tlr {self.get_current_lr():.6f}"
                 )
             end = time.time()
         bar.close()
@@ -361,13 +365,13 @@ class PTLEngineMixin:
         parts = []
         for name, v in values.items():
             if name == "acc":
-                parts.append("acc {:.1f}%".format(v))  # torchreid's accuracy is already in percent
+                parts.append(f"acc {v:.1f}%")  # torchreid's accuracy is already in percent
             elif name.startswith("lr"):
-                parts.append("{} {:.2e}".format(name, v))
+                parts.append(f"{name} {v:.2e}")
             elif name == "epoch_time":
-                parts.append("time {:.1f}s".format(v))
+                parts.append(f"time {v:.1f}s")
             else:
-                parts.append("{} {:.4f}".format(name, v))
+                parts.append(f"{name} {v:.4f}")
         if self.is_ptl and self.backbone_frozen(self.epoch):
             parts.append("(backbone frozen)")
         print("epoch {}/{}  {}".format(self.epoch + 1, max(self.max_epoch, self.epoch + 1), "  ".join(parts)))
@@ -383,9 +387,25 @@ class PTLEngineMixin:
 
     @_output_on_main_rank
     @_stops_on_signals
-    def run(self, save_dir="log", max_epoch=0, start_epoch=0, print_freq=10, fixbase_epoch=0, open_layers=None,
-            start_eval=0, eval_freq=-1, test_only=False, dist_metric="euclidean", normalize_feature=False,
-            visrank=False, visrank_topk=10, use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
+    def run(
+        self,
+        save_dir="log",
+        max_epoch=0,
+        start_epoch=0,
+        print_freq=10,
+        fixbase_epoch=0,
+        open_layers=None,
+        start_eval=0,
+        eval_freq=-1,
+        test_only=False,
+        dist_metric="euclidean",
+        normalize_feature=False,
+        visrank=False,
+        visrank_topk=10,
+        use_metric_cuhk03=False,
+        ranks=(1, 5, 10, 20),
+        rerank=False,
+    ):
         """torchreid's ``Engine.run`` (same arguments and schedule), returning :attr:`last_results`.
 
         Differences: ``model-best`` is kept (best Rank-1 over the evaluations), the final checkpoint is written
@@ -393,9 +413,15 @@ class PTLEngineMixin:
         """
         if visrank and not test_only:
             raise ValueError("visrank can be set to True only if test_only=True")
-        test_kwargs = dict(dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
-                           visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
-                           ranks=list(ranks))
+        test_kwargs = dict(
+            dist_metric=dist_metric,
+            normalize_feature=normalize_feature,
+            visrank=visrank,
+            visrank_topk=visrank_topk,
+            save_dir=save_dir,
+            use_metric_cuhk03=use_metric_cuhk03,
+            ranks=list(ranks),
+        )
         if test_only:
             self.test(rerank=rerank, **test_kwargs)
             return self.last_results
@@ -405,8 +431,11 @@ class PTLEngineMixin:
             try:
                 self.writer = SummaryWriter(log_dir=save_dir)
             except OSError as e:
-                raise SaveDirError(e.errno, "cannot write the TensorBoard log into '{}': {}; make the folder "
-                                   "writable (data.save_dir)".format(save_dir, e.strerror or e)) from None
+                raise SaveDirError(
+                    e.errno,
+                    f"cannot write the TensorBoard log into '{save_dir}': {e.strerror or e}; make the folder "
+                    "writable (data.save_dir)",
+                ) from None
         time_start = time.time()
         self.start_epoch = start_epoch
         self.max_epoch = max_epoch
@@ -418,8 +447,12 @@ class PTLEngineMixin:
         for self.epoch in range(start_epoch, max_epoch):
             self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch, open_layers=open_layers)
             trained = True
-            if ((self.epoch + 1) >= start_eval and eval_freq > 0 and (self.epoch + 1) % eval_freq == 0
-                    and (self.epoch + 1) != max_epoch):
+            if (
+                (self.epoch + 1) >= start_eval
+                and eval_freq > 0
+                and (self.epoch + 1) % eval_freq == 0
+                and (self.epoch + 1) != max_epoch
+            ):
                 rank1 = self.test(**test_kwargs)
                 self.save_model(self.epoch, rank1, save_dir)
             self._stop_if_signalled()
@@ -429,7 +462,7 @@ class PTLEngineMixin:
             if trained:
                 self.save_model(self.epoch, rank1, save_dir)
                 self._stop_if_signalled()
-        print("Elapsed {}".format(datetime.timedelta(seconds=round(time.time() - time_start))))
+        print(f"Elapsed {datetime.timedelta(seconds=round(time.time() - time_start))}")
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -499,10 +532,10 @@ class PTLEngineMixin:
             return self.extract_features_from(loader, desc)
         n, world = len(loader.dataset), self.world_size
         if n < world:
-            raise ValueError("the test set '{}' has {} images, fewer than the {} ranks: evaluate it with fewer "
-                             "processes".format(desc, n, world))
-        feats, pids, camids = self.extract_features_from(rebuild_loader(loader, ShardSampler(n), drop_last=False),
-                                                         desc)
+            raise ValueError(
+                f"the test set '{desc}' has {n} images, fewer than the {world} ranks: evaluate it with fewer processes"
+            )
+        feats, pids, camids = self.extract_features_from(rebuild_loader(loader, ShardSampler(n), drop_last=False), desc)
         device = pdist.collective_device()
         order = torch.cat([torch.arange(r, n, world) for r in range(world)])  # dataset index of each gathered row
         out = []
@@ -514,9 +547,20 @@ class PTLEngineMixin:
         return out[0], out[1].numpy(), out[2].numpy()
 
     @torch.no_grad()
-    def _evaluate(self, dataset_name="", query_loader=None, gallery_loader=None, dist_metric="euclidean",
-                  normalize_feature=False, visrank=False, visrank_topk=10, save_dir="", use_metric_cuhk03=False,
-                  ranks=(1, 5, 10, 20), rerank=False):
+    def _evaluate(
+        self,
+        dataset_name="",
+        query_loader=None,
+        gallery_loader=None,
+        dist_metric="euclidean",
+        normalize_feature=False,
+        visrank=False,
+        visrank_topk=10,
+        save_dir="",
+        use_metric_cuhk03=False,
+        ranks=(1, 5, 10, 20),
+        rerank=False,
+    ):
         """The one evaluation function: features -> distances -> vectorised CMC/mAP (torchreid's protocol).
 
         Under several ranks the features are extracted on shards and gathered; the distances, metrics and
@@ -525,46 +569,91 @@ class PTLEngineMixin:
         t0 = time.time()
         qf, q_pids, q_camids = self.extract_features_sharded(query_loader, "query " + dataset_name)
         gf, g_pids, g_camids = self.extract_features_sharded(gallery_loader, "gallery " + dataset_name)
-        print("Extracted features: query {}x{}, gallery {}x{} ({:.1f}s)".format(
-            qf.size(0), qf.size(1), gf.size(0), gf.size(1), time.time() - t0))
+        print(
+            f"Extracted features: query {qf.size(0)}x{qf.size(1)}, gallery {gf.size(0)}x{gf.size(1)} ({time.time() - t0:.1f}s)"
+        )
         outcome = None
         if self.is_main:
-            outcome = self._rank_and_report(dataset_name, qf, gf, q_pids, g_pids, q_camids, g_camids,
-                                            dist_metric=dist_metric, normalize_feature=normalize_feature,
-                                            visrank=visrank, visrank_topk=visrank_topk, save_dir=save_dir,
-                                            use_metric_cuhk03=use_metric_cuhk03, ranks=ranks, rerank=rerank)
+            outcome = self._rank_and_report(
+                dataset_name,
+                qf,
+                gf,
+                q_pids,
+                g_pids,
+                q_camids,
+                g_camids,
+                dist_metric=dist_metric,
+                normalize_feature=normalize_feature,
+                visrank=visrank,
+                visrank_topk=visrank_topk,
+                save_dir=save_dir,
+                use_metric_cuhk03=use_metric_cuhk03,
+                ranks=ranks,
+                rerank=rerank,
+            )
         rank1, mAP, result = pdist.broadcast_object(outcome)
         self.last_results[dataset_name] = result
         return rank1, mAP
 
-    def _rank_and_report(self, dataset_name, qf, gf, q_pids, g_pids, q_camids, g_camids, dist_metric="euclidean",
-                         normalize_feature=False, visrank=False, visrank_topk=10, save_dir="",
-                         use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
+    def _rank_and_report(
+        self,
+        dataset_name,
+        qf,
+        gf,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        dist_metric="euclidean",
+        normalize_feature=False,
+        visrank=False,
+        visrank_topk=10,
+        save_dir="",
+        use_metric_cuhk03=False,
+        ranks=(1, 5, 10, 20),
+        rerank=False,
+    ):
         """Distances, CMC/mAP, printed results and optional ranked-result images; returns
         ``(rank1, mAP, {'mAP': ..., 'cmc': {rank: ...}})``."""
         ranks = clamp_ranks(ranks, len(gf), dataset_name)
         cmc, mAP, minp, tpr, distmat = rank_features(
-            qf, gf, q_pids, g_pids, q_camids, g_camids, self.evaluation, dist_metric=dist_metric,
-            normalize_feature=normalize_feature, rerank_on=rerank, use_metric_cuhk03=use_metric_cuhk03,
-            max_rank=max(ranks), need_distmat=visrank, progress=self.progress_bar,
-            roc_plot=osp.join(save_dir, "roc_{}.png".format(file_name(dataset_name))) if save_dir else None)
+            qf,
+            gf,
+            q_pids,
+            g_pids,
+            q_camids,
+            g_camids,
+            self.evaluation,
+            dist_metric=dist_metric,
+            normalize_feature=normalize_feature,
+            rerank_on=rerank,
+            use_metric_cuhk03=use_metric_cuhk03,
+            max_rank=max(ranks),
+            need_distmat=visrank,
+            progress=self.progress_bar,
+            roc_plot=osp.join(save_dir, f"roc_{file_name(dataset_name)}.png") if save_dir else None,
+        )
         result = {"mAP": float(mAP), "cmc": {int(r): float(cmc[r - 1]) for r in ranks}, "mINP": float(minp)}
         if tpr:
-            result["tpr_at_fpr"] = {"{:g}".format(f): float(t) for f, t in tpr.items()}
-        print("** Results ({}) **".format(dataset_name))
+            result["tpr_at_fpr"] = {f"{f:g}": float(t) for f, t in tpr.items()}
+        print(f"** Results ({dataset_name}) **")
         print("mAP: {:.1%}".format(result["mAP"]))
         print("mINP: {:.1%}".format(result["mINP"]))
         for f, t in result.get("tpr_at_fpr", {}).items():
-            print("TPR@FPR={}: {:.1%}".format(f, t))
+            print(f"TPR@FPR={f}: {t:.1%}")
         print("CMC curve")
         for r, v in result["cmc"].items():
-            print("Rank-{:<3}: {:.1%}".format(r, v))
+            print(f"Rank-{r:<3}: {v:.1%}")
 
         if visrank:
             torchreid.utils.visualize_ranked_results(
-                distmat, self.datamanager.fetch_test_loaders(dataset_name), self.datamanager.data_type,
-                width=self.datamanager.width, height=self.datamanager.height,
-                save_dir=osp.join(save_dir, "visrank_" + file_name(dataset_name)), topk=min(visrank_topk, distmat.shape[1]),
+                distmat,
+                self.datamanager.fetch_test_loaders(dataset_name),
+                self.datamanager.data_type,
+                width=self.datamanager.width,
+                height=self.datamanager.height,
+                save_dir=osp.join(save_dir, "visrank_" + file_name(dataset_name)),
+                topk=min(visrank_topk, distmat.shape[1]),
             )
         return float(cmc[0]), float(mAP), result
 
@@ -616,13 +705,14 @@ class PTLEngineMixin:
         ``model-best.pth.tar`` when ``is_best``. Weights with NaN/inf are refused, keeping the last good files.
         Only rank 0 writes (the ranks hold the same weights); the others return None."""
         manager = self.checkpoint_manager(save_dir)
-        path = self._write_checkpoint(manager, lambda: self.checkpoint_state(epoch, rank1), epoch=epoch + 1,
-                                      is_best=is_best)
+        path = self._write_checkpoint(
+            manager, lambda: self.checkpoint_state(epoch, rank1), epoch=epoch + 1, is_best=is_best
+        )
         if path is None:
             return None
-        print('Checkpoint saved to "{}"'.format(path))
+        print(f'Checkpoint saved to "{path}"')
         if is_best:
-            print('Best so far (Rank-1 {:.1%}) saved to "{}"'.format(rank1, manager.best_path))
+            print(f'Best so far (Rank-1 {rank1:.1%}) saved to "{manager.best_path}"')
         return path
 
     def resume(self, path, trust=False, save_dir=None):
@@ -643,19 +733,22 @@ class PTLEngineMixin:
             # rank 0's choice, so that every rank resumes from the same file
             path = pdist.broadcast_object(self.checkpoint_manager(save_dir).latest() if self.is_main else None)
             if path is None:
-                print('No checkpoint in "{}" to resume from: starting from scratch'.format(
-                    osp.join(save_dir, "model")))
+                print('No checkpoint in "{}" to resume from: starting from scratch'.format(osp.join(save_dir, "model")))
                 return None
         state = load_checkpoint(path, map_location=self.device, trust=trust)
         if not isinstance(state, dict) or "state_dict" not in state or "optimizer" not in state:
-            raise CheckpointMismatchError(None, 'Cannot resume from "{}": it is not a training checkpoint of this '
-                                                "engine (no state_dict/optimizer entries). To start from its "
-                                                "weights, give it as model.load_weights instead.".format(path))
+            raise CheckpointMismatchError(
+                None,
+                f'Cannot resume from "{path}": it is not a training checkpoint of this '
+                "engine (no state_dict/optimizer entries). To start from its "
+                "weights, give it as model.load_weights instead.",
+            )
         self.load_checkpoint_state(state, source=path)
         batch, epoch = int(state.get("batch", 0)), int(state["epoch"]) + 1
-        where = "epoch {}, after batch {}".format(epoch, batch) if batch else "start of epoch {}".format(epoch)
-        print('Resumed from "{}" ({}, iteration {}, best Rank-1 {:.1%})'.format(
-            path, where, self.iteration, max(self.best_rank1, 0.0)))
+        where = f"epoch {epoch}, after batch {batch}" if batch else f"start of epoch {epoch}"
+        print(
+            f'Resumed from "{path}" ({where}, iteration {self.iteration}, best Rank-1 {max(self.best_rank1, 0.0):.1%})'
+        )
         return int(state["epoch"])
 
     def load_checkpoint_state(self, state, source="the checkpoint"):
@@ -663,14 +756,20 @@ class PTLEngineMixin:
         optimizer setup raises :class:`CheckpointMismatchError` listing what does not match."""
         name = self.checkpoint_extras.get("model_name")
         if name is not None and state.get("model_name") not in (None, name):
-            raise CheckpointMismatchError(None, 'Cannot resume from "{}": it was saved for model "{}", this run '
-                                                'builds "{}".'.format(source, state["model_name"], name))
+            raise CheckpointMismatchError(
+                None,
+                'Cannot resume from "{}": it was saved for model "{}", this run builds "{}".'.format(
+                    source, state["model_name"], name
+                ),
+            )
         try:
             self.net.load_state_dict(state["state_dict"])
         except RuntimeError as e:
-            raise CheckpointMismatchError(None, 'Cannot resume from "{}": its weights do not fit this model (was '
-                                                "it saved with another model or data.height/width?).\n{}".format(
-                                                    source, e)) from None
+            raise CheckpointMismatchError(
+                None,
+                f'Cannot resume from "{source}": its weights do not fit this model (was '
+                f"it saved with another model or data.height/width?).\n{e}",
+            ) from None
         # the base rates this run was configured with (train.lr, ptl.lr_mult), before the checkpoint's replace them
         configured = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
         try:
@@ -679,9 +778,12 @@ class PTLEngineMixin:
             raise CheckpointMismatchError(None, str(e)) from None
         self.scheduler.load_state_dict(state["scheduler"])
         for name, old, new, now in apply_configured_lr(self.optimizer, self.scheduler, configured):
-            print("Note: the configured base learning rate{} is {:.3g}, the checkpoint's {:.3g}: the configured one "
-                  "applies from here on (the schedule keeps its position; the rate is now {:.3g}).".format(
-                      "" if len(configured) == 1 else " of " + str(name), new, old, now))
+            print(
+                "Note: the configured base learning rate{} is {:.3g}, the checkpoint's {:.3g}: the configured one "
+                "applies from here on (the schedule keeps its position; the rate is now {:.3g}).".format(
+                    "" if len(configured) == 1 else " of " + str(name), new, old, now
+                )
+            )
         if state.get("reference_param_norm") is not None:
             self.reference_param_norm = float(state["reference_param_norm"])
         if "scaler" in state and self.scaler.is_enabled():
@@ -708,14 +810,15 @@ class PTLEngineMixin:
             except CheckpointError as e:
                 error = e
         if isinstance(error, NonFiniteCheckpointError):
-            error = NonFiniteCheckpointError("{} {}.".format(error, self._divergence_advice()))
+            error = NonFiniteCheckpointError(f"{error} {self._divergence_advice()}.")
         if pdist.any_rank(error is not None):
-            print("Training stopped at epoch {}, iteration {}: the checkpoint was not saved (see the error "
-                  "below); the previous checkpoints are intact.".format(self.epoch + 1, self.iteration))
+            print(
+                f"Training stopped at epoch {self.epoch + 1}, iteration {self.iteration}: the checkpoint was not saved (see the error "
+                "below); the previous checkpoints are intact."
+            )
             if error is not None:
                 raise error
-            raise CheckpointError("rank 0 could not write the checkpoint (its error says why); this rank stops "
-                                  "with it")
+            raise CheckpointError("rank 0 could not write the checkpoint (its error says why); this rank stops with it")
         self._saved_at_iteration = self.iteration
         return path
 
@@ -768,14 +871,15 @@ class PTLEngineMixin:
     def save_iteration_checkpoint(self, losses=None):
         """Write ``<save_dir>/model/model-iter<iteration>.pth.tar`` (atomic; the ``latest`` pointer follows)."""
         manager = self.checkpoint_manager(self.save_dir)
-        path = self._write_checkpoint(manager, lambda: self.iteration_checkpoint_state(losses),
-                                      iteration=self.iteration)
+        path = self._write_checkpoint(
+            manager, lambda: self.iteration_checkpoint_state(losses), iteration=self.iteration
+        )
         if path is None:
             return None
         if self.progress_bar:
-            tqdm.write('Checkpoint saved to "{}"'.format(path))
+            tqdm.write(f'Checkpoint saved to "{path}"')
         else:
-            print('Checkpoint saved to "{}"'.format(path))
+            print(f'Checkpoint saved to "{path}"')
         return path
 
     def _capture_rng_state(self):
@@ -798,8 +902,10 @@ class PTLEngineMixin:
     def _load_resume_position(self, state):
         seed = state.get("seed")
         if seed is not None and int(seed) != self.seed:
-            print("Note: the checkpoint was trained with seed {} (this run: {}); continuing with {} so that the "
-                  "data order stays that of the interrupted run.".format(seed, self.seed, seed))
+            print(
+                f"Note: the checkpoint was trained with seed {seed} (this run: {self.seed}); continuing with {seed} so that the "
+                "data order stays that of the interrupted run."
+            )
             self.seed = int(seed)
         batch = int(state.get("batch", 0))
         self._resume_at = (int(state["epoch"]), batch, state.get("epoch_meters")) if batch > 0 else None
@@ -807,9 +913,12 @@ class PTLEngineMixin:
         if batch > 0 and "num_batches" in state:
             planned = len(self.epoch_loader().plan(int(state["epoch"])))
             if planned != int(state["num_batches"]):
-                print("Warning: epoch {} now has {} batches but had {} when the checkpoint was taken (changed batch "
-                      "size, sampler or data?); the rest of the epoch will not match the interrupted run.".format(
-                          int(state["epoch"]) + 1, planned, int(state["num_batches"])))
+                print(
+                    "Warning: epoch {} now has {} batches but had {} when the checkpoint was taken (changed batch "
+                    "size, sampler or data?); the rest of the epoch will not match the interrupted run.".format(
+                        int(state["epoch"]) + 1, planned, int(state["num_batches"])
+                    )
+                )
 
     def _divergence_advice(self):
         """Which checkpoint to resume from after a divergence: the newest one whose weights have not blown up (a
@@ -818,16 +927,24 @@ class PTLEngineMixin:
         if manager is None or not manager.latest():
             return "No checkpoint had been written yet"
         good, diverged = last_good_checkpoint(manager, self.reference_param_norm)
-        grown = ", ".join('"{}" ({:.3g}x)'.format(osp.basename(p), g) for p, g in diverged)
+        grown = ", ".join(f'"{osp.basename(p)}" ({g:.3g}x)' for p, g in diverged)
         if good is None:
-            return ("Every checkpoint kept holds weights more than {:g} times larger than at the start of the run "
-                    "({}): training was diverging before it overflowed, so start again with a lower train.lr".format(
-                        DIVERGED_GROWTH, grown))
-        newer = "" if not diverged else (" (newer ones hold weights more than {:g} times larger than at the start of "
-                                         "the run, a sign of divergence: {})".format(DIVERGED_GROWTH, grown))
-        return ('The last good checkpoint, "{}", is unchanged{}; once the cause is fixed, resume from it with --resume '
-                "{} and, for instance, a lower train.lr (the configured learning rate applies on resume)".format(
-                    good, newer, good))
+            return (
+                f"Every checkpoint kept holds weights more than {DIVERGED_GROWTH:g} times larger than at the start of the run "
+                f"({grown}): training was diverging before it overflowed, so start again with a lower train.lr"
+            )
+        newer = (
+            ""
+            if not diverged
+            else (
+                f" (newer ones hold weights more than {DIVERGED_GROWTH:g} times larger than at the start of "
+                f"the run, a sign of divergence: {grown})"
+            )
+        )
+        return (
+            f'The last good checkpoint, "{good}", is unchanged{newer}; once the cause is fixed, resume from it with --resume '
+            f"{good} and, for instance, a lower train.lr (the configured learning rate applies on resume)"
+        )
 
     def _check_finite_loss(self, loss, summary):
         """Stop before a NaN/inf loss reaches the weights; say where it happened and what is safe on disk."""
@@ -838,15 +955,14 @@ class PTLEngineMixin:
         if math.isfinite(value):
             what = "on another rank"
         else:
-            what = ", ".join("{} {:.4g}".format(k, v) for k, v in summary.items() if isinstance(v, float))
-            what = (what or "loss {}".format(value)) + (" on rank {}".format(pdist.get_rank())
-                                                         if self.world_size > 1 else "")
+            what = ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float))
+            what = (what or f"loss {value}") + (f" on rank {pdist.get_rank()}" if self.world_size > 1 else "")
         saved = self._divergence_advice()
         raise NonFiniteLossError(
-            "Non-finite loss ({}) at epoch {}, batch {}/{} (iteration {} of the run). Training stopped before this "
-            "step changed the weights. {}. Usual causes: a learning rate too high (train.lr, ptl.lr_mult), fp16 "
-            "overflow (train.amp_dtype bf16), or corrupt input.".format(
-                what, self.epoch + 1, self.batch_idx + 1, self.num_batches, self.iteration + 1, saved))
+            f"Non-finite loss ({what}) at epoch {self.epoch + 1}, batch {self.batch_idx + 1}/{self.num_batches} (iteration {self.iteration + 1} of the run). Training stopped before this "
+            f"step changed the weights. {saved}. Usual causes: a learning rate too high (train.lr, ptl.lr_mult), fp16 "
+            "overflow (train.amp_dtype bf16), or corrupt input."
+        )
 
 
 def resolve_precision(amp, amp_dtype, device):
@@ -865,10 +981,16 @@ def clamp_ranks(ranks, num_gallery, dataset_name=""):
     valid = [r for r in ranks if r <= num_gallery]
     dropped = [r for r in ranks if r > num_gallery]
     if dropped:
-        print("Note: the gallery of {} has only {} images, so {} cannot be computed and {} skipped "
-              "(set test.ranks to ranks <= {}).".format(dataset_name or "this dataset", num_gallery,
-                                                       ", ".join("Rank-{}".format(r) for r in dropped),
-                                                       "is" if len(dropped) == 1 else "are", num_gallery))
+        print(
+            "Note: the gallery of {} has only {} images, so {} cannot be computed and {} skipped "
+            "(set test.ranks to ranks <= {}).".format(
+                dataset_name or "this dataset",
+                num_gallery,
+                ", ".join(f"Rank-{r}" for r in dropped),
+                "is" if len(dropped) == 1 else "are",
+                num_gallery,
+            )
+        )
     if num_gallery < 1:
         raise ValueError("the gallery of {} is empty: nothing to rank".format(dataset_name or "this dataset"))
     return valid or [1]
@@ -880,4 +1002,3 @@ def _to_float(outputs):
     if torch.is_tensor(outputs) and outputs.is_floating_point():
         return outputs.float()
     return outputs
-

@@ -31,17 +31,14 @@ def build_optimizer(model, lr_mult=1.0, **kwargs):
     ids_b, ids_p = {id(p) for p in backbone}, {id(p) for p in ptl}
     if ids_b & ids_p or (ids_b | ids_p) != {id(p) for p in net.parameters()}:
         raise ValueError(
-            "{}: backbone_parameters() and ptl_parameters() must be disjoint and cover all parameters "
-            "(shared: {}, missing: {})".format(
-                type(net).__name__, len(ids_b & ids_p), len({id(p) for p in net.parameters()} - ids_b - ids_p)
-            )
+            f"{type(net).__name__}: backbone_parameters() and ptl_parameters() must be disjoint and cover all parameters "
+            f"(shared: {len(ids_b & ids_p)}, missing: {len({id(p) for p in net.parameters()} - ids_b - ids_p)})"
         )
 
     # Let torchreid pick the optimizer class and its hyper-parameters, then install our groups: every key
     # a group does not set falls back to those defaults, as with torchreid's own staged_lr.
     optimizer = torchreid.optim.build_optimizer(net, staged_lr=False, **kwargs)
     optimizer.param_groups.clear()
-    optimizer.add_param_group({"params": backbone, "lr": lr * (base_lr_mult if staged_lr else 1.0),
-                               "name": "backbone"})
+    optimizer.add_param_group({"params": backbone, "lr": lr * (base_lr_mult if staged_lr else 1.0), "name": "backbone"})
     optimizer.add_param_group({"params": ptl, "lr": lr * lr_mult, "name": "ptl"})
     return optimizer

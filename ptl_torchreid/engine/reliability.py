@@ -41,13 +41,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
         self.epoch = epoch
         self.iteration = iteration
-        where = "" if epoch is None else " at epoch {}, iteration {}".format(epoch, iteration)
-        saved = ('; checkpoint saved to "{}"'.format(checkpoint) if checkpoint else "; no checkpoint was written")
-        super().__init__("{}{}{}".format(self.signal_name, where, saved))
+        where = "" if epoch is None else f" at epoch {epoch}, iteration {iteration}"
+        saved = (f'; checkpoint saved to "{checkpoint}"' if checkpoint else "; no checkpoint was written")
+        super().__init__(f"{self.signal_name}{where}{saved}")
 
     @property
     def signal_name(self):
-        return _SIGNAL_NAMES.get(self.signum, "signal {}".format(self.signum))
+        return _SIGNAL_NAMES.get(self.signum, f"signal {self.signum}")
 
     @property
     def exit_status(self):
@@ -72,8 +72,12 @@ class StopSignals:
             raise TrainingInterrupted(signum)
         self.signum = signum
         try:
-            print("\nReceived {}: stopping after the current step with a checkpoint (send it again to stop at once, "
-                  "without one).".format(_SIGNAL_NAMES.get(signum, signum)), file=sys.stderr, flush=True)
+            print(
+                f"\nReceived {_SIGNAL_NAMES.get(signum, signum)}: stopping after the current step with a checkpoint (send it again to stop at once, "
+                "without one).",
+                file=sys.stderr,
+                flush=True,
+            )
         except (OSError, RuntimeError, ValueError):
             pass  # a print interrupted by the signal; the stop itself still happens
 
@@ -108,14 +112,24 @@ def optimizer_mismatch(optimizer, saved_state):
         return None
     unused = sorted(saved - fresh - _OPTIONAL_KEYS - {"params", "initial_lr", "name"})
     return "this run's {} needs {} that the saved state lacks{}".format(
-        type(optimizer).__name__, ", ".join(missing),
-        "; the saved state has {} instead".format(", ".join(unused)) if unused else "")
+        type(optimizer).__name__,
+        ", ".join(missing),
+        "; the saved state has {} instead".format(", ".join(unused)) if unused else "",
+    )
 
 
 # Flags that optimizers' __setstate__ fills in when an older checkpoint lacks them (they do not tell optimizers
 # apart, and a checkpoint of an older torch must still resume).
-_OPTIONAL_KEYS = {"foreach", "maximize", "capturable", "differentiable", "fused", "decoupled_weight_decay",
-                  "amsgrad", "nesterov"}
+_OPTIONAL_KEYS = {
+    "foreach",
+    "maximize",
+    "capturable",
+    "differentiable",
+    "fused",
+    "decoupled_weight_decay",
+    "amsgrad",
+    "nesterov",
+}
 
 
 def load_optimizer_state(optimizer, saved_state, source, saved_type=None):
@@ -128,10 +142,13 @@ def load_optimizer_state(optimizer, saved_state, source, saved_type=None):
             return
         except (ValueError, KeyError) as e:
             why = str(e)
-    raise ValueError('Cannot resume from "{}": its optimizer state{} does not fit this run\'s optimizer ({}): {}. '
-                     "Resume with the optimizer settings it was saved with (train.optim, ptl.lr_mult groups), or "
-                     "start a new run from its weights with model.load_weights.".format(
-                         source, " ({})".format(saved_type) if saved_type else "", type(optimizer).__name__, why))
+    raise ValueError(
+        'Cannot resume from "{}": its optimizer state{} does not fit this run\'s optimizer ({}): {}. '
+        "Resume with the optimizer settings it was saved with (train.optim, ptl.lr_mult groups), or "
+        "start a new run from its weights with model.load_weights.".format(
+            source, f" ({saved_type})" if saved_type else "", type(optimizer).__name__, why
+        )
+    )
 
 
 def apply_configured_lr(optimizer, scheduler, configured):
@@ -148,7 +165,7 @@ def apply_configured_lr(optimizer, scheduler, configured):
         group["initial_lr"] = new
         if i < len(base_lrs):
             base_lrs[i] = new
-        changed.append((group.get("name", "group {}".format(i)), old, new, group["lr"]))
+        changed.append((group.get("name", f"group {i}"), old, new, group["lr"]))
     if changed:
         scheduler.base_lrs = base_lrs
         scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports

@@ -13,10 +13,26 @@ checks), ``sidecar`` (the JSON next to each model), ``images`` (check images fro
 """
 from .graph import ExportError, UnsupportedModelError, frozen_eval_model, probe_embedding
 from .images import calibration_batches, first_images, test_sets
-from .parity import (DEFAULT_BATCH_SIZES, MAX_ABS, MIN_COSINE, RETRIEVAL_POINTS, ParityError, check_parity,
-                     compare_retrieval, feature_differences, retrieval_metrics)
-from .pipeline import (FORMATS, INT8_MAX_MAP_DROP, ExportResult, QuantizationRejected, export_model, export_onnx,
-                       export_openvino)
+from .parity import (
+                     DEFAULT_BATCH_SIZES,
+                     MAX_ABS,
+                     MIN_COSINE,
+                     RETRIEVAL_POINTS,
+                     ParityError,
+                     check_parity,
+                     compare_retrieval,
+                     feature_differences,
+                     retrieval_metrics,
+)
+from .pipeline import (
+                     FORMATS,
+                     INT8_MAX_MAP_DROP,
+                     ExportResult,
+                     QuantizationRejected,
+                     export_model,
+                     export_onnx,
+                     export_openvino,
+)
 from .runtimes import OnnxRuntimeRunner, OpenVINORunner, TorchRunner, runner_for
 from .sidecar import make_sidecar, model_stem, read_sidecar, sidecar_path, write_sidecar
 

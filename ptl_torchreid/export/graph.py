@@ -43,9 +43,10 @@ def model_input_size(net, input_size=None):
         own = tuple(int(s) for s in own)
         if input_size is not None and tuple(input_size) != own:
             raise UnsupportedModelError(
-                "this PTL model was built for input size {}x{} (its cell states have that shape) and cannot be "
-                "exported at {}x{}; export at {}x{} (data.height/data.width) or rebuild the model for the new "
-                "size".format(own[0], own[1], input_size[0], input_size[1], own[0], own[1]))
+                f"this PTL model was built for input size {own[0]}x{own[1]} (its cell states have that shape) and cannot be "
+                f"exported at {input_size[0]}x{input_size[1]}; export at {own[0]}x{own[1]} (data.height/data.width) or rebuild the model for the new "
+                "size"
+            )
         return own
     if input_size is None:
         raise ValueError("input_size=(height, width) is needed to export a plain model")
@@ -59,17 +60,17 @@ def probe_embedding(net, input_size, what="the model"):
     try:
         out = net(x)
     except (RuntimeError, ValueError) as e:
-        raise UnsupportedModelError("{} failed on a {}x{} input in eval mode: {}".format(
-            what, input_size[0], input_size[1], e)) from e
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        got = type(out).__name__ if not isinstance(out, torch.Tensor) else "a tensor of shape {}".format(
-            list(out.shape))
         raise UnsupportedModelError(
-            "{} returns {} in eval mode; export needs a model whose eval forward returns one embedding tensor "
-            "[batch, dim] (torchreid's convention). Wrap it in a module that returns the features".format(what, got))
+            f"{what} failed on a {input_size[0]}x{input_size[1]} input in eval mode: {e}"
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        got = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {list(out.shape)}"
+        raise UnsupportedModelError(
+            f"{what} returns {got} in eval mode; export needs a model whose eval forward returns one embedding tensor "
+            "[batch, dim] (torchreid's convention). Wrap it in a module that returns the features"
+        )
     if not out.is_floating_point():
-        raise UnsupportedModelError("{} returns {} features; export needs floating-point features".format(
-            what, out.dtype))
+        raise UnsupportedModelError(f"{what} returns {out.dtype} features; export needs floating-point features")
     return int(out.shape[1])
 
 
@@ -79,6 +80,9 @@ def ptl_state_summary(net):
     cells = [m for m in net.modules() if isinstance(m, BConvCell)]
     if not cells:
         return None
-    return {"cells": len(cells), "eval_state": sorted({c.eval_state for c in cells}),
-            "running_state_batches": int(min(int(c.num_batches_tracked) for c in cells)),
-            "frozen_in_graph": True}
+    return {
+        "cells": len(cells),
+        "eval_state": sorted({c.eval_state for c in cells}),
+        "running_state_batches": int(min(int(c.num_batches_tracked) for c in cells)),
+        "frozen_in_graph": True,
+    }

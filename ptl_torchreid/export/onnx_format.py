@@ -57,9 +57,9 @@ def check_onnx_file(path):
     import onnx
 
     if not osp.isfile(str(path)):
-        raise ExportError("no ONNX file was written at {}".format(path))
+        raise ExportError(f"no ONNX file was written at {path}")
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError("{} fails onnx.checker: {}".format(path, e)) from e
+        raise ExportError(f"{path} fails onnx.checker: {e}") from e
     return onnx.load(str(path))

@@ -66,16 +66,20 @@ def check_parity(reference, candidate, images, batch_sizes=DEFAULT_BATCH_SIZES, 
         diff, cos = feature_differences(ref, got) if shape_ok else (float("inf"), float("-inf"))
         results[int(b)] = {"max_abs": diff, "min_cosine": cos, "feature_max": float(np.abs(ref).max())}
         if not shape_ok:
-            raise ParityError("{} at batch {}: features of shape {} where PyTorch gives {}".format(
-                name, b, list(np.shape(got)), list(np.shape(ref))))
+            raise ParityError(
+                f"{name} at batch {b}: features of shape {list(np.shape(got))} where PyTorch gives {list(np.shape(ref))}"
+            )
         if not (diff <= max_abs and cos >= min_cosine):
-            raise ParityError("{} differs from PyTorch at batch {}: max-abs difference {:.3g} (limit {:.0e}), "
-                              "smallest cosine similarity {:.7f} (limit {})".format(
-                                  name, b, diff, max_abs, cos, min_cosine))
+            raise ParityError(
+                f"{name} differs from PyTorch at batch {b}: max-abs difference {diff:.3g} (limit {max_abs:.0e}), "
+                f"smallest cosine similarity {cos:.7f} (limit {min_cosine})"
+            )
         again, _ = feature_differences(got, candidate(x))
         if again != 0.0:
-            raise ParityError("{} gives different features for the same batch {} on a second call (max-abs "
-                              "{:.3g}): its graph is not a fixed function".format(name, b, again))
+            raise ParityError(
+                f"{name} gives different features for the same batch {b} on a second call (max-abs "
+                f"{again:.3g}): its graph is not a fixed function"
+            )
     return results
 
 
@@ -111,8 +115,15 @@ def retrieval_metrics(runner, query_loader, gallery_loader, dist_metric="euclide
     return {"rank1": float(cmc[0]), "mAP": float(mAP)}
 
 
-def compare_retrieval(reference_metrics, runner, eval_sets, points=RETRIEVAL_POINTS, dist_metric="euclidean",
-                      normalize_feature=False, name=None):
+def compare_retrieval(
+    reference_metrics,
+    runner,
+    eval_sets,
+    points=RETRIEVAL_POINTS,
+    dist_metric="euclidean",
+    normalize_feature=False,
+    name=None,
+):
     """Rank-1/mAP of ``runner`` on each ``(set name, query loader, gallery loader)`` against
     ``reference_metrics[set name]``; :class:`ParityError` when either differs by more than ``points``.
     Returns ``{set name: {"rank1": x, "mAP": y}}``."""
@@ -124,7 +135,9 @@ def compare_retrieval(reference_metrics, runner, eval_sets, points=RETRIEVAL_POI
         for key, label in (("rank1", "Rank-1"), ("mAP", "mAP")):
             gap = abs(got[key] - ref[key]) * 100
             if gap > points:
-                raise ParityError("{} on '{}': {} {:.2%} where PyTorch gives {:.2%} ({:.2f} points apart, limit "
-                                  "{})".format(name, set_name, label, got[key], ref[key], gap, points))
+                raise ParityError(
+                    f"{name} on '{set_name}': {label} {got[key]:.2%} where PyTorch gives {ref[key]:.2%} ({gap:.2f} points apart, limit "
+                    f"{points})"
+                )
         out[set_name] = got
     return out

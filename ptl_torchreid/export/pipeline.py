@@ -13,12 +13,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .graph import (ExportError, example_input, frozen_eval_model, model_input_size, probe_embedding,
-                    ptl_state_summary)
+from .graph import ExportError, example_input, frozen_eval_model, model_input_size, probe_embedding, ptl_state_summary
 from .onnx_format import write_onnx
 from .openvino_format import quantize_int8, write_openvino
-from .parity import (DEFAULT_BATCH_SIZES, MAX_ABS, MIN_COSINE, RETRIEVAL_POINTS, check_parity, compare_retrieval,
-                     feature_differences, retrieval_metrics, take_batch)
+from .parity import (
+    DEFAULT_BATCH_SIZES,
+    MAX_ABS,
+    MIN_COSINE,
+    RETRIEVAL_POINTS,
+    check_parity,
+    compare_retrieval,
+    feature_differences,
+    retrieval_metrics,
+    take_batch,
+)
 from .runtimes import OnnxRuntimeRunner, OpenVINORunner, TorchRunner
 from .sidecar import IMAGENET_MEAN, IMAGENET_STD, make_sidecar, model_stem, write_sidecar
 
@@ -46,7 +54,7 @@ class ExportResult:
     def table(self):
         """Markdown: one row per written model with its worst parity figures and Rank-1/mAP per set."""
         rows = ["| model | file | max-abs (worst batch) | min cosine | " + " | ".join(
-            "Rank-1 / mAP {}".format(s) for s in self.reference) + " |"]
+            f"Rank-1 / mAP {s}" for s in self.reference) + " |"]
         rows.append("|" + "---|" * (4 + len(self.reference)))
         rows.append("| pytorch | - | - | - | " + " | ".join(
             "{:.1%} / {:.1%}".format(m["rank1"], m["mAP"]) for m in self.reference.values()) + " |")
@@ -55,7 +63,7 @@ class ExportResult:
             batches = check["parity"]["batches"].values()
             worst = max(b["max_abs"] for b in batches)
             cos = min(b["min_cosine"] for b in batches)
-            rows.append("| {} | {} | {:.2e} | {:.7f} | ".format(kind, path, worst, cos) + " | ".join(
+            rows.append(f"| {kind} | {path} | {worst:.2e} | {cos:.7f} | " + " | ".join(
                 "{:.1%} / {:.1%}".format(m["rank1"], m["mAP"]) for m in check["retrieval"].values()) + " |")
         return "\n".join(rows)
 
@@ -87,7 +95,7 @@ class _Step:
 
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
-            self.log("   done in {:.1f}s".format(time.time() - self.t0))
+            self.log(f"   done in {time.time() - self.t0:.1f}s")
         return False
 
 
@@ -122,7 +130,7 @@ def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, 
         raise ValueError("int8=True needs calibration batches (preprocessed training images)")
     net = frozen_eval_model(model)
     size = model_input_size(net, input_size)
-    feature_dim = probe_embedding(net, size, "'{}'".format(arch))
+    feature_dim = probe_embedding(net, size, f"'{arch}'")
     stem = name or model_stem(arch, dataset)
     images, images_kind = _parity_images(images, size, batch_sizes)
     if not dynamic_batch:
@@ -153,7 +161,7 @@ def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, 
             with _Step(log, "checking {} against PyTorch (batches {}, then Rank-1/mAP)".format(
                     kind, ", ".join(map(str, batch_sizes)))):
                 parity = check_parity(reference, runner, images, batch_sizes, max_abs=max_abs,
-                                      min_cosine=min_cosine, name="{} ({})".format(kind, runner.name))
+                                      min_cosine=min_cosine, name=f"{kind} ({runner.name})")
                 retrieval = compare_retrieval(result.reference, runner, eval_sets, dist_metric=dist_metric,
                                               normalize_feature=normalize_feature, name=kind) if eval_sets else {}
             return {"passed": True, "onnx_checker": "passed", "images": images_kind, "tolerance": tolerance,
@@ -189,8 +197,7 @@ def _export_int8(ov_model, calibration, staging, out_dir, stem, reference, image
                  eval_sets, result, dist_metric, normalize_feature, common, log):
     int8_stem = stem + "_int8"
     xml = osp.join(staging, int8_stem + "_openvino_model", int8_stem + ".xml")
-    with _Step(log, "INT8 post-training quantisation with NNCF ({} calibration images)".format(
-            sum(len(b) for b in calibration))):
+    with _Step(log, f"INT8 post-training quantisation with NNCF ({sum(len(b) for b in calibration)} calibration images)"):
         quantize_int8(ov_model, calibration, xml)
     runner = OpenVINORunner(xml)
     with _Step(log, "INT8 Rank-1/mAP against fp32"):
@@ -201,26 +208,38 @@ def _export_int8(ov_model, calibration, staging, out_dir, stem, reference, image
             parity[int(b)] = {"max_abs": diff, "min_cosine": cos}
         retrieval = {s[0]: retrieval_metrics(runner, s[1], s[2], dist_metric, normalize_feature) for s in eval_sets}
     drops = {s: (result.reference[s]["mAP"] - m["mAP"]) * 100 for s, m in retrieval.items()}
-    check = {"passed": all(d <= INT8_MAX_MAP_DROP for d in drops.values()), "images": images_kind,
-             "calibration_images": int(sum(len(b) for b in calibration)),
-             "tolerance": {"max_map_drop_points": INT8_MAX_MAP_DROP},
-             "parity": {"runtime": "openvino", "batches": parity, "enforced": False}, "retrieval": retrieval,
-             "pytorch_retrieval": result.reference, "map_drop_points": drops}
+    check = {
+        "passed": all(d <= INT8_MAX_MAP_DROP for d in drops.values()),
+        "images": images_kind,
+        "calibration_images": int(sum(len(b) for b in calibration)),
+        "tolerance": {"max_map_drop_points": INT8_MAX_MAP_DROP},
+        "parity": {"runtime": "openvino", "batches": parity, "enforced": False},
+        "retrieval": retrieval,
+        "pytorch_retrieval": result.reference,
+        "map_drop_points": drops,
+    }
     if not check["passed"]:
         result.checks["openvino_int8"] = check
         worst = max(drops, key=drops.get)
         raise QuantizationRejected(
             "the INT8 model was rejected and not written: on '{}' its mAP is {:.2%} against {:.2%} in fp32, "
             "{:.2f} points lower (at most {} allowed). The fp32 files are in place: {}. Try more calibration "
-            "images (--calibration-images).".format(worst, retrieval[worst]["mAP"], result.reference[worst]["mAP"],
-                                                    drops[worst], INT8_MAX_MAP_DROP,
-                                                    ", ".join(result.files.values())))
+            "images (--calibration-images).".format(
+                worst,
+                retrieval[worst]["mAP"],
+                result.reference[worst]["mAP"],
+                drops[worst],
+                INT8_MAX_MAP_DROP,
+                ", ".join(result.files.values()),
+            )
+        )
     final_dir = osp.join(out_dir, int8_stem + "_openvino_model")
     _move_into_place(osp.dirname(xml), final_dir)
     final = osp.join(final_dir, int8_stem + ".xml")
     result.files["openvino_int8"], result.checks["openvino_int8"] = final, check
-    result.sidecars["openvino_int8"] = write_sidecar(final, make_sidecar(
-        final, runtime="openvino", precision="int8", verification=check, **common))
+    result.sidecars["openvino_int8"] = write_sidecar(
+        final, make_sidecar(final, runtime="openvino", precision="int8", verification=check, **common)
+    )
 
 
 def _pruning_record(pruning):
@@ -257,8 +276,7 @@ def _export_checked(model, path, input_size, dynamic_batch, images, batch_sizes,
     return parity
 
 
-def export_onnx(model, path, input_size=(256, 128), dynamic_batch=True, images=None,
-                batch_sizes=DEFAULT_BATCH_SIZES):
+def export_onnx(model, path, input_size=(256, 128), dynamic_batch=True, images=None, batch_sizes=DEFAULT_BATCH_SIZES):
     """Export ``model``'s eval-mode embedding function to the ONNX file ``path`` and check it (onnx.checker,
     ONNX Runtime against PyTorch at ``batch_sizes`` on ``images`` or seeded random inputs); returns the
     parity figures ``{batch: {"max_abs", "min_cosine"}}``; raises :class:`ParityError` and writes nothing on a
@@ -266,7 +284,8 @@ def export_onnx(model, path, input_size=(256, 128), dynamic_batch=True, images=N
     return _export_checked(model, path, input_size, dynamic_batch, images, batch_sizes, openvino=False)
 
 
-def export_openvino(model, xml_path, input_size=(256, 128), dynamic_batch=True, images=None,
-                    batch_sizes=DEFAULT_BATCH_SIZES):
+def export_openvino(
+    model, xml_path, input_size=(256, 128), dynamic_batch=True, images=None, batch_sizes=DEFAULT_BATCH_SIZES
+):
     """:func:`export_onnx`, then OpenVINO IR ``xml_path`` (+ ``.bin``), checked on OpenVINO's CPU plugin."""
     return _export_checked(model, xml_path, input_size, dynamic_batch, images, batch_sizes, openvino=True)

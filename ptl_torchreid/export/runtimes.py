@@ -77,10 +77,10 @@ def runner_for(path, threads=None):
     if osp.isdir(path):
         xml = [f for f in sorted(os.listdir(path)) if f.endswith(".xml")]
         if not xml:
-            raise FileNotFoundError("no OpenVINO .xml file in {}".format(path))
+            raise FileNotFoundError(f"no OpenVINO .xml file in {path}")
         path = osp.join(path, xml[0])
     if path.endswith(".onnx"):
         return OnnxRuntimeRunner(path, threads)
     if path.endswith(".xml"):
         return OpenVINORunner(path, threads)
-    raise ValueError("{}: expected an .onnx file, an OpenVINO .xml file or an *_openvino_model folder".format(path))
+    raise ValueError(f"{path}: expected an .onnx file, an OpenVINO .xml file or an *_openvino_model folder")

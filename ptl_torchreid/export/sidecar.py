@@ -28,7 +28,7 @@ def file_sha256(path, chunk=1 << 20):
 
 def model_stem(arch, dataset):
     """``<arch>_<dataset>``, the name trackers such as BoxMOT read the architecture from."""
-    return "{}_{}".format(arch, dataset) if dataset else str(arch)
+    return f"{arch}_{dataset}" if dataset else str(arch)
 
 
 def sidecar_path(model_path):

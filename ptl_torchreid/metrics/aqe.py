@@ -15,7 +15,7 @@ _BLOCK = 2048
 def alpha_query_expansion(qf, gf, k=5, alpha=3.0, times=1):
     """Expanded ``(qf, gf)`` (float32 tensors, unit length)."""
     if k < 1 or times < 1:
-        raise ValueError("alpha_query_expansion: k and times must be >= 1, got k={}, times={}".format(k, times))
+        raise ValueError(f"alpha_query_expansion: k and times must be >= 1, got k={k}, times={times}")
     feats = F.normalize(torch.cat([torch.as_tensor(qf), torch.as_tensor(gf)]).float(), p=2, dim=1)
     k = min(int(k), len(feats))
     for _ in range(times):

@@ -58,4 +58,4 @@ def _metric_distance(metric, gf):
     if metric == "cosine":
         gn = F.normalize(gf, p=2, dim=1)
         return lambda q, g: 1 - torch.mm(F.normalize(q, p=2, dim=1), gn.t())
-    raise ValueError("metric must be 'euclidean' or 'cosine', got {!r}".format(metric))
+    raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")

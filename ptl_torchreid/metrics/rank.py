@@ -130,12 +130,9 @@ def reduce_per_query(parts, labels, max_rank, return_minp=False):
         q_pids, g_pids = labels[0], labels[1]
         raise ValueError(
             "evaluate_rank: no query has a valid match: for every query, the gallery holds no image of the same "
-            "identity from a different camera (num_query={}, num_gallery={}, {} query ids, {} gallery ids, "
-            "{} shared). Check that q_pids/g_pids and q_camids/g_camids are aligned with the rows/columns of "
-            "distmat and that query and gallery share identities seen by other cameras.".format(
-                len(q_pids), len(g_pids), len(np.unique(q_pids)), len(np.unique(g_pids)),
-                len(np.intersect1d(q_pids, g_pids)),
-            )
+            f"identity from a different camera (num_query={len(q_pids)}, num_gallery={len(g_pids)}, {len(np.unique(q_pids))} query ids, {len(np.unique(g_pids))} gallery ids, "
+            f"{len(np.intersect1d(q_pids, g_pids))} shared). Check that q_pids/g_pids and q_camids/g_camids are aligned with the rows/columns of "
+            "distmat and that query and gallery share identities seen by other cameras."
         )
     cmc = cmc_rows.sum(0) / float(len(cmc_rows))
     if len(cmc) < max_rank:
@@ -162,13 +159,11 @@ def _to_numpy(x):
 def _as_distmat(distmat):
     d = _to_numpy(distmat)
     if d.ndim != 2:
-        raise ValueError(
-            "evaluate_rank: distmat must be 2-D (num_query, num_gallery), got shape {}".format(d.shape)
-        )
+        raise ValueError(f"evaluate_rank: distmat must be 2-D (num_query, num_gallery), got shape {d.shape}")
     if d.dtype.kind not in "fiub":
         raise ValueError(
-            "evaluate_rank: distmat must hold real numbers, got dtype {}; convert it with "
-            "distmat.astype(np.float32)".format(d.dtype)
+            f"evaluate_rank: distmat must hold real numbers, got dtype {d.dtype}; convert it with "
+            "distmat.astype(np.float32)"
         )
     if d.dtype.byteorder == ">" or (d.dtype.byteorder == "=" and not np.little_endian):
         d = d.astype(d.dtype.newbyteorder("="))
@@ -178,11 +173,9 @@ def _as_distmat(distmat):
 def _as_labels(x, name, expected_len, what):
     a = _to_numpy(x)
     if a.ndim != 1:
-        raise ValueError("evaluate_rank: {} must be 1-D, got shape {}".format(name, a.shape))
+        raise ValueError(f"evaluate_rank: {name} must be 1-D, got shape {a.shape}")
     if len(a) != expected_len:
-        raise ValueError(
-            "evaluate_rank: {} has {} entries but distmat has {} {}".format(name, len(a), expected_len, what)
-        )
+        raise ValueError(f"evaluate_rank: {name} has {len(a)} entries but distmat has {expected_len} {what}")
     if a.dtype.kind in "iub":
         return a
     if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
@@ -196,11 +189,11 @@ def _as_labels(x, name, expected_len, what):
 
 def effective_max_rank(max_rank, num_g):
     if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-        raise ValueError("evaluate_rank: max_rank must be a positive integer, got {!r}".format(max_rank))
+        raise ValueError(f"evaluate_rank: max_rank must be a positive integer, got {max_rank!r}")
     if num_g < max_rank:
         warnings.warn(
-            "evaluate_rank: the gallery has only {} entries, fewer than max_rank={}; the CMC is computed up to "
-            "rank {}".format(num_g, max_rank, num_g),
+            f"evaluate_rank: the gallery has only {num_g} entries, fewer than max_rank={max_rank}; the CMC is computed up to "
+            f"rank {num_g}",
             UserWarning,
             stacklevel=3,
         )
@@ -217,7 +210,7 @@ def _resolve_threads(num_threads, size):
         if size < _MIN_THREADED_SIZE:
             num_threads = 1
     if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 1:
-        raise ValueError("evaluate_rank: num_threads must be a positive integer, got {!r}".format(num_threads))
+        raise ValueError(f"evaluate_rank: num_threads must be a positive integer, got {num_threads!r}")
     return int(num_threads)
 
 
@@ -262,7 +255,7 @@ class _GalleryIndex:
         self.present = np.flatnonzero(self.counts)  # codes of the identities present in the gallery
 
     def members(self, code):
-        return self.order[self.starts[code]:self.starts[code + 1]]
+        return self.order[self.starts[code] : self.starts[code + 1]]
 
 
 class _OwnIdEntries:
@@ -303,10 +296,10 @@ def _count_or_sort_positions(distmat, gal, own, workers):
     by_code = counted[np.argsort(own.q_codes[counted], kind="stable")]
     bounds = np.flatnonzero(np.diff(own.q_codes[by_code])) + 1
     tasks = []
-    for rows in (np.split(by_code, bounds) if len(by_code) else []):
+    for rows in np.split(by_code, bounds) if len(by_code) else []:
         members = gal.members(own.q_codes[rows[0]])
         per_block = max(1, _BLOCK_ELEMS // (len(members) * num_g))
-        tasks.extend((rows[s:s + per_block], members) for s in range(0, len(rows), per_block))
+        tasks.extend((rows[s : s + per_block], members) for s in range(0, len(rows), per_block))
     local = threading.local()
 
     def count_batch(batch):
@@ -405,9 +398,7 @@ class _RankedMatches:
         self.rows, first, self.num_rel = np.unique(self.row_of_match, return_index=True, return_counts=True)
         self.first_kept_pos = self.pos_kept[first]
         self.match_rank = _cumsum_within(np.ones(len(self.pos_kept), dtype=np.int64), self.row_of_match)
-        self.num_kept_gallery = num_g - (own.offsets[self.rows + 1] - own.offsets[self.rows]) + own.num_kept[
-            self.rows
-        ]
+        self.num_kept_gallery = num_g - (own.offsets[self.rows + 1] - own.offsets[self.rows]) + own.num_kept[self.rows]
 
     def average_precisions(self):
         # torchreid: AP = sum_i(cumsum(matches)[i] / (i + 1) * matches[i]) / num_rel over the kept list, summed
@@ -477,7 +468,7 @@ def _cuhk03_positions_and_cmc(distmat, gal, own, max_rank, workers):
     chunk_rows = max(1, _CUHK03_CHUNK_ELEMS // max(num_g, n_ids * _CUHK03_REPEATS))
     cmc_rows = []
     for start in range(0, len(valid_rows), chunk_rows):
-        rows = valid_rows[start:start + chunk_rows]
+        rows = valid_rows[start : start + chunk_rows]
         parts = workers.split(rows, per_worker=1)
         grouped = []
         for part, (member_pos, grp) in zip(parts, workers.map(rank_rows, parts)):
@@ -511,9 +502,9 @@ def _cuhk03_sample(grouped, rows, own, compact, id_starts, id_counts, width):
     highs = np.take_along_axis(counts, draw_ids, axis=1)
     draws = np.random.randint(0, np.broadcast_to(highs[:, None, :], (c, _CUHK03_REPEATS, n_ids)))
 
-    sampled = np.take_along_axis(
-        grouped, (id_starts[draw_ids][:, None, :] + draws).reshape(c, -1), axis=1
-    ).reshape(c, _CUHK03_REPEATS, n_ids)
+    sampled = np.take_along_axis(grouped, (id_starts[draw_ids][:, None, :] + draws).reshape(c, -1), axis=1).reshape(
+        c, _CUHK03_REPEATS, n_ids
+    )
     q_slot = np.argmax(draw_ids == q_id[:, None], axis=1)
     q_draw = draws[np.arange(c), :, q_slot]
     q_sampled = np.take_along_axis(q_kept, q_draw, axis=1)

@@ -46,15 +46,14 @@ def rerank(qf, gf, k1=20, k2=6, lambda_value=0.3, metric="euclidean", *, progres
         numpy.ndarray: float32 distances of shape (num_query, num_gallery); smaller is closer.
     """
     if metric not in METRICS:
-        raise ValueError("rerank: metric must be one of {}, got {!r}".format(METRICS, metric))
+        raise ValueError(f"rerank: metric must be one of {METRICS}, got {metric!r}")
     if isinstance(k1, bool) or int(k1) != k1 or k1 < 1 or isinstance(k2, bool) or int(k2) != k2 or k2 < 1:
-        raise ValueError("rerank: k1 and k2 must be positive integers, got k1={!r}, k2={!r}".format(k1, k2))
+        raise ValueError(f"rerank: k1 and k2 must be positive integers, got k1={k1!r}, k2={k2!r}")
     if not 0.0 <= lambda_value <= 1.0:
-        raise ValueError("rerank: lambda_value must be in [0, 1], got {!r}".format(lambda_value))
+        raise ValueError(f"rerank: lambda_value must be in [0, 1], got {lambda_value!r}")
     qf, gf = _as_features(qf, "qf"), _as_features(gf, "gf")
     if qf.shape[1] != gf.shape[1]:
-        raise ValueError("rerank: qf and gf have different feature sizes ({} and {})".format(qf.shape[1],
-                                                                                               gf.shape[1]))
+        raise ValueError(f"rerank: qf and gf have different feature sizes ({qf.shape[1]} and {gf.shape[1]})")
     k1, k2 = int(k1), int(k2)
     feats = torch.cat([qf, gf]).contiguous()
     if metric == "cosine":
@@ -76,9 +75,9 @@ def _as_features(x, name):
     if not torch.is_tensor(x):
         x = torch.from_numpy(np.ascontiguousarray(x))
     if x.dim() != 2:
-        raise ValueError("rerank: {} must be 2-D (num_images, dim), got shape {}".format(name, tuple(x.shape)))
+        raise ValueError(f"rerank: {name} must be 2-D (num_images, dim), got shape {tuple(x.shape)}")
     if len(x) == 0:
-        raise ValueError("rerank: {} is empty".format(name))
+        raise ValueError(f"rerank: {name} is empty")
     return x.detach().to("cpu", torch.float32)
 
 

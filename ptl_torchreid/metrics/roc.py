@@ -83,7 +83,7 @@ def tpr_at_fpr(pos_sorted, neg_sorted, num_negatives, fprs=DEFAULT_FPRS, max_fpr
     out = {}
     for f in fprs:
         if f > max_fpr + 1e-12:
-            raise ValueError("TPR at FPR {} needs negatives up to that rate; only {} are kept".format(f, max_fpr))
+            raise ValueError(f"TPR at FPR {f} needs negatives up to that rate; only {max_fpr} are kept")
         k = int(math.floor(f * num_negatives))
         threshold = neg_sorted[k] if k < len(neg_sorted) else np.inf
         out[f] = float(np.searchsorted(pos_sorted, threshold, side="left") / len(pos_sorted)) if len(

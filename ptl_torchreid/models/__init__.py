@@ -43,7 +43,7 @@ def _make_factory(name, backbone_name):
     factory = functools.partial(_build_ptl, backbone_name)
     functools.update_wrapper(factory, _build_ptl)
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = "PTL model over torchreid's {} (see PTLNet).".format(backbone_name)
+    factory.__doc__ = f"PTL model over torchreid's {backbone_name} (see PTLNet)."
     factory.ptl_torchreid_factory = True  # marks our own entries, so re-registration is idempotent
     return factory
 
@@ -58,8 +58,10 @@ def register_models():
     for name, factory in _FACTORIES.items():
         existing = registry.get(name)
         if existing is not None and not getattr(existing, "ptl_torchreid_factory", False):
-            warnings.warn("torchreid already has a model named {!r} that is not from ptl_torchreid; it is kept and "
-                          "ptl_torchreid's is not registered under that name".format(name))
+            warnings.warn(
+                f"torchreid already has a model named {name!r} that is not from ptl_torchreid; it is kept and "
+                "ptl_torchreid's is not registered under that name"
+            )
             continue
         registry[name] = factory
 
@@ -85,14 +87,18 @@ def build_model(name, num_classes, loss="softmax", pretrained=False, **ptl_optio
     registry = _torchreid.model_factory()
     if name not in registry:
         close = difflib.get_close_matches(name, registry, n=3)
-        raise KeyError("unknown model name {!r}{}. Available: {}".format(
-            name, "; did you mean {}?".format(" or ".join(close)) if close else "", ", ".join(sorted(registry))))
+        raise KeyError(
+            "unknown model name {!r}{}. Available: {}".format(
+                name, "; did you mean {}?".format(" or ".join(close)) if close else "", ", ".join(sorted(registry))
+            )
+        )
     factory = registry[name]
     if getattr(factory, "ptl_torchreid_factory", False):
         return factory(num_classes=num_classes, loss=loss, pretrained=pretrained, **ptl_options)
     if ptl_options:
-        raise ValueError("{} is not a PTL model; PTL options {} do not apply to it".format(
-            name, ", ".join(sorted(ptl_options))))
+        raise ValueError(
+            "{} is not a PTL model; PTL options {} do not apply to it".format(name, ", ".join(sorted(ptl_options)))
+        )
     if pretrained and name in BACKBONES:  # same weights as torchreid, but fails fast when offline
         model = factory(num_classes=num_classes, loss=loss, pretrained=False)
         load_imagenet_weights(model, name)

@@ -65,10 +65,10 @@ def _download(url, dst, timeout):
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as e:
         raise PretrainedWeightsUnavailable(
-            "pretrained=True needs ImageNet weights, which are not cached at {} and cannot be downloaded from {} "
-            "({}). Either put the file there, or build with pretrained=False and load a local checkpoint with "
-            "model.load_weights (config key) / ptl_torchreid.models.load_pretrained_weights().".format(
-                dst, url, e)) from e
+            f"pretrained=True needs ImageNet weights, which are not cached at {dst} and cannot be downloaded from {url} "
+            f"({e}). Either put the file there, or build with pretrained=False and load a local checkpoint with "
+            "model.load_weights (config key) / ptl_torchreid.models.load_pretrained_weights()."
+        ) from e
     os.makedirs(osp.dirname(dst), exist_ok=True)
     if "drive.google" in host:
         import gdown  # torchreid hosts OSNet weights on Google Drive

@@ -45,8 +45,8 @@ def _check_momentum(momentum):
     valid = momentum is None or (isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
                                  and 0.0 < momentum <= 1.0)
     if not valid:
-        raise ValueError("momentum={!r} is not valid; use a value in (0, 1], or None for a cumulative "
-                         "average".format(momentum))
+        raise ValueError(f"momentum={momentum!r} is not valid; use a value in (0, 1], or None for a cumulative "
+                         "average")
 
 
 def check_state_options(state_mode, eval_state, momentum):
@@ -153,9 +153,7 @@ class BConvCell(nn.Module):
             self.momentum = momentum
 
     def extra_repr(self):
-        return "{}, {}, stride={}, state_size={}, state_mode={}, eval_state={}, momentum={}".format(
-            self.in_channels, self.out_channels, self.stride, self.state_size, self.state_mode, self.eval_state,
-            self.momentum)
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, state_size={self.state_size}, state_mode={self.state_mode}, eval_state={self.eval_state}, momentum={self.momentum}"
 
     # -- state management ---------------------------------------------------------------------------------------
     def reset_state(self):
@@ -186,9 +184,9 @@ class BConvCell(nn.Module):
     def _check_spatial(self, h, w):
         if (h, w) != self.state_size:
             raise ValueError(
-                "BConvCell state is {}x{} but this input gives {}x{}: the model was built for another input "
-                "size. Build it with input_size matching data.height/data.width.".format(
-                    self.state_size[0], self.state_size[1], h, w))
+                f"BConvCell state is {self.state_size[0]}x{self.state_size[1]} but this input gives {h}x{w}: the model was built for another input "
+                "size. Build it with input_size matching data.height/data.width."
+            )
 
     def _previous_state(self, batch_size, like):
         """C_{t-1} for a batch, detached, float32, broadcastable to [B, C, H, W]."""
@@ -217,7 +215,7 @@ class BConvCell(nn.Module):
         else:
             old = self.state
             if old is not None and old.shape[0] > cell.shape[0]:  # keep the slots this batch did not use
-                cell = torch.cat([cell, old[cell.shape[0]:].to(cell)], 0)
+                cell = torch.cat([cell, old[cell.shape[0] :].to(cell)], 0)
             self.state = cell
         self.num_batches_tracked += 1
         weight = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -228,7 +226,7 @@ class BConvCell(nn.Module):
         self._check_spatial(gates.shape[-2], gates.shape[-1])
         # State arithmetic in float32: under autocast the gates arrive in half precision.
         gates32 = gates.float()
-        prev = self._previous_state(x.shape[0], gates32[:, :self.out_channels])
+        prev = self._previous_state(x.shape[0], gates32[:, : self.out_channels])
         if not self.training:
             # Plain operations: the custom autograd function is opaque to TorchScript tracing (a PythonOp that
             # OpenVINO's PyTorch frontend and torch.jit consumers reject); the values are the same bits.
@@ -236,4 +234,3 @@ class BConvCell(nn.Module):
         out, cell = _CellUpdate.apply(gates32, prev)
         self._update_state(cell)
         return out.to(gates.dtype)
-

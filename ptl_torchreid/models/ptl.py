@@ -76,7 +76,7 @@ def split_stage3(taps):
     """The reference's tap: stage 3 read after its first block, the rest of stage 3 run with the last stage."""
     *head, stage3, last = [tuple(t) for t in taps]
     if len(stage3) != 1:
-        raise ValueError("stage3_tap='first_block' needs a stage-3 tap of one module, got {}".format(stage3))
+        raise ValueError(f"stage3_tap='first_block' needs a stage-3 tap of one module, got {stage3}")
     return (*head, (stage3[0] + "[:1]",), (stage3[0] + "[1:]",) + last)
 
 
@@ -109,9 +109,9 @@ class PTLNet(nn.Module):
                  feature_dim=None):
         super().__init__()
         if len(taps) != 5:
-            raise ValueError("PTLNet needs 5 taps (stem, stage1, stage2, stage3, last), got {}".format(len(taps)))
+            raise ValueError(f"PTLNet needs 5 taps (stem, stage1, stage2, stage3, last), got {len(taps)}")
         if loss not in ("softmax", "triplet"):
-            raise ValueError("loss={!r} is not supported; use 'softmax' or 'triplet'".format(loss))
+            raise ValueError(f"loss={loss!r} is not supported; use 'softmax' or 'triplet'")
         for name, value, choices in (("mode", mode, MODES), ("head", head, HEADS), ("side_pool", side_pool,
                                      SIDE_POOLS), ("cell_init", cell_init, CELL_INITS),
                                      ("cell_type", cell_type, CELL_TYPES), ("stage3_tap", stage3_tap, STAGE3_TAPS)):
@@ -154,14 +154,14 @@ class PTLNet(nn.Module):
         side_in = w["bconv2"]
         for k in range(1, depth + 1):
             fuse_in = channels[k - 1] + side_in
-            setattr(self, "fuse{}".format(k), FuseBlock(fuse_in, w["fuse{}".format(k)]))
-            cell_name = "bconv{}".format(k + 2)
-            module, size = make_cell(w["fuse{}".format(k)], w[cell_name], strides[k], size)
+            setattr(self, f"fuse{k}", FuseBlock(fuse_in, w[f"fuse{k}"]))
+            cell_name = f"bconv{k + 2}"
+            module, size = make_cell(w[f"fuse{k}"], w[cell_name], strides[k], size)
             setattr(self, cell_name, module)
             self._check_size(STAGES[k - 1], size, sizes[k])
             side_in = w[cell_name]
             if STAGES[k - 1] in self.rectify_stages:
-                setattr(self, "rectify{}".format(k), Rectifier(side_in, channels[k]))
+                setattr(self, f"rectify{k}", Rectifier(side_in, channels[k]))
         self._depth = depth
 
         if self.head == "concat":
@@ -204,16 +204,19 @@ class PTLNet(nn.Module):
         for prev, cur in zip(sizes[:-1], sizes[1:]):
             stride = prev[0] // cur[0]
             if stride < 1 or conv_output_size(prev[0], stride) != cur[0]:
-                raise ValueError("backbone taps {} -> {} are not a plain stride apart; input_size {} may not suit "
-                                 "this backbone; use an input size that is a multiple of 32".format(
-                                     prev, cur, self.input_size))
+                raise ValueError(
+                    f"backbone taps {prev} -> {cur} are not a plain stride apart; input_size {self.input_size} may not suit "
+                    "this backbone; use an input size that is a multiple of 32"
+                )
             strides.append(stride)
         return strides
 
     def _check_size(self, tap, side, backbone):
         if tuple(side) != tuple(backbone):
-            raise ValueError("side stream is {} at the {} tap but the backbone gives {} for input_size {}; use an "
-                             "input size that is a multiple of 32".format(side, tap, backbone, self.input_size))
+            raise ValueError(
+                f"side stream is {side} at the {tap} tap but the backbone gives {backbone} for input_size {self.input_size}; use an "
+                "input size that is a multiple of 32"
+            )
 
     def _init_side_stream(self, cell_init):
         for m in self.side_modules():
@@ -241,7 +244,7 @@ class PTLNet(nn.Module):
         old = prefix + "backbone."
         if not any(k.startswith(old) for k in state_dict):
             return state_dict
-        return type(state_dict)((prefix + k[len(old):] if k.startswith(old) else k, v) for k, v in state_dict.items())
+        return type(state_dict)((prefix + k[len(old) :] if k.startswith(old) else k, v) for k, v in state_dict.items())
 
     def _upgrade_hook(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         upgraded = self.upgrade_state_dict(state_dict, prefix)
@@ -249,22 +252,34 @@ class PTLNet(nn.Module):
             state_dict.clear()
             state_dict.update(upgraded)
         if strict and self.head != "concat" and prefix + "reduce.0.weight" in state_dict:
-            error_msgs.append("this checkpoint has the concat head of the reference PTL model (reduce.*); build the "
-                              "model with head='concat' (config: ptl.head concat) to load it")
+            error_msgs.append(
+                "this checkpoint has the concat head of the reference PTL model (reduce.*); build the "
+                "model with head='concat' (config: ptl.head concat) to load it"
+            )
 
     # -- PTL API ------------------------------------------------------------------------------------------------
     def build_options(self):
         """The ``build_model`` options (plain types) that rebuild this architecture with its current cell
         settings, e.g. for a pruned model's file."""
         cell = next(self.cells(), None)
-        options = dict(input_size=list(self.input_size), widths={k: int(v) for k, v in self.widths.items()},
-                       mode=self.mode, head=self.head or "residual", rectify_stages=list(self.rectify_stages or STAGES),
-                       side_pool=self.side_pool, cell_type=self.cell_type, stage3_tap=self.stage3_tap)
+        options = dict(
+            input_size=list(self.input_size),
+            widths={k: int(v) for k, v in self.widths.items()},
+            mode=self.mode,
+            head=self.head or "residual",
+            rectify_stages=list(self.rectify_stages or STAGES),
+            side_pool=self.side_pool,
+            cell_type=self.cell_type,
+            stage3_tap=self.stage3_tap,
+        )
         if self.head == "concat":
             options["feature_dim"] = int(self.feature_dim)
         if cell is not None:
-            options.update(state_mode=str(cell.state_mode), eval_state=str(cell.eval_state),
-                           momentum=None if cell.momentum is None else float(cell.momentum))
+            options.update(
+                state_mode=str(cell.state_mode),
+                eval_state=str(cell.eval_state),
+                momentum=None if cell.momentum is None else float(cell.momentum),
+            )
         return options
 
     def side_modules(self):
@@ -346,10 +361,10 @@ class PTLNet(nn.Module):
         x = self._run_tap(0, x)
         for k in range(1, 5):
             if k <= self._depth:
-                fuse = getattr(self, "fuse{}".format(k))
-                h = getattr(self, "bconv{}".format(k + 2))(fuse(h, x) if k == 1 else fuse(x, h))
+                fuse = getattr(self, f"fuse{k}")
+                h = getattr(self, f"bconv{k + 2}")(fuse(h, x) if k == 1 else fuse(x, h))
             x = self._run_tap(k, x)
-            rectifier = self._modules.get("rectify{}".format(k))
+            rectifier = self._modules.get(f"rectify{k}")
             if rectifier is not None:
                 x = rectifier(x, h)
         return x, h

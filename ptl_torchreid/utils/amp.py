@@ -49,8 +49,10 @@ def check_precision(device, precision):
     device_type = _device_type(device)
     if precision == "bf16" and device_type == "cuda" and torch.cuda.is_available() \
             and not torch.cuda.is_bf16_supported():
-        raise ValueError("precision 'bf16' is not supported by this GPU ({}); use 'fp16' (with loss scaling) "
-                         "or 'fp32'".format(torch.cuda.get_device_name()))
+        raise ValueError(
+            f"precision 'bf16' is not supported by this GPU ({torch.cuda.get_device_name()}); use 'fp16' (with loss scaling) "
+            "or 'fp32'"
+        )
     return precision
 
 

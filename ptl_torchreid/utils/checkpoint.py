@@ -57,7 +57,9 @@ __all__ = [
     "TRUST_OPT_IN",
 ]
 
-TRUST_OPT_IN = "--trust-checkpoint on the command line, trust=True in Python, or model.trust_checkpoint: True in the config"
+TRUST_OPT_IN = (
+    "--trust-checkpoint on the command line, trust=True in Python, or model.trust_checkpoint: True in the config"
+)
 
 # Temporary files carry this suffix so that stale ones (left by a killed process) can be recognised.
 TMP_SUFFIX = ".ptl-tmp"
@@ -140,8 +142,12 @@ def _first_lines(text, n=6):
     # torch's weights-only messages are long; keep the informative part (the WeightsUnpickler error).
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    keep = [ln.strip() for ln in lines if "Please file an issue" not in ln
-            and any(s in ln for s in ("GLOBAL", "Unsupported", "Trying to", "Can only", "reduce"))]
+    keep = [
+        ln.strip()
+        for ln in lines
+        if "Please file an issue" not in ln
+        and any(s in ln for s in ("GLOBAL", "Unsupported", "Trying to", "Can only", "reduce"))
+    ]
     return " | ".join((keep or lines)[:n])
 
 
@@ -237,8 +243,7 @@ def _atomic_write(path, write_fn):
     tmp = None
     try:
         os.makedirs(dirname, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dirname, prefix=".{}.{}.".format(osp.basename(path), owner_tag()),
-                                   suffix=TMP_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=dirname, prefix=f".{osp.basename(path)}.{owner_tag()}.", suffix=TMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), file_mode())
             write_fn(f)
@@ -273,15 +278,14 @@ def _runtime_write_cause(dirname, e):
         free = None
     detail = " ".join(str(e).split())
     if free is not None and free < _LOW_SPACE_BYTES:
-        return OSError(errno.ENOSPC, "{} ({} free; torch.save: {})".format(os.strerror(errno.ENOSPC),
-                                                                         _human_bytes(free), detail))
-    return OSError(None, "torch.save failed: {}".format(detail))
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({_human_bytes(free)} free; torch.save: {detail})")
+    return OSError(None, f"torch.save failed: {detail}")
 
 
 def _human_bytes(n):
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
-            return "{:.0f} {}".format(n, unit) if unit == "bytes" else "{:.1f} {}".format(n, unit)
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024.0
 
 
@@ -466,7 +470,7 @@ _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 
 def _strip_module(key):
     while key.startswith("module."):
-        key = key[len("module."):]
+        key = key[len("module.") :]
     return key
 
 
@@ -479,9 +483,7 @@ def extract_state_dict(checkpoint: Any) -> "OrderedDict[str, Any]":
     if isinstance(checkpoint, nn.Module):
         checkpoint = checkpoint.state_dict()
     if not isinstance(checkpoint, dict):
-        raise ValueError(
-            f"Expected a checkpoint dict or a state dict, got {type(checkpoint).__name__}."
-        )
+        raise ValueError(f"Expected a checkpoint dict or a state dict, got {type(checkpoint).__name__}.")
     sd = checkpoint
     for key in _STATE_DICT_KEYS:
         inner = checkpoint.get(key)
@@ -551,8 +553,11 @@ class LoadReport:
             if len(items) > limit:
                 lines.append(f"    ... and {len(items) - limit} more")
 
-        block("shape mismatch, checkpoint vs model", self.shape_mismatched,
-              lambda t: f"{t[0]}: {list(t[1]) if t[1] is not None else '?'} vs {list(t[2])}")
+        block(
+            "shape mismatch, checkpoint vs model",
+            self.shape_mismatched,
+            lambda t: f"{t[0]}: {list(t[1]) if t[1] is not None else '?'} vs {list(t[2])}",
+        )
         block("missing from the checkpoint (left as initialised)", self.missing)
         block("in the checkpoint but not in the model (ignored)", self.unexpected)
         return "\n".join(lines)
@@ -567,8 +572,14 @@ def _unwrap(model):
     return model
 
 
-def load_weights(model: nn.Module, path_or_checkpoint, mode: str = "strict", trust: bool = False,
-                 verbose: bool = True, map_location="cpu") -> LoadReport:
+def load_weights(
+    model: nn.Module,
+    path_or_checkpoint,
+    mode: str = "strict",
+    trust: bool = False,
+    verbose: bool = True,
+    map_location="cpu",
+) -> LoadReport:
     """Load weights from a checkpoint file (or an already loaded checkpoint/state dict) into ``model``.
 
     ``mode='strict'``: every model key must be present with the same shape and every checkpoint key must
@@ -728,6 +739,7 @@ class CheckpointManager:
             names = [n for n in os.listdir(self.save_dir) if self.is_periodic(n)]
         except OSError:
             return []
+
         def age(n):
             m = _EPOCH_RE.match(n) or _ITER_RE.match(n)
             try:
@@ -760,8 +772,14 @@ class CheckpointManager:
                     pass
 
     # -- API -----------------------------------------------------------------------------------------------
-    def save(self, state, epoch: Optional[int] = None, iteration: Optional[int] = None,
-             is_best: bool = False, require_finite: bool = True) -> str:
+    def save(
+        self,
+        state,
+        epoch: Optional[int] = None,
+        iteration: Optional[int] = None,
+        is_best: bool = False,
+        require_finite: bool = True,
+    ) -> str:
         """Write ``state``; return the path of the periodic checkpoint written.
 
         With ``require_finite`` (default), model weights holding NaN/inf raise
@@ -804,8 +822,7 @@ class CheckpointManager:
         data = self._read_pointer()
         if data is not None and data.get("history") != self._history:
             data["history"] = list(self._history)
-            data["files"] = {n: r for n, r in (data.get("files") or {}).items()
-                             if n in self._history or n == self.BEST}
+            data["files"] = {n: r for n, r in (data.get("files") or {}).items() if n in self._history or n == self.BEST}
             try:
                 _atomic_write_text(self.pointer_path, json.dumps(data, indent=1))
             except CheckpointWriteError as e:

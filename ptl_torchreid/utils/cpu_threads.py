@@ -88,7 +88,7 @@ def usable_cpus():
 def _cpu_times(cpu_ids):
     """``{cpu: (busy, total)}`` clock ticks from ``/proc/stat``; busy counts user, nice, system, irq, softirq
     and steal time (a hypervisor running another guest keeps the CPU from us too)."""
-    wanted = {"cpu{}".format(i): i for i in cpu_ids}
+    wanted = {f"cpu{i}": i for i in cpu_ids}
     out = {}
     with open("/proc/stat") as f:
         for line in f:
@@ -147,7 +147,7 @@ def choose_cpu_threads(setting="auto", environ=None, cpus=None, load=None):
     not given (the load only when ``'auto'`` needs it). Nothing is applied."""
     if not is_valid_setting(setting):
         raise ValueError("train.cpu_threads must be 'auto', a number of threads >= 1, or 0 (torch's own "
-                         "default), got {!r}".format(setting))
+                         f"default), got {setting!r}")
     environ = os.environ if environ is None else environ
     procs = local_processes(environ)
     measured_cpus = usable_cpus() if cpus is None else cpus
@@ -189,19 +189,19 @@ def openmp_waiting(environ=None):
         return policy + " (OMP_WAIT_POLICY)"
     for name in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
         if environ.get(name, "").strip():
-            return "{}={}".format(name, environ[name].strip())
+            return f"{name}={environ[name].strip()}"
     return "spinning (the OpenMP default; torch was imported before ptl_torchreid)"
 
 
 def describe_cpu_threads(choice, environ=None):
     """The log line: what was chosen, from what, and how to override it."""
     unit = "thread" if choice.threads == 1 else "threads"
-    facts = ["{} CPUs".format(choice.cpus) if choice.cpus != 1 else "1 CPU"]
+    facts = [f"{choice.cpus} CPUs" if choice.cpus != 1 else "1 CPU"]
     if choice.local_processes > 1:
         unit += " per process"
-        facts[0] += " shared by {} local processes".format(choice.local_processes)
+        facts[0] += f" shared by {choice.local_processes} local processes"
     if choice.load is not None:
-        facts.append("load {:.1f}".format(choice.load))
+        facts.append(f"load {choice.load:.1f}")
     via = {"auto": "train.cpu_threads auto", "torch default": "train.cpu_threads 0: torch's default"}.get(
         choice.source, choice.source if choice.source == "train.cpu_threads" else "from " + choice.source)
     return ("CPU: {} {} ({}; {}), OpenMP waiting {}. Override with train.cpu_threads N or OMP_NUM_THREADS=N; "

@@ -101,21 +101,24 @@ def init_distributed(backend=None, device=None, timeout=None):
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
         if dev.index >= torch.cuda.device_count():
-            raise RuntimeError("LOCAL_RANK={} asks for {} but only {} CUDA device(s) are visible: start at most that "
-                               "many processes per node (torchrun --nproc-per-node)".format(
-                                   local_rank, dev, torch.cuda.device_count()))
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} asks for {dev} but only {torch.cuda.device_count()} CUDA device(s) are visible: start at most that "
+                "many processes per node (torchrun --nproc-per-node)"
+            )
         torch.cuda.set_device(dev)
     if backend is None:
         backend = "nccl" if dev.type == "cuda" else "gloo"
     if backend == "nccl" and dev.type != "cuda":
-        raise ValueError("backend 'nccl' needs CUDA devices but the device is {}; use backend 'gloo' for CPU "
-                         "training".format(dev))
+        raise ValueError(
+            f"backend 'nccl' needs CUDA devices but the device is {dev}; use backend 'gloo' for CPU training"
+        )
 
     if not dist.is_initialized():
         kwargs = dict(backend=backend, init_method="env://", world_size=world_size, rank=rank)
         if timeout is not None:
-            kwargs["timeout"] = timeout if isinstance(timeout, datetime.timedelta) else \
-                datetime.timedelta(seconds=float(timeout))
+            kwargs["timeout"] = (
+                timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
+            )
         dist.init_process_group(**kwargs)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), dev)
 
@@ -223,8 +226,9 @@ def all_reduce_mean(value, weight=1.0):
     is_tensor = torch.is_tensor(value)
     t = value.detach().float().reshape(-1) if is_tensor else torch.tensor([float(value)], dtype=torch.float64)
     device = t.device if is_tensor else collective_device()
-    buf = torch.cat([t.to(device, torch.float64) * float(weight),
-                     torch.tensor([float(weight)], dtype=torch.float64, device=device)])
+    buf = torch.cat(
+        [t.to(device, torch.float64) * float(weight), torch.tensor([float(weight)], dtype=torch.float64, device=device)]
+    )
     dist.all_reduce(buf)
     mean = buf[:-1] / buf[-1]
     if is_tensor:
@@ -252,6 +256,7 @@ def broadcast_object(obj, src=0):
 
 
 # -- BConv-Cell states ------------------------------------------------------------------------------------------
+
 
 def _cells(model):
     return [m for m in unwrap(model).modules() if isinstance(m, BConvCell)]
@@ -293,8 +298,7 @@ def wrap_ddp(model, device=None, find_unused_parameters=False, **ddp_kwargs):
         broadcast_cell_states(model)
     if device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [device.index if device.index is not None else torch.cuda.current_device()])
-    return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters,
-                                                     **ddp_kwargs)
+    return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters, **ddp_kwargs)
 
 
 @torch.no_grad()
@@ -323,8 +327,11 @@ def broadcast_cell_states(model, src=0):
     device = cells[0].running_state.device
     has_state = torch.tensor([float(all(c.state is not None for c in cells))], device=device)
     dist.all_reduce(has_state, op=dist.ReduceOp.MIN)
-    shapes = torch.tensor([d for c in cells for d in (c.state.shape if c.state is not None else (0, 0, 0, 0))],
-                          dtype=torch.long, device=device)
+    shapes = torch.tensor(
+        [d for c in cells for d in (c.state.shape if c.state is not None else (0, 0, 0, 0))],
+        dtype=torch.long,
+        device=device,
+    )
     if has_state.item() > 0:
         # slot-mode states may differ in batch size between ranks: adopt rank src's shapes
         dist.broadcast(shapes, src)
@@ -362,14 +369,15 @@ def sync_cell_states(model, batch_size=None):
             tensors.append(c.state)
     weight = 1.0 if batch_size is None else float(batch_size)
     if weight <= 0:
-        raise ValueError("batch_size must be positive, got {}".format(batch_size))
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = cells[0].running_state.device
-    flat = torch.cat([t.reshape(-1).to(device, torch.float32) for t in tensors]
-                     + [torch.ones(1, device=device)]) * weight
+    flat = (
+        torch.cat([t.reshape(-1).to(device, torch.float32) for t in tensors] + [torch.ones(1, device=device)]) * weight
+    )
     dist.all_reduce(flat)
     flat = flat[:-1] / flat[-1]
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
+        t.copy_(flat[offset : offset + n].view_as(t))
         offset += n

@@ -80,9 +80,10 @@ def restore_rng_state(state):
         if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
             torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in cuda])
         else:
-            warnings.warn("the checkpoint holds the RNG states of {} CUDA device(s) but this process has {}; CUDA "
-                          "random streams (e.g. dropout on the GPU) will differ from the interrupted run".format(
-                              len(cuda), torch.cuda.device_count() if torch.cuda.is_available() else 0))
+            warnings.warn(
+                f"the checkpoint holds the RNG states of {len(cuda)} CUDA device(s) but this process has {torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA "
+                "random streams (e.g. dropout on the GPU) will differ from the interrupted run"
+            )
 
 
 class _SeededSamples(Dataset):
@@ -163,10 +164,16 @@ class EpochLoader:
         src = self.loader
         generator = torch.Generator()
         generator.manual_seed(derive_seed(self.seed, epoch, _rank(), _LOADER))
-        kwargs = dict(batch_sampler=_Batches(seeded[int(start):]), num_workers=src.num_workers,
-                      collate_fn=src.collate_fn, pin_memory=src.pin_memory, timeout=src.timeout,
-                      worker_init_fn=src.worker_init_fn, multiprocessing_context=src.multiprocessing_context,
-                      generator=generator)
+        kwargs = dict(
+            batch_sampler=_Batches(seeded[int(start) :]),
+            num_workers=src.num_workers,
+            collate_fn=src.collate_fn,
+            pin_memory=src.pin_memory,
+            timeout=src.timeout,
+            worker_init_fn=src.worker_init_fn,
+            multiprocessing_context=src.multiprocessing_context,
+            generator=generator,
+        )
         if src.num_workers > 0:
             kwargs["prefetch_factor"] = src.prefetch_factor
         return DataLoader(_SeededSamples(src.dataset), **kwargs)

@@ -64,7 +64,7 @@ def _start_time(pid):
     """Start time of process ``pid`` in clock ticks since boot (Linux), or None where unknown. Telling a live
     owner from a new process that reuses its pid."""
     try:
-        with open("/proc/{}/stat".format(int(pid)), "rb") as f:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
             stat = f.read().decode("ascii", "replace")
         return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
     except (OSError, ValueError, IndexError):
@@ -99,7 +99,7 @@ def process_alive(pid, host=None, start_time=None):
 
 def owner_tag():
     """``pid<pid>@<host>``: put into temporary file names so that a cleanup can tell whose they are."""
-    return "pid{}@{}".format(os.getpid(), _host())
+    return f"pid{os.getpid()}@{_host()}"
 
 
 _OWNER_RE = re.compile(r"\.pid(\d+)@(.+?)\.[^.]*$")
@@ -153,10 +153,9 @@ class SaveDirLock:
                 "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": self.command}
 
     def _unusable(self, e):
-        hint = ("free disk space or choose another {}".format(self.what) if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "make it writable or choose another {}".format(self.what))
-        return SaveDirError(e.errno, "{} '{}' cannot be written: {} [errno {}]; {}.".format(
-            self.what, self.save_dir, e.strerror or e, e.errno, hint))
+        hint = (f"free disk space or choose another {self.what}" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else f"make it writable or choose another {self.what}")
+        return SaveDirError(e.errno, f"{self.what} '{self.save_dir}' cannot be written: {e.strerror or e} [errno {e.errno}]; {hint}.")
 
     def _create(self):
         """Write the lock file if none exists; False when one does."""
@@ -197,12 +196,23 @@ class SaveDirLock:
             owner = self.owner() or {}
             alive = process_alive(owner.get("pid"), owner.get("host"), owner.get("start_time"))
             if alive is not False:
-                how = ("is in use by a running training run" if alive else
-                       "is locked by a run on another host, which cannot be checked from here")
-                raise SaveDirBusyError(errno.EBUSY, "{} '{}' {} ({}). Two runs in one folder overwrite each other's "
-                                       "checkpoints: wait for it to finish, or choose another {}{}.".format(
-                                           self.what, self.save_dir, how, _describe(owner), self.what,
-                                           "" if alive else "; if that run is gone, delete " + self.path))
+                how = (
+                    "is in use by a running training run"
+                    if alive
+                    else "is locked by a run on another host, which cannot be checked from here"
+                )
+                raise SaveDirBusyError(
+                    errno.EBUSY,
+                    "{} '{}' {} ({}). Two runs in one folder overwrite each other's "
+                    "checkpoints: wait for it to finish, or choose another {}{}.".format(
+                        self.what,
+                        self.save_dir,
+                        how,
+                        _describe(owner),
+                        self.what,
+                        "" if alive else "; if that run is gone, delete " + self.path,
+                    ),
+                )
             # The owner is gone: take its lock over. Remove-then-create keeps O_EXCL's guarantee when two runs
             # find the same stale lock: only one of them creates the new file.
             try:
@@ -210,12 +220,15 @@ class SaveDirLock:
             except FileNotFoundError:
                 pass
             if not self._create():
-                raise SaveDirBusyError(errno.EBUSY, "{} '{}' was just taken by another run ({}); choose another "
-                                       "{}.".format(self.what, self.save_dir, _describe(self.owner() or {}),
-                                                    self.what))
+                raise SaveDirBusyError(
+                    errno.EBUSY,
+                    f"{self.what} '{self.save_dir}' was just taken by another run ({_describe(self.owner() or {})}); choose another "
+                    f"{self.what}.",
+                )
             self.held, self.took_over = True, owner
-            print("Note: took over the lock of {} '{}' from a run that is no longer running ({}).".format(
-                self.what, self.save_dir, _describe(owner)))
+            print(
+                f"Note: took over the lock of {self.what} '{self.save_dir}' from a run that is no longer running ({_describe(owner)})."
+            )
             return self
         except SaveDirError:
             raise
