@@ -25,9 +25,10 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 import torch  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import cli  # noqa: E402
 from ptl_torchreid.compress import count_flops, prune_cop  # noqa: E402
 from ptl_torchreid.config import load_config  # noqa: E402

@@ -29,6 +29,8 @@ import time
 _TOOLS = osp.dirname(osp.abspath(__file__))
 sys.path.insert(0, osp.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 
 import bench_measure as bm  # noqa: E402
 import bench_report as br  # noqa: E402
@@ -36,7 +38,6 @@ import benchmark as bench  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.config import engine_run_kwargs  # noqa: E402
 
 REPO = osp.dirname(_TOOLS)
