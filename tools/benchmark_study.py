@@ -138,7 +138,8 @@ def run_study(args):
     for i, seed in enumerate(args.seeds):
         elapsed = (time.perf_counter() - t_start) / 60
         if seeds_done and args.budget_minutes and elapsed + elapsed / len(seeds_done) > args.budget_minutes:
-            print(f"stopping before seed {seed}: {elapsed:.0f} of {args.budget_minutes:.0f} budget minutes used", flush=True)
+            print(f"stopping before seed {seed}: {elapsed:.0f} of {args.budget_minutes:.0f} budget minutes used",
+                  flush=True)
             break
         order = specs if i % 2 == 0 else specs[::-1]
         for spec in order:
