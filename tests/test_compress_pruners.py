@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import ptl_torchreid  # noqa: F401  (registers the ptl_* models)
 from ptl_torchreid.compress import (
+    KeepChannels,
     LayerPruner,
     UnsupportedLayerError,
     apply_channel_config,
@@ -152,6 +153,29 @@ def test_registered_pruner_prunes_a_custom_layer_end_to_end():
     assert mix_pruner.calls["apply_channel_config"] == 1
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(fresh.eval()(x), pruned.eval()(x))
+
+
+def test_a_type_registered_to_keep_its_channels_is_pruned_around():
+    Mix, _, _, _, _ = _custom_types()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.mix = Mix(8, 8)
+            self.b = nn.Conv2d(8, 8, 1)
+            self.c = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.c(F.relu(self.b(self.mix(F.relu(self.a(x))))))
+
+    register_layer_pruner(Mix, KeepChannels("{name} is kept whole", "{name}: a {type} keeps its channels"))
+    graph = build_graph(Net(), input_size=(8, 8))
+    assert graph.notes == ["mix: a Mix keeps its channels"]
+    assert graph.group_of("a").frozen == "mix is kept whole" and graph.group_of("b").prunable
+    pruned = prune_cop(Net(), prune_rate=0.3, input_size=(8, 8), criterion="cop")
+    assert pruned.mix.weight.shape == (8, 8) and pruned.a.out_channels == 8 and pruned.b.out_channels < 8
+    assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 4, 8, 8)
 
 
 def test_register_layer_pruner_checks_its_arguments():
