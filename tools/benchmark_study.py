@@ -154,7 +154,7 @@ def run_study(args):
             run.pop("results")
             run["iter_median"] = bm.median(run.pop("iter_times")[1:])
             if spec.label not in runs or not runs[spec.label]:
-                run["flops"] = bm.count_flops(engine.net, cfg.data.height, cfg.data.width)
+                run["flops"] = bm.train_and_inference_flops(engine.net, cfg.data.height, cfg.data.width)
                 run["params"] = bm.count_params(engine.net)
             runs[spec.label].append(run)
             print(
