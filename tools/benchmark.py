@@ -45,18 +45,17 @@ import subprocess
 import sys
 import time
 
-_TOOLS = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, osp.dirname(_TOOLS))
-sys.path.insert(0, _TOOLS)
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
-import bench_measure as bm  # noqa: E402
-import bench_report as br  # noqa: E402
-import torch  # noqa: E402
+# isort: split
+import torch
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-from ptl_torchreid import _torchreid  # noqa: E402
-from ptl_torchreid.cli import build_datamanager, build_engine, check_paths  # noqa: E402
-from ptl_torchreid.config import (  # noqa: E402
+from ptl_torchreid import _torchreid
+from ptl_torchreid.benchmarking import measure as bm
+from ptl_torchreid.benchmarking import report as br
+from ptl_torchreid.benchmarking.spec import ModelSpec, parse_spec
+from ptl_torchreid.cli import build_datamanager, build_engine, check_paths
+from ptl_torchreid.config import (
     ConfigError,
     engine_run_kwargs,
     is_ptl_model_name,
@@ -67,6 +66,7 @@ from ptl_torchreid.config import (  # noqa: E402
 
 torchreid = _torchreid.torchreid
 
+_TOOLS = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(_TOOLS)
 SYNTHETIC_FINETUNE_CONFIG = osp.join(REPO, "configs", "osnet_x0_25_synthetic_source_to_target.yaml")
 SYNTHETIC_PRETRAIN_CONFIG = osp.join(REPO, "configs", "osnet_x0_25_synthetic_source.yaml")
@@ -75,36 +75,6 @@ SYNTHETIC_PRETRAIN_CONFIG = osp.join(REPO, "configs", "osnet_x0_25_synthetic_sou
 # ---------------------------------------------------------------------------------------------------------
 # What is compared
 # ---------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ModelSpec:
-    """One column of the comparison.
-
-    ``label``: column name; ``name``: ``model.name``; ``opts``: extra ``KEY VALUE`` config overrides (strings);
-    ``builder``: optional ``'module:function'`` with signature ``(cfg, num_classes) -> model`` used instead of
-    the CLI's ``build_model`` (a pruned model, for instance); it is imported by name, so the memory probe's
-    subprocess can build the same model; ``extra_evals``: ``{label: cell options}`` -- after training, the same
-    weights are evaluated again with these cell options (``eval_state`` only affects evaluation, so this equals
-    training a model with that setting); ``group``: ``'main'`` (full cost measurements) or ``'ablation'``.
-    """
-
-    label: str
-    name: str
-    opts: tuple = ()
-    builder: str = ""
-    extra_evals: dict = dataclasses.field(default_factory=dict)
-    group: str = "main"
-    note: str = ""
-
-    def to_json(self):
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text):
-        d = json.loads(text)
-        d["opts"] = tuple(d.get("opts", ()))
-        return cls(**d)
-
 
 def main_specs(baseline, ptl, extra=()):
     """The compared models: the baseline first (ratios are to it), then PTL, then any extra specs."""
@@ -443,7 +413,7 @@ def compare(args):
         base.model.name if not is_ptl_model_name(base.model.name) else base.model.name[len("ptl_") :]
     )
     ptl = args.ptl or "ptl_" + baseline
-    specs = main_specs(baseline, ptl, [_parse_spec(s) for s in args.spec or []])
+    specs = main_specs(baseline, ptl, [parse_spec(s) for s in args.spec or []])
     if args.ablation:
         specs += ablation_specs(ptl, args.ablation_reset_iters, args.ablation_freeze_epochs)
 
@@ -502,20 +472,6 @@ def compare(args):
     return 0
 
 
-def _parse_spec(text):
-    """``LABEL=MODEL[@module:function][,KEY=VALUE...]`` -> ModelSpec (an extra column, e.g. a pruned model)."""
-    head, *pairs = text.split(",")
-    if "=" not in head:
-        raise SystemExit(f"--spec {text!r}: expected LABEL=MODEL[@module:function][,KEY=VALUE...]")
-    label, model = head.split("=", 1)
-    model, _, builder = model.partition("@")
-    opts = []
-    for p in pairs:
-        k, _, v = p.partition("=")
-        opts += [k, v]
-    return ModelSpec(label, model, tuple(opts), builder=builder)
-
-
 def measure_costs(args, specs, engines):
     """FLOPs, parameters, embedding throughput (interleaved) and peak training memory of each main spec."""
     costs = {}
@@ -524,7 +480,7 @@ def measure_costs(args, specs, engines):
         engine, cfg = engines[spec.label]
         net = engine.net
         h, w = cfg.data.height, cfg.data.width
-        flops = bm.count_flops(net, h, w, device=engine.device)
+        flops = bm.count_model_flops(net, h, w, device=engine.device)
         costs[spec.label] = {"flops": flops, "params": bm.count_params(net), "height": h, "width": w}
         x = torch.randn(cfg.test.batch_size, 3, h, w, device=engine.device)
         tasks[spec.label] = _embed_task(engine, x)
@@ -851,7 +807,7 @@ def speed(args):
         train_tasks[spec.label] = _train_step_task(engine, batch)
         infer_tasks[spec.label] = _embed_task(engine, batch["img"].to(engine.device))
         info[spec.label] = {
-            "flops": bm.count_flops(engine.net, args.height, args.width, device=engine.device),
+            "flops": bm.count_model_flops(engine.net, args.height, args.width, device=engine.device),
             "params": bm.count_params(engine.net),
         }
     print(f"machine: {bm.machine_description(engines[names[0]][0].device)}; load average {load_start:.1f}", flush=True)

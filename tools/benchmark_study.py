@@ -26,20 +26,19 @@ import statistics
 import sys
 import time
 
-_TOOLS = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, osp.dirname(_TOOLS))
-sys.path.insert(0, _TOOLS)
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
-import bench_measure as bm  # noqa: E402
-import bench_report as br  # noqa: E402
-import benchmark as bench  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
+# isort: split
+import benchmark as bench  # the comparison script beside this one
+import torch
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-from ptl_torchreid.config import engine_run_kwargs  # noqa: E402
+from ptl_torchreid.benchmarking import measure as bm
+from ptl_torchreid.benchmarking import report as br
+from ptl_torchreid.benchmarking.report import fmt_paired, paired
+from ptl_torchreid.benchmarking.spec import ModelSpec
+from ptl_torchreid.config import engine_run_kwargs
 
-REPO = osp.dirname(_TOOLS)
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STATELESS = ("ptl.reset_policy", "iter", "ptl.reset_every_n_iters", "1", "ptl.eval_state", "zero")
 
 # label -> (PTL model?, config overrides, what it tests). 'plain' is the torchreid baseline.
@@ -73,32 +72,16 @@ DEFAULT_SETS = ["data.synthetic.num_train_ids=160", "data.synthetic.num_test_ids
 DEFAULT_PRETRAIN_SETS = ["data.height=64", "data.width=32"]
 
 
-def paired(values, reference):
-    """Per-seed differences (points) with mean, sample std and a 95% t-interval; None for fewer than 2 seeds."""
-    diffs = [100 * (a - b) for a, b in zip(values, reference)]
-    if len(diffs) < 2:
-        return None
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return {"diffs": diffs, "mean": mean, "std": sd, "ci": (mean - half, mean + half)}
-
-
-def fmt_paired(p):
-    if p is None:
-        return "-"
-    return "{:+.1f} [{:+.1f}, {:+.1f}]".format(p["mean"], *p["ci"])
-
-
 def spec_of(label, baseline):
     is_ptl, opts, note = VARIANTS[label]
     # Final evaluation only; the cost of intermediate evaluations would differ between variants.
-    return bench.ModelSpec(label, "ptl_" + baseline if is_ptl else baseline, tuple(opts) + ("test.eval_freq", "-1"),
-                           note=note)
+    return ModelSpec(label, "ptl_" + baseline if is_ptl else baseline, tuple(opts) + ("test.eval_freq", "-1"),
+                     note=note)
 
 
 def fix_budget(base, min_steps):
     """Epochs so that every variant gets at least ``min_steps`` steps (LR steps scaled with them)."""
-    engine = bench.spec_engine(base, bench.ModelSpec("probe", base.model.name))
+    engine = bench.spec_engine(base, ModelSpec("probe", base.model.name))
     per_epoch = len(engine.train_loader)
     epochs = max(1, math.ceil(min_steps / per_epoch))
     bench._set_epochs(base, epochs)
@@ -152,7 +135,7 @@ def run_study(args):
             run.pop("results")
             run["iter_median"] = bm.median(run.pop("iter_times")[1:])
             if spec.label not in runs or not runs[spec.label]:
-                run["flops"] = bm.count_flops(engine.net, cfg.data.height, cfg.data.width)
+                run["flops"] = bm.count_model_flops(engine.net, cfg.data.height, cfg.data.width)
                 run["params"] = bm.count_params(engine.net)
             runs[spec.label].append(run)
             print(
@@ -300,7 +283,7 @@ def study_markdown(report):
 
 
 def plot_study(report, path):
-    plt = br._pyplot()
+    plt = br.pyplot()
     runs = report["runs"]
     labels = [v for v in report["variants"] if v != "plain" and runs.get(v)]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.4))
@@ -321,7 +304,7 @@ def plot_study(report, path):
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return br._save(fig, path)
+    return br.save_figure(fig, path)
 
 
 def parse_args(argv=None):
