@@ -2,6 +2,7 @@
 import json
 import os
 import os.path as osp
+import shutil
 import warnings
 from collections import defaultdict
 
@@ -369,3 +370,15 @@ def test_png_format_and_contact_sheet(tmp_path):
     assert names and all(n.endswith(".png") for n in names)
     sheet = data.make_contact_sheet(path, num_ids=3, scale=1)
     assert sheet.dtype == np.uint8 and sheet.shape[1] == TINY["num_cameras"] * (32 + 4) + 4
+
+
+def test_split_reading_and_the_checker_agree_on_what_an_image_is(tmp_path):
+    path, _ = generate(tmp_path)
+    train = osp.join(path, synthetic.SPLIT_DIRS["train"])
+    shutil.copy(osp.join(train, sorted(os.listdir(train))[0]), osp.join(train, "0999_c1s1_000001_01.JPEG"))
+    (tmp_path / "ds" / synthetic.SPLIT_DIRS["train"] / "notes.txt").write_text("not an image")
+    (tmp_path / "ds" / synthetic.SPLIT_DIRS["train"] / ".0998_c1s1_000001_01.jpg").write_text("hidden")
+    names = {osp.basename(p) for p, _, _ in data.read_split(train)}
+    report = data.check_dataset_root(path, pattern="market-style", num_workers=1).splits["train"]
+    assert "0999_c1s1_000001_01.JPEG" in names and not any(n.startswith(".") for n in names)
+    assert report.num_images == len(names) and report.num_ignored == 1
