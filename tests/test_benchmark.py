@@ -1,20 +1,16 @@
 """tools/benchmark.py: end to end on a tiny config (tables and plots written), and its measuring helpers."""
-import importlib
 import json
 import mmap
 import os.path as osp
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
+from tiny import run_tool
 
-TOOLS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "tools")
-sys.path.insert(0, TOOLS)
-
-benchmark = importlib.import_module("benchmark")
-bm = importlib.import_module("bench_measure")
-br = importlib.import_module("bench_report")
+from ptl_torchreid.benchmarking import measure as bm
+from ptl_torchreid.benchmarking import report as br
+from ptl_torchreid.benchmarking.spec import ModelSpec, parse_spec
 
 TINY = ["data.synthetic.num_train_ids", "8", "data.synthetic.num_test_ids", "6", "data.synthetic.num_cameras", "2",
         "data.synthetic.images_per_id_per_camera", "2", "data.height", "64", "data.width", "32",
@@ -40,9 +36,16 @@ def _argv(shared, tmp_path, *extra):
             "--plots", str(tmp_path / "plots" / "bench")] + list(extra) + TINY
 
 
+def _benchmark(argv):
+    """Runs tools/benchmark.py with ``argv``; returns (exit status, stdout)."""
+    proc = run_tool("benchmark.py", *argv)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    return proc.returncode, proc.stdout
+
+
 def test_compare_end_to_end_tiny(shared, tmp_path):
     argv = _argv(shared, tmp_path, "--spec", "rebuilt=osnet_x0_25@ptl_torchreid.cli:build_model")
-    assert benchmark.main(argv) == 0
+    assert _benchmark(argv)[0] == 0
 
     text = (tmp_path / "bench.md").read_text()
     assert text.startswith("Command: `python tools/benchmark.py")
@@ -79,10 +82,11 @@ def test_compare_end_to_end_tiny(shared, tmp_path):
     assert "into the PTL backbone" in open(report["runs"]["PTL"][0]["log"]).read()
 
 
-def test_ablation_end_to_end_tiny_reuses_pretraining(shared, tmp_path, capsys):
+def test_ablation_end_to_end_tiny_reuses_pretraining(shared, tmp_path):
     argv = _argv(shared, tmp_path, "--ablation", "--no-memory")
-    assert benchmark.main(argv) == 0
-    assert "pretraining: reusing" in capsys.readouterr().out
+    rc, out = _benchmark(argv)
+    assert rc == 0
+    assert "pretraining: reusing" in out
     text = (tmp_path / "bench.md").read_text()
     assert "### PTL ablation" in text
     for variant in ("state_mode slot", "eval_state zero", "reset never", "reset iter 4", "freeze backbone 3 ep",
@@ -98,7 +102,7 @@ def test_speed_mode_tiny(tmp_path):
     argv = ["--speed", "--models", "osnet_x0_25", "ptl_osnet_x0_25", "--batch-size", "4", "--height", "64",
             "--width", "32", "--rounds", "1", "--threads", "1", "--work-dir", str(tmp_path / "work"),
             "--out", str(out)]
-    rc = benchmark.main(argv)
+    rc, _ = _benchmark(argv)
     assert rc in (0, 1)  # 1: a target missed, which a tiny noisy run may well do
     text = out.read_text()
     for row in ("training step (s, median)", "embedding images/s", "GFLOPs / image, training step",
@@ -107,7 +111,7 @@ def test_speed_mode_tiny(tmp_path):
         assert row in text, row
 
 
-def test_train_and_inference_flops_of_a_conv_match_the_arithmetic():
+def test_train_and_inference_flops_of_a_conv_matches_the_arithmetic():
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
     flops = bm.train_and_inference_flops(conv, 16, 8)
     macs = 3 * 8 * 9 * 16 * 8
@@ -116,7 +120,7 @@ def test_train_and_inference_flops_of_a_conv_match_the_arithmetic():
     assert flops["train"] == 2 * (2 * macs)
 
 
-def test_train_and_inference_flops_leave_the_model_untouched():
+def test_train_and_inference_flops_leaves_the_model_untouched():
     from ptl_torchreid.models import build_model
 
     model = build_model("ptl_osnet_x0_25", 4, input_size=(64, 32))
@@ -151,12 +155,12 @@ def test_peak_rss_sees_a_temporary_allocation():
 
 
 def test_model_spec_round_trip_and_parsing():
-    spec = benchmark._parse_spec("pruned=ptl_resnet50@ptl_torchreid.cli:build_model,ptl.lr_mult=10")
+    spec = parse_spec("pruned=ptl_resnet50@ptl_torchreid.cli:build_model,ptl.lr_mult=10")
     assert (spec.label, spec.name, spec.builder, spec.opts) == (
         "pruned", "ptl_resnet50", "ptl_torchreid.cli:build_model", ("ptl.lr_mult", "10"))
-    assert benchmark.ModelSpec.from_json(spec.to_json()) == spec
+    assert ModelSpec.from_json(spec.to_json()) == spec
     with pytest.raises(SystemExit):
-        benchmark._parse_spec("no-model-name")
+        parse_spec("no-model-name")
 
 
 def test_mean_std_and_formatting():

@@ -1,26 +1,22 @@
 """tools/benchmark_study.py: paired intervals by hand, and a tiny study split over two runs and merged."""
-import importlib
 import json
 import os.path as osp
-import sys
 
 import pytest
 from scipy import stats
+from tiny import run_tool
 
-TOOLS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "tools")
-sys.path.insert(0, TOOLS)
-
-study = importlib.import_module("benchmark_study")
+from ptl_torchreid.benchmarking.report import paired
 
 
 def test_paired_difference_and_t_interval_by_hand():
-    p = study.paired([0.50, 0.52, 0.49], [0.48, 0.49, 0.49])
+    p = paired([0.50, 0.52, 0.49], [0.48, 0.49, 0.49])
     assert p["diffs"] == pytest.approx([2.0, 3.0, 0.0])
     sd = (((2 - 5 / 3) ** 2 + (3 - 5 / 3) ** 2 + (0 - 5 / 3) ** 2) / 2) ** 0.5
     half = stats.t.ppf(0.975, 2) * sd / 3 ** 0.5
     assert p["mean"] == pytest.approx(5 / 3) and p["std"] == pytest.approx(sd)
     assert p["ci"] == pytest.approx((5 / 3 - half, 5 / 3 + half))
-    assert study.paired([0.5], [0.4]) is None  # one seed gives no interval
+    assert paired([0.5], [0.4]) is None  # one seed gives no interval
 
 
 @pytest.mark.slow
@@ -32,14 +28,16 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
               "data.synthetic.num_cameras", "2", "data.synthetic.images_per_id_per_camera", "2",
               "train.batch_size", "8", "sampler.num_instances", "2", "test.batch_size", "32"]
     for seed in ("1", "2"):
-        assert study.main(["--seeds", seed, "--json", str(tmp_path / f"s{seed}.json")] + common) == 0
+        proc = run_tool("benchmark_study.py", "--seeds", seed, "--json", tmp_path / f"s{seed}.json", *common)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.load(open(tmp_path / "s1.json"))
     assert one["steps_per_variant"] >= 2 and one["seeds"] == [1]
     # zero-initialised paths: before fine-tuning every variant is the plain model
     assert one["epoch0"]["branch"] == one["epoch0"]["rectify"] == one["epoch0"]["plain"]
-    assert study.main(["--merge", str(tmp_path / "s1.json"), str(tmp_path / "s2.json"), "--out",
-                       str(tmp_path / "m.md"), "--plots", str(tmp_path / "m")]) == 0
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s2.json", "--out",
+                    tmp_path / "m.md", "--plots", tmp_path / "m")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     text = open(tmp_path / "m.md").read()
     assert "Seeds 1, 2" in text and "95% CI" in text and osp.getsize(tmp_path / "m_delta.png") > 1000
-    with pytest.raises(SystemExit, match="seeds"):
-        study.merge_reports([str(tmp_path / "s1.json"), str(tmp_path / "s1.json")])
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s1.json")
+    assert proc.returncode != 0 and "seeds [1] are in" in proc.stderr

@@ -81,7 +81,7 @@ def test_config_file_text_fuzz(text):
 override_values = st.one_of(
     st.text(max_size=30),
     values.map(repr),
-    st.builds(lambda k, v: "{%r: %r}" % (k, v), values, values),  # Python literals with any key
+    st.builds(lambda k, v: f"{{{k!r}: {v!r}}}", values, values),  # Python literals with any key
     st.sampled_from(["[", "{[1]: 2}", "(" * 300 + ")" * 300, "1e999", "-1", "0", "None", "True", "'x'",
                      "[1, 'a']", "{}", "()", "1+2j", "b'x'", "--config-file"]),
 )

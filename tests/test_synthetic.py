@@ -2,6 +2,7 @@
 import json
 import os
 import os.path as osp
+import shutil
 import warnings
 from collections import defaultdict
 
@@ -12,6 +13,7 @@ import pytest
 import ptl_torchreid.data as data
 from ptl_torchreid._torchreid import torchreid
 from ptl_torchreid.data import synthetic
+from ptl_torchreid.data.synthetic import generate as generation
 
 TINY = dict(num_train_ids=6, num_test_ids=5, num_cameras=3, images_per_id_per_camera=2, height=64, width=32,
             num_distractor_ids=2)
@@ -38,6 +40,12 @@ def files(path):
 
 def splits(path):
     return {s: data.read_split(osp.join(path, d)) for s, d in synthetic.SPLIT_DIRS.items()}
+
+
+def labels(s):
+    """Query pids, gallery pids, query cameras, gallery cameras of ``splits()``'s result, as arrays."""
+    return (np.array([p for _, p, _ in s["query"]]), np.array([p for _, p, _ in s["gallery"]]),
+            np.array([c for _, _, c in s["query"]]), np.array([c for _, _, c in s["gallery"]]))
 
 
 @pytest.fixture
@@ -109,8 +117,7 @@ def test_market1501_protocol(tmp_path, k):
     assert cams_all <= set(range(params.num_cameras))
     assert manifest["counts"] == {k_: len(v) for k_, v in s.items()}
     # torchreid's own Market-1501 evaluation accepts it: a perfect distance gives rank-1 = 1
-    qp = np.array([p for _, p, _ in s["query"]]); gp = np.array([p for _, p, _ in s["gallery"]])
-    qc = np.array([c for _, _, c in s["query"]]); gc = np.array([c for _, _, c in s["gallery"]])
+    qp, gp, qc, gc = labels(s)
     dist = (qp[:, None] != gp[None]).astype(np.float32)
     cmc, mAP = torchreid.metrics.evaluate_rank(dist, qp, gp, qc, gc, max_rank=1, use_cython=False)
     assert cmc[0] == 1.0 and mAP == 1.0
@@ -179,8 +186,7 @@ def test_histogram_baseline_is_above_chance_but_far_from_perfect(tmp_path):
     fq = np.array([feat(p) for p, _, _ in s["query"]])
     fg = np.array([feat(p) for p, _, _ in s["gallery"]])
     dist = ((fq[:, None] - fg[None]) ** 2).sum(-1)
-    qp = np.array([p for _, p, _ in s["query"]]); gp = np.array([p for _, p, _ in s["gallery"]])
-    qc = np.array([c for _, _, c in s["query"]]); gc = np.array([c for _, _, c in s["gallery"]])
+    qp, gp, qc, gc = labels(s)
     cmc, _ = torchreid.metrics.evaluate_rank(dist, qp, gp, qc, gc, max_rank=1, use_cython=False)
     chance = 1.0 / params.num_test_ids
     assert 4 * chance < cmc[0] < 0.8, cmc[0]
@@ -323,7 +329,7 @@ def test_foreign_folder_is_never_touched(tmp_path):
 
 def test_crash_mid_generation_leaves_nothing_half_written(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = synthetic._render
+    real = generation.render_image
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -331,17 +337,17 @@ def test_crash_mid_generation_leaves_nothing_half_written(tmp_path, monkeypatch)
             raise KeyboardInterrupt("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "_render", failing)
+    monkeypatch.setattr(generation, "render_image", failing)
     path = str(tmp_path / "ds")
     with pytest.raises(KeyboardInterrupt):
         data.prepare_synthetic_dataset(path, tiny(), verbose=False)
     assert os.listdir(str(tmp_path)) == []
     # a failed regeneration keeps the previous complete folder
-    monkeypatch.setattr(synthetic, "_render", real)
+    monkeypatch.setattr(generation, "render_image", real)
     data.prepare_synthetic_dataset(path, tiny(), verbose=False)
     before = files(path)
     calls["n"] = 0
-    monkeypatch.setattr(synthetic, "_render", failing)
+    monkeypatch.setattr(generation, "render_image", failing)
     with pytest.raises(KeyboardInterrupt):
         data.prepare_synthetic_dataset(path, tiny(num_train_ids=3), verbose=False)
     assert files(path) == before and os.listdir(str(tmp_path)) == ["ds"]
@@ -352,7 +358,7 @@ def test_old_leftovers_are_cleaned(tmp_path):
     old.mkdir()
     young = tmp_path / ".ds.tmp-def"
     young.mkdir()
-    t = os.path.getmtime(str(old)) - 2 * synthetic._LEFTOVER_AGE_S
+    t = os.path.getmtime(str(old)) - 2 * generation.LEFTOVER_AGE_S
     os.utime(str(old), (t, t))
     generate(tmp_path, "ds")
     assert not old.exists() and young.exists()
@@ -364,3 +370,15 @@ def test_png_format_and_contact_sheet(tmp_path):
     assert names and all(n.endswith(".png") for n in names)
     sheet = data.make_contact_sheet(path, num_ids=3, scale=1)
     assert sheet.dtype == np.uint8 and sheet.shape[1] == TINY["num_cameras"] * (32 + 4) + 4
+
+
+def test_split_reading_and_the_checker_agree_on_what_an_image_is(tmp_path):
+    path, _ = generate(tmp_path)
+    train = osp.join(path, synthetic.SPLIT_DIRS["train"])
+    shutil.copy(osp.join(train, sorted(os.listdir(train))[0]), osp.join(train, "0999_c1s1_000001_01.JPEG"))
+    (tmp_path / "ds" / synthetic.SPLIT_DIRS["train"] / "notes.txt").write_text("not an image")
+    (tmp_path / "ds" / synthetic.SPLIT_DIRS["train"] / ".0998_c1s1_000001_01.jpg").write_text("hidden")
+    names = {osp.basename(p) for p, _, _ in data.read_split(train)}
+    report = data.check_dataset_root(path, pattern="market-style", num_workers=1).splits["train"]
+    assert "0999_c1s1_000001_01.JPEG" in names and not any(n.startswith(".") for n in names)
+    assert report.num_images == len(names) and report.num_ignored == 1

@@ -2,8 +2,12 @@
 where the shared model-zoo checkpoint lives."""
 import os
 import os.path as osp
+import subprocess
+import sys
 
 import pytest
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 # Tiny synthetic dataset, 64x32 images, P x K = 2 x 2 batches, no loader workers.
 TINY_DATA = [
@@ -62,3 +66,12 @@ def shared_weights():
     if not osp.isfile(path):
         pytest.skip("model-zoo file not available: " + path)
     return path
+
+
+def run_tool(script, *args, timeout=1800):
+    """Runs ``tools/<script>`` with ``args`` as a user does, on this checkout's package; returns the finished
+    process (stdout and stderr as text)."""
+    path = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    return subprocess.run([sys.executable, osp.join(REPO, "tools", script), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -45,19 +45,17 @@ import subprocess
 import sys
 import time
 
-_TOOLS = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, osp.dirname(_TOOLS))
-sys.path.insert(0, _TOOLS)
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+
 # isort: split
+import torch
 
-import bench_measure as bm  # noqa: E402
-import bench_report as br  # noqa: E402
-import torch  # noqa: E402
-
-from ptl_torchreid import _torchreid  # noqa: E402
-from ptl_torchreid.cli import build_datamanager, build_engine, check_paths  # noqa: E402
-from ptl_torchreid.config import (  # noqa: E402
+from ptl_torchreid import _torchreid
+from ptl_torchreid.benchmarking import measure as bm
+from ptl_torchreid.benchmarking import report as br
+from ptl_torchreid.benchmarking.spec import ModelSpec, parse_spec
+from ptl_torchreid.cli import build_datamanager, build_engine, check_paths
+from ptl_torchreid.config import (
     ConfigError,
     engine_run_kwargs,
     is_ptl_model_name,
@@ -68,6 +66,7 @@ from ptl_torchreid.config import (  # noqa: E402
 
 torchreid = _torchreid.torchreid
 
+_TOOLS = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(_TOOLS)
 SYNTHETIC_FINETUNE_CONFIG = osp.join(REPO, "configs", "osnet_x0_25_synthetic_source_to_target.yaml")
 SYNTHETIC_PRETRAIN_CONFIG = osp.join(REPO, "configs", "osnet_x0_25_synthetic_source.yaml")
@@ -76,36 +75,6 @@ SYNTHETIC_PRETRAIN_CONFIG = osp.join(REPO, "configs", "osnet_x0_25_synthetic_sou
 # ---------------------------------------------------------------------------------------------------------
 # What is compared
 # ---------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ModelSpec:
-    """One column of the comparison.
-
-    ``label``: column name; ``name``: ``model.name``; ``opts``: extra ``KEY VALUE`` config overrides (strings);
-    ``builder``: optional ``'module:function'`` with signature ``(cfg, num_classes) -> model`` used instead of
-    the CLI's ``build_model`` (a pruned model, for instance); it is imported by name, so the memory probe's
-    subprocess can build the same model; ``extra_evals``: ``{label: cell options}`` -- after training, the same
-    weights are evaluated again with these cell options (``eval_state`` only affects evaluation, so this equals
-    training a model with that setting); ``group``: ``'main'`` (full cost measurements) or ``'ablation'``.
-    """
-
-    label: str
-    name: str
-    opts: tuple = ()
-    builder: str = ""
-    extra_evals: dict = dataclasses.field(default_factory=dict)
-    group: str = "main"
-    note: str = ""
-
-    def to_json(self):
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text):
-        d = json.loads(text)
-        d["opts"] = tuple(d.get("opts", ()))
-        return cls(**d)
-
 
 def main_specs(baseline, ptl, extra=()):
     """The compared models: the baseline first (ratios are to it), then PTL, then any extra specs."""
@@ -445,7 +414,7 @@ def compare(args):
         base.model.name if not is_ptl_model_name(base.model.name) else base.model.name[len("ptl_") :]
     )
     ptl = args.ptl or "ptl_" + baseline
-    specs = main_specs(baseline, ptl, [_parse_spec(s) for s in args.spec or []])
+    specs = main_specs(baseline, ptl, [parse_spec(s) for s in args.spec or []])
     if args.ablation:
         specs += ablation_specs(ptl, args.ablation_reset_iters, args.ablation_freeze_epochs)
 
@@ -502,20 +471,6 @@ def compare(args):
     print("\n" + text)
     _write_outputs(args, report, text, lambda prefix: compare_plots(report, specs, prefix))
     return 0
-
-
-def _parse_spec(text):
-    """``LABEL=MODEL[@module:function][,KEY=VALUE...]`` -> ModelSpec (an extra column, e.g. a pruned model)."""
-    head, *pairs = text.split(",")
-    if "=" not in head:
-        raise SystemExit(f"--spec {text!r}: expected LABEL=MODEL[@module:function][,KEY=VALUE...]")
-    label, model = head.split("=", 1)
-    model, _, builder = model.partition("@")
-    opts = []
-    for p in pairs:
-        k, _, v = p.partition("=")
-        opts += [k, v]
-    return ModelSpec(label, model, tuple(opts), builder=builder)
 
 
 def measure_costs(args, specs, engines):

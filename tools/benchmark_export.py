@@ -17,22 +17,21 @@ images, so their mAP compares formats with each other, not model quality. Latenc
 import argparse
 import os
 import os.path as osp
-import sys
 import tempfile
 import time
 import warnings
 
-import numpy as np
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
 # isort: split
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from ptl_torchreid import cli  # noqa: E402
-from ptl_torchreid.compress import count_flops, prune_cop  # noqa: E402
-from ptl_torchreid.config import load_config  # noqa: E402
-from ptl_torchreid.export import (  # noqa
+from ptl_torchreid import cli
+from ptl_torchreid.benchmarking.measure import cpu_model, interleaved, load_average, median
+from ptl_torchreid.compress import count_flops, prune_cop
+from ptl_torchreid.config import load_config
+from ptl_torchreid.export import (
     INT8_MAX_MAP_DROP,
     OnnxRuntimeRunner,
     OpenVINORunner,
@@ -44,11 +43,8 @@ from ptl_torchreid.export import (  # noqa
     retrieval_metrics,
     test_sets,
 )
-from ptl_torchreid.export.openvino_format import quantize_int8  # noqa: E402
-from ptl_torchreid.models import build_model, load_pretrained_weights  # noqa: E402
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from bench_measure import cpu_model, interleaved, load_average, median  # noqa: E402
+from ptl_torchreid.export.openvino_format import quantize_int8
+from ptl_torchreid.models import build_model, load_pretrained_weights
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODELS = ("osnet_x0_25", "resnet50_cop50", "resnet50", "ptl_resnet50")

@@ -19,17 +19,16 @@ import math
 import os
 import os.path as osp
 import platform
-import sys
 import time
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
-# isort: split
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
-from ptl_torchreid import models  # noqa: E402  (registers the ptl_* models)
-from ptl_torchreid.utils.amp import autocast_context, check_precision, make_grad_scaler, memory_format  # noqa: E402
+# isort: split
+import torch
+import torch.nn.functional as F
+
+from ptl_torchreid import models  # registers the ptl_* models
+from ptl_torchreid.utils.amp import autocast_context, check_precision, make_grad_scaler, memory_format
 
 MODES = ("fp32", "amp", "amp_cl")
 

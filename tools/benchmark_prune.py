@@ -26,23 +26,21 @@ import argparse
 import copy
 import os
 import os.path as osp
-import sys
 import time
 import warnings
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+
 # isort: split
-import torch  # noqa: E402
+import torch
 
-from ptl_torchreid import _torchreid  # noqa: E402
-from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop  # noqa
-from ptl_torchreid.compress.distill import Distillation  # noqa: E402
-from ptl_torchreid.models import build_model  # noqa: E402
-
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-from bench_measure import cpu_model, load_average  # noqa: E402
-from bench_report import mean_std  # noqa: E402
+from ptl_torchreid import _torchreid
+from ptl_torchreid.benchmarking.measure import cpu_model, load_average
+from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
+from ptl_torchreid.benchmarking.report import mean_std
+from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
+from ptl_torchreid.compress.distill import Distillation
+from ptl_torchreid.models import build_model
 
 
 def _load():
@@ -121,46 +119,6 @@ def _train(cfg, model, teacher=None):
     results = engine.run(**engine_run_kwargs(cfg))
     res = next(iter(results.values()))
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
-
-
-def _prune_cop_fitting(model, size, reduction=0.5, **kwargs):
-    """COP to a FLOP reduction; where the preset's channel rounding cannot reach it (narrow models such as
-    osnet_x0_25), halve ``round_to`` until it can. Returns (model, round_to used)."""
-    from ptl_torchreid.compress.cop import check_options
-
-    checked = {k: v for k, v in kwargs.items() if k != "calibration"}
-    round_to = kwargs.pop("round_to", None) or check_options(
-        flops_reduction=reduction, has_data=kwargs.get("calibration") is not None, **checked)["round_to"]
-    while True:
-        try:
-            return prune_cop(model, flops_reduction=reduction, input_size=size, round_to=round_to,
-                             **kwargs), round_to
-        except ValueError as err:
-            if "cannot reach" not in str(err) or round_to == 1:
-                raise
-            round_to = max(1, round_to // 2)
-
-
-def redundancy_vs_scale(model, size, min_channels=8):
-    """Median Spearman correlation, over the prunable groups of at least ``min_channels`` channels that have
-    BatchNorm, between COP's redundancy of a filter and its BatchNorm |gamma| (summed over the group's norms).
-    Near 0: COP's choice within a layer ignores how strong a filter is. Returns (median, number of groups)."""
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    from ptl_torchreid.compress.criterion import COPSelector
-
-    selector = COPSelector(build_graph(model, size), 1.0, 0.0, 0.0)
-    rhos = []
-    for state in selector.states.values():
-        group = state.group
-        scale = np.zeros(group.size)
-        for rec in group.members:
-            if rec.kind == "norm" and rec.module.weight is not None and rec.module.weight.numel() == group.size:
-                scale += rec.module.weight.detach().abs().cpu().numpy()
-        if group.size >= min_channels and scale.any():
-            rhos.append(spearmanr(state.r, scale).correlation)
-    return (float(np.median(rhos)) if rhos else float("nan")), len(rhos)
 
 
 ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "cop_activation",
@@ -301,7 +259,7 @@ def accuracy_section(args):
 
     if "baseline" in rows:
         teachers = finetune("baseline", f"{arch} (unpruned)", "-", source_model, "baseline")
-    paper, round_to = _prune_cop_fitting(source_model(), size, preset="faster", criterion="cop")
+    paper, round_to = prune_cop_to_target(source_model(), size, preset="faster", criterion="cop")
     target = count_flops(paper, size)
     for key in rows:
         if key in ("baseline", "ptl") or key.startswith("tp_"):
@@ -315,8 +273,8 @@ def accuracy_section(args):
             raise SystemExit("--rows default+kd needs the baseline row in the same run (its models are the teachers)")
         calibration = images if compensate or criterion in ("cop_activation", "taylor") else None
         t = time.perf_counter()
-        pruned, used = _prune_cop_fitting(source_model(), size, preset="faster", round_to=round_to,
-                                          criterion=criterion, compensate=compensate, calibration=calibration)
+        pruned, used = prune_cop_to_target(source_model(), size, preset="faster", round_to=round_to,
+                                           criterion=criterion, compensate=compensate, calibration=calibration)
         seconds = time.perf_counter() - t
         name = "COP faster, {}{} (round_to={}, pruning {:.0f} s)".format(
             criterion, " (paper)" if criterion == "cop" else "", used, seconds)
@@ -349,8 +307,8 @@ def accuracy_section(args):
 
         ptl = finetune("ptl_unpruned", f"ptl_{arch} (unpruned)", "-", ptl_model, "ptl",
                        before=False)[seeds[0]]
-        small, _ = _prune_cop_fitting(ptl, size, reduction=1 - base_flops / count_flops(ptl, size),
-                                      preset="faster", calibration=images)
+        small, _ = prune_cop_to_target(ptl, size, reduction=1 - base_flops / count_flops(ptl, size),
+                                       preset="faster", calibration=images)
         extra = max(1, args.target_epochs // 2)
         finetune("ptl_pruned", f"ptl_{arch} pruned to {arch}'s FLOPs (+{extra} epochs)",
                  variant_name(DEFAULT_CRITERION, True), lambda: copy.deepcopy(small), "ptl_pruned", extra)

@@ -21,9 +21,7 @@ import warnings
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ptl_torchreid.metrics import evaluate_rank  # noqa: E402
+from ptl_torchreid.metrics import evaluate_rank
 
 MARKET = dict(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, num_distractors=2798)
 

@@ -20,17 +20,19 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
 # isort: split
+import numpy as np
+from benchmark_rank import make_features  # the ranking benchmark beside this one
 
-from bench_measure import load_average, machine_description, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa
-from benchmark_rank import make_features  # noqa: E402
-
+from ptl_torchreid.benchmarking.measure import (
+    load_average,
+    machine_description,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+)
 
 SIZES = {
     "market": dict(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, num_distractors=2798),

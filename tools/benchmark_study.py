@@ -26,21 +26,19 @@ import statistics
 import sys
 import time
 
-_TOOLS = osp.dirname(osp.abspath(__file__))
-sys.path.insert(0, osp.dirname(_TOOLS))
-sys.path.insert(0, _TOOLS)
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+
 # isort: split
+import benchmark as bench  # the comparison script beside this one
+import torch
 
-import bench_measure as bm  # noqa: E402
-import bench_report as br  # noqa: E402
-import benchmark as bench  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
+from ptl_torchreid.benchmarking import measure as bm
+from ptl_torchreid.benchmarking import report as br
+from ptl_torchreid.benchmarking.report import fmt_paired, paired
+from ptl_torchreid.benchmarking.spec import ModelSpec
+from ptl_torchreid.config import engine_run_kwargs
 
-from ptl_torchreid.config import engine_run_kwargs  # noqa: E402
-
-REPO = osp.dirname(_TOOLS)
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STATELESS = ("ptl.reset_policy", "iter", "ptl.reset_every_n_iters", "1", "ptl.eval_state", "zero")
 
 # label -> (PTL model?, config overrides, what it tests). 'plain' is the torchreid baseline.
@@ -74,32 +72,16 @@ DEFAULT_SETS = ["data.synthetic.num_train_ids=160", "data.synthetic.num_test_ids
 DEFAULT_PRETRAIN_SETS = ["data.height=64", "data.width=32"]
 
 
-def paired(values, reference):
-    """Per-seed differences (points) with mean, sample std and a 95% t-interval; None for fewer than 2 seeds."""
-    diffs = [100 * (a - b) for a, b in zip(values, reference)]
-    if len(diffs) < 2:
-        return None
-    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
-    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-    return {"diffs": diffs, "mean": mean, "std": sd, "ci": (mean - half, mean + half)}
-
-
-def fmt_paired(p):
-    if p is None:
-        return "-"
-    return "{:+.1f} [{:+.1f}, {:+.1f}]".format(p["mean"], *p["ci"])
-
-
 def spec_of(label, baseline):
     is_ptl, opts, note = VARIANTS[label]
     # Final evaluation only; the cost of intermediate evaluations would differ between variants.
-    return bench.ModelSpec(label, "ptl_" + baseline if is_ptl else baseline, tuple(opts) + ("test.eval_freq", "-1"),
-                           note=note)
+    return ModelSpec(label, "ptl_" + baseline if is_ptl else baseline, tuple(opts) + ("test.eval_freq", "-1"),
+                     note=note)
 
 
 def fix_budget(base, min_steps):
     """Epochs so that every variant gets at least ``min_steps`` steps (LR steps scaled with them)."""
-    engine = bench.spec_engine(base, bench.ModelSpec("probe", base.model.name))
+    engine = bench.spec_engine(base, ModelSpec("probe", base.model.name))
     per_epoch = len(engine.train_loader)
     epochs = max(1, math.ceil(min_steps / per_epoch))
     bench._set_epochs(base, epochs)
@@ -302,7 +284,7 @@ def study_markdown(report):
 
 
 def plot_study(report, path):
-    plt = br._pyplot()
+    plt = br.pyplot()
     runs = report["runs"]
     labels = [v for v in report["variants"] if v != "plain" and runs.get(v)]
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.4))
@@ -323,7 +305,7 @@ def plot_study(report, path):
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return br._save(fig, path)
+    return br.save_figure(fig, path)
 
 
 def parse_args(argv=None):

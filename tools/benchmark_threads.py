@@ -31,16 +31,17 @@ import sys
 import tempfile
 import time
 
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+
+# isort: split
+import torch
+
+from ptl_torchreid.cli import build_datamanager, build_engine
+from ptl_torchreid.config import load_config
+from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, openmp_waiting, usable_cpus
+
 _TOOLS = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(_TOOLS)
-sys.path.insert(0, REPO)
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
-# isort: split
-import torch  # noqa: E402
-
-from ptl_torchreid.cli import build_datamanager, build_engine  # noqa: E402
-from ptl_torchreid.config import load_config  # noqa: E402
-from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, openmp_waiting, usable_cpus  # noqa: E402
 
 DEMO_CONFIG = osp.join(REPO, "configs", "synthetic_demo.yaml")
 SHORT_SPIN = "10000"  # GOMP_SPINCOUNT: spin ~1/30 of libgomp's default before sleeping

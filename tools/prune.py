@@ -19,16 +19,16 @@ as ``model.load_weights`` of any command, or through torchreid with ``register_p
 ``torchreid.utils.FeatureExtractor``).
 """
 import argparse
-import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
-# isort: split
-import torch  # noqa: E402
+import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
-from ptl_torchreid.cli_prune import add_cop_arguments, prune_options  # noqa: E402
-from ptl_torchreid.compress import (  # noqa: E402
+# isort: split
+import torch
+
+from ptl_torchreid.cli import main as cli_main
+from ptl_torchreid.cli_prune import add_cop_arguments, prune_options
+from ptl_torchreid.compress import (
     compare_latency,
     count_flops,
     count_params,
@@ -37,9 +37,9 @@ from ptl_torchreid.compress import (  # noqa: E402
     prune_cop,
     save_pruned_model,
 )
-from ptl_torchreid.config import ConfigError  # noqa: E402
-from ptl_torchreid.models import build_model, load_pretrained_weights  # noqa: E402
-from ptl_torchreid.utils.checkpoint import extract_state_dict, load_checkpoint  # noqa: E402
+from ptl_torchreid.config import ConfigError
+from ptl_torchreid.models import build_model, load_pretrained_weights
+from ptl_torchreid.utils.checkpoint import extract_state_dict, load_checkpoint
 
 
 def build_parser():
@@ -87,8 +87,6 @@ def load_model(args):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--config-file" or a.startswith("--config-file=") for a in argv):
-        from ptl_torchreid.cli import main as cli_main
-
         return cli_main(["prune"] + argv)
     args = build_parser().parse_args(argv)
     size = (args.height, args.width)

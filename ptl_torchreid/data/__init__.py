@@ -27,7 +27,6 @@ from .synthetic import (
     STYLES,
     SyntheticParams,
     SyntheticReID,
-    _register_defaults,
     make_contact_sheet,
     make_params,
     prepare_synthetic_dataset,
@@ -35,6 +34,7 @@ from .synthetic import (
     register_synthetic_dataset,
     registered_synthetic_datasets,
 )
+from .synthetic.dataset import _register_defaults
 
 _register_defaults()
 del _register_defaults

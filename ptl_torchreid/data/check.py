@@ -18,7 +18,9 @@ __all__ = [
     "NamingPattern",
     "PATTERNS",
     "SPLITS",
+    "SPLIT_DIRS",
     "IMAGE_EXTENSIONS",
+    "is_image_name",
     "DatasetRootError",
     "DatasetError",
     "FileProblem",
@@ -31,7 +33,13 @@ __all__ = [
 
 # split name -> sub-directory, as in Market-1501 and DukeMTMC-reID
 SPLITS = (("train", "bounding_box_train"), ("query", "query"), ("gallery", "bounding_box_test"))
+SPLIT_DIRS = dict(SPLITS)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_name(name):
+    """Whether a directory entry called ``name`` counts as an image: an image extension and not hidden."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 @dataclass(frozen=True)
@@ -248,7 +256,7 @@ def check_dataset_root(dataset_dir, pattern: Union[str, NamingPattern] = "market
             p = osp.join(d, n)
             if n.startswith(".") or not osp.isfile(p):
                 continue
-            if not n.lower().endswith(IMAGE_EXTENSIONS):
+            if not is_image_name(n):
                 sr.num_ignored += 1
                 continue
             sr.num_images += 1

@@ -13,6 +13,8 @@ import warnings
 
 from PIL import Image, ImageFile
 
+from .. import _torchreid
+
 __all__ = [
     "ImageReadError",
     "read_image",
@@ -204,16 +206,9 @@ def _count_skip_warn(err):
     print(f"[ptl_torchreid] skipping unreadable image: {err.path or err}", file=sys.stderr)
 
 
-def _dataset_module():
-    # imported lazily: read_image itself does not need torchreid
-    from .. import _torchreid
-
-    return _torchreid.dataset_module()
-
-
 def strict_reader_installed() -> bool:
     """Whether torchreid's datasets currently read through :func:`read_image`."""
-    return _State.installed and _dataset_module().read_image is read_image
+    return _State.installed and _torchreid.dataset_module().read_image is read_image
 
 
 def install_strict_reader(skip_corrupt: bool = False) -> None:
@@ -230,7 +225,7 @@ def install_strict_reader(skip_corrupt: bool = False) -> None:
     The patch is visible in DataLoader workers started by ``fork`` (the Linux default). With the ``spawn``
     or ``forkserver`` start method, call this function in the DataLoader's ``worker_init_fn`` too.
     """
-    module = _dataset_module()
+    module = _torchreid.dataset_module()
     if not _State.installed:
         _State.original_read_image = module.read_image
         for cls in (module.ImageDataset, module.VideoDataset):
@@ -247,7 +242,7 @@ def uninstall_strict_reader() -> None:
     """Restore torchreid's own reader and dataset classes (no-op when not installed)."""
     if not _State.installed:
         return
-    module = _dataset_module()
+    module = _torchreid.dataset_module()
     if module.read_image is read_image:
         module.read_image = _State.original_read_image
     else:

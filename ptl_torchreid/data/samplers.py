@@ -17,6 +17,8 @@ from collections import defaultdict
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from ..utils.distributed import get_rank, get_world_size
+
 __all__ = ["DistributedRandomIdentitySampler", "ShardSampler", "build_distributed_train_sampler", "rebuild_loader",
            "distribute_train_loaders", "DISTRIBUTED_TRAIN_SAMPLERS"]
 
@@ -26,8 +28,6 @@ DISTRIBUTED_TRAIN_SAMPLERS = ("RandomIdentitySampler", "RandomSampler", "Sequent
 
 def _replicas_and_rank(num_replicas, rank):
     """Fill in the process group's world size / rank where not given, and check them."""
-    from ..utils.distributed import get_rank, get_world_size
-
     num_replicas = get_world_size() if num_replicas is None else num_replicas
     rank = get_rank() if rank is None else rank
     if num_replicas < 1 or not 0 <= rank < num_replicas:
@@ -61,8 +61,8 @@ class DistributedRandomIdentitySampler(Sampler):
             )
         if batch_size % num_instances:
             raise ValueError(
-                f"batch_size={batch_size} must be a multiple of num_instances={num_instances} so that every batch holds whole "
-                "identities; change sampler.num_instances or the train batch size"
+                f"batch_size={batch_size} must be a multiple of num_instances={num_instances} so that every batch "
+                "holds whole identities; change sampler.num_instances or the train batch size"
             )
         num_replicas, rank = _replicas_and_rank(num_replicas, rank)
         self.data_source = data_source
@@ -82,8 +82,9 @@ class DistributedRandomIdentitySampler(Sampler):
         needed = self.num_pids_per_batch * self.num_replicas
         if len(self.pids) < needed:
             raise ValueError(
-                f"the training set has {len(self.pids)} identities but {self.num_replicas} ranks x {self.num_pids_per_batch} identities per batch need at "
-                f"least {needed}; lower the batch size, raise num_instances, or use fewer processes"
+                f"the training set has {len(self.pids)} identities but {self.num_replicas} ranks x "
+                f"{self.num_pids_per_batch} identities per batch need at least {needed}; lower the batch size, "
+                "raise num_instances, or use fewer processes"
             )
         self._cache = (None, None)
 
@@ -152,13 +153,11 @@ class DistributedRandomIdentitySampler(Sampler):
     def __len__(self):
         return len(self._indices())
 
-    @property
-    def num_batches(self):
-        """Batches per rank in the current epoch (the same on every rank)."""
-        return len(self) // self.batch_size
-
     def __repr__(self):
-        return f"{type(self).__name__}(P={self.num_pids_per_batch}, K={self.num_instances}, rank={self.rank}/{self.num_replicas}, seed={self.seed}, epoch={self.epoch}, identities={len(self.pids)})"
+        return (
+            f"{type(self).__name__}(P={self.num_pids_per_batch}, K={self.num_instances}, "
+            f"rank={self.rank}/{self.num_replicas}, seed={self.seed}, epoch={self.epoch}, identities={len(self.pids)})"
+        )
 
 
 class ShardSampler(Sampler):

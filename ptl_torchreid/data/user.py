@@ -22,14 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import _torchreid
 from .check import (
-    IMAGE_EXTENSIONS,
-    SPLITS,
+    SPLIT_DIRS,
     DatasetError,
     DatasetReport,
     DatasetRootError,
     FileProblem,
     NamingPattern,
     SplitReport,
+    is_image_name,
     parse_image_name,
 )
 from .reader import ImageReadError, read_image
@@ -55,7 +55,7 @@ class UserSource:
     def split_path(self, split):
         if self.kind == "list":
             return osp.join(self.path, LIST_FILES[split])
-        return osp.join(self.path, dict(SPLITS)[split])
+        return osp.join(self.path, SPLIT_DIRS[split])
 
 
 def is_user_source(name):
@@ -130,7 +130,7 @@ def _read_folder(directory, no_camera):
     items = []
     for n in sorted(os.listdir(directory)):
         p = osp.join(directory, n)
-        if n.startswith(".") or not osp.isfile(p) or not n.lower().endswith(IMAGE_EXTENSIONS):
+        if not is_image_name(n) or not osp.isfile(p):
             continue
         try:
             if no_camera:

@@ -1,11 +1,16 @@
-"""Tables and plots for tools/benchmark.py (Markdown tables; PNG plots with matplotlib's Agg backend)."""
+"""Statistics, tables and plots for the benchmark scripts: mean ± std and paired per-seed differences, Markdown
+tables, PNG plots with matplotlib's Agg backend."""
 import math
 import os
 import os.path as osp
 import statistics
 
-__all__ = ["mean_std", "fmt_mean_std", "fmt_ratio", "markdown_table", "plot_cmc", "plot_training",
-           "plot_ablation"]
+import matplotlib
+from matplotlib.ticker import MaxNLocator
+from scipy import stats
+
+__all__ = ["mean_std", "fmt_mean_std", "fmt_ratio", "paired", "fmt_paired", "markdown_table", "pyplot",
+           "save_figure", "plot_cmc", "plot_training", "plot_ablation"]
 
 
 def mean_std(values):
@@ -28,6 +33,22 @@ def fmt_mean_std(values, scale=100.0, digits=1):
     return "{:.{d}f} ± {:.{d}f}".format(m * scale, s * scale, d=digits)
 
 
+def paired(values, reference):
+    """Per-seed differences (points) with mean, sample std and a 95% t-interval; None for fewer than 2 seeds."""
+    diffs = [100 * (a - b) for a, b in zip(values, reference)]
+    if len(diffs) < 2:
+        return None
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return {"diffs": diffs, "mean": mean, "std": sd, "ci": (mean - half, mean + half)}
+
+
+def fmt_paired(p):
+    if p is None:
+        return "-"
+    return "{:+.1f} [{:+.1f}, {:+.1f}]".format(p["mean"], *p["ci"])
+
+
 def fmt_ratio(num, den, digits=2):
     if num is None or den is None or not den or math.isnan(num) or math.isnan(den):
         return "-"
@@ -46,11 +67,10 @@ def markdown_table(header, rows):
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; works without a display
-    import matplotlib.pyplot as plt
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only; works without a display)."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # imported here: the backend must be chosen first
 
     return plt
 
@@ -58,20 +78,19 @@ def _pyplot():
 _STYLES = ["C0", "C3", "C2", "C1", "C4", "C5", "C6", "C7"]
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Write ``fig`` to ``path`` (folders made as needed), close it, and return ``path``."""
     d = osp.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
     fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_cmc(curves, path, title=""):
     """``curves``: label -> list over seeds of CMC arrays (Rank-1 first, as fractions). Mean with a +-1 std band."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for i, (label, runs) in enumerate(curves.items()):
         n = min(len(c) for c in runs)
@@ -85,8 +104,6 @@ def plot_cmc(curves, path, title=""):
         if len(runs) > 1:
             ax.fill_between(ranks, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=color, alpha=0.15)
-    from matplotlib.ticker import MaxNLocator
-
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("rank")
     ax.set_ylabel("matching rate (%)")
@@ -94,7 +111,7 @@ def plot_cmc(curves, path, title=""):
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training(runs, path, title=""):
@@ -102,7 +119,7 @@ def plot_training(runs, path, title=""):
 
     Left: each loss term per epoch (mean over seeds); right: mAP at each evaluation (mean, ±1 std band).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     dashes = ["-", "--", ":", "-."]
     for i, (label, seeds) in enumerate(runs.items()):
@@ -124,8 +141,6 @@ def plot_training(runs, path, title=""):
             if len(seeds) > 1:
                 ax_m.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                   color=color, alpha=0.15)
-    from matplotlib.ticker import MaxNLocator
-
     for ax in (ax_l, ax_m):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_l.set_xlabel("epoch")
@@ -141,12 +156,12 @@ def plot_training(runs, path, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_ablation(rows, path, title=""):
     """``rows``: list of (label, list of per-seed mAP fractions); horizontal bars with ±1 std and the seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.4))
     labels = [r[0] for r in rows][::-1]
     for y, (label, values) in enumerate(rows[::-1]):
@@ -160,4 +175,4 @@ def plot_ablation(rows, path, title=""):
     ax.set_title(title or "PTL ablation")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

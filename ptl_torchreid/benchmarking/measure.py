@@ -1,7 +1,8 @@
-"""Measurements for tools/benchmark.py: FLOPs, parameters, peak memory, interleaved timing, machine description.
+"""Measurements for the benchmark scripts: FLOPs, parameters, peak memory, interleaved timing, machine description.
 
-Nothing here trains; the functions take built models/engines and return plain numbers, so they can be reused by
-other tools (and by a pruned-model column later).
+Nothing here trains; the functions take built models/engines and return plain numbers. ``train_and_inference_flops``
+counts what a training step and an embedding cost as run (FlopCounterMode, forward and backward); COP's own
+``compress.count_flops`` is the analytic count of a pruning graph.
 """
 import copy
 import ctypes
@@ -9,9 +10,9 @@ import os
 import platform
 import resource
 import statistics
-import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "median",
     "load_average",
     "machine_description",
+    "cpu_model",
 ]
 
 
@@ -143,6 +145,21 @@ def heap_in_use_bytes():
     return info.uordblks + info.hblkhd
 
 
+class _HeapSampler(TorchDispatchMode):
+    """Raises ``tracker.peak`` to the heap in use after every aten operation it sees."""
+
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        now = heap_in_use_bytes()
+        if now is not None and now > self.tracker.peak:
+            self.tracker.peak = now
+        return out
+
+
 class HeapPeak:
     """Context manager: peak of :func:`heap_in_use_bytes` sampled after every aten operation (forward and
     backward), the CPU counterpart of ``torch.cuda.max_memory_allocated``. ``peak`` is None without glibc."""
@@ -151,20 +168,8 @@ class HeapPeak:
         self.peak = None
 
     def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        tracker = self
         self.peak = heap_in_use_bytes()
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                now = heap_in_use_bytes()
-                if now is not None and now > tracker.peak:
-                    tracker.peak = now
-                return out
-
-        self._mode = _Mode() if self.peak is not None else None
+        self._mode = _HeapSampler(self) if self.peak is not None else None
         if self._mode is not None:
             self._mode.__enter__()
         return self
@@ -228,7 +233,3 @@ def cpu_model():
     except OSError:
         pass
     return platform.processor()
-
-
-def now():
-    return time.perf_counter()
