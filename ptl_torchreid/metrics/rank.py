@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["evaluate_rank", "check_labels", "rank_block", "reduce_per_query", "effective_max_rank"]
+__all__ = ["evaluate_rank", "check_labels", "rank_block", "reduce_per_query", "effective_max_rank", "clamp_ranks"]
 
 # Counting costs about 2 comparisons per (own-id entry, gallery entry); argsorting a row costs the equivalent of a
 # few hundred per gallery entry. Beyond this many own-id entries the row is argsorted instead.
@@ -130,8 +130,10 @@ def reduce_per_query(parts, labels, max_rank, return_minp=False):
         q_pids, g_pids = labels[0], labels[1]
         raise ValueError(
             "evaluate_rank: no query has a valid match: for every query, the gallery holds no image of the same "
-            f"identity from a different camera (num_query={len(q_pids)}, num_gallery={len(g_pids)}, {len(np.unique(q_pids))} query ids, {len(np.unique(g_pids))} gallery ids, "
-            f"{len(np.intersect1d(q_pids, g_pids))} shared). Check that q_pids/g_pids and q_camids/g_camids are aligned with the rows/columns of "
+            f"identity from a different camera (num_query={len(q_pids)}, num_gallery={len(g_pids)}, "
+            f"{len(np.unique(q_pids))} query ids, {len(np.unique(g_pids))} gallery ids, "
+            f"{len(np.intersect1d(q_pids, g_pids))} shared). Check that q_pids/g_pids and q_camids/g_camids are "
+            "aligned with the rows/columns of "
             "distmat and that query and gallery share identities seen by other cameras."
         )
     cmc = cmc_rows.sum(0) / float(len(cmc_rows))
@@ -192,13 +194,35 @@ def effective_max_rank(max_rank, num_g):
         raise ValueError(f"evaluate_rank: max_rank must be a positive integer, got {max_rank!r}")
     if num_g < max_rank:
         warnings.warn(
-            f"evaluate_rank: the gallery has only {num_g} entries, fewer than max_rank={max_rank}; the CMC is computed up to "
+            f"evaluate_rank: the gallery has only {num_g} entries, fewer than max_rank={max_rank}; the CMC is "
+            "computed up to "
             f"rank {num_g}",
             UserWarning,
             stacklevel=3,
         )
         return num_g
     return int(max_rank)
+
+
+def clamp_ranks(ranks, num_gallery, dataset_name=""):
+    """Ranks that a gallery of ``num_gallery`` images can give; says which requested ranks are dropped."""
+    ranks = sorted({int(r) for r in ranks})
+    valid = [r for r in ranks if r <= num_gallery]
+    dropped = [r for r in ranks if r > num_gallery]
+    if dropped:
+        print(
+            "Note: the gallery of {} has only {} images, so {} cannot be computed and {} skipped "
+            "(set test.ranks to ranks <= {}).".format(
+                dataset_name or "this dataset",
+                num_gallery,
+                ", ".join(f"Rank-{r}" for r in dropped),
+                "is" if len(dropped) == 1 else "are",
+                num_gallery,
+            )
+        )
+    if num_gallery < 1:
+        raise ValueError("the gallery of {} is empty: nothing to rank".format(dataset_name or "this dataset"))
+    return valid or [1]
 
 
 def _resolve_threads(num_threads, size):
