@@ -211,22 +211,11 @@ class ReIDEvaluator:
                         use_metric_cuhk03=False, ranks=(1, 5, 10, 20), rerank=False):
         """Distances, CMC/mAP, printed results and optional ranked-result images, in this process."""
         ranks = clamp_ranks(ranks, len(gf), dataset_name)
+        roc_plot = osp.join(save_dir, f"roc_{file_name(dataset_name)}.png") if save_dir else None
         cmc, mAP, minp, tpr, distmat = rank_features(
-            qf,
-            gf,
-            q_pids,
-            g_pids,
-            q_camids,
-            g_camids,
-            self.options,
-            dist_metric=dist_metric,
-            normalize_feature=normalize_feature,
-            rerank_on=rerank,
-            use_metric_cuhk03=use_metric_cuhk03,
-            max_rank=max(ranks),
-            need_distmat=visrank,
-            progress=self.engine.progress_bar,
-            roc_plot=osp.join(save_dir, f"roc_{file_name(dataset_name)}.png") if save_dir else None,
+            qf, gf, q_pids, g_pids, q_camids, g_camids, self.options, dist_metric=dist_metric,
+            normalize_feature=normalize_feature, rerank_on=rerank, use_metric_cuhk03=use_metric_cuhk03,
+            max_rank=max(ranks), need_distmat=visrank, progress=self.engine.progress_bar, roc_plot=roc_plot,
         )
         result = {"mAP": float(mAP), "cmc": {int(r): float(cmc[r - 1]) for r in ranks}, "mINP": float(minp)}
         if tpr:

@@ -397,15 +397,9 @@ class PTLEngineMixin(CheckpointMixin):
         """
         if visrank and not test_only:
             raise ValueError("visrank can be set to True only if test_only=True")
-        test_kwargs = dict(
-            dist_metric=dist_metric,
-            normalize_feature=normalize_feature,
-            visrank=visrank,
-            visrank_topk=visrank_topk,
-            save_dir=save_dir,
-            use_metric_cuhk03=use_metric_cuhk03,
-            ranks=list(ranks),
-        )
+        test_kwargs = dict(dist_metric=dist_metric, normalize_feature=normalize_feature, visrank=visrank,
+                           visrank_topk=visrank_topk, save_dir=save_dir, use_metric_cuhk03=use_metric_cuhk03,
+                           ranks=list(ranks))
         if test_only:
             self.test(rerank=rerank, **test_kwargs)
             return self.last_results
