@@ -553,7 +553,7 @@ def measure_costs(args, specs, engines):
 
 def _embed_task(engine, x):
     """Time one eval-mode forward (the embedding) as the engine's feature extraction runs it."""
-    autocast = getattr(engine, "_autocast", contextlib.nullcontext)
+    autocast = getattr(engine, "autocast", contextlib.nullcontext)
 
     def task():
         engine.model.eval()
