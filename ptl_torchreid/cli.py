@@ -56,8 +56,8 @@ from ptl_torchreid.data import (
 from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.data.user import check_user_source, is_user_source
 from ptl_torchreid.engine import ENGINES, NonFiniteLossError, TrainingInterrupted, build_optimizer
-from ptl_torchreid.engine.mixin import clamp_ranks
 from ptl_torchreid.export import ExportError
+from ptl_torchreid.metrics import clamp_ranks
 from ptl_torchreid.models import build_model as _build_model
 from ptl_torchreid.models import is_ptl, is_ptl_state_dict, load_pretrained_weights, unwrap
 from ptl_torchreid.utils import distributed as pdist

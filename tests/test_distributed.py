@@ -368,6 +368,7 @@ def _cli_worker(rank, out_dir):
 def _reliability_checks(rank, out_dir, engine, save_dir):
     """Resume, a non-finite loss and a failed checkpoint write under 2 ranks (no further training)."""
     from ptl_torchreid.engine import NonFiniteLossError
+    from ptl_torchreid.engine.hooks import NonFiniteLossGuard
     from ptl_torchreid.utils.checkpoint import CheckpointError
 
     out = {}
@@ -382,8 +383,10 @@ def _reliability_checks(rank, out_dir, engine, save_dir):
     out["rand"] = torch.rand(3)
     # a NaN loss on rank 1 only stops both ranks
     loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    guard = NonFiniteLossGuard()
+    guard.trainer = engine
     try:
-        engine._check_finite_loss(loss, {"loss": float(loss)})
+        guard.check(loss, {"loss": float(loss)})
     except NonFiniteLossError as e:
         out["nonfinite"] = str(e)
 

@@ -9,7 +9,7 @@ from tiny import TINY_RUN
 import ptl_torchreid.engine.evaluator as evaluator_module
 from ptl_torchreid.cli import build_datamanager, build_engine, build_model
 from ptl_torchreid.config import engine_run_kwargs, load_config
-from ptl_torchreid.engine import ENGINES, PTLImageSoftmaxEngine, build_optimizer, clamp_ranks
+from ptl_torchreid.engine import ENGINES, HookBase, PTLImageSoftmaxEngine, build_optimizer, clamp_ranks
 from ptl_torchreid.models import is_ptl
 
 TINY = TINY_RUN + ["data.transforms", "['random_flip']", "train.lr", "0.001"]
@@ -88,20 +88,86 @@ def test_reset_at_every_epoch_start(data_root, datamanager, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path, "model.name", "ptl_osnet_x0_25", "train.max_epoch", "2")
     engine = make_engine(cfg, datamanager)
     events = _record_resets_and_forwards(engine)
-    epoch_starts = []
-    original_train = engine.train
+    epoch_ends = []
 
-    def train(*args, **kwargs):
-        epoch_starts.append(len(events))
-        return original_train(*args, **kwargs)
+    class EpochEnds(HookBase):
+        def after_epoch(self):
+            epoch_ends.append(len(events))
 
-    engine.train = train
+    engine.register_hooks([EpochEnds()])
     engine.run(**engine_run_kwargs(cfg))
-    assert len(epoch_starts) == 2
+    assert len(epoch_ends) == 2
     # Each epoch begins with exactly one reset, followed only by its training forwards.
-    for start, end in zip(epoch_starts, epoch_starts[1:] + [len(events)]):
+    for start, end in zip([0] + epoch_ends[:-1], epoch_ends):
         epoch = _split_epochs(events[start:end])
         assert epoch[0] == "reset" and epoch.count("reset") == 1 and len(epoch) > 1
+
+
+class CallRecorder(HookBase):
+    """Records every hook call with the engine's position and what the hook can see there."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _record(self, point):
+        t = self.trainer
+        self.calls.append((point, t.epoch, t.iteration))
+
+    def before_train(self):
+        self._record("before_train")
+
+    def after_train(self):
+        self._record("after_train")
+
+    def before_epoch(self):
+        self._record("before_epoch")
+
+    def after_epoch(self):
+        self._record("after_epoch")
+        assert self.trainer.epoch_summary["epoch_time"] > 0  # logged before the registered hooks run
+
+    def before_step(self):
+        self._record("before_step")
+
+    def before_backward(self):
+        self._record("before_backward")
+        assert torch.isfinite(self.trainer.loss) and "loss" in self.trainer.step_summary
+
+    def after_step(self):
+        self._record("after_step")
+        assert math.isfinite(self.trainer.step_summary["loss"])
+
+    def before_test(self):
+        self._record("before_test")
+
+    def after_test(self):
+        self._record("after_test")
+        assert "synthetic_reid" in self.trainer.last_results
+
+
+def test_registered_hook_sees_every_call_in_order(data_root, datamanager, tmp_path):
+    cfg = tiny_cfg(data_root, tmp_path, "model.name", "ptl_osnet_x0_25", "train.max_epoch", "2",
+                   "test.eval_freq", "1")
+    engine = make_engine(cfg, datamanager)
+    recorder = CallRecorder()
+    engine.register_hooks([None, recorder])
+    assert recorder.trainer is engine
+    engine.run(**engine_run_kwargs(cfg))
+    steps = engine.iteration // 2
+    assert steps > 0 and engine.iteration == 2 * steps
+    expected = [("before_train", 0, 0)]
+    for epoch in range(2):
+        expected.append(("before_epoch", epoch, epoch * steps))
+        for i in range(epoch * steps, (epoch + 1) * steps):
+            expected += [("before_step", epoch, i), ("before_backward", epoch, i), ("after_step", epoch, i + 1)]
+        if epoch == 0:  # evaluated every epoch but the last, which the final test covers
+            expected += [("before_test", 0, steps), ("after_test", 0, steps)]
+        expected.append(("after_epoch", epoch, (epoch + 1) * steps))
+    expected += [("before_test", 1, 2 * steps), ("after_test", 1, 2 * steps), ("after_train", 1, 2 * steps)]
+    assert recorder.calls == expected
+    # evaluations outside run() reach the registered hooks too
+    engine.test(ranks=[1])
+    assert recorder.calls[-2:] == [("before_test", 1, 2 * steps), ("after_test", 1, 2 * steps)]
 
 
 def test_reset_policy_never_and_iter(data_root, datamanager, tmp_path):

@@ -18,7 +18,7 @@ from tiny import PAUSING_SAVE_SCRIPT, TINY_RUN
 from ptl_torchreid import _torchreid
 from ptl_torchreid.cli import build_datamanager, build_engine, main
 from ptl_torchreid.config import engine_run_kwargs, load_config
-from ptl_torchreid.engine import NonFiniteLossError, PTLImageSoftmaxEngine
+from ptl_torchreid.engine import HookBase, NonFiniteLossError, PTLImageSoftmaxEngine
 from ptl_torchreid.utils.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
 from ptl_torchreid.utils.resume import EpochLoader, capture_rng_state, restore_rng_state, seeded_rng
 
@@ -46,20 +46,26 @@ class Interrupted(Exception):
     pass
 
 
-def record_losses(engine, stop_at=None):
-    """``{iteration: loss}`` of every step; raise :class:`Interrupted` when step ``stop_at`` (1-based) starts."""
-    losses = {}
-    original = engine.forward_backward
+class LossRecorder(HookBase):
+    """``losses``: ``{iteration: loss}`` of every step; raises :class:`Interrupted` when step ``stop_at`` (1-based)
+    starts, before its forward pass."""
 
-    def forward_backward(data):
-        if stop_at is not None and engine.iteration + 1 == stop_at:
+    def __init__(self, stop_at=None):
+        self.losses = {}
+        self.stop_at = stop_at
+
+    def before_step(self):
+        if self.stop_at is not None and self.trainer.iteration + 1 == self.stop_at:
             raise Interrupted()
-        summary = original(data)
-        losses[engine.iteration + 1] = summary["loss"]
-        return summary
 
-    engine.forward_backward = forward_backward
-    return losses
+    def after_step(self):
+        self.losses[self.trainer.iteration] = self.trainer.step_summary["loss"]
+
+
+def record_losses(engine, stop_at=None):
+    recorder = LossRecorder(stop_at)
+    engine.register_hooks([recorder])
+    return recorder.losses
 
 
 def add_dropout(engine):
@@ -149,11 +155,22 @@ def test_resume_restores_cell_state_meters_and_rng(data_root, datamanager, tmp_p
         assert torch.equal(cell.state, state["state_dict"][key])
     # RNG states and the epoch's meters come back when training restarts (whatever ran in between).
     random.random(), np.random.rand(), torch.rand(1)
-    meters = _torchreid.torchreid.utils.MetricMeter()
-    assert fresh._begin_train_epoch(0, None, meters) == 2  # two batches of epoch 1 are done
-    assert meters.meters["loss"].count == 2
-    assert fresh.net.state_norm() > 0  # no reset at the start of a resumed epoch
-    got = (random.random(), np.random.rand(), torch.rand(1))
+    seen = {}
+
+    class EpochStart(HookBase):
+        def before_epoch(self):
+            t = self.trainer
+            seen.update(first=t.first_batch, count=t.meters.meters["loss"].count, norm=t.net.state_norm(),
+                        draws=(random.random(), np.random.rand(), torch.rand(1)))
+            raise Interrupted()
+
+    fresh.register_hooks([EpochStart()])
+    with pytest.raises(Interrupted):
+        fresh.train()
+    assert seen["first"] == 2  # two batches of epoch 1 are done
+    assert seen["count"] == 2
+    assert seen["norm"] > 0  # no reset at the start of a resumed epoch
+    got = seen["draws"]
     restore_rng_state(state["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == got
 
@@ -244,15 +261,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, dat
     engine.compute_losses = compute_losses
     good = tmp_path / "model" / "model-iter4.pth.tar"
     seen = {}
-    original_after = engine._after_train_step
 
-    def after(losses):
-        original_after(losses)
-        if engine.iteration == 4:
-            seen["bytes"], seen["mtime"] = good.read_bytes(), good.stat().st_mtime_ns
-            seen["weights"] = {k: v.clone() for k, v in engine.net.state_dict().items() if "_extra_state" not in k}
+    class AfterStep(HookBase):  # runs after the default hooks: the step's checkpoint is written
+        def after_step(self):
+            if engine.iteration == 4:
+                seen["bytes"], seen["mtime"] = good.read_bytes(), good.stat().st_mtime_ns
+                seen["weights"] = {k: v.clone() for k, v in engine.net.state_dict().items()
+                                   if "_extra_state" not in k}
 
-    engine._after_train_step = after
+    engine.register_hooks([AfterStep()])
     with pytest.raises(NonFiniteLossError) as info:
         run_engine(engine, cfg)
     message = str(info.value)

@@ -63,6 +63,7 @@ from ptl_torchreid.config import (
     merge_from_list,
     validate_config,
 )
+from ptl_torchreid.engine import HookBase  # noqa: E402
 
 torchreid = _torchreid.torchreid
 
@@ -135,45 +136,38 @@ def spec_engine(cfg, spec):
 # Training runs with measurements
 # ---------------------------------------------------------------------------------------------------------
 
-class Recorder:
+class Recorder(HookBase):
     """Records, without changing what the engine does: the duration of every training step (forward, loss,
     backward, optimizer step; data loading excluded), each epoch's logged losses, and each evaluation's
     results and duration."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self):
         self.iter_times = []
         self.epochs = []
         self.evals = []
-        device = engine.device
-        forward_backward, train, test = engine.forward_backward, engine.train, engine.test
+        self._step_start = self._test_start = None
 
-        def timed_forward_backward(data):
-            bm.sync(device)
-            t0 = time.perf_counter()
-            out = forward_backward(data)
-            bm.sync(device)
-            self.iter_times.append(time.perf_counter() - t0)
-            return out
+    def before_step(self):
+        bm.sync(self.trainer.device)
+        self._step_start = time.perf_counter()
 
-        def recorded_train(*args, **kwargs):
-            out = train(*args, **kwargs)
-            self.epochs.append(dict(engine.epoch_summary, epoch=engine.epoch + 1))
-            return out
+    def after_step(self):
+        bm.sync(self.trainer.device)
+        self.iter_times.append(time.perf_counter() - self._step_start)
 
-        def recorded_test(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = test(*args, **kwargs)
-            seconds = time.perf_counter() - t0
-            results = copy.deepcopy(engine.last_results)
-            first = next(iter(results.values())) if results else {"mAP": float("nan")}
-            self.evals.append({"epoch": engine.epoch + 1, "seconds": seconds, "mAP": first["mAP"],
-                               "results": results})
-            return out
+    def after_epoch(self):
+        engine = self.trainer
+        self.epochs.append(dict(engine.epoch_summary, epoch=engine.epoch + 1))
 
-        engine.forward_backward = timed_forward_backward
-        engine.train = recorded_train
-        engine.test = recorded_test
+    def before_test(self):
+        self._test_start = time.perf_counter()
+
+    def after_test(self):
+        engine = self.trainer
+        seconds = time.perf_counter() - self._test_start
+        results = copy.deepcopy(engine.last_results)
+        first = next(iter(results.values())) if results else {"mAP": float("nan")}
+        self.evals.append({"epoch": engine.epoch + 1, "seconds": seconds, "mAP": first["mAP"], "results": results})
 
 
 @contextlib.contextmanager
@@ -194,7 +188,8 @@ def train_run(cfg, spec, quiet=True):
         check_paths(cfg)
         torchreid.utils.set_random_seed(cfg.train.seed)
         engine = spec_engine(cfg, spec)
-        rec = Recorder(engine)
+        rec = Recorder()
+        engine.register_hooks([rec])
         kwargs = engine_run_kwargs(cfg)
         kwargs["start_epoch"] = engine.start_epoch
         t0 = time.perf_counter()
@@ -515,7 +510,7 @@ def measure_costs(args, specs, engines):
 
 def _embed_task(engine, x):
     """Time one eval-mode forward (the embedding) as the engine's feature extraction runs it."""
-    autocast = getattr(engine, "_autocast", contextlib.nullcontext)
+    autocast = getattr(engine, "autocast", contextlib.nullcontext)
 
     def task():
         engine.model.eval()

@@ -1,6 +1,6 @@
-"""The PTL engines: torchreid's image engines with :class:`PTLEngineMixin`; only the loss terms differ."""
+"""The PTL engines: torchreid's image engines on :class:`PTLEngineMixin`'s loop; only the loss terms differ."""
 from ptl_torchreid._torchreid import torchreid
-from ptl_torchreid.engine.mixin import PTLEngineMixin
+from ptl_torchreid.engine.trainer import PTLEngineMixin
 
 __all__ = ["PTLImageSoftmaxEngine", "PTLImageTripletEngine"]
 

@@ -31,7 +31,8 @@ def build_optimizer(model, lr_mult=1.0, **kwargs):
     ids_b, ids_p = {id(p) for p in backbone}, {id(p) for p in ptl}
     if ids_b & ids_p or (ids_b | ids_p) != {id(p) for p in net.parameters()}:
         raise ValueError(
-            f"{type(net).__name__}: backbone_parameters() and ptl_parameters() must be disjoint and cover all parameters "
+            f"{type(net).__name__}: backbone_parameters() and ptl_parameters() must be disjoint and cover all "
+            "parameters "
             f"(shared: {len(ids_b & ids_p)}, missing: {len({id(p) for p in net.parameters()} - ids_b - ids_p)})"
         )
 

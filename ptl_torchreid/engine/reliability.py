@@ -73,7 +73,8 @@ class StopSignals:
         self.signum = signum
         try:
             print(
-                f"\nReceived {_SIGNAL_NAMES.get(signum, signum)}: stopping after the current step with a checkpoint (send it again to stop at once, "
+                f"\nReceived {_SIGNAL_NAMES.get(signum, signum)}: stopping after the current step with a checkpoint "
+                "(send it again to stop at once, "
                 "without one).",
                 file=sys.stderr,
                 flush=True,

@@ -2,9 +2,9 @@
 galleries, scalable k-reciprocal re-ranking, alpha-query expansion and pair ROC."""
 from .aqe import alpha_query_expansion
 from .chunked import evaluate_rank_chunked
-from .rank import evaluate_rank
+from .rank import clamp_ranks, evaluate_rank
 from .rerank import rerank
 from .roc import DEFAULT_FPRS, PairROC, tpr_at_fpr
 
-__all__ = ["evaluate_rank", "evaluate_rank_chunked", "rerank", "alpha_query_expansion", "PairROC", "tpr_at_fpr",
-           "DEFAULT_FPRS"]
+__all__ = ["clamp_ranks", "evaluate_rank", "evaluate_rank_chunked", "rerank", "alpha_query_expansion", "PairROC",
+           "tpr_at_fpr", "DEFAULT_FPRS"]

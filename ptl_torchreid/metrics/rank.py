@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["evaluate_rank", "check_labels", "rank_block", "reduce_per_query", "effective_max_rank"]
+__all__ = ["evaluate_rank", "check_labels", "rank_block", "reduce_per_query", "effective_max_rank", "clamp_ranks"]
 
 # Counting costs about 2 comparisons per (own-id entry, gallery entry); argsorting a row costs the equivalent of a
 # few hundred per gallery entry. Beyond this many own-id entries the row is argsorted instead.
@@ -202,6 +202,27 @@ def effective_max_rank(max_rank, num_g):
         )
         return num_g
     return int(max_rank)
+
+
+def clamp_ranks(ranks, num_gallery, dataset_name=""):
+    """Ranks that a gallery of ``num_gallery`` images can give; says which requested ranks are dropped."""
+    ranks = sorted({int(r) for r in ranks})
+    valid = [r for r in ranks if r <= num_gallery]
+    dropped = [r for r in ranks if r > num_gallery]
+    if dropped:
+        print(
+            "Note: the gallery of {} has only {} images, so {} cannot be computed and {} skipped "
+            "(set test.ranks to ranks <= {}).".format(
+                dataset_name or "this dataset",
+                num_gallery,
+                ", ".join(f"Rank-{r}" for r in dropped),
+                "is" if len(dropped) == 1 else "are",
+                num_gallery,
+            )
+        )
+    if num_gallery < 1:
+        raise ValueError("the gallery of {} is empty: nothing to rank".format(dataset_name or "this dataset"))
+    return valid or [1]
 
 
 def _resolve_threads(num_threads, size):

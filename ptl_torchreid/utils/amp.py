@@ -8,8 +8,8 @@ import contextlib
 
 import torch
 
-__all__ = ["PRECISIONS", "normalize_precision", "autocast_dtype", "check_precision", "autocast_context",
-           "make_grad_scaler", "memory_format"]
+__all__ = ["PRECISIONS", "normalize_precision", "autocast_dtype", "check_precision", "resolve_precision",
+           "autocast_context", "make_grad_scaler", "memory_format"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _ALIASES = {"fp32": "fp32", "float32": "fp32", "32": "fp32", "no": "fp32", "none": "fp32",
@@ -50,10 +50,21 @@ def check_precision(device, precision):
     if precision == "bf16" and device_type == "cuda" and torch.cuda.is_available() \
             and not torch.cuda.is_bf16_supported():
         raise ValueError(
-            f"precision 'bf16' is not supported by this GPU ({torch.cuda.get_device_name()}); use 'fp16' (with loss scaling) "
+            f"precision 'bf16' is not supported by this GPU ({torch.cuda.get_device_name()}); use 'fp16' (with loss "
+            "scaling) "
             "or 'fp32'"
         )
     return precision
+
+
+def resolve_precision(amp, amp_dtype, device):
+    """'fp32' without ``amp``; otherwise ``amp_dtype``, where 'auto' is fp16 on CUDA and bf16 elsewhere."""
+    device = torch.device(device)
+    if not amp:
+        return "fp32"
+    if amp_dtype == "auto":
+        amp_dtype = "fp16" if device.type == "cuda" else "bf16"
+    return check_precision(device.type, amp_dtype)
 
 
 def autocast_context(device_type, precision):
