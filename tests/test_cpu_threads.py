@@ -178,7 +178,7 @@ def test_entry_points_set_passive_waiting_before_torch_on_busy_cpus_unless_the_u
         busy.wait()
 
 
-_FIRST_LOADERS = ("torch", "torchvision", "torchreid", "bench_measure", "bench_report")
+_FIRST_LOADERS = ("torch", "torchvision", "torchreid")
 
 
 @pytest.mark.parametrize("script", sorted(glob.glob(osp.join(REPO, "tools", "*.py"))), ids=osp.basename)
