@@ -30,6 +30,7 @@ from ptl_torchreid.engine.reliability import (
     load_optimizer_state,
 )
 from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.models.cell_sync import sync_cell_states
 from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler, memory_format
 from ptl_torchreid.utils.checkpoint import (
@@ -218,7 +219,7 @@ class PTLEngineMixin:
     def _sync_cell_states(self, batch_size):
         """After the optimizer step: average the cells' states over the ranks (weighted by batch size)."""
         if self.world_size > 1 and self.is_ptl:
-            pdist.sync_cell_states(self.model, batch_size=batch_size)
+            sync_cell_states(self.model, batch_size=batch_size)
 
     def _average_meters_over_ranks(self, losses):
         """Turn each rank's epoch averages into averages over all ranks' samples (for logging)."""

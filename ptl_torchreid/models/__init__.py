@@ -9,6 +9,8 @@ import functools
 import warnings
 
 from .. import _torchreid
+from ..utils.distributed import unwrap
+from . import cell_sync  # noqa: F401  (registers the cells' buffers as rank-synchronised, see cell_sync)
 from .backbones import BACKBONES, build_backbone, is_ptl_state_dict, load_imagenet_weights, load_pretrained_weights
 from .bconv import EVAL_STATES, STATE_MODES, BConvCell, check_state_options
 from .ptl import CELL_INITS, CELL_TYPES, HEADS, MODES, SIDE_POOLS, STAGE3_TAPS, STAGES, PTLNet
@@ -68,13 +70,6 @@ def register_models():
 
 def available_models():
     return sorted(_torchreid.model_factory())
-
-
-def unwrap(model):
-    """The model inside DataParallel / DistributedDataParallel wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def is_ptl(model):
