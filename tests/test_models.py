@@ -218,6 +218,16 @@ def test_build_model_errors():
         models.build_model("osnet_x0_25", num_classes=3, state_mode="slot")
     with pytest.raises(ValueError, match="multiple of 32"):
         models.build_model(SMALL, num_classes=3, input_size=(250, 130))
+    # option checks say which option failed and what is valid, for the config to name its key
+    for options, option, choices in ((dict(head="sum"), "head", models.HEADS),
+                                     (dict(mode="rectify", rectify_stages=("stage5",)), "rectify_stages", None),
+                                     (dict(loss="arcface"), "loss", models.ptl.LOSSES),
+                                     (dict(momentum=0.0), "momentum", None)):
+        with pytest.raises(models.InvalidOption) as e:
+            models.build_model(SMALL, num_classes=3, **options)
+        assert (e.value.option, e.value.choices) == (option, choices)
+    with pytest.raises(models.InvalidOption, match="cell_type='lstm' is not valid; choose one of bconv, conv"):
+        models.check_options(cell_type="lstm")
 
 
 def test_device_and_dtype_agnostic():
