@@ -253,3 +253,11 @@ def test_no_hard_coded_cuda_in_package():
                     if re.search(r"\.cuda\(", code):
                         offenders.append(f)
     assert not offenders
+
+
+def test_unwrap_strips_parallel_wrappers_only():
+    net = torch.nn.Linear(2, 2)
+    assert models.unwrap(torch.nn.DataParallel(torch.nn.DataParallel(net))) is net
+    holder = torch.nn.Module()
+    holder.module = net  # a model with a child named "module" is not a wrapper
+    assert models.unwrap(holder) is holder and models.unwrap(net) is net

@@ -3,6 +3,13 @@
 An unknown key raises :class:`ConfigError` naming the nearest valid keys, a value that does not convert
 faithfully to its default's type names the type wanted, and a key given twice in one YAML mapping names both
 lines. :func:`load_config` chains defaults, file, torchreid-style flags and overrides, then validates.
+
+Values are decoded as yacs decodes them (command-line text as Python literals) and then set key by key, rather
+than through yacs's ``merge_from_other_cfg``: that merge literal-evaluates every string again (a ``data.root``
+given as ``'1'`` would become an int and fail), accepts only the default's exact type or list <-> tuple (not
+``true`` for a boolean, ``10`` for a float key, one value for a list key, nor ``True`` for ``use_gpu``, whose
+default is ``'auto'``), and reports an unknown key without the nearest one. These conversions are what configs
+written for this package rely on.
 """
 import ast
 import difflib
