@@ -256,7 +256,7 @@ def test_add_ptl_config_extends_a_torchreid_style_config():
 
 def test_choice_lists_and_checks_come_from_their_owners():
     assert PTL_STATE_MODES is models.STATE_MODES and PTL_EVAL_STATES is models.EVAL_STATES
-    assert PTL_RESET_POLICIES is engine.RESET_POLICIES
+    assert PTL_RESET_POLICIES is models.RESET_POLICIES is engine.RESET_POLICIES
     # the cell's own check decides what ptl.momentum accepts, and says how to fix it; the config names the key
     with pytest.raises(models.InvalidOption) as owner:
         models.check_state_options("dataset", "running", 2.0)

@@ -8,8 +8,8 @@ naming the key and the nearest valid key; :func:`validate_config` (:mod:`.valida
 values before any work starts. :mod:`.kwargs` maps a config to the builders' keyword arguments.
 """
 # The ptl section's choice lists, under the names this module always exported; their owners define them.
-from ptl_torchreid.engine import RESET_POLICIES as PTL_RESET_POLICIES
 from ptl_torchreid.models import EVAL_STATES as PTL_EVAL_STATES
+from ptl_torchreid.models import RESET_POLICIES as PTL_RESET_POLICIES
 from ptl_torchreid.models import STATE_MODES as PTL_STATE_MODES
 
 from .defaults import add_ptl_config, get_default_config, torchreid_default_config

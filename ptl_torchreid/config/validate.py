@@ -10,8 +10,7 @@ from ptl_torchreid import _torchreid
 from ptl_torchreid.data import registered_synthetic_datasets
 from ptl_torchreid.data.check import DatasetRootError
 from ptl_torchreid.data.user import register_user_sources
-from ptl_torchreid.engine import RESET_POLICIES
-from ptl_torchreid.models import InvalidOption, available_models, check_options, check_state_options
+from ptl_torchreid.models import RESET_POLICIES, InvalidOption, available_models, check_options, check_state_options
 from ptl_torchreid.models.ptl import INPUT_SIZE_MULTIPLE, LOSSES, check_stages
 from ptl_torchreid.utils.cpu_threads import is_valid_setting as is_valid_cpu_threads
 

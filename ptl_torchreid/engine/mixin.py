@@ -30,6 +30,7 @@ from ptl_torchreid.engine.reliability import (
     load_optimizer_state,
 )
 from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.models.bconv import RESET_POLICIES
 from ptl_torchreid.models.cell_sync import sync_cell_states
 from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, check_precision, make_grad_scaler, memory_format
@@ -47,8 +48,6 @@ from ptl_torchreid.utils.savedir import SaveDirError
 
 __all__ = ["PTLEngineMixin", "NonFiniteLossError", "TrainingInterrupted", "RESET_POLICIES", "clamp_ranks",
            "resolve_precision"]
-
-RESET_POLICIES = ("epoch", "never", "iter")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -33,6 +33,8 @@ from .options import InvalidOption, check_choice
 
 STATE_MODES = ("dataset", "slot")
 EVAL_STATES = ("running", "zero")
+# When training zeroes the carried state (reset_state): at every epoch start, never, or every N steps.
+RESET_POLICIES = ("epoch", "never", "iter")
 
 
 _UNCHANGED = object()
