@@ -167,20 +167,11 @@ def validate_config(cfg):
             f"RandomIdentitySampler needs a multiple of sampler.num_instances ({cfg.sampler.num_instances}): "
             "P identities x K images per batch",
         )
-    if "RandomDomainSampler" in samplers:
-        _check(
-            tr.batch_size % cfg.sampler.num_cams == 0,
-            "train.batch_size",
-            tr.batch_size,
-            f"RandomDomainSampler needs a multiple of sampler.num_cams ({cfg.sampler.num_cams})",
-        )
-    if "RandomDatasetSampler" in samplers:
-        _check(
-            tr.batch_size % cfg.sampler.num_datasets == 0,
-            "train.batch_size",
-            tr.batch_size,
-            f"RandomDatasetSampler needs a multiple of sampler.num_datasets ({cfg.sampler.num_datasets})",
-        )
+    for sampler, key in (("RandomDomainSampler", "num_cams"), ("RandomDatasetSampler", "num_datasets")):
+        if sampler in samplers:
+            n = cfg.sampler[key]
+            _check(tr.batch_size % n == 0, "train.batch_size", tr.batch_size,
+                   f"{sampler} needs a multiple of sampler.{key} ({n})")
     _check(tr.fixbase_epoch >= 0, "train.fixbase_epoch", tr.fixbase_epoch, "must be >= 0")
     _check(tr.base_lr_mult > 0, "train.base_lr_mult", tr.base_lr_mult, "must be positive")
     _choice("train.lr_scheduler", tr.lr_scheduler, choices["schedulers"])
