@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from ptl_torchreid.models.bconv import BConvCell
+from ptl_torchreid.models.bconv import EVAL_STATES, BConvCell, check_state_options
+from ptl_torchreid.models.options import InvalidOption
 
 
 def sigmoid(v):
@@ -205,3 +206,27 @@ def test_fused_cell_gradient_matches_autograd_reference():
     torch.testing.assert_close(out, reference)
     torch.testing.assert_close(fused_cell, cell.detach())
     assert not fused_cell.requires_grad
+
+
+def test_reset_running_state_starts_a_new_average():
+    torch.manual_seed(0)
+    cell = BConvCell(2, 3, state_size=(4, 4), momentum=None)
+    for _ in range(3):
+        cell(torch.randn(4, 2, 4, 4))
+    assert int(cell.num_batches_tracked) == 3
+    cell.reset_running_state()
+    assert int(cell.num_batches_tracked) == 0 and not cell.running_state.any()
+    cell(torch.randn(4, 2, 4, 4))
+    # a cumulative average over one batch after the reset is that batch's mean state (the carried state is kept)
+    torch.testing.assert_close(cell.running_state, cell.state)
+
+
+def test_option_errors_say_which_option_failed():
+    with pytest.raises(InvalidOption) as e:
+        check_state_options("dataset", "running", 1.5)
+    assert (e.value.option, e.value.value, e.value.choices) == ("momentum", 1.5, None)
+    assert "(0, 1]" in e.value.requirement and "momentum=1.5 is not valid" in str(e.value)
+    with pytest.raises(InvalidOption) as e:
+        BConvCell(2, 3, state_size=(4, 4), eval_state="mean")
+    assert (e.value.option, e.value.choices) == ("eval_state", EVAL_STATES)
+    assert isinstance(e.value, ValueError)

@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter, OrderedDict
@@ -32,6 +33,7 @@ from ptl_torchreid.utils.checkpoint import (
     save_checkpoint,
     to_plain,
 )
+from ptl_torchreid.utils.checkpoint.loading import _load_with_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +212,7 @@ def test_permission_denied_raises_checkpoint_write_error(tmp_path, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(ckmod.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(CheckpointWriteError, match="Permission denied.*writable") as ei:
         save_checkpoint({"w": torch.ones(1)}, tmp_path / "ck.pth")
     assert str(tmp_path / "ck.pth") in str(ei.value)
@@ -305,7 +307,7 @@ def test_numpy_checkpoints_load_through_allow_list(tmp_path):
     path = tmp_path / "torchreid_style.pth.tar"
     torch.save({"state_dict": Tiny().state_dict(), "epoch": 3, "rank1": np.float64(0.9),
                 "arr": np.ones(3, dtype=np.int64)}, path)
-    ck, mode = ckmod._load_with_mode(path)
+    ck, mode = _load_with_mode(path)
     assert mode == "allow_list"
     assert ck["rank1"] == 0.9 and np.array_equal(ck["arr"], np.ones(3))
     assert not any("numpy" in str(g) for g in torch.serialization.get_safe_globals())
@@ -318,7 +320,7 @@ def test_numpy1_names_are_allowed_too(tmp_path):
     old = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
     assert old != data
     path.write_bytes(old)
-    ck, mode = ckmod._load_with_mode(path)
+    ck, mode = _load_with_mode(path)
     assert mode == "allow_list" and ck["rank1"] == 0.25
 
 

@@ -4,10 +4,15 @@ import inspect
 import os.path as osp
 
 import pytest
+from yacs.config import CfgNode as CN
 
-from ptl_torchreid import _torchreid
+from ptl_torchreid import _torchreid, engine, models
 from ptl_torchreid.config import (
+    PTL_EVAL_STATES,
+    PTL_RESET_POLICIES,
+    PTL_STATE_MODES,
     ConfigError,
+    add_ptl_config,
     config_keys,
     engine_kwargs,
     engine_run_kwargs,
@@ -21,6 +26,7 @@ from ptl_torchreid.config import (
     nearest_keys,
     optimizer_kwargs,
     synthetic_kwargs,
+    torchreid_default_config,
     validate_config,
 )
 from ptl_torchreid.engine import PTLImageSoftmaxEngine, PTLImageTripletEngine, build_optimizer
@@ -230,3 +236,34 @@ def test_cross_domain_configs():
     tgt = by_name["ptl_osnet_x0_25_synthetic_source_to_target.yaml"]
     assert pre.data.sources == ["synthetic_source"] and tgt.data.sources == ["synthetic_target"]
     assert tgt.model.load_weights.startswith(pre.data.save_dir + "/")
+
+
+def test_add_ptl_config_extends_a_torchreid_style_config():
+    # a torchreid user's own config: torchreid's keys and a section of their own
+    cfg = torchreid_default_config()
+    assert "ptl" not in cfg and "amp" not in cfg.train and "synthetic" not in cfg.data
+    cfg.mine = CN()
+    cfg.mine.alpha = 0.5
+    cfg.train.lr = 0.01
+    assert add_ptl_config(cfg) is cfg
+    assert cfg.mine.alpha == 0.5 and cfg.train.lr == 0.01  # what was there stays
+    assert set(config_keys(cfg)) == set(config_keys()) | {"mine.alpha"}
+    merge_from_list(cfg, ["ptl.mode", "rectify", "model.name", "ptl_osnet_x0_25", "mine.alpha", "2"])
+    assert validate_config(cfg).ptl.mode == "rectify" and cfg.mine.alpha == 2.0
+    assert torchreid_default_config() != get_default_config()
+    assert add_ptl_config(torchreid_default_config()) == get_default_config()
+
+
+def test_choice_lists_and_checks_come_from_their_owners():
+    assert PTL_STATE_MODES is models.STATE_MODES and PTL_EVAL_STATES is models.EVAL_STATES
+    assert PTL_RESET_POLICIES is models.RESET_POLICIES is engine.RESET_POLICIES
+    # the cell's own check decides what ptl.momentum accepts, and says how to fix it; the config names the key
+    with pytest.raises(models.InvalidOption) as owner:
+        models.check_state_options("dataset", "running", 2.0)
+    cfg = get_default_config()
+    merge_from_list(cfg, ["ptl.momentum", "2.0"])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    assert str(e.value) == f"ptl.momentum = 2.0 is not valid; {owner.value.requirement}"
+    merge_from_list(cfg, ["ptl.momentum", "1.0"])
+    validate_config(cfg)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from ptl_torchreid.data.samplers import (
     build_distributed_train_sampler,
     rebuild_loader,
 )
+from ptl_torchreid.models import cell_sync
 from ptl_torchreid.models.bconv import BConvCell
 from ptl_torchreid.utils import amp
 from ptl_torchreid.utils import distributed as pdist
@@ -115,9 +117,9 @@ def _ddp_cells_worker(rank, out_dir):
         results["saw_rank0_first"] = osp.exists(flag)
     for mode in ("dataset", "slot"):
         model = pdist.wrap_ddp(make_stack(mode))
-        assert set(pdist.cell_buffer_names(model)) <= set(model.parameters_to_ignore)
+        assert set(cell_sync.cell_buffer_names(model)) <= set(model.parameters_to_ignore)
         mine = [(x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]) for x, y in global_batches(WORLD * B)]
-        train_steps(model, mine, sync=lambda n: pdist.sync_cell_states(model, batch_size=n))
+        train_steps(model, mine, sync=lambda n: cell_sync.sync_cell_states(model, batch_size=n))
         results[mode] = cell_snapshot(model)
     # unequal batches (3 and 5 samples), forward only: sync weights by batch size
     model = make_stack("dataset").train()
@@ -125,7 +127,7 @@ def _ddp_cells_worker(rank, out_dir):
     with torch.no_grad():
         part = x[:3] if rank == 0 else x[3:]
         model(part)
-        pdist.sync_cell_states(model, batch_size=part.shape[0])
+        cell_sync.sync_cell_states(model, batch_size=part.shape[0])
     results["unequal"] = cell_snapshot(model)
     # gathering tensors of different lengths
     t = torch.arange(rank + 2, dtype=torch.float32).view(-1, 1).repeat(1, 3) + 10 * rank
@@ -225,7 +227,7 @@ def test_single_process_helpers_are_no_ops(monkeypatch):
     model = make_stack("dataset").train()
     model(torch.randn(2, 3, 8, 8))
     before = model.c1.state.clone()
-    pdist.sync_cell_states(model, batch_size=2)
+    cell_sync.sync_cell_states(model, batch_size=2)
     assert torch.equal(model.c1.state, before)
     with pytest.raises(RuntimeError, match="init_distributed"):
         pdist.wrap_ddp(model)
@@ -285,7 +287,7 @@ def _ddp_ptl_worker(rank, out_dir):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            pdist.sync_cell_states(model, batch_size=x.shape[0])
+            cell_sync.sync_cell_states(model, batch_size=x.shape[0])
         net = models.unwrap(model)
         torch.save({"states": [c.state for c in net.cells()], "running": [c.running_state for c in net.cells()],
                     "loss": float(loss), "weight": net.classifier.weight.detach().clone()},
@@ -706,3 +708,37 @@ def test_benchmark_script_cpu_path(tmp_path):
     assert "AMP (bf16) / fp32 ptl_resnet50:" in written
     with pytest.raises(SystemExit):
         bench.parse_args(["--modes", "fp64"])
+
+
+def test_registered_rank_synced_buffers_are_left_to_their_owner(monkeypatch, tmp_path):
+    """wrap_ddp hands a registered owner's buffers to the owner: DDP ignores them and the owner broadcasts them
+    once; a module type the package knows nothing of plugs in the same way the BConv-Cells do."""
+    class Tally(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("seen", torch.zeros(1))
+
+        def forward(self, x):
+            return x
+
+    def tally_names(net):
+        return [f"{name}.seen" for name, m in net.named_modules() if isinstance(m, Tally)]
+
+    broadcasts = []
+    monkeypatch.setattr(pdist, "_RANK_SYNCED", list(pdist._RANK_SYNCED))
+    pdist.register_rank_synced_buffers(tally_names, lambda model, src: broadcasts.append(src))
+    pdist.register_rank_synced_buffers(tally_names, lambda model, src: None)  # another pair: registered
+    pdist.register_rank_synced_buffers(*pdist._RANK_SYNCED[-1])  # the same pair again: not registered twice
+    model = nn.Sequential(nn.Linear(2, 2), Tally(), nn.BatchNorm1d(2), make_stack("dataset"))
+    assert pdist.rank_synced_buffer_names(model) == sorted(
+        ["1.seen"] + ["3." + n for n in cell_sync.cell_buffer_names(model[3])])
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = pdist.wrap_ddp(model)
+        assert {"1.seen", "3.c1.running_state"} <= set(ddp.parameters_to_ignore)
+        assert "2.running_mean" not in ddp.parameters_to_ignore  # other buffers stay with DDP
+        assert broadcasts == [0]
+        assert pdist.unwrap(ddp) is model and models.unwrap(ddp) is model
+    finally:
+        dist.destroy_process_group()

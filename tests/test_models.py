@@ -218,6 +218,16 @@ def test_build_model_errors():
         models.build_model("osnet_x0_25", num_classes=3, state_mode="slot")
     with pytest.raises(ValueError, match="multiple of 32"):
         models.build_model(SMALL, num_classes=3, input_size=(250, 130))
+    # option checks say which option failed and what is valid, for the config to name its key
+    for options, option, choices in ((dict(head="sum"), "head", models.HEADS),
+                                     (dict(mode="rectify", rectify_stages=("stage5",)), "rectify_stages", None),
+                                     (dict(loss="arcface"), "loss", models.ptl.LOSSES),
+                                     (dict(momentum=0.0), "momentum", None)):
+        with pytest.raises(models.InvalidOption) as e:
+            models.build_model(SMALL, num_classes=3, **options)
+        assert (e.value.option, e.value.choices) == (option, choices)
+    with pytest.raises(models.InvalidOption, match="cell_type='lstm' is not valid; choose one of bconv, conv"):
+        models.check_options(cell_type="lstm")
 
 
 def test_device_and_dtype_agnostic():
@@ -243,3 +253,11 @@ def test_no_hard_coded_cuda_in_package():
                     if re.search(r"\.cuda\(", code):
                         offenders.append(f)
     assert not offenders
+
+
+def test_unwrap_strips_parallel_wrappers_only():
+    net = torch.nn.Linear(2, 2)
+    assert models.unwrap(torch.nn.DataParallel(torch.nn.DataParallel(net))) is net
+    holder = torch.nn.Module()
+    holder.module = net  # a model with a child named "module" is not a wrapper
+    assert models.unwrap(holder) is holder and models.unwrap(net) is net

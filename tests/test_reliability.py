@@ -73,7 +73,7 @@ def test_torch_save_runtime_error_on_a_full_disk_is_a_write_error(tmp_path, monk
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(torch, "save", full)
-    monkeypatch.setattr(ckmod.shutil, "disk_usage", lambda d: shutil._ntuple_diskusage(100, 100, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda d: shutil._ntuple_diskusage(100, 100, 0))
     with pytest.raises(CheckpointWriteError) as info:
         save_checkpoint({"w": torch.zeros(3)}, path)
     assert info.value.errno == errno.ENOSPC and str(path) in str(info.value)

@@ -14,6 +14,8 @@ import math
 import signal
 
 from ptl_torchreid.engine.reliability import TrainingInterrupted
+from ptl_torchreid.models.bconv import RESET_POLICIES
+from ptl_torchreid.models.cell_sync import sync_cell_states
 from ptl_torchreid.utils import distributed as pdist
 
 __all__ = [
@@ -30,8 +32,6 @@ __all__ = [
     "PeriodicEvaluation",
     "StopOnSignal",
 ]
-
-RESET_POLICIES = ("epoch", "never", "iter")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -141,7 +141,7 @@ class CellStateHook(HookBase):
     def after_step(self):
         t = self.trainer
         if t.world_size > 1 and t.is_ptl:
-            pdist.sync_cell_states(t.model, batch_size=t.step_batch_size)
+            sync_cell_states(t.model, batch_size=t.step_batch_size)
 
 
 class NonFiniteLossGuard(HookBase):

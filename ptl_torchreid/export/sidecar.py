@@ -8,7 +8,7 @@ import json
 import os
 import os.path as osp
 
-from ..utils.checkpoint import _atomic_write_text
+from ..utils.checkpoint import atomic_write_text
 
 __all__ = ["SIDECAR_FORMAT", "IMAGENET_MEAN", "IMAGENET_STD", "file_sha256", "model_stem", "sidecar_path",
            "make_sidecar", "write_sidecar", "read_sidecar"]
@@ -78,7 +78,7 @@ def write_sidecar(model_path, sidecar):
     """Write ``sidecar`` (from :func:`make_sidecar`) next to ``model_path``, atomically; returns its path."""
     path = sidecar_path(model_path)
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    _atomic_write_text(path, json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(sidecar, indent=2) + "\n")
     return path
 
 

@@ -9,13 +9,17 @@ import functools
 import warnings
 
 from .. import _torchreid
+from ..utils.distributed import unwrap
+from . import cell_sync  # noqa: F401  (registers the cells' buffers as rank-synchronised, see cell_sync)
 from .backbones import BACKBONES, build_backbone, is_ptl_state_dict, load_imagenet_weights, load_pretrained_weights
-from .bconv import EVAL_STATES, STATE_MODES, BConvCell, check_state_options
-from .ptl import CELL_INITS, CELL_TYPES, HEADS, MODES, SIDE_POOLS, STAGE3_TAPS, STAGES, PTLNet
+from .bconv import EVAL_STATES, RESET_POLICIES, STATE_MODES, BConvCell, check_state_options
+from .options import InvalidOption
+from .ptl import CELL_INITS, CELL_TYPES, HEADS, MODES, SIDE_POOLS, STAGE3_TAPS, STAGES, PTLNet, check_options
 
-__all__ = ["PTLNet", "BConvCell", "PTL_MODELS", "STATE_MODES", "EVAL_STATES", "build_model", "is_ptl",
-           "unwrap", "register_models", "available_models", "load_pretrained_weights", "is_ptl_state_dict",
-           "check_state_options", "MODES", "HEADS", "SIDE_POOLS", "CELL_INITS", "CELL_TYPES", "STAGE3_TAPS", "STAGES"]
+__all__ = ["PTLNet", "BConvCell", "PTL_MODELS", "STATE_MODES", "EVAL_STATES", "RESET_POLICIES", "build_model",
+           "is_ptl", "unwrap", "register_models", "available_models", "load_pretrained_weights", "is_ptl_state_dict",
+           "check_state_options", "check_options", "InvalidOption", "MODES", "HEADS", "SIDE_POOLS", "CELL_INITS",
+           "CELL_TYPES", "STAGE3_TAPS", "STAGES"]
 
 # ptl model name -> backbone name
 PTL_MODELS = {
@@ -68,13 +72,6 @@ def register_models():
 
 def available_models():
     return sorted(_torchreid.model_factory())
-
-
-def unwrap(model):
-    """The model inside DataParallel / DistributedDataParallel wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def is_ptl(model):

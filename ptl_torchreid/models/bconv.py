@@ -29,30 +29,29 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from .options import InvalidOption, check_choice
+
 STATE_MODES = ("dataset", "slot")
 EVAL_STATES = ("running", "zero")
+# When training zeroes the carried state (reset_state): at every epoch start, never, or every N steps.
+RESET_POLICIES = ("epoch", "never", "iter")
 
 
 _UNCHANGED = object()
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError("{}={!r} is not valid; choose one of {}".format(name, value, ", ".join(choices)))
 
 
 def _check_momentum(momentum):
     valid = momentum is None or (isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
                                  and 0.0 < momentum <= 1.0)
     if not valid:
-        raise ValueError(f"momentum={momentum!r} is not valid; use a value in (0, 1], or None for a cumulative "
-                         "average")
+        raise InvalidOption("momentum", momentum, "use a value in (0, 1], or None for a cumulative average")
 
 
 def check_state_options(state_mode, eval_state, momentum):
-    """Validate cell options without building a cell (used by configs)."""
-    _check_choice("state_mode", state_mode, STATE_MODES)
-    _check_choice("eval_state", eval_state, EVAL_STATES)
+    """Validate cell options without building a cell (used by configs); raises
+    :class:`~ptl_torchreid.models.options.InvalidOption`."""
+    check_choice("state_mode", state_mode, STATE_MODES)
+    check_choice("eval_state", eval_state, EVAL_STATES)
     _check_momentum(momentum)
 
 
@@ -141,19 +140,20 @@ class BConvCell(nn.Module):
         """Change state mode, eval state or momentum (arguments left out stay as they are). Resets the carried
         state when the state mode changes, since the two modes keep states of different shapes."""
         if state_mode is not None:
-            _check_choice("state_mode", state_mode, STATE_MODES)
+            check_choice("state_mode", state_mode, STATE_MODES)
             if getattr(self, "state_mode", state_mode) != state_mode:
                 self.reset_state()
             self.state_mode = state_mode
         if eval_state is not None:
-            _check_choice("eval_state", eval_state, EVAL_STATES)
+            check_choice("eval_state", eval_state, EVAL_STATES)
             self.eval_state = eval_state
         if momentum is not _UNCHANGED:
             _check_momentum(momentum)
             self.momentum = momentum
 
     def extra_repr(self):
-        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}, state_size={self.state_size}, state_mode={self.state_mode}, eval_state={self.eval_state}, momentum={self.momentum}"
+        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, state_size={self.state_size}, "
+                f"state_mode={self.state_mode}, eval_state={self.eval_state}, momentum={self.momentum}")
 
     # -- state management ---------------------------------------------------------------------------------------
     def reset_state(self):
@@ -161,6 +161,8 @@ class BConvCell(nn.Module):
         self.state = None
 
     def reset_running_state(self):
+        """Forget the running (eval) state and its step count, as BatchNorm's ``reset_running_stats``: the next
+        training step starts a new average (with ``momentum=None``, a cumulative one)."""
         self.running_state.zero_()
         self.num_batches_tracked.zero_()
 
@@ -184,8 +186,8 @@ class BConvCell(nn.Module):
     def _check_spatial(self, h, w):
         if (h, w) != self.state_size:
             raise ValueError(
-                f"BConvCell state is {self.state_size[0]}x{self.state_size[1]} but this input gives {h}x{w}: the model was built for another input "
-                "size. Build it with input_size matching data.height/data.width."
+                f"BConvCell state is {self.state_size[0]}x{self.state_size[1]} but this input gives {h}x{w}: the "
+                "model was built for another input size. Build it with input_size matching data.height/data.width."
             )
 
     def _previous_state(self, batch_size, like):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .bconv import BConvCell, conv_output_size
 from .blocks import ConvAdapter, FuseBlock, Rectifier
+from .options import InvalidOption, check_choice
 
 # Side-stream widths of the reference ResNet-50 model; other backbones scale them (see ``side_stream_widths``).
 REFERENCE_WIDTHS = dict(bconv1=16, bconv2=32, fuse1=64, bconv3=64, fuse2=128, bconv4=256, fuse3=256, bconv5=512,
@@ -42,6 +43,10 @@ CELL_INITS = ("fan_out", "fan_in")
 CELL_TYPES = ("bconv", "conv")
 STAGE3_TAPS = ("stage", "first_block")
 STAGES = ("stage1", "stage2", "stage3", "last")  # what rectify mode can modulate
+LOSSES = ("softmax", "triplet")  # torchreid's forward contracts
+# The side stream follows the backbone's stride-32 taps, which line up for input sizes of this multiple.
+INPUT_SIZE_MULTIPLE = 32
+
 
 def side_stream_widths(stage3_channels, divisor=8):
     """Scale the reference widths by the backbone's stage-3 width relative to ResNet-50's, rounded up to a
@@ -50,16 +55,23 @@ def side_stream_widths(stage3_channels, divisor=8):
     return {k: max(divisor, int(-(-v * scale // divisor)) * divisor) for k, v in REFERENCE_WIDTHS.items()}
 
 
-def check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError("{}={!r} is not valid; choose one of {}".format(name, value, ", ".join(choices)))
+def check_options(mode="branch", head="residual", side_pool="avg", cell_init="fan_out", cell_type="bconv",
+                  stage3_tap="stage", loss="softmax"):
+    """Validate :class:`PTLNet`'s choice options without building a model (used by configs); raises
+    :class:`~ptl_torchreid.models.options.InvalidOption`."""
+    for name, value, choices in (("mode", mode, MODES), ("head", head, HEADS), ("side_pool", side_pool, SIDE_POOLS),
+                                 ("cell_init", cell_init, CELL_INITS), ("cell_type", cell_type, CELL_TYPES),
+                                 ("stage3_tap", stage3_tap, STAGE3_TAPS), ("loss", loss, LOSSES)):
+        check_choice(name, value, choices)
 
 
 def check_stages(stages):
+    """``stages`` in side-stream order, or :class:`~ptl_torchreid.models.options.InvalidOption` unless they are
+    one or more distinct names of ``STAGES``."""
     stages = tuple(stages)
     if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
-        raise ValueError("rectify_stages={!r} is not valid; give one or more distinct names of {}".format(
-            list(stages), ", ".join(STAGES)))
+        raise InvalidOption("rectify_stages", list(stages),
+                            "give one or more distinct names of " + ", ".join(STAGES))
     return tuple(s for s in STAGES if s in stages)
 
 
@@ -110,12 +122,8 @@ class PTLNet(nn.Module):
         super().__init__()
         if len(taps) != 5:
             raise ValueError(f"PTLNet needs 5 taps (stem, stage1, stage2, stage3, last), got {len(taps)}")
-        if loss not in ("softmax", "triplet"):
-            raise ValueError(f"loss={loss!r} is not supported; use 'softmax' or 'triplet'")
-        for name, value, choices in (("mode", mode, MODES), ("head", head, HEADS), ("side_pool", side_pool,
-                                     SIDE_POOLS), ("cell_init", cell_init, CELL_INITS),
-                                     ("cell_type", cell_type, CELL_TYPES), ("stage3_tap", stage3_tap, STAGE3_TAPS)):
-            check_choice(name, value, choices)
+        check_options(mode=mode, head=head, side_pool=side_pool, cell_init=cell_init, cell_type=cell_type,
+                      stage3_tap=stage3_tap, loss=loss)
         self.loss, self.mode, self.side_pool, self.cell_type = loss, mode, side_pool, cell_type
         self.head = head if mode == "branch" else None
         self.rectify_stages = check_stages(rectify_stages) if mode == "rectify" else ()
@@ -205,8 +213,8 @@ class PTLNet(nn.Module):
             stride = prev[0] // cur[0]
             if stride < 1 or conv_output_size(prev[0], stride) != cur[0]:
                 raise ValueError(
-                    f"backbone taps {prev} -> {cur} are not a plain stride apart; input_size {self.input_size} may not suit "
-                    "this backbone; use an input size that is a multiple of 32"
+                    f"backbone taps {prev} -> {cur} are not a plain stride apart; input_size {self.input_size} may "
+                    f"not suit this backbone; use an input size that is a multiple of {INPUT_SIZE_MULTIPLE}"
                 )
             strides.append(stride)
         return strides
@@ -214,8 +222,8 @@ class PTLNet(nn.Module):
     def _check_size(self, tap, side, backbone):
         if tuple(side) != tuple(backbone):
             raise ValueError(
-                f"side stream is {side} at the {tap} tap but the backbone gives {backbone} for input_size {self.input_size}; use an "
-                "input size that is a multiple of 32"
+                f"side stream is {side} at the {tap} tap but the backbone gives {backbone} for input_size "
+                f"{self.input_size}; use an input size that is a multiple of {INPUT_SIZE_MULTIPLE}"
             )
 
     def _init_side_stream(self, cell_init):

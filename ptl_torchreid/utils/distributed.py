@@ -1,32 +1,15 @@
-"""torch.distributed helpers: launch from ``torchrun``, rank queries, gathering, DDP wrapping and the
-synchronisation of BConv-Cell states across ranks.
+"""torch.distributed helpers: launch from ``torchrun``, rank queries, gathering and DDP wrapping.
 
 Launch: ``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
 :func:`init_distributed` reads them and creates the default process group (``nccl`` for CUDA, ``gloo`` for the
 CPU). Without ``WORLD_SIZE`` it does nothing and every helper here behaves as a single process (rank 0 of 1).
 
-Cell states. A BConv-Cell carries a state from one mini-batch to the next and keeps ``running_state``, a running
-average of the batch-mean state used at evaluation. Under DDP every rank sees a different batch, so the ranks'
-states drift apart unless they are synchronised. :func:`sync_cell_states`, called after every training step, makes
-them agree (one all-reduce, like SyncBatchNorm):
-
-* ``state_mode='dataset'``: the carried state is the batch mean of C_t. The batch mean over the union of the
-  ranks' batches is the batch-size-weighted average of the per-rank means, and ``running_state`` is updated
-  linearly from that mean, so averaging both (weighted by batch size) gives every rank exactly what one process
-  would hold after a step over the concatenated batch -- provided the cells' inputs are per-sample, i.e. the
-  layers in front of them do not mix samples. Training-mode BatchNorm does mix them (it normalises with the
-  batch's statistics), so for a full PTL model the match is exact only with SyncBatchNorm; the ranks' states are
-  equal either way.
-* ``state_mode='slot'``: the carried state holds one slot per sample position, so there is nothing to average:
-  each rank keeps its own slots. With equal per-rank batches of size B, rank r's slots are exactly slots
-  ``r*B .. (r+1)*B-1`` of the single-process state over the batches concatenated in rank order, so the ranks
-  together hold the single-process state. ``running_state`` (a running average of batch means) is averaged as in
-  dataset mode, so evaluation uses the same state on every rank.
-
-DDP itself must leave the cells' buffers alone: by default it re-broadcasts every buffer from rank 0 before each
-forward, which would overwrite the synchronised running state with rank 0's local one and, in slot mode, replace
-every rank's slots with rank 0's. :func:`wrap_ddp` tells DDP to ignore them (other buffers, e.g. BatchNorm
-statistics, are still broadcast from rank 0 as usual).
+Rank-synchronised buffers. Some buffers are kept in agreement across ranks by their owner rather than by DDP:
+the BConv-Cells' states, which ``ptl_torchreid.models.cell_sync`` all-reduces after every step. DDP must leave
+them alone: by default it re-broadcasts every buffer from rank 0 before each forward, which would overwrite them
+with rank 0's local values. Their owner declares them with :func:`register_rank_synced_buffers`; :func:`wrap_ddp`
+then tells DDP to ignore them and broadcasts them once from rank 0, and :func:`broadcast_buffers` skips them
+(other buffers, e.g. BatchNorm statistics, are still broadcast from rank 0 as usual).
 """
 import contextlib
 import dataclasses
@@ -36,13 +19,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..models import unwrap
-from ..models.bconv import BConvCell
-
 __all__ = ["DistContext", "init_distributed", "cleanup_distributed", "is_distributed", "get_rank",
            "get_world_size", "get_local_rank", "is_main_process", "barrier", "main_process_first", "quiet_unless_main",
            "collective_device", "all_gather_tensors", "all_reduce_mean", "any_rank", "broadcast_object",
-           "cell_buffer_names", "wrap_ddp", "broadcast_buffers", "broadcast_cell_states", "sync_cell_states"]
+           "unwrap", "register_rank_synced_buffers", "rank_synced_buffer_names", "wrap_ddp", "broadcast_buffers"]
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -102,8 +82,8 @@ def init_distributed(backend=None, device=None, timeout=None):
             dev = torch.device("cuda", local_rank)
         if dev.index >= torch.cuda.device_count():
             raise RuntimeError(
-                f"LOCAL_RANK={local_rank} asks for {dev} but only {torch.cuda.device_count()} CUDA device(s) are visible: start at most that "
-                "many processes per node (torchrun --nproc-per-node)"
+                f"LOCAL_RANK={local_rank} asks for {dev} but only {torch.cuda.device_count()} CUDA device(s) are "
+                "visible: start at most that many processes per node (torchrun --nproc-per-node)"
             )
         torch.cuda.set_device(dev)
     if backend is None:
@@ -255,28 +235,44 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
-# -- BConv-Cell states ------------------------------------------------------------------------------------------
+# -- DDP wrapping -----------------------------------------------------------------------------------------------
 
 
-def _cells(model):
-    return [m for m in unwrap(model).modules() if isinstance(m, BConvCell)]
+def unwrap(model):
+    """The model inside DataParallel / DistributedDataParallel wrappers."""
+    while isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
 
 
-def cell_buffer_names(model):
-    """Fully qualified names of the BConv-Cells' buffers (carried state, running state, step counter), relative
-    to the unwrapped model; these are synchronised by :func:`sync_cell_states`, not by DDP."""
-    names = []
-    for prefix, m in unwrap(model).named_modules():
-        if isinstance(m, BConvCell):
-            stem = prefix + "." if prefix else ""
-            names.extend(stem + b for b in ("state", "running_state", "num_batches_tracked"))
-    return names
+# (names, broadcast) pairs from register_rank_synced_buffers, in registration order.
+_RANK_SYNCED = []
+
+
+def register_rank_synced_buffers(names, broadcast):
+    """Declare buffers that their owner keeps in agreement across ranks, so that DDP leaves them alone.
+
+    Args:
+        names: ``names(model)`` -> the fully qualified names of such buffers in the unwrapped ``model``.
+        broadcast: ``broadcast(model, src)`` copies them from rank ``src`` to every rank; :func:`wrap_ddp` calls it
+            so that all ranks start from the same values.
+
+    Registering the same pair again does nothing.
+    """
+    if (names, broadcast) not in _RANK_SYNCED:
+        _RANK_SYNCED.append((names, broadcast))
+
+
+def rank_synced_buffer_names(model):
+    """Names (in the unwrapped model) of every registered rank-synchronised buffer of ``model``, sorted."""
+    net = unwrap(model)
+    return sorted({name for names, _ in _RANK_SYNCED for name in names(net)})
 
 
 def wrap_ddp(model, device=None, find_unused_parameters=False, **ddp_kwargs):
-    """Wrap ``model`` in DistributedDataParallel for the current process group, with the BConv-Cells' buffers
-    excluded from DDP's buffer broadcast (see the module docstring) and the cells' states broadcast once from
-    rank 0 so that every rank starts from the same state.
+    """Wrap ``model`` in DistributedDataParallel for the current process group, with the rank-synchronised
+    buffers (:func:`register_rank_synced_buffers`; the BConv-Cells' states) excluded from DDP's buffer broadcast
+    and broadcast once from rank 0 instead, so that every rank starts from the same values.
 
     Args:
         device: the model's device; for CUDA it becomes DDP's single ``device_ids`` entry.
@@ -291,11 +287,12 @@ def wrap_ddp(model, device=None, find_unused_parameters=False, **ddp_kwargs):
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    names = cell_buffer_names(model)
+    names = rank_synced_buffer_names(model)
     if names:
         ignored = sorted(set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(names))
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
-        broadcast_cell_states(model)
+        for _, broadcast in _RANK_SYNCED:
+            broadcast(model, 0)
     if device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [device.index if device.index is not None else torch.cuda.current_device()])
     return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters, **ddp_kwargs)
@@ -303,7 +300,8 @@ def wrap_ddp(model, device=None, find_unused_parameters=False, **ddp_kwargs):
 
 @torch.no_grad()
 def broadcast_buffers(model, src=0):
-    """Copy every buffer except the cells' (which :func:`sync_cell_states` keeps in agreement) from rank ``src``.
+    """Copy every buffer except the rank-synchronised ones (see :func:`register_rank_synced_buffers`) from rank
+    ``src``.
 
     DDP broadcasts buffers before each training forward, so after the last step every rank has updated its
     BatchNorm statistics with its own batch; call this before evaluating with the unwrapped model so that all
@@ -311,73 +309,7 @@ def broadcast_buffers(model, src=0):
     if get_world_size() == 1:
         return
     net = unwrap(model)
-    skip = set(cell_buffer_names(net))
+    skip = set(rank_synced_buffer_names(net))
     for name, buf in net.named_buffers():
         if name not in skip and buf is not None:
             dist.broadcast(buf, src)
-
-
-@torch.no_grad()
-def broadcast_cell_states(model, src=0):
-    """Copy every cell's ``running_state``, step counter and carried state from rank ``src`` to all ranks. If the
-    carried state is unset on any rank, it is reset everywhere (the next step starts from zeros)."""
-    cells = _cells(model)
-    if get_world_size() == 1 or not cells:
-        return
-    device = cells[0].running_state.device
-    has_state = torch.tensor([float(all(c.state is not None for c in cells))], device=device)
-    dist.all_reduce(has_state, op=dist.ReduceOp.MIN)
-    shapes = torch.tensor(
-        [d for c in cells for d in (c.state.shape if c.state is not None else (0, 0, 0, 0))],
-        dtype=torch.long,
-        device=device,
-    )
-    if has_state.item() > 0:
-        # slot-mode states may differ in batch size between ranks: adopt rank src's shapes
-        dist.broadcast(shapes, src)
-        for c, shape in zip(cells, shapes.view(-1, 4).tolist()):
-            if tuple(c.state.shape) != tuple(shape):
-                c.state = c.state.new_zeros(shape)
-    else:
-        for c in cells:
-            c.reset_state()
-    for c in cells:
-        dist.broadcast(c.running_state, src)
-        dist.broadcast(c.num_batches_tracked, src)
-        if c.state is not None:
-            c.state = c.state.contiguous()
-            dist.broadcast(c.state, src)
-
-
-@torch.no_grad()
-def sync_cell_states(model, batch_size=None):
-    """All-reduce the BConv-Cells' states after a training step so that every rank holds the same state.
-
-    Each rank's contribution is weighted by ``batch_size`` (its number of samples in the step; ``None`` means
-    equal weights), so unequal batches still give the state one process would hold for their union. Averaged:
-    ``running_state`` of every cell, and the carried ``state`` of cells in ``'dataset'`` mode; ``'slot'`` mode
-    states stay per rank (see the module docstring). One collective for the whole model; a no-op in a single
-    process. Every rank must call it at the same point (after the same number of forward passes).
-    """
-    cells = _cells(model)
-    if get_world_size() == 1 or not cells:
-        return
-    tensors = []
-    for c in cells:
-        tensors.append(c.running_state)
-        if c.state_mode == "dataset" and c.state is not None:
-            tensors.append(c.state)
-    weight = 1.0 if batch_size is None else float(batch_size)
-    if weight <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device = cells[0].running_state.device
-    flat = (
-        torch.cat([t.reshape(-1).to(device, torch.float32) for t in tensors] + [torch.ones(1, device=device)]) * weight
-    )
-    dist.all_reduce(flat)
-    flat = flat[:-1] / flat[-1]
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n

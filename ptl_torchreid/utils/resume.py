@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import get_rank
+
 __all__ = ["capture_rng_state", "restore_rng_state", "derive_seed", "seeded_rng", "EpochLoader"]
 
 # Distinct streams derived from one (seed, epoch).
@@ -80,9 +82,10 @@ def restore_rng_state(state):
         if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
             torch.cuda.set_rng_state_all([s.cpu().to(torch.uint8) for s in cuda])
         else:
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
             warnings.warn(
-                f"the checkpoint holds the RNG states of {len(cuda)} CUDA device(s) but this process has {torch.cuda.device_count() if torch.cuda.is_available() else 0}; CUDA "
-                "random streams (e.g. dropout on the GPU) will differ from the interrupted run"
+                f"the checkpoint holds the RNG states of {len(cuda)} CUDA device(s) but this process has {have}; "
+                "CUDA random streams (e.g. dropout on the GPU) will differ from the interrupted run"
             )
 
 
@@ -114,12 +117,6 @@ class _Batches:
         return len(self.batches)
 
 
-def _rank():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 class EpochLoader:
     """The batches of a training DataLoader as a function of ``(seed, epoch)``, startable at any batch.
 
@@ -146,14 +143,14 @@ class EpochLoader:
             sampler = self.loader.sampler
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
-            with seeded_rng(derive_seed(self.seed, epoch, _rank(), _ORDER)):
+            with seeded_rng(derive_seed(self.seed, epoch, get_rank(), _ORDER)):
                 batches = [[int(i) for i in batch] for batch in self.loader.batch_sampler]
             self._cached = (epoch, batches)
         return self._cached[1]
 
     def sample_seeds(self, epoch, num_samples):
         """One seed per sample position of the epoch (a pure function of the seed, the epoch and the rank)."""
-        rng = np.random.default_rng([self.seed, int(epoch), _rank(), _SAMPLES])
+        rng = np.random.default_rng([self.seed, int(epoch), get_rank(), _SAMPLES])
         return rng.integers(0, 1 << 63, size=num_samples, dtype=np.int64).tolist()
 
     def batches(self, epoch, start=0):
@@ -163,7 +160,7 @@ class EpochLoader:
         seeded = [[(i, next(seeds)) for i in batch] for batch in plan]
         src = self.loader
         generator = torch.Generator()
-        generator.manual_seed(derive_seed(self.seed, epoch, _rank(), _LOADER))
+        generator.manual_seed(derive_seed(self.seed, epoch, get_rank(), _LOADER))
         kwargs = dict(
             batch_sampler=_Batches(seeded[int(start) :]),
             num_workers=src.num_workers,
