@@ -5,10 +5,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from ptl_torchreid import _torchreid
-from ptl_torchreid.cli import COMMANDS, format_results_table, main, parse_command_line, register_command
+from ptl_torchreid.cli import COMMANDS, main, parse_command_line, register_command
+from ptl_torchreid.config import load_config
+from ptl_torchreid.engine import run
+from ptl_torchreid.metrics.table import format_results_table
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(REPO, "configs", "synthetic_demo.yaml")
@@ -112,6 +116,22 @@ def test_train_then_test_and_visrank(data_root, tmp_path, capsys):
                                         "test.visrank_topk", "3")) == 0
     vis = tmp_path / "vis" / "visrank_synthetic_reid"
     assert vis.is_dir() and any(vis.iterdir())
+
+
+def test_run_from_python_gives_the_results_of_the_train_command(data_root, tmp_path, capsys):
+    """The README's "Training from Python": ``run(cfg)`` trains and evaluates as ``ptl-torchreid train`` does."""
+    assert main(demo_args(data_root, tmp_path / "cli")) == 0
+    printed = capsys.readouterr().out
+    cli_results = torch.load(str(tmp_path / "cli" / "model" / "model.pth.tar-1"), weights_only=True)["results"]
+
+    cfg = load_config(DEMO, SHORT + ["data.save_dir", str(tmp_path / "py")], root=data_root)
+    results = run(cfg)
+    assert set(results) == {"synthetic_reid"}
+    assert results["synthetic_reid"]["mAP"] == pytest.approx(cli_results["synthetic_reid"]["mAP"], abs=1e-6)
+    for rank, value in cli_results["synthetic_reid"]["cmc"].items():
+        assert results["synthetic_reid"]["cmc"][rank] == pytest.approx(value, abs=1e-6)
+    assert format_results_table(results) in printed
+    assert (tmp_path / "py" / "model" / "model.pth.tar-1").is_file()  # it trained: the epoch's checkpoint
 
 
 def test_format_results_table():

@@ -55,7 +55,6 @@ import torch  # noqa: E402
 
 import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import _torchreid  # noqa: E402
-from ptl_torchreid.cli import build_datamanager, build_engine, check_paths  # noqa: E402
 from ptl_torchreid.config import (  # noqa: E402
     ConfigError,
     engine_run_kwargs,
@@ -64,6 +63,7 @@ from ptl_torchreid.config import (  # noqa: E402
     merge_from_list,
     validate_config,
 )
+from ptl_torchreid.engine import build_datamanager, build_engine, preflight, run  # noqa: E402
 
 torchreid = _torchreid.torchreid
 
@@ -82,8 +82,8 @@ class ModelSpec:
 
     ``label``: column name; ``name``: ``model.name``; ``opts``: extra ``KEY VALUE`` config overrides (strings);
     ``builder``: optional ``'module:function'`` with signature ``(cfg, num_classes) -> model`` used instead of
-    the CLI's ``build_model`` (a pruned model, for instance); it is imported by name, so the memory probe's
-    subprocess can build the same model; ``extra_evals``: ``{label: cell options}`` -- after training, the same
+    ``ptl_torchreid.engine.build_model`` (a pruned model, for instance); it is imported by name, so the memory
+    probe's subprocess can build the same model; ``extra_evals``: ``{label: cell options}`` -- after training, the same
     weights are evaluated again with these cell options (``eval_state`` only affects evaluation, so this equals
     training a model with that setting); ``group``: ``'main'`` (full cost measurements) or ``'ablation'``.
     """
@@ -152,13 +152,14 @@ def spec_config(base, spec, **overrides):
     return cfg
 
 
-def spec_engine(cfg, spec):
-    """Data manager, model and engine for ``cfg``, built as ``ptl-torchreid`` builds them."""
+def spec_engine(cfg, spec, checkpoints=None):
+    """Data manager, model and engine for ``cfg``, built as ``ptl-torchreid`` builds them (``checkpoints``: the
+    files :func:`ptl_torchreid.engine.preflight` read)."""
     if not spec.builder:
-        return build_engine(cfg)
+        return build_engine(cfg, checkpoints=checkpoints)
     datamanager = build_datamanager(cfg)
     model = _import(spec.builder)(cfg, datamanager.num_train_pids)
-    return build_engine(cfg, datamanager=datamanager, model=model)
+    return build_engine(cfg, datamanager=datamanager, model=model, checkpoints=checkpoints)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,21 +222,19 @@ def train_run(cfg, spec, quiet=True):
     """Train and evaluate one (model, seed) as ``ptl-torchreid train`` does; returns measurements and the engine."""
     log_path = osp.join(cfg.data.save_dir, "train.log")
     with _quiet(log_path, quiet):
-        check_paths(cfg)
-        torchreid.utils.set_random_seed(cfg.train.seed)
-        engine = spec_engine(cfg, spec)
+        checkpoints = preflight(cfg)
+        torchreid.utils.set_random_seed(cfg.train.seed)  # as run() seeds before building
+        engine = spec_engine(cfg, spec, checkpoints)
         rec = Recorder(engine)
-        kwargs = engine_run_kwargs(cfg)
-        kwargs["start_epoch"] = engine.start_epoch
         t0 = time.perf_counter()
-        results = engine.run(**kwargs)
+        results = run(cfg, engine=engine)
         wall = time.perf_counter() - t0
         final_eval = rec.evals[-1]
         extra = {}
         if spec.extra_evals and engine.is_ptl:
             for label, options in spec.extra_evals.items():
                 engine.net.configure_cells(**options)
-                engine.test(**_test_kwargs(kwargs))
+                engine.test(**_test_kwargs(engine_run_kwargs(cfg)))
                 extra[label] = rec.evals.pop()["results"]
             engine.net.configure_cells(eval_state=cfg.ptl.eval_state)
     return {

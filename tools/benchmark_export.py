@@ -28,9 +28,9 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 
 import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-from ptl_torchreid import cli  # noqa: E402
 from ptl_torchreid.compress import count_flops, prune_cop  # noqa: E402
 from ptl_torchreid.config import load_config  # noqa: E402
+from ptl_torchreid.engine import build_datamanager  # noqa: E402
 from ptl_torchreid.export import (  # noqa
     INT8_MAX_MAP_DROP,
     OnnxRuntimeRunner,
@@ -131,7 +131,7 @@ def main():
     warnings.filterwarnings("ignore")
 
     cfg = build_cfg(args)
-    datamanager = cli.build_datamanager(cfg)
+    datamanager = build_datamanager(cfg)
     sets = test_sets(datamanager)
     images = first_images([l for _, q, g in sets for l in (q, g)], 32)
     calibration = calibration_batches(datamanager, args.calibration_images, batch_size=8, seed=0)

@@ -35,8 +35,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
-from ptl_torchreid.cli import build_datamanager, build_engine  # noqa: E402
 from ptl_torchreid.config import load_config  # noqa: E402
+from ptl_torchreid.engine import build_datamanager, build_engine  # noqa: E402
 from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, openmp_waiting, usable_cpus  # noqa: E402
 
 DEMO_CONFIG = osp.join(REPO, "configs", "synthetic_demo.yaml")

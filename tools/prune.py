@@ -26,6 +26,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import torch  # noqa: E402
 
 import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
+from ptl_torchreid.cli import main as cli_main  # noqa: E402
 from ptl_torchreid.cli_prune import add_cop_arguments, prune_options  # noqa: E402
 from ptl_torchreid.compress import (  # noqa: E402
     compare_latency,
@@ -79,15 +80,13 @@ def load_model(args):
     kwargs = dict(input_size=(args.height, args.width)) if args.arch.startswith("ptl_") else {}
     model = build_model(args.arch, num_classes=num_classes or 1, loss=args.loss, pretrained=False, **kwargs)
     if args.weights:
-        load_pretrained_weights(model, args.weights, trust=args.trust)
+        load_pretrained_weights(model, checkpoint)  # the file read above
     return model, args.arch
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a == "--config-file" or a.startswith("--config-file=") for a in argv):
-        from ptl_torchreid.cli import main as cli_main
-
         return cli_main(["prune"] + argv)
     args = build_parser().parse_args(argv)
     size = (args.height, args.width)

@@ -1,4 +1,15 @@
-"""PTL engines: torchreid's image engines plus cell-state handling, freezing, logging and safe checkpoints."""
+"""PTL engines: torchreid's image engines plus cell-state handling, freezing, logging and safe checkpoints;
+builders from a config and :func:`run` (``engine.defaults``)."""
+from ptl_torchreid.engine.defaults import (
+    ENGINES,
+    build_datamanager,
+    build_engine,
+    build_model,
+    build_optimizer_and_scheduler,
+    distributed_session,
+    preflight,
+    run,
+)
 from ptl_torchreid.engine.engines import PTLImageSoftmaxEngine, PTLImageTripletEngine
 from ptl_torchreid.engine.mixin import (
     RESET_POLICIES,
@@ -18,10 +29,14 @@ __all__ = [
     "PTLImageTripletEngine",
     "RESET_POLICIES",
     "TrainingInterrupted",
+    "build_datamanager",
+    "build_engine",
+    "build_model",
     "build_optimizer",
+    "build_optimizer_and_scheduler",
     "clamp_ranks",
+    "distributed_session",
+    "preflight",
     "resolve_precision",
+    "run",
 ]
-
-# loss.name -> engine class
-ENGINES = {"softmax": PTLImageSoftmaxEngine, "triplet": PTLImageTripletEngine}
