@@ -92,7 +92,9 @@ def register_command(name, help, run_fn, overrides=(), add_arguments=None, tool=
     """Add a CLI command. ``run_fn(cfg, args)`` returns results (or None), or an int: the exit status;
     ``overrides`` are ``KEY VALUE`` pairs applied after the user's; ``add_arguments(parser)`` adds
     command-specific flags. A ``tool`` command (e.g. check-data) runs without a log file in ``data.save_dir``
-    and without the dataset-folder and checkpoint checks done before training commands."""
+    and without the dataset-folder and checkpoint checks done before training commands; for the others,
+    ``args.checkpoints`` holds the checkpoints those checks read (pass it on to the builders, or take a file
+    out of it with ``ptl_torchreid.engine.defaults.take_checkpoint``)."""
     COMMANDS[name] = Command(name, help, run_fn, list(overrides), add_arguments, bool(tool))
 
 

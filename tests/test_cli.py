@@ -134,6 +134,28 @@ def test_run_from_python_gives_the_results_of_the_train_command(data_root, tmp_p
     assert (tmp_path / "py" / "model" / "model.pth.tar-1").is_file()  # it trained: the epoch's checkpoint
 
 
+@pytest.mark.slow
+def test_each_checkpoint_file_is_read_once_per_command(data_root, tmp_path, monkeypatch):
+    """model.load_weights and the resume file are deserialised once: the checks before any work read them, and
+    the builders and the engine's resume take what was read."""
+    assert main(demo_args(data_root, tmp_path / "run")) == 0
+    checkpoint = str(tmp_path / "run" / "model" / "model.pth.tar-1")
+    reads = []
+    torch_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(osp.abspath(str(f)))
+        return torch_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    assert main(["test"] + demo_args(data_root, tmp_path / "test", "model.load_weights", checkpoint)) == 0
+    assert reads.count(osp.abspath(checkpoint)) == 1
+    del reads[:]
+    assert main(demo_args(data_root, tmp_path / "run", "train.max_epoch", "2", "--resume", checkpoint)) == 0
+    assert reads.count(osp.abspath(checkpoint)) == 1
+    assert osp.isfile(str(tmp_path / "run" / "model" / "model.pth.tar-2"))  # it did resume and train
+
+
 def test_format_results_table():
     table = format_results_table({"market1501": {"mAP": 0.5, "cmc": {1: 0.75, 5: 0.875}}})
     lines = table.splitlines()
