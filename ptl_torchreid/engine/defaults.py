@@ -349,9 +349,9 @@ def run(cfg, hooks=(), engine=None, checkpoints=None):
     """Train and/or evaluate as ``cfg`` says; returns ``{target: {'mAP': x, 'cmc': {rank: y}}}``.
 
     Without ``engine`` it checks the config's inputs (:func:`preflight`, unless ``checkpoints`` says what it
-    read already), seeds every RNG with ``train.seed`` and builds the engine (:func:`build_engine`). Give an
-    ``engine`` built and seeded yourself to train something else the same way (a pruned model, a distillation
-    attached to it). ``hooks`` are registered on the engine before it runs.
+    read already), seeds every RNG with ``train.seed`` and builds the engine (:func:`build_engine`). To train
+    something else the same way (a pruned model, a distillation attached), seed, make the engine with
+    :func:`build_engine` and pass it as ``engine``. ``hooks`` are registered on the engine before it runs.
     """
     if engine is None:
         if checkpoints is None:
