@@ -107,22 +107,22 @@ def test_speed_mode_tiny(tmp_path):
         assert row in text, row
 
 
-def test_count_flops_of_a_conv_matches_the_arithmetic():
+def test_train_and_inference_flops_of_a_conv_match_the_arithmetic():
     conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-    flops = bm.count_flops(conv, 16, 8)
+    flops = bm.train_and_inference_flops(conv, 16, 8)
     macs = 3 * 8 * 9 * 16 * 8
     assert flops["inference"] == 2 * macs
     # Backward: gradients of the weights only (the input needs none) -> one more conv's worth.
     assert flops["train"] == 2 * (2 * macs)
 
 
-def test_count_flops_leaves_the_model_untouched():
+def test_train_and_inference_flops_leave_the_model_untouched():
     from ptl_torchreid.models import build_model
 
     model = build_model("ptl_osnet_x0_25", 4, input_size=(64, 32))
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    flops = bm.count_flops(model, 64, 32)
+    flops = bm.train_and_inference_flops(model, 64, 32)
     assert flops["train"] > flops["inference"] > 0
     assert model.training
     after = model.state_dict()

@@ -7,6 +7,7 @@ import os
 import os.path as osp
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -108,10 +109,27 @@ def test_config_key_accepts_auto_and_counts_and_rejects_the_rest():
 
 
 def test_waiting_is_left_alone_when_chosen_or_too_late():
-    assert _openmp.set_openmp_waiting({}) == {}  # torch is loaded in this process: too late
+    assert _openmp.set_openmp_waiting({}, load=2.0) == {}  # torch is loaded in this process: too late
     for name in _openmp.USER_WAIT_VARIABLES:
         env = {name: "1"}
         assert _openmp.set_openmp_waiting(env) == {} and env == {name: "1"}
+
+
+def test_waiting_is_passive_only_when_other_processes_keep_the_cpus_busy():
+    assert _openmp.choose_wait_policy(0.0) is None  # idle cores: libgomp's spinning default is fastest
+    assert _openmp.choose_wait_policy(_openmp.BUSY_CPUS - 0.01) is None
+    assert _openmp.choose_wait_policy(_openmp.BUSY_CPUS) == "PASSIVE"
+    assert _openmp.choose_wait_policy(3.0) == "PASSIVE"
+
+
+def test_other_cpu_load_sees_a_busy_process_and_not_its_own_work():
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 30\nwhile time.time() < t: pass"])
+    try:
+        time.sleep(0.5)
+        assert _openmp.other_cpu_load(0.5) >= 0.5
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 # Records OMP_WAIT_POLICY at the moment torch is first imported, then runs an entry point.
@@ -147,10 +165,17 @@ def _wait_policy_at_torch_import(entry, **env):
 
 
 @pytest.mark.slow
-def test_entry_points_set_passive_waiting_before_torch_unless_the_user_chose():
-    assert _wait_policy_at_torch_import("ptl_torchreid") == ["PASSIVE"]  # python -m ptl_torchreid
-    assert _wait_policy_at_torch_import(osp.join(REPO, "tools", "prune.py")) == ["PASSIVE"]
-    assert _wait_policy_at_torch_import("ptl_torchreid", OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE"]
+def test_entry_points_set_passive_waiting_before_torch_on_busy_cpus_unless_the_user_chose():
+    # A competing busy process, so that the entry points see busy CPUs at import.
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 600\nwhile time.time() < t: pass"])
+    try:
+        time.sleep(0.5)
+        assert _wait_policy_at_torch_import("ptl_torchreid") == ["PASSIVE"]  # python -m ptl_torchreid
+        assert _wait_policy_at_torch_import(osp.join(REPO, "tools", "prune.py")) == ["PASSIVE"]
+        assert _wait_policy_at_torch_import("ptl_torchreid", OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE"]
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 _FIRST_LOADERS = ("torch", "torchvision", "torchreid", "bench_measure", "bench_report")

@@ -99,7 +99,9 @@ def test_matches_torchreid_on_random_problems(cuhk03, ties):
     levels=st.integers(1, 4),
 )
 def test_matches_torchreid_hypothesis_heavy_ties(data, num_q, num_g, num_ids, num_cams, levels):
-    ints = lambda n, hi: np.array(data.draw(st.lists(st.integers(0, hi - 1), min_size=n, max_size=n)))
+    def ints(n, hi):
+        return np.array(data.draw(st.lists(st.integers(0, hi - 1), min_size=n, max_size=n)))
+
     q_pids, g_pids = ints(num_q, num_ids), ints(num_g, num_ids)
     q_camids, g_camids = ints(num_q, num_cams), ints(num_g, num_cams)
     distmat = ints(num_q * num_g, levels).reshape(num_q, num_g).astype(np.float32)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     "count_params",
-    "count_flops",
+    "train_and_inference_flops",
     "sync",
     "rss_bytes",
     "release_free_memory",
@@ -42,8 +42,10 @@ def _outputs_sum(out):
     return out.float().sum()
 
 
-def count_flops(model, height, width, batch_size=2, device="cpu"):
-    """FLOPs per image counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as 2).
+def train_and_inference_flops(model, height, width, batch_size=2, device="cpu"):
+    """FLOPs per image of an inference forward and of a training step, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as 2); ``ptl_torchreid.compress.count_flops``
+    counts the inference forward of a whole batch only.
 
     Returns ``{'inference': x, 'train': y}``: ``inference`` is one eval-mode forward (the embedding), ``train``
     a train-mode forward plus the backward of a scalar made from the outputs (the loss itself is negligible).

@@ -48,12 +48,13 @@ import time
 _TOOLS = osp.dirname(osp.abspath(__file__))
 sys.path.insert(0, osp.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 
 import bench_measure as bm  # noqa: E402
 import bench_report as br  # noqa: E402
 import torch  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import _torchreid  # noqa: E402
 from ptl_torchreid.config import (  # noqa: E402
     ConfigError,
@@ -283,7 +284,8 @@ def probe_memory(cfg, spec, work_dir, steps=3, random_batch=False, threads=None,
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("PROBE "):
             return json.loads(line[len("PROBE "):])
-    raise RuntimeError(f"memory probe for {spec.label} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    raise RuntimeError(f"memory probe for {spec.label} failed (exit {proc.returncode}):\n"
+                       f"{(proc.stdout + proc.stderr)[-3000:]}")
 
 
 def _first_item(items):
@@ -523,7 +525,7 @@ def measure_costs(args, specs, engines):
         engine, cfg = engines[spec.label]
         net = engine.net
         h, w = cfg.data.height, cfg.data.width
-        flops = bm.count_flops(net, h, w, device=engine.device)
+        flops = bm.train_and_inference_flops(net, h, w, device=engine.device)
         costs[spec.label] = {"flops": flops, "params": bm.count_params(net), "height": h, "width": w}
         x = torch.randn(cfg.test.batch_size, 3, h, w, device=engine.device)
         tasks[spec.label] = _embed_task(engine, x)
@@ -850,7 +852,7 @@ def speed(args):
         train_tasks[spec.label] = _train_step_task(engine, batch)
         infer_tasks[spec.label] = _embed_task(engine, batch["img"].to(engine.device))
         info[spec.label] = {
-            "flops": bm.count_flops(engine.net, args.height, args.width, device=engine.device),
+            "flops": bm.train_and_inference_flops(engine.net, args.height, args.width, device=engine.device),
             "params": bm.count_params(engine.net),
         }
     print(f"machine: {bm.machine_description(engines[names[0]][0].device)}; load average {load_start:.1f}", flush=True)
@@ -1047,7 +1049,8 @@ def build_parser():
     p.add_argument(
         "--config-file",
         default=None,
-        help=f"fine-tuning config (default: {osp.relpath(SYNTHETIC_FINETUNE_CONFIG, REPO)} for the comparison, the package defaults for --speed)",
+        help=f"fine-tuning config (default: {osp.relpath(SYNTHETIC_FINETUNE_CONFIG, REPO)} for the comparison, "
+        "the package defaults for --speed)",
     )
     p.add_argument("--root", default="", help="dataset root (data.root) for both stages")
     p.add_argument("-s", "--sources", nargs="+", help="fine-tuning source datasets (data.sources)")

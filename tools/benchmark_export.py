@@ -25,9 +25,10 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 import torch  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.compress import count_flops, prune_cop  # noqa: E402
 from ptl_torchreid.config import load_config  # noqa: E402
 from ptl_torchreid.engine import build_datamanager  # noqa: E402
@@ -133,14 +134,15 @@ def main():
     cfg = build_cfg(args)
     datamanager = build_datamanager(cfg)
     sets = test_sets(datamanager)
-    images = first_images([l for _, q, g in sets for l in (q, g)], 32)
+    images = first_images([loader for _, q, g in sets for loader in (q, g)], 32)
     calibration = calibration_batches(datamanager, args.calibration_images, batch_size=8, seed=0)
     stats = calibration_batches(datamanager, 64, batch_size=16, seed=1)
     n_query = len(sets[0][1].dataset)
     n_gallery = len(sets[0][2].dataset)
     load_start = load_average()
     print(
-        f"Machine: CPU {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable; torch {torch.__version__}; load average at start {load_start:.2f}",
+        f"Machine: CPU {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable; torch {torch.__version__}; load "
+        f"average at start {load_start:.2f}",
         flush=True,
     )
     models = build_models(args, datamanager.num_train_pids, stats)
@@ -214,7 +216,8 @@ def main():
 
 def format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start):
     lines = [
-        f"Machine: CPU {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable, torch {torch.__version__}; 1-min load average {load_start:.2f} at start, {load_average():.2f} at the "
+        f"Machine: CPU {cpu_model()}, {len(os.sched_getaffinity(0))} cores usable, torch {torch.__version__}; 1-min "
+        f"load average {load_start:.2f} at start, {load_average():.2f} at the "
         f"end. Medians of {args.rounds} interleaved rounds (batch 1: mean of 10 calls per round).",
         "",
         "Latency per batch, ms (speed-up over PyTorch eager in brackets):",

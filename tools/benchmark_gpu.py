@@ -23,10 +23,11 @@ import sys
 import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import models  # noqa: E402  (registers the ptl_* models)
 from ptl_torchreid.utils.amp import autocast_context, check_precision, make_grad_scaler, memory_format  # noqa: E402
 
@@ -82,6 +83,22 @@ def build(name, args):
     return models.build_model(name, num_classes=args.num_classes, loss="softmax", pretrained=False, **kwargs)
 
 
+def _train_step(model, optimizer, scaler, x, y, device_type, precision):
+    """One training step on the fixed batch ``(x, y)``, as a function returning its loss."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device_type, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    return step
+
+
 def bench_one(name, mode, args):
     """Images/s and peak device memory (MiB; None on the CPU) of training steps of ``name`` in ``mode``."""
     device = args.device
@@ -100,16 +117,7 @@ def bench_one(name, mode, args):
     x = x.contiguous(memory_format=fmt)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device.type, precision):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss
-
+    step = _train_step(model, optimizer, scaler, x, y, device.type, precision)
     for _ in range(args.warmup):
         step()
     _sync(device)
@@ -122,7 +130,7 @@ def bench_one(name, mode, args):
     elapsed = time.perf_counter() - start
     loss = float(loss.detach())
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    del model, optimizer, x, y
+    del step, model, optimizer, x, y
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if not math.isfinite(loss):
@@ -153,12 +161,15 @@ def to_markdown(results, args):
     amp_name = {"fp32": "fp32", "amp": f"AMP ({args.amp_dtype})",
                 "amp_cl": f"AMP ({args.amp_dtype}) + channels_last"}
     lines = [
-        f"Device: **{device_name(args.device)}**; torch {torch.__version__}; batch {args.batch_size}, {args.height}x{args.width}, {args.num_classes} classes, {args.optim.upper()} optimizer, {args.iters} timed steps after {args.warmup} warm-up "
+        f"Device: **{device_name(args.device)}**; torch {torch.__version__}; batch {args.batch_size}, "
+        f"{args.height}x{args.width}, {args.num_classes} classes, {args.optim.upper()} optimizer, {args.iters} timed "
+        f"steps after {args.warmup} warm-up "
         "steps; synthetic data on the device.",
     ]
     if args.device.type == "cuda":
         lines.append(
-            f"fp32 math flags: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}."
+            f"fp32 math flags: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+            f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}."
         )
     lines += [
         "",

@@ -31,9 +31,10 @@ import time
 import warnings
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 import torch  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid import _torchreid  # noqa: E402
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop  # noqa
 from ptl_torchreid.compress.distill import Distillation  # noqa: E402

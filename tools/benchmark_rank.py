@@ -129,7 +129,8 @@ def main(argv=None):
         {None: "not checked", True: "yes", False: "NO"}[identical])
     table = "\n".join([header, "|---|---|---|---|---|---|", row])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    env = f"{cpus} CPUs usable, load average {load:.1f} at the end, numpy {np.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}"
+    env = (f"{cpus} CPUs usable, load average {load:.1f} at the end, numpy {np.__version__}, "
+           f"Python {platform.python_version()}, {platform.processor() or platform.machine()}")
     print()
     print(table)
     print()

@@ -25,11 +25,12 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 
 from bench_measure import load_average, machine_description, peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa
 from benchmark_rank import make_features  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
 SIZES = {
     "market": dict(num_query=3368, num_gallery=15913, num_ids=751, num_cams=6, num_distractors=2798),

@@ -29,6 +29,8 @@ import time
 _TOOLS = osp.dirname(osp.abspath(__file__))
 sys.path.insert(0, osp.dirname(_TOOLS))
 sys.path.insert(0, _TOOLS)
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 
 import bench_measure as bm  # noqa: E402
 import bench_report as br  # noqa: E402
@@ -36,7 +38,6 @@ import benchmark as bench  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.config import engine_run_kwargs  # noqa: E402
 
 REPO = osp.dirname(_TOOLS)
@@ -137,7 +138,8 @@ def run_study(args):
     for i, seed in enumerate(args.seeds):
         elapsed = (time.perf_counter() - t_start) / 60
         if seeds_done and args.budget_minutes and elapsed + elapsed / len(seeds_done) > args.budget_minutes:
-            print(f"stopping before seed {seed}: {elapsed:.0f} of {args.budget_minutes:.0f} budget minutes used", flush=True)
+            print(f"stopping before seed {seed}: {elapsed:.0f} of {args.budget_minutes:.0f} budget minutes used",
+                  flush=True)
             break
         order = specs if i % 2 == 0 else specs[::-1]
         for spec in order:
@@ -152,7 +154,7 @@ def run_study(args):
             run.pop("results")
             run["iter_median"] = bm.median(run.pop("iter_times")[1:])
             if spec.label not in runs or not runs[spec.label]:
-                run["flops"] = bm.count_flops(engine.net, cfg.data.height, cfg.data.width)
+                run["flops"] = bm.train_and_inference_flops(engine.net, cfg.data.height, cfg.data.width)
                 run["params"] = bm.count_params(engine.net)
             runs[spec.label].append(run)
             print(

@@ -2,13 +2,15 @@
 """Training-step time of the README demo with torch's default CPU threading vs ``train.cpu_threads auto`` and
 passive OpenMP waiting, on a quiet machine and with competing busy processes that this script starts.
 
-Each measurement is a fresh process (OpenMP settings are read when torch starts), running the demo config
+Each setting runs in its own process, started anew for every load case after the case's busy processes (OpenMP
+settings are read when torch starts, and ours are chosen from the load seen then), running the demo config
 (``configs/synthetic_demo.yaml``: ptl_osnet_x0_25, batch 32, 128x64, data loading in-process) through the
 engine's ``forward_backward`` for ``--steps`` batches after ``--warmup`` untimed ones; wall and CPU time of the
 timed steps (data loading included, as in the demo). Settings:
 
 - ``torch default``: torch imported before ptl_torchreid (so nothing is set), ``train.cpu_threads 0``;
-- ``ours``: the package imported first (passive waiting), ``train.cpu_threads auto``;
+- ``ours``: the package imported first (passive waiting when other processes keep the CPUs busy),
+  ``train.cpu_threads auto``;
 - fixed: 1 thread; one thread per CPU with passive waiting; one per CPU with a short spin (GOMP_SPINCOUNT).
 
 Busy processes are single-threaded Python loops, each bounded to ``--busy-timeout`` seconds and stopped by
@@ -32,9 +34,10 @@ import time
 _TOOLS = osp.dirname(osp.abspath(__file__))
 REPO = osp.dirname(_TOOLS)
 sys.path.insert(0, REPO)
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 import torch  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.config import load_config  # noqa: E402
 from ptl_torchreid.engine import build_datamanager, build_engine  # noqa: E402
 from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, openmp_waiting, usable_cpus  # noqa: E402
@@ -43,13 +46,14 @@ DEMO_CONFIG = osp.join(REPO, "configs", "synthetic_demo.yaml")
 SHORT_SPIN = "10000"  # GOMP_SPINCOUNT: spin ~1/30 of libgomp's default before sleeping
 CLEARED_PREFIXES = ("OMP_", "MKL_", "GOMP_", "KMP_")
 BASELINE = "torch default"
+OURS = "ours (auto)"
 
 
 def settings(cpus):
     """``{label: (import torch first, train.cpu_threads, extra environment)}``; the first is the baseline."""
     return {
         BASELINE: (True, 0, {}),
-        "ours (auto, passive)": (False, "auto", {}),
+        OURS: (False, "auto", {}),
         "1 thread": (True, 1, {}),
         f"{cpus} threads, passive": (True, cpus, {"OMP_WAIT_POLICY": "PASSIVE"}),
         f"{cpus} threads, short spin": (True, cpus, {"GOMP_SPINCOUNT": SHORT_SPIN}),
@@ -164,22 +168,18 @@ def run_benchmark(args):
                 "warmup": args.warmup}
         print("Generating the demo dataset into {} ...".format(spec["root"]), flush=True)
         build_datamanager(demo_config(spec["root"], spec["save_dir"]))
-        workers = []
-        try:
-            for label in labels:  # started one after another: startup is not measured
-                workers.append(Worker(label, table[label], spec))
-            results = {n_busy: _load_case(n_busy, workers, args) for n_busy in args.loads}
-        finally:
-            for w in workers:
-                w.close()
+        results = {n_busy: _load_case(n_busy, table, spec, args) for n_busy in args.loads}
     return cpus, labels, results
 
 
-def _load_case(n_busy, workers, args):
+def _load_case(n_busy, table, spec, args):
     before = loadavg()
     busy = start_busy(n_busy, args.busy_timeout) if n_busy else []
+    workers = []
     try:
-        time.sleep(1.0 if n_busy else 0.0)  # the loops are running before the first measurement samples the load
+        time.sleep(1.0 if n_busy else 0.0)  # the loops are running before the settings start and sample the load
+        for label, setting in table.items():  # started one after another: startup is not measured
+            workers.append(Worker(label, setting, spec))
         runs = {w.label: [] for w in workers}
         for r in range(args.rounds):
             for w in workers:
@@ -190,6 +190,8 @@ def _load_case(n_busy, workers, args):
                 print("busy={} round={} {:<28} wall {:6.2f} s  cpu {:6.2f} s  threads {}".format(
                     n_busy, r + 1, w.label, res["wall"], res["cpu"], res["threads"]), flush=True)
     finally:
+        for w in workers:
+            w.close()
         stop_busy(busy)
     return {"runs": runs, "loadavg_before": before, "loadavg_after": loadavg()}
 
@@ -199,37 +201,28 @@ def _median(runs, key):
 
 
 def report_markdown(args, cpus, labels, results):
+    machine = f"{platform.processor() or platform.machine()} ({platform.platform()})"
     out = [
-        f"CPU training-step time of the demo (ptl_osnet_x0_25, batch 32, 128x64, {args.steps} timed steps after {args.warmup} "
-        f"warm-up, median of {args.rounds} interleaved rounds), {cpus} usable CPUs, {platform.processor() or platform.machine()} ({platform.platform()}), torch {torch.__version__}.",
+        f"CPU training-step time of the demo (ptl_osnet_x0_25, batch 32, 128x64, {args.steps} timed steps after "
+        f"{args.warmup} warm-up, median of {args.rounds} interleaved rounds), {cpus} usable CPUs, {machine}, "
+        f"torch {torch.__version__}.",
         "",
     ]
-    header = (
-        "| busy processes | setting | threads | wall s (median) | CPU s (median) | vs torch default | "
-        "loadavg before -> after |"
-    )
+    header = ("| busy processes | setting | threads | OpenMP waiting | wall s (median) | CPU s (median) "
+              "| vs torch default | loadavg before -> after |")
     out += [header, "|---" * (header.count("|") - 1) + "|"]
     checks = []
     for n_busy, res in results.items():
         runs = res["runs"]
         base = _median(runs[BASELINE], "wall")
-        fixed = [lab for lab in labels if lab not in (BASELINE,) and not lab.startswith("ours")]
+        fixed = [lab for lab in labels if lab not in (BASELINE, OURS)]
         for label in labels:
             wall = _median(runs[label], "wall")
-            threads = sorted({r["threads"] for r in runs[label]})
-            out.append(
-                "| {} | {} | {} | {:.2f} | {:.2f} | {:.2f}x | {} -> {} |".format(
-                    n_busy,
-                    label,
-                    "/".join(map(str, threads)),
-                    wall,
-                    _median(runs[label], "cpu"),
-                    base / wall,
-                    res["loadavg_before"],
-                    res["loadavg_after"],
-                )
-            )
-        ours = _median(runs["ours (auto, passive)"], "wall")
+            threads = "/".join(str(t) for t in sorted({r["threads"] for r in runs[label]}))
+            waiting = "/".join(sorted({r["waiting"].split(" (")[0] for r in runs[label]}))
+            out.append(f"| {n_busy} | {label} | {threads} | {waiting} | {wall:.2f} | {_median(runs[label], 'cpu'):.2f} "
+                       f"| {base / wall:.2f}x | {res['loadavg_before']} -> {res['loadavg_after']} |")
+        ours = _median(runs[OURS], "wall")
         best_label = min(fixed + [BASELINE], key=lambda lab: _median(runs[lab], "wall"))
         best = _median(runs[best_label], "wall")
         if n_busy:
@@ -258,7 +251,7 @@ def main(argv=None):
     parser.add_argument(
         "--busy-timeout",
         type=float,
-        default=900.0,
+        default=3600.0,
         help="seconds after which a busy process stops by itself (it is stopped after its case)",
     )
     parser.add_argument("--out", type=str, default="", help="also write the Markdown report here")

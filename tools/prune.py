@@ -23,9 +23,10 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+import ptl_torchreid  # noqa: E402,F401,I001  (before torch: the package sets OpenMP waiting, see _openmp.py)
+# isort: split
 import torch  # noqa: E402
 
-import ptl_torchreid  # noqa: E402,F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 from ptl_torchreid.cli import main as cli_main  # noqa: E402
 from ptl_torchreid.cli_prune import add_cop_arguments, prune_options  # noqa: E402
 from ptl_torchreid.compress import (  # noqa: E402

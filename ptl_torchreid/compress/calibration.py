@@ -48,8 +48,8 @@ def calibration_images(calibration, max_images=64):
         images = torch.cat(chunks) if chunks else None
     if images is None or len(images) < 2:
         raise ValueError(
-            f"calibration data gave {0 if images is None else len(images)} images; the data-aware criteria and compensation need at "
-            "least 2"
+            f"calibration data gave {0 if images is None else len(images)} images; the data-aware criteria and "
+            "compensation need at least 2"
         )
     return images
 

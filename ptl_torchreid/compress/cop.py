@@ -122,8 +122,8 @@ class PruneReport:
             before = sum(b for _, b, _ in self.compensation)
             after = sum(a for _, _, a in self.compensation)
             lines.append(
-                f"  compensation: {len(self.compensation)} layers refitted on {self.calibration_images} calibration images, reconstruction error "
-                f"-{1 - after / before if before else 0.0:.1%}"
+                f"  compensation: {len(self.compensation)} layers refitted on {self.calibration_images} calibration "
+                f"images, reconstruction error -{1 - after / before if before else 0.0:.1%}"
             )
         return "\n".join(lines)
 
@@ -351,8 +351,8 @@ def prune_cop(
     criterion, compensate = opts["criterion"], opts["compensate"]
     if calibration is None and "criterion" in opts["defaults"]:
         warnings.warn(
-            f"prune_cop without calibration data uses the data-free criterion {DEFAULT_DATA_FREE_CRITERION!r}; pass calibration= "
-            f"(training images) for the default {DEFAULT_CRITERION!r} with compensation",
+            f"prune_cop without calibration data uses the data-free criterion {DEFAULT_DATA_FREE_CRITERION!r}; pass "
+            f"calibration= (training images) for the default {DEFAULT_CRITERION!r} with compensation",
             UserWarning,
             stacklevel=2,
         )
@@ -365,8 +365,8 @@ def prune_cop(
     built_for = getattr(net, "input_size", None)  # PTL models: the cells' state shapes follow it
     if built_for is not None and tuple(built_for) != input_size:
         raise ValueError(
-            f"the model was built for input_size={tuple(built_for)} but pruning was asked at input_size={input_size}; pass "
-            f"input_size={tuple(built_for)} (FLOPs and the cells' states depend on it)"
+            f"the model was built for input_size={tuple(built_for)} but pruning was asked at input_size={input_size}; "
+            f"pass input_size={tuple(built_for)} (FLOPs and the cells' states depend on it)"
         )
     if not inplace:
         net = copy.deepcopy(net)
@@ -445,13 +445,14 @@ def prune_cop(
     flops_after, params_after = count_flops(net, input_size), count_params(net)
     if flops_after != flops_outside + selector.flops:
         warnings.warn(
-            f"FLOPs counted after pruning ({flops_after:,}) differ from the pruner's estimate ({flops_outside + selector.flops:,}); the target was "
-            "steered by the estimate",
+            f"FLOPs counted after pruning ({flops_after:,}) differ from the pruner's estimate "
+            f"({flops_outside + selector.flops:,}); the target was steered by the estimate",
             RuntimeWarning,
         )
     if target == "flops_reduction" and abs((1 - flops_after / flops_before) - value) > tolerance:
         warnings.warn(
-            f"FLOP reduction {1 - flops_after / flops_before:.3f} misses the requested {value:.3f} by more than {tolerance}",
+            f"FLOP reduction {1 - flops_after / flops_before:.3f} misses the requested {value:.3f} by more than "
+            f"{tolerance}",
             RuntimeWarning,
         )
     report = PruneReport(

@@ -88,13 +88,6 @@ def importance(r, f_hat, p_hat, alpha, beta, gamma):
 
 
 # -- correlation of a dependency-graph group --------------------------------------------------------------------
-def _kernel(rec):
-    """Consumer weight as (out, in, positions)."""
-    w = rec.module.conv.weight if rec.kind == "cell" else rec.module.weight
-    w = w.detach()
-    return w.reshape(w.shape[0], w.shape[1], -1)
-
-
 def group_correlation(graph, group):
     """(raw |Pearson| matrix averaged over the group's consumers, boolean 'feeds nothing' per unit)."""
     n = group.size
@@ -108,7 +101,7 @@ def group_correlation(graph, group):
         index = [np.flatnonzero(local == u) for u in units]
         if len({len(i) for i in index}) != 1:
             continue  # units read through different numbers of columns: not comparable
-        w = _kernel(rec)
+        w = rec.pruner.kernel(rec.module)
         if w.shape[0] < 2:
             continue  # Pearson needs at least two outputs
         idx = torch.from_numpy(np.stack(index)).to(w.device)                 # (units, columns)
@@ -128,45 +121,25 @@ def group_correlation(graph, group):
 # -- costs ------------------------------------------------------------------------------------------------------
 class CostModel:
     """FLOPs (as torch.utils.flop_counter counts them: 2 x multiply-adds of convs and matmuls) and parameters of
-    each traced layer, as functions of its current input/output channel counts."""
+    each traced layer, as functions of its current input/output channel counts (its pruner's ``cost``)."""
 
     def __init__(self, graph):
         self.graph = graph
         self.records = graph.records
         self.in_count = [len(r.in_units) for r in self.records]
         self.out_count = [len(r.out_units) for r in self.records]
-        self.kernel = []
-        self.bias = []
-        for r in self.records:
-            m = r.module.conv if r.kind == "cell" else r.module
-            w = getattr(m, "weight", None)
-            self.kernel.append(int(np.prod(w.shape[2:])) if w is not None and w.dim() > 2 else 1)
-            self.bias.append(getattr(m, "bias", None) is not None)
+        self.cost = [r.pruner.cost(r.module) for r in self.records]
         self.flops = [self._flops(i) for i in range(len(self.records))]
         self.params = [self._params(i) for i in range(len(self.records))]
 
-    def _weight(self, i, d_in=0, d_out=0):
-        kind, kk = self.records[i].kind, self.kernel[i]
-        cin, cout = self.in_count[i] - d_in, self.out_count[i] - d_out
-        if kind in ("conv", "linear"):
-            return cout * cin * kk
-        if kind == "cell":
-            return 4 * cout * cin * kk
-        if kind == "depthwise":
-            return cout * kk
-        return 0
+    def _counts(self, i, d_in, d_out):
+        return self.cost[i](self.in_count[i] - d_in, self.out_count[i] - d_out)
 
     def _flops(self, i, d_in=0, d_out=0):
-        return 2 * self._weight(i, d_in, d_out) * self.records[i].positions
+        return 2 * self._counts(i, d_in, d_out)[0] * self.records[i].positions
 
     def _params(self, i, d_in=0, d_out=0):
-        kind, cout = self.records[i].kind, self.out_count[i] - d_out
-        if kind == "norm":
-            return 2 * cout if getattr(self.records[i].module, "weight", None) is not None else 0
-        if kind == "prelu":
-            return cout
-        bias = (4 * cout if kind == "cell" else cout) if self.bias[i] else 0
-        return self._weight(i, d_in, d_out) + bias
+        return self._counts(i, d_in, d_out)[1]
 
     def saving(self, i, d_in, d_out):
         """(FLOPs, params) record i would lose with ``d_in`` fewer inputs and ``d_out`` fewer outputs."""
@@ -320,7 +293,7 @@ class COPSelector:
             outs = ins if same else np.bincount(r.out_units, minlength=graph.num_units)
             for u in np.flatnonzero(ins | outs).tolist():
                 self.unit_touch[u].append((i, int(ins[u]), int(outs[u])))
-            if r.kind in ("conv", "linear", "cell"):
+            if r.pruner.produces:  # filters are the outputs of dense layers
                 self.unit_filters += outs
         self.total_filters = int(sum(self.unit_filters[g.offset:g.offset + g.size].sum()
                                      for g in graph.prunable_groups()))

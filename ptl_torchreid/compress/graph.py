@@ -2,10 +2,10 @@
 
 One traced forward (eval mode, no gradients) on a dummy input records how channels flow through the model:
 
-* Layers with channel-indexed weights are *leaves* (convolutions, linears, normalisations, BConv-Cells); module
-  hooks see their inputs and outputs.
+* Layers with channel-indexed weights are *leaves* (convolutions, linears, normalisations, BConv-Cells, any type
+  with a registered layer pruner, see ``pruners``); module hooks see their inputs and outputs.
 * Everything between leaves (residual additions, concatenations, channel gates, pooling, flatten/view, ...) is
-  seen by a ``TorchFunctionMode`` as individual torch operations.
+  seen by a ``TorchFunctionMode`` as individual torch operations (``trace``).
 
 Every channel of every traced tensor carries an integer label. Producers (dense convs, linears, BConv-Cells)
 create fresh labels for their output channels; channel-wise layers (BatchNorm, depthwise convs, activations,
@@ -24,104 +24,12 @@ that mixes channels in an unknown way. A module with its own weights of a type t
 """
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..models.bconv import BConvCell
+from .pruners import UnsupportedLayerError
+from .trace import LayerRecord, Tracer, UnionFind
 
-__all__ = ["UnsupportedLayerError", "ChannelGraph", "Group", "LayerRecord", "build_graph", "leaf_kind"]
-
-# Leaf kinds. Producers make new channels; channel-wise kinds keep the channel set of their input.
-PRODUCERS = ("conv", "linear", "cell")
-CHANNELWISE = ("depthwise", "norm", "prelu")
-
-
-class UnsupportedLayerError(ValueError):
-    """The model contains a layer whose weights the pruner does not know how to slice."""
-
-
-def leaf_kind(module):
-    """How the graph treats ``module``: a leaf kind, ``'unsupported'``, or None (traced through)."""
-    if isinstance(module, BConvCell):
-        return "cell"
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "unsupported"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups == 1:
-            return "conv"
-        if module.groups == module.in_channels == module.out_channels:
-            return "depthwise"
-        return "grouped"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-        return "norm"
-    if isinstance(module, nn.PReLU):
-        return "prelu" if module.num_parameters > 1 else None
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d)):
-        return "barrier"
-    if any(True for _ in module.parameters(recurse=False)) or any(
-            True for _ in module.buffers(recurse=False)):
-        return "unsupported"
-    return None
-
-
-class _UnionFind:
-    def __init__(self):
-        self.parent = []
-        self.frozen = {}  # label -> reason (resolved to roots at the end)
-
-    def new(self, n, frozen=None):
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        labels = np.arange(start, start + n, dtype=np.int64)
-        if frozen:
-            self.freeze(labels, frozen)
-        return labels
-
-    def find(self, a):
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(self, a, b):
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-    def union_arrays(self, a, b):
-        for x, y in zip(a.tolist(), b.tolist()):
-            self.union(x, y)
-
-    def freeze(self, labels, reason):
-        for x in np.asarray(labels).tolist():
-            self.frozen.setdefault(x, reason)
-
-    def roots(self):
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
-
-
-class LayerRecord:
-    """One leaf module as seen by the trace: channel labels of its input and output, and the work it does."""
-
-    def __init__(self, name, module, kind):
-        self.name = name
-        self.module = module
-        self.kind = kind
-        self.in_labels = None
-        self.out_labels = None
-        self.positions = 0  # output positions per sample, summed over calls (FLOPs = 2 * weight numel * this)
-        self.calls = 0
-        # Filled by the graph after the trace: global unit index of each input/output channel.
-        self.in_units = None
-        self.out_units = None
-
-    def __repr__(self):
-        return f"LayerRecord({self.name}, {self.kind}, in={None if self.in_labels is None else len(self.in_labels)}, out={None if self.out_labels is None else len(self.out_labels)})"
+__all__ = ["UnsupportedLayerError", "ChannelGraph", "Group", "LayerRecord", "build_graph"]
 
 
 class Group:
@@ -155,379 +63,6 @@ class Group:
         return "Group({}, units={}, {})".format(
             self.name, self.size, "prunable" if self.prunable else f"frozen: {self.frozen}"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Operation tables for the traced forward (matched by function object, or by name as a fallback).
-_PASSTHROUGH = """relu relu_ relu6 hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu selu_ celu celu_ gelu silu
-mish hardswish hardsigmoid sigmoid sigmoid_ tanh tanh_ softplus softsign tanhshrink hardshrink softshrink threshold
-threshold_ logsigmoid rrelu rrelu_ dropout dropout_ dropout1d dropout2d dropout3d feature_dropout alpha_dropout
-feature_alpha_dropout contiguous clone detach detach_ to float half double bfloat16 type type_as cpu cuda
-requires_grad_ abs abs_ neg neg_ exp exp_ log log_ sqrt sqrt_ rsqrt square sign floor ceil round reciprocal sin cos
-clamp clamp_ clip clip_ clamp_min clamp_min_ clamp_max clamp_max_ nan_to_num avg_pool1d avg_pool2d avg_pool3d
-max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices
-adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d
-adaptive_max_pool3d adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices lp_pool1d lp_pool2d
-interpolate upsample upsample_nearest upsample_bilinear pad zeros_like ones_like empty_like full_like rand_like
-randn_like __neg__ __abs__ __pos__""".split()
-_ELEMENTWISE = """add add_ sub sub_ subtract mul mul_ multiply div div_ divide true_divide true_divide_ maximum
-minimum fmax fmin where lerp lerp_ addcmul addcmul_ addcdiv addcdiv_ pow pow_ __add__ __radd__ __iadd__ __sub__
-__rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __pow__ __rpow__ __ipow__ gt lt ge
-le eq ne greater less greater_equal less_equal __gt__ __lt__ __ge__ __le__ __eq__ __ne__ logical_and logical_or
-logical_not __and__ __or__ __invert__""".split()
-_REDUCTIONS = "mean sum nansum nanmean amax amin max min std var prod logsumexp".split()
-_DIMWISE = "softmax log_softmax softmin cumsum cumprod normalize".split()
-_CAT = "cat concat concatenate".split()
-_SPLIT = "chunk split tensor_split split_with_sizes unsafe_chunk unsafe_split".split()
-_RESHAPE = """view reshape flatten squeeze squeeze_ unsqueeze unsqueeze_ view_as reshape_as unflatten ravel""".split()
-_PERMUTE = "permute transpose transpose_ swapaxes swapdims movedim".split()
-_EXPAND = "expand expand_as repeat broadcast_to".split()
-_GETITEM = ["__getitem__"]
-
-
-def _build_op_table():
-    table, by_name = {}, {}
-    for kind, names in (
-        ("passthrough", _PASSTHROUGH),
-        ("elementwise", _ELEMENTWISE),
-        ("reduction", _REDUCTIONS),
-        ("dimwise", _DIMWISE),
-        ("cat", _CAT),
-        ("split", _SPLIT),
-        ("reshape", _RESHAPE),
-        ("permute", _PERMUTE),
-        ("expand", _EXPAND),
-        ("getitem", _GETITEM),
-    ):
-        for name in names:
-            by_name[name] = kind
-            for namespace in (torch, torch.Tensor, F, torch.special):
-                obj = getattr(namespace, name, None)
-                if obj is not None:
-                    try:
-                        table[obj] = kind
-                    except TypeError:  # unhashable wrapper
-                        pass
-    return table, by_name
-
-
-_OP_TABLE, _OP_BY_NAME = _build_op_table()
-
-
-def _op_kind(func):
-    try:
-        kind = _OP_TABLE.get(func)
-    except TypeError:
-        kind = None
-    if kind is None:
-        kind = _OP_BY_NAME.get(getattr(func, "__name__", None))
-    return kind
-
-
-def _op_name(func):
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-
-
-class _Unknown(Exception):
-    """An operation whose channel behaviour the graph does not model."""
-
-
-def _arg(args, kwargs, index, name, default=None):
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
-def _norm_dims(dim, ndim):
-    if dim is None:
-        return None
-    dims = dim if isinstance(dim, (list, tuple, torch.Size)) else [dim]
-    return {int(d) % ndim for d in dims}
-
-
-class _Tracer(TorchFunctionMode):
-    def __init__(self, model, exclude):
-        super().__init__()
-        self.model = model
-        self.exclude = set(exclude)
-        self.uf = _UnionFind()
-        self.labels = {}  # id(tensor) -> (tensor, labels)
-        self.records = {}  # name -> LayerRecord (in order of first call)
-        self.depth = 0
-        self.batch = None
-        self.notes = []
-        self.names = {}
-        self.handles = []
-        self.op_name = ""
-
-    # -- labels of tensors ------------------------------------------------------------------------------------
-    def get(self, t):
-        entry = self.labels.get(id(t))
-        if entry is not None and entry[0] is t:
-            return entry[1]
-        return None
-
-    def set(self, t, labels):
-        self.labels[id(t)] = (t, labels)  # holding t keeps its id from being reused during the trace
-
-    def labels_or_frozen(self, t, reason):
-        labels = self.get(t)
-        if labels is None or t.dim() < 2 or len(labels) != t.shape[1]:
-            labels = self.uf.new(t.shape[1] if t.dim() >= 2 else 1, frozen=reason)
-        return labels
-
-    # -- module hooks -----------------------------------------------------------------------------------------
-    def attach(self):
-        for name, module in self.model.named_modules():
-            kind = leaf_kind(module)
-            if name in self.exclude:
-                kind = "excluded"
-            if kind is None:
-                continue
-            self.names[module] = (name, kind)
-            self.handles.append(module.register_forward_pre_hook(self._pre_hook))
-            self.handles.append(module.register_forward_hook(self._post_hook))
-            if kind == "excluded":  # its inner modules are not looked at separately
-                for sub_name, sub in module.named_modules():
-                    if sub is not module:
-                        self.exclude.add(name + "." + sub_name)
-
-    def detach_hooks(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _pre_hook(self, module, args):
-        self.depth += 1
-
-    def _post_hook(self, module, args, output):
-        self.depth -= 1
-        if self.depth != 0:
-            return  # a leaf inside a leaf (the conv of a BConvCell): its parent accounts for it
-        name, kind = self.names[module]
-        if kind == "unsupported":
-            raise UnsupportedLayerError(
-                f"cannot prune through module {name!r} of type {type(module).__name__}: it has its own weights and the pruner does not "
-                f"know how they are indexed by channels. Pass exclude=[{name!r}] to keep its input and output "
-                "channels unpruned."
-            )
-        tensors = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
-        outputs = [o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)]
-        if not tensors or not outputs:
-            return
-        x, y = tensors[0], outputs[0]
-        if kind == "linear" and x.dim() != 2:
-            kind = "barrier"
-            self.notes.append(f"{name}: a Linear on a {x.dim()}-d input is not pruned")
-        if kind in ("excluded", "barrier", "grouped"):
-            reason = {
-                "excluded": "excluded by the caller ({})",
-                "barrier": "{} normalises or mixes across channels",
-                "grouped": "{} is a grouped (not depthwise) convolution",
-            }[kind].format(name)
-            note = {
-                "grouped": "{}: grouped convolutions are not pruned; its input and output channels are kept",
-                "barrier": "{}: {} normalises across channels; its input and output channels are kept",
-                "excluded": "{}: excluded; its input and output channels are kept",
-            }[kind].format(name, type(module).__name__)
-            if note not in self.notes:
-                self.notes.append(note)
-            for t in tensors:
-                if self.get(t) is not None:
-                    self.uf.freeze(self.get(t), reason)
-            for o in outputs:
-                if o.dim() >= 2:
-                    self.set(o, self.uf.new(o.shape[1], frozen=reason))
-            return
-        in_labels = self.labels_or_frozen(x, f"input of {name} is not traced")
-        rec = self.records.get(name)
-        if rec is None:
-            rec = self.records[name] = LayerRecord(name, module, kind)
-            rec.in_labels = in_labels
-        else:
-            self.uf.union_arrays(rec.in_labels, in_labels)  # a module called twice reads one channel space
-        if kind in PRODUCERS:
-            if rec.out_labels is None:
-                rec.out_labels = self.uf.new(y.shape[1])
-            out_labels = rec.out_labels
-        else:
-            out_labels = rec.out_labels = rec.in_labels
-        rec.calls += 1
-        if kind == "linear":
-            rec.positions += y.numel() // (y.shape[-1] * self.batch)
-        elif kind in ("conv", "depthwise", "cell"):
-            rec.positions += y.numel() // (y.shape[0] * y.shape[1])  # output pixels per sample
-        self.set(y, out_labels)
-
-    # -- torch functions between leaves ----------------------------------------------------------------------
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if self.depth == 0:
-            self.record_op(func, args, kwargs, out)
-        return out
-
-    def record_op(self, func, args, kwargs, out):
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        traced = [t for t in inputs if self.get(t) is not None]
-        if not traced:
-            return
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if not outputs:
-            if getattr(func, "__name__", "") == "__setitem__":  # writes channels by position
-                for t in traced:
-                    self.uf.freeze(self.get(t), "written in place by index (__setitem__)")
-            return  # metadata: size(), dim(), shape, ...
-        kind = _op_kind(func)
-        self.op_name = getattr(func, "__name__", "")
-        try:
-            if kind is None:
-                raise _Unknown()
-            labels = getattr(self, "_op_" + kind)(args, kwargs, outputs, traced)
-        except _Unknown:
-            reason = f"operation {_op_name(func)} is not understood by the dependency graph"
-            for t in traced:
-                self.uf.freeze(self.get(t), reason)
-            labels = [self.uf.new(o.shape[1], frozen=reason) if o.dim() >= 2 else None for o in outputs]
-            if reason not in self.notes:
-                self.notes.append(reason)
-        for o, lab in zip(outputs, labels):
-            if lab is not None:
-                self.set(o, lab)
-
-    def _first(self, args):
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or self.get(x) is None or x.dim() < 2:
-            raise _Unknown()
-        return x, self.get(x)
-
-    def _same_channels(self, x, outputs):
-        for o in outputs:
-            if o.dim() < 2 or o.shape[0] != x.shape[0] or o.shape[1] != x.shape[1]:
-                raise _Unknown()
-
-    def _op_passthrough(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        self._same_channels(x, outputs)
-        return [labels] * len(outputs)
-
-    def _op_elementwise(self, args, kwargs, outputs, traced):
-        out = outputs[0]
-        if out.dim() < 2:
-            raise _Unknown()
-        channels = out.shape[1]
-        coupled, constant = [], False
-        for t in tree_flatten((args, kwargs))[0]:
-            if not isinstance(t, torch.Tensor) or t.dim() == 0:
-                continue
-            axis = t.dim() - (out.dim() - 1)  # the axis of t that broadcasts against the channel axis
-            if axis < 0 or t.shape[axis] == 1 and channels != 1:
-                continue
-            labels = self.get(t) if t.dim() == out.dim() else None
-            if labels is not None:
-                coupled.append(labels)
-            elif t.shape[axis] == channels:
-                constant = True
-        if not coupled:
-            raise _Unknown()
-        for other in coupled[1:]:
-            self.uf.union_arrays(coupled[0], other)
-        if constant and channels > 1:
-            self.uf.freeze(coupled[0], "combined with a per-channel constant that pruning cannot slice")
-        return [coupled[0]] + [None] * (len(outputs) - 1)
-
-    def _op_reduction(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        other = _arg(args, kwargs, 1, "other")
-        if isinstance(other, torch.Tensor):
-            return self._op_elementwise(args, kwargs, outputs, traced)
-        dims = _norm_dims(_arg(args, kwargs, 1, "dim"), x.dim())
-        if dims is None or 1 in dims:
-            raise _Unknown()
-        self._same_channels(x, [o for o in outputs if o.is_floating_point()] or outputs[:1])
-        return [labels if o.dim() >= 2 and o.shape[1] == x.shape[1] else None for o in outputs]
-
-    def _op_dimwise(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        dim = _arg(args, kwargs, 1, "dim")
-        if not isinstance(dim, int) or dim % x.dim() == 1:
-            raise _Unknown()  # along channels, or an implicit dimension
-        self._same_channels(x, outputs)
-        return [labels] * len(outputs)
-
-    def _op_cat(self, args, kwargs, outputs, traced):
-        tensors = list(_arg(args, kwargs, 0, "tensors"))
-        out = outputs[0]
-        dim = int(_arg(args, kwargs, 1, "dim", 0)) % out.dim() if out.dim() else 0
-        if out.dim() < 2:
-            raise _Unknown()
-        if dim == 1:
-            return [np.concatenate([self.labels_or_frozen(t, "concatenated with an untraced tensor") for t in tensors])]
-        labelled = [self.get(t) for t in tensors]
-        if any(lab is None or len(lab) != out.shape[1] for lab in labelled):
-            raise _Unknown()
-        for other in labelled[1:]:
-            self.uf.union_arrays(labelled[0], other)
-        return [labelled[0]]
-
-    def _op_split(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        dim = int(_arg(args, kwargs, 2, "dim", 0)) % x.dim()
-        if dim == 1:
-            raise _Unknown()  # split by position: pruning would move the boundaries
-        self._same_channels(x, outputs)
-        return [labels] * len(outputs)
-
-    def _op_reshape(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        out = outputs[0]
-        if out.dim() < 2 or out.shape[0] != x.shape[0] or x.shape[0] != self.batch:
-            raise _Unknown()
-        per_channel = x[0].numel() // x.shape[1]
-        elements = np.repeat(labels, per_channel).reshape(out.shape[1], -1)
-        if not (elements == elements[:, :1]).all():
-            raise _Unknown()  # a new channel mixes old ones
-        return [elements[:, 0].copy()]
-
-    def _op_permute(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        rest = [a for a in args[1:]] + [kwargs[k] for k in ("dims", "dim0", "dim1") if k in kwargs]
-        if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-            rest = list(rest[0])
-        dims = [int(d) % x.dim() for d in rest]
-        if self.op_name == "permute":
-            keeps = dims[:2] == [0, 1]
-        elif self.op_name in ("transpose", "transpose_", "swapaxes", "swapdims"):
-            keeps = not ({0, 1} & set(dims))
-        else:
-            keeps = False
-        if not keeps:
-            raise _Unknown()
-        self._same_channels(x, outputs[:1])
-        return [labels]
-
-    def _op_expand(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        out = outputs[0]
-        if out.dim() != x.dim() or out.shape[1] != x.shape[1]:
-            raise _Unknown()
-        return [labels]
-
-    def _op_getitem(self, args, kwargs, outputs, traced):
-        x, labels = self._first(args)
-        index = args[1] if len(args) > 1 else None
-        index = index if isinstance(index, tuple) else (index,)
-        full = slice(None, None, None)
-        ok = (
-            isinstance(index[0], slice)
-            and (len(index) == 1 or index[1] == full or index[1] is Ellipsis)
-            and all(not isinstance(i, torch.Tensor) for i in index)
-        )
-        if not ok:
-            raise _Unknown()
-        if outputs[0].dim() < 2 or outputs[0].shape[1] != x.shape[1]:
-            raise _Unknown()
-        return [labels]
 
 
 class ChannelGraph:
@@ -566,11 +101,6 @@ class ChannelGraph:
         units = rec.out_units
         return self.groups[int(self.unit_group[units[0]])]
 
-    def keep_masks(self, alive):
-        """(keep_in, keep_out) boolean arrays per record name, for a boolean ``alive`` per global unit."""
-        alive = np.asarray(alive, dtype=bool)
-        return {r.name: (alive[r.in_units], alive[r.out_units]) for r in self.records}
-
     def summary(self):
         lines = []
         for g in self.groups:
@@ -605,8 +135,8 @@ def build_graph(model, input_size=(256, 128), exclude=(), example_input=None):
         example_input = torch.randn(2, 3, *_as_tuple(input_size), **kw)
     if example_input.shape[0] < 2:
         raise ValueError(
-            f"trace the model with a batch of at least 2 samples (got {example_input.shape[0]}); with one sample, batch and "
-            "channel reshapes cannot be told apart"
+            f"trace the model with a batch of at least 2 samples (got {example_input.shape[0]}); with one sample, "
+            "batch and channel reshapes cannot be told apart"
         )
     exclude = list(exclude or ())
     names = {n for n, _ in model.named_modules()}
@@ -617,7 +147,7 @@ def build_graph(model, input_size=(256, 128), exclude=(), example_input=None):
             "model.named_modules(), e.g. {}".format(missing, sorted(names - {""})[:5])
         )
 
-    tracer = _Tracer(model, exclude)
+    tracer = Tracer(model, exclude)
     tracer.batch = example_input.shape[0]
     was_training = model.training
     model.eval()
@@ -644,17 +174,17 @@ def _assemble(model, tracer, input_size, batch):
     records = list(tracer.records.values())
 
     # Groups: units (roots) joined when one producer makes them.
-    guf = _UnionFind()
+    guf = UnionFind()
     guf.new(len(roots))
     for rec in records:
-        if rec.kind in PRODUCERS:
+        if rec.pruner.produces:
             r = roots[rec.out_labels]
             for x in r[1:].tolist():
                 guf.union(int(r[0]), x)
     # Units in a stable order: producers' output order first, then anything else that was seen.
     seen, order = set(), []
     for rec in records:
-        for labels in (rec.out_labels, rec.in_labels) if rec.kind in PRODUCERS else (rec.in_labels,):
+        for labels in (rec.out_labels, rec.in_labels) if rec.pruner.produces else (rec.in_labels,):
             for x in roots[labels].tolist():
                 if x not in seen:
                     seen.add(x)
@@ -686,10 +216,9 @@ def _assemble(model, tracer, input_size, batch):
         touched = set(unit_group[rec.in_units].tolist()) | set(unit_group[rec.out_units].tolist())
         for gi in sorted(touched):
             groups[gi].members.append(rec)
-        if rec.kind in PRODUCERS:
+        if rec.pruner.produces:  # dense layers make their outputs and read their inputs through a full kernel
             for gi in sorted(set(unit_group[rec.out_units].tolist())):
                 groups[gi].producers.append(rec)
-        if rec.kind in PRODUCERS:  # dense layers read their inputs through a full kernel
             for gi in sorted(set(unit_group[rec.in_units].tolist())):
                 groups[gi].consumers.append(rec)
     for g in groups:

@@ -16,6 +16,7 @@ import re
 import torch
 
 from .. import _torchreid
+from ..models import build_model, is_ptl, unwrap
 from ..utils.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 from .surgery import apply_channel_config, channel_config
 
@@ -27,8 +28,6 @@ FORMAT = 1
 
 def build_kwargs_of(model):
     """The ``build_model`` options that rebuild ``model``'s architecture (PTL options for PTL models)."""
-    from ..models import is_ptl, unwrap
-
     net = unwrap(model)
     if not is_ptl(net):
         return {}
@@ -47,8 +46,6 @@ def make_pruning_info(model, arch, num_classes=None, loss=None, build_kwargs=Non
     """The ``pruning`` entry of a checkpoint (plain types): what :func:`load_pruned_model` needs to rebuild
     ``model``. Put it into any checkpoint of the pruned model (e.g. a training engine's ``checkpoint_extras``)
     to make that checkpoint reloadable too."""
-    from ..models import unwrap
-
     net = unwrap(model)
     return dict(format=FORMAT, method="cop", arch=str(arch),
                 num_classes=int(num_classes if num_classes is not None else _num_classes(net)),
@@ -72,8 +69,6 @@ def save_pruned_model(model, path, arch, num_classes=None, loss=None, build_kwar
         report: a :class:`~ptl_torchreid.compress.PruneReport` (or its ``as_dict()``) to keep alongside.
         extra: more plain-typed top-level entries (e.g. ``{"epoch": 10, "rank1": 0.8}``).
     """
-    from ..models import unwrap
-
     net = unwrap(model)
     state = dict(extra or {})
     state.update(state_dict=net.state_dict(),
@@ -123,8 +118,6 @@ def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_c
             freshly initialised one of this size (fine-tuning on other identities); the rest loads strictly.
         loss: sets the model's ``loss`` (torchreid's forward contract) when given.
     """
-    from ..models import build_model
-
     checkpoint, where = _load(path_or_checkpoint, map_location, trust)
     info = pruning_info(checkpoint)
     if int(info.get("format", 0)) > FORMAT:

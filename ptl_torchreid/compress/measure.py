@@ -5,7 +5,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_params", "measure_latency", "compare_latency"]
+__all__ = ["count_flops", "count_params", "compare_latency"]
 
 
 def _dummy(model, input_size, batch_size):
@@ -31,37 +31,6 @@ def count_flops(model, input_size=(256, 128), batch_size=1):
 def count_params(model):
     """Number of parameters (buffers such as BatchNorm statistics are not parameters)."""
     return sum(p.numel() for p in model.parameters())
-
-
-@torch.inference_mode()
-def measure_latency(model, input_size=(256, 128), batch_size=32, repeats=10, warmup=3, num_threads=None):
-    """Median wall-clock seconds of an eval-mode forward of a ``batch_size`` batch.
-
-    Args:
-        num_threads: torch intra-op threads during the measurement (restored afterwards); None keeps the current.
-    Returns: dict with ``median``, ``min``, ``mean`` (seconds) and ``runs`` (all measurements).
-    """
-    was_training = model.training
-    model.eval()
-    threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(int(num_threads))
-    x = _dummy(model, input_size, batch_size)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    runs = []
-    try:
-        for _ in range(warmup):
-            model(x)
-        sync()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(x)
-            sync()
-            runs.append(time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(threads)
-        model.train(was_training)
-    return dict(median=statistics.median(runs), min=min(runs), mean=statistics.fmean(runs), runs=runs)
 
 
 @torch.inference_mode()

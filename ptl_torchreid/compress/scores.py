@@ -36,15 +36,9 @@ CRITERIA = ("cop", "cop_magnitude", "cop_activation", "taylor")
 DATA_CRITERIA = ("cop_activation", "taylor")
 
 
-def _kernel(rec):
-    w = rec.module.conv.weight if rec.kind == "cell" else rec.module.weight
-    w = w.detach()
-    return w.reshape(w.shape[0], w.shape[1], -1)
-
-
 def column_energy(rec, columns):
     """Squared norm of consumer ``rec``'s input columns (summed over outputs and kernel positions)."""
-    w = _kernel(rec).double()
+    w = rec.pruner.kernel(rec.module).double()
     return (w[:, torch.as_tensor(columns, dtype=torch.long)] ** 2).sum((0, 2)).cpu().numpy()
 
 

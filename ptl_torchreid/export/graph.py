@@ -43,8 +43,10 @@ def model_input_size(net, input_size=None):
         own = tuple(int(s) for s in own)
         if input_size is not None and tuple(input_size) != own:
             raise UnsupportedModelError(
-                f"this PTL model was built for input size {own[0]}x{own[1]} (its cell states have that shape) and cannot be "
-                f"exported at {input_size[0]}x{input_size[1]}; export at {own[0]}x{own[1]} (data.height/data.width) or rebuild the model for the new "
+                f"this PTL model was built for input size {own[0]}x{own[1]} (its cell states have that shape) and "
+                "cannot be "
+                f"exported at {input_size[0]}x{input_size[1]}; export at {own[0]}x{own[1]} (data.height/data.width) "
+                "or rebuild the model for the new "
                 "size"
             )
         return own

@@ -67,7 +67,8 @@ def check_parity(reference, candidate, images, batch_sizes=DEFAULT_BATCH_SIZES, 
         results[int(b)] = {"max_abs": diff, "min_cosine": cos, "feature_max": float(np.abs(ref).max())}
         if not shape_ok:
             raise ParityError(
-                f"{name} at batch {b}: features of shape {list(np.shape(got))} where PyTorch gives {list(np.shape(ref))}"
+                f"{name} at batch {b}: features of shape {list(np.shape(got))} where PyTorch gives "
+                f"{list(np.shape(ref))}"
             )
         if not (diff <= max_abs and cos >= min_cosine):
             raise ParityError(
@@ -136,7 +137,8 @@ def compare_retrieval(
             gap = abs(got[key] - ref[key]) * 100
             if gap > points:
                 raise ParityError(
-                    f"{name} on '{set_name}': {label} {got[key]:.2%} where PyTorch gives {ref[key]:.2%} ({gap:.2f} points apart, limit "
+                    f"{name} on '{set_name}': {label} {got[key]:.2%} where PyTorch gives {ref[key]:.2%} ({gap:.2f} "
+                    "points apart, limit "
                     f"{points})"
                 )
         out[set_name] = got

@@ -197,7 +197,8 @@ def _export_int8(ov_model, calibration, staging, out_dir, stem, reference, image
                  eval_sets, result, dist_metric, normalize_feature, common, log):
     int8_stem = stem + "_int8"
     xml = osp.join(staging, int8_stem + "_openvino_model", int8_stem + ".xml")
-    with _Step(log, f"INT8 post-training quantisation with NNCF ({sum(len(b) for b in calibration)} calibration images)"):
+    n_calibration = sum(len(b) for b in calibration)
+    with _Step(log, f"INT8 post-training quantisation with NNCF ({n_calibration} calibration images)"):
         quantize_int8(ov_model, calibration, xml)
     runner = OpenVINORunner(xml)
     with _Step(log, "INT8 Rank-1/mAP against fp32"):

@@ -130,8 +130,10 @@ def reduce_per_query(parts, labels, max_rank, return_minp=False):
         q_pids, g_pids = labels[0], labels[1]
         raise ValueError(
             "evaluate_rank: no query has a valid match: for every query, the gallery holds no image of the same "
-            f"identity from a different camera (num_query={len(q_pids)}, num_gallery={len(g_pids)}, {len(np.unique(q_pids))} query ids, {len(np.unique(g_pids))} gallery ids, "
-            f"{len(np.intersect1d(q_pids, g_pids))} shared). Check that q_pids/g_pids and q_camids/g_camids are aligned with the rows/columns of "
+            f"identity from a different camera (num_query={len(q_pids)}, num_gallery={len(g_pids)}, "
+            f"{len(np.unique(q_pids))} query ids, {len(np.unique(g_pids))} gallery ids, "
+            f"{len(np.intersect1d(q_pids, g_pids))} shared). Check that q_pids/g_pids and q_camids/g_camids are "
+            "aligned with the rows/columns of "
             "distmat and that query and gallery share identities seen by other cameras."
         )
     cmc = cmc_rows.sum(0) / float(len(cmc_rows))
@@ -192,7 +194,8 @@ def effective_max_rank(max_rank, num_g):
         raise ValueError(f"evaluate_rank: max_rank must be a positive integer, got {max_rank!r}")
     if num_g < max_rank:
         warnings.warn(
-            f"evaluate_rank: the gallery has only {num_g} entries, fewer than max_rank={max_rank}; the CMC is computed up to "
+            f"evaluate_rank: the gallery has only {num_g} entries, fewer than max_rank={max_rank}; the CMC is "
+            "computed up to "
             f"rank {num_g}",
             UserWarning,
             stacklevel=3,

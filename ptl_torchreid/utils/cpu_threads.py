@@ -190,7 +190,7 @@ def openmp_waiting(environ=None):
     for name in ("GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
         if environ.get(name, "").strip():
             return f"{name}={environ[name].strip()}"
-    return "spinning (the OpenMP default; torch was imported before ptl_torchreid)"
+    return "spinning, then sleeping (the OpenMP default: the CPUs were idle at import, or torch came first)"
 
 
 def describe_cpu_threads(choice, environ=None):
