@@ -1,8 +1,8 @@
 """Command line: ``ptl-torchreid [COMMAND] --config-file FILE [-s ...] [-t ...] [--root DIR] [KEY VALUE ...]``.
 
 Mirrors torchreid's ``scripts/main.py`` flags. Commands live in :data:`COMMANDS`; adding one is a single
-:func:`register_command` call. This module also holds the builders that turn a config into a data manager,
-model, optimizer, scheduler and engine (used by the commands and by tools).
+:func:`register_command` call. The training commands run :func:`ptl_torchreid.engine.run`; the builders they
+use live in ``ptl_torchreid.engine.defaults``.
 """
 import argparse
 import contextlib
@@ -14,31 +14,21 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import namedtuple
 
 import torch
 
-from ptl_torchreid import __version__, _torchreid
+from ptl_torchreid import __version__
 from ptl_torchreid.cli_export import add_export_arguments, run_export
+from ptl_torchreid.cli_prune import add_prune_arguments, run_prune
 from ptl_torchreid.cli_retrieval import add_embed_arguments, add_search_arguments, run_embed, run_search
-from ptl_torchreid.compress import is_pruned_checkpoint, load_pruned_model
 from ptl_torchreid.config import (
     ConfigError,
     config_keys,
     engine_kwargs,
-    engine_run_kwargs,
-    get_default_config,
-    imagedata_kwargs,
-    is_ptl_model_name,
     is_synthetic_dataset,
     load_config,
-    lr_scheduler_kwargs,
-    model_kwargs,
-    optimizer_kwargs,
-    resolve_use_gpu,
     resume_path,
-    synthetic_kwargs,
     torchreid_image_datasets,
 )
 from ptl_torchreid.data import (
@@ -48,37 +38,35 @@ from ptl_torchreid.data import (
     ImageReadError,
     check_dataset_root,
     format_report,
-    install_strict_reader,
-    register_synthetic_dataset,
-    reset_skipped_images,
-    skipped_images,
 )
-from ptl_torchreid.data.samplers import distribute_train_loaders
 from ptl_torchreid.data.user import check_user_source, is_user_source
-from ptl_torchreid.engine import ENGINES, NonFiniteLossError, TrainingInterrupted, build_optimizer
-from ptl_torchreid.export import ExportError
-from ptl_torchreid.metrics import clamp_ranks
-from ptl_torchreid.models import build_model as _build_model
-from ptl_torchreid.models import is_ptl, is_ptl_state_dict, load_pretrained_weights, unwrap
-from ptl_torchreid.utils import distributed as pdist
-from ptl_torchreid.utils.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    CheckpointReadError,
-    extract_state_dict,
-    load_checkpoint,
-)
-from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, describe_cpu_threads
-from ptl_torchreid.utils.savedir import SaveDirError, SaveDirLock
+from ptl_torchreid.engine import NonFiniteLossError, TrainingInterrupted, run
 
-torchreid = _torchreid.torchreid
+# build_*, check_* and distributed_session live in engine.defaults; cli's __all__ re-exports them, as the
+# documentation of earlier releases imported them from here.
+from ptl_torchreid.engine.defaults import (
+    build_datamanager,
+    build_engine,
+    build_model,
+    check_datamanager,
+    check_dataset_roots,
+    dataset_names,
+    distributed_session,
+    preflight,
+)
+from ptl_torchreid.export import ExportError
+from ptl_torchreid.metrics.table import format_results_table
+from ptl_torchreid.utils import distributed as pdist
+from ptl_torchreid.utils.checkpoint import CheckpointError, CheckpointManager
+from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, describe_cpu_threads
+from ptl_torchreid.utils.logfile import log_file
+from ptl_torchreid.utils.savedir import SaveDirError, SaveDirLock
 
 __all__ = [
     "COMMANDS",
     "build_datamanager",
     "build_engine",
     "build_model",
-    "check_checkpoint_files",
     "check_datamanager",
     "check_dataset_roots",
     "check_data",
@@ -92,379 +80,6 @@ __all__ = [
     "trains",
 ]
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Builders: config -> objects
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _dataset_names(cfg):
-    names = list(cfg.data.sources) + list(cfg.data.targets)
-    return list(dict.fromkeys(names))
-
-
-def check_dataset_roots(cfg):
-    """Fail fast, without downloading, when a real dataset is not under ``data.root``.
-
-    torchreid's datasets download themselves (or hang offline) when their folder is missing; we check the
-    folder first. The embedded synthetic datasets are generated, so they are skipped.
-    """
-    registry = torchreid_image_datasets()
-    root = osp.abspath(osp.expanduser(cfg.data.root))
-    for name in _dataset_names(cfg):
-        if is_synthetic_dataset(name):
-            continue
-        subdir = getattr(registry.get(name), "dataset_dir", None)
-        if not isinstance(subdir, str):
-            continue  # a user-registered dataset that does not follow torchreid's layout convention
-        expected = osp.join(root, subdir)
-        if not osp.isdir(expected):
-            raise DatasetRootError(
-                f"dataset '{name}' was not found: expected its files under {expected} (data.root = '{cfg.data.root}'). ptl-torchreid "
-                f"does not download datasets; put {name} there (torchreid's layout) or point --root / data.root at "
-                f"the folder that contains '{subdir}'."
-            )
-
-
-def build_datamanager(cfg):
-    """The ``torchreid.data.ImageDataManager`` for ``cfg`` (the single place where loaders and samplers are
-    made). Synthetic datasets are (re-)registered with ``data.synthetic`` first; real ones are checked. Images
-    are read with the strict reader (an unreadable file raises an error naming it instead of torchreid's endless
-    retries; ``data.skip_corrupt`` skips and counts such samples instead).
-
-    Under several ranks, rank 0 builds it first (a synthetic dataset is generated into ``data.root`` then) and
-    the train loaders get distributed samplers (``train.batch_size`` images per rank)."""
-    with pdist.main_process_first():
-        datamanager = _build_image_datamanager(cfg)
-    if pdist.get_world_size() > 1:
-        try:
-            distribute_train_loaders(
-                datamanager,
-                cfg.sampler.train_sampler,
-                cfg.sampler.num_instances,
-                seed=cfg.train.seed,
-                train_sampler_t=cfg.sampler.train_sampler_t,
-            )
-        except ValueError as e:
-            raise ConfigError(f"distributed training over {pdist.get_world_size()} processes: {e}") from None
-    return datamanager
-
-
-def _build_image_datamanager(cfg):
-    for name in _dataset_names(cfg):
-        if is_synthetic_dataset(name):
-            register_synthetic_dataset(name, **synthetic_kwargs(cfg))
-    check_dataset_roots(cfg)
-    install_strict_reader(skip_corrupt=cfg.data.skip_corrupt)
-    try:
-        datamanager = torchreid.data.ImageDataManager(**imagedata_kwargs(cfg))
-    except RuntimeError as e:
-        # torchreid's check_before_run: a dataset folder exists but lacks a required sub-folder or file.
-        if "is not found" in str(e):
-            raise DatasetRootError(
-                "incomplete dataset under data.root = '{}': {}. Check the folder layout torchreid expects for "
-                "{}.".format(cfg.data.root, e, ", ".join(_dataset_names(cfg)))
-            ) from None
-        raise
-    except (AssertionError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
-        # torchreid's own sanity checks (bare asserts, empty samplers) fail with little context.
-        raise DatasetError(_datamanager_failure(cfg, e)) from None
-    check_datamanager(datamanager, cfg)
-    return datamanager
-
-
-def _datamanager_failure(cfg, e):
-    frame = traceback.extract_tb(e.__traceback__)[-1]
-    where = '{} ("{}", line {})'.format((frame.line or "").strip(), osp.basename(frame.filename), frame.lineno)
-    hints = [
-        "an empty or incomplete dataset folder (scan it with: ptl-torchreid check-data --root {} -s {})".format(
-            cfg.data.root, " ".join(_dataset_names(cfg))
-        )
-    ]
-    if "RandomIdentitySampler" in (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t):
-        hints.append(
-            f"fewer training identities than train.batch_size / sampler.num_instances = {cfg.train.batch_size // cfg.sampler.num_instances} "
-            "(RandomIdentitySampler puts that many identities in every batch)"
-        )
-    return (
-        "torchreid could not build the data loaders for sources {} / targets {} under data.root = '{}': "
-        "{}{} at {}. Likely causes: {}.".format(
-            list(cfg.data.sources),
-            list(cfg.data.targets),
-            cfg.data.root,
-            type(e).__name__,
-            ": " + str(e) if str(e) else "",
-            where,
-            "; ".join(hints),
-        )
-    )
-
-
-def check_datamanager(datamanager, cfg):
-    """Dataset problems that would otherwise surface only after training: an empty training set, an empty
-    query or gallery, a test set with fewer than two cameras, no query with a cross-camera gallery match
-    (each a :class:`DatasetError`); a gallery smaller than the largest of ``test.ranks`` is noted."""
-    training = cfg.train.max_epoch > cfg.train.start_epoch and not cfg.test.evaluate
-    if training and datamanager.num_train_pids < 1:
-        raise DatasetError(
-            f"the training set of {list(cfg.data.sources)} holds no identities under data.root = '{cfg.data.root}'; check the dataset "
-            "with: ptl-torchreid check-data"
-        )
-    for name, splits in datamanager.test_dataset.items():
-        query, gallery = splits["query"], splits["gallery"]
-        for split, items in (("query", query), ("gallery", gallery)):
-            if not items:
-                raise DatasetError(
-                    f"the {split} set of target '{name}' is empty (data.root = '{cfg.data.root}'): nothing to evaluate; "
-                    "check the dataset with: ptl-torchreid check-data"
-                )
-        cams = {item[2] for item in query} | {item[2] for item in gallery}
-        if len(cams) < 2:
-            raise DatasetError(
-                f"the test set of target '{name}' has images from {len(cams)} camera(s) only; ReID evaluation "
-                "needs at least 2, since gallery images from the query's own camera are "
-                "discarded"
-            )
-        gallery_cams = {}
-        for item in gallery:
-            gallery_cams.setdefault(item[1], set()).add(item[2])
-        if not any(gallery_cams.get(q[1], set()) - {q[2]} for q in query):
-            raise DatasetError(
-                f"no query of target '{name}' has a gallery image of the same identity from another "
-                "camera, so every query would be discarded; check the query/gallery split"
-            )
-        clamp_ranks(cfg.test.ranks, len(gallery), name)  # notes now, not after training
-
-
-def load_initial_weights(model, path, mode="match", trust=False, checkpoint=None):
-    """Load ``model.load_weights`` into ``model`` (a plain torchreid checkpoint given to a PTL model fills its
-    backbone; see ``ptl_torchreid.models.load_pretrained_weights``). ``checkpoint``: the file already loaded."""
-    net = unwrap(model)
-    if checkpoint is None:
-        checkpoint = load_checkpoint(path, map_location="cpu", trust=trust)
-    try:
-        state_dict = extract_state_dict(checkpoint)
-    except ValueError as e:
-        raise CheckpointReadError(f'model.load_weights = "{path}" holds no model weights: {e}') from None
-    if is_ptl(net) and not is_ptl_state_dict(state_dict):
-        print(f'Loading plain model weights from "{path}" into the PTL backbone')
-    print(f'Loading weights from "{path}" (model.load_weights_mode = {mode})')
-    return load_pretrained_weights(net, state_dict, mode=mode)
-
-
-def build_model(cfg, num_classes):
-    """``ptl_torchreid.models.build_model`` with the config's model and PTL options, plus ``load_weights``.
-    A pruned checkpoint (see ``ptl_torchreid.compress``) as ``load_weights`` rebuilds the pruned model."""
-    path = cfg.model.load_weights
-    checkpoint = load_checkpoint(path, map_location="cpu", trust=cfg.model.trust_checkpoint) if path else None
-    if is_pruned_checkpoint(checkpoint):
-        model = load_pruned_model(checkpoint, num_classes=num_classes, loss=cfg.loss.name)
-        if is_ptl(model):
-            model.configure_cells(
-                state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum
-            )
-        print('Loaded the pruned {} from "{}"'.format(checkpoint["pruning"]["arch"], path))
-        return model
-    model = _build_model(**model_kwargs(cfg, num_classes))
-    if not is_ptl_model_name(cfg.model.name) and cfg.ptl != get_default_config().ptl:
-        print(f"Note: '{cfg.model.name}' is a plain torchreid model; the ptl.* settings are ignored.")
-    if cfg.model.load_weights:
-        load_initial_weights(
-            model,
-            cfg.model.load_weights,
-            cfg.model.load_weights_mode,
-            cfg.model.trust_checkpoint,
-            checkpoint=checkpoint,
-        )
-    return model
-
-
-def build_engine(cfg, datamanager=None, model=None):
-    """Engine for ``loss.name`` with its model, optimizer and scheduler; resumes from ``model.resume``.
-
-    Returns the engine; ``engine.start_epoch`` is where training starts (after a resume).
-    """
-    if datamanager is None:
-        datamanager = build_datamanager(cfg)
-    if model is None:
-        model = build_model(cfg, datamanager.num_train_pids)
-    optimizer = build_optimizer(model, **optimizer_kwargs(cfg))
-    scheduler = torchreid.optim.build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
-    engine_cls = ENGINES[cfg.loss.name]
-    engine = engine_cls(
-        datamanager,
-        model,
-        optimizer,
-        scheduler=scheduler,
-        checkpoint_extras={"config": cfg.dump(), "model_name": cfg.model.name},
-        **engine_kwargs(cfg),
-    )
-    engine.start_epoch = cfg.train.start_epoch
-    resume = resume_path(cfg)
-    if resume:
-        start = engine.resume(resume, trust=cfg.model.trust_checkpoint, save_dir=cfg.data.save_dir)
-        if start is not None:
-            engine.start_epoch = start
-    return engine
-
-
-def check_paths(cfg):
-    """Files named in the config exist (checked before any work starts)."""
-    for key in ("model.load_weights", "model.resume", "train.resume"):
-        section, leaf = key.split(".")
-        path = cfg[section][leaf]
-        if path and path != "auto" and osp.isdir(path):
-            raise ConfigError(f"{key} = '{path}' is a directory; give a checkpoint file in it")
-        if path and path != "auto" and not osp.isfile(path):
-            raise ConfigError(f"{key} = '{path}': no such file")
-
-
-def check_checkpoint_files(cfg):
-    """Read the checkpoints named by ``model.load_weights`` and the resume keys once, before any work starts:
-    a file that would need full unpickling is refused here (unless ``model.trust_checkpoint``), and a corrupt
-    one is reported, before datasets are generated or models built."""
-    resume = resume_path(cfg)
-    if resume == "auto":
-        resume = CheckpointManager(osp.join(cfg.data.save_dir, "model")).latest()
-    for path in dict.fromkeys(p for p in (cfg.model.load_weights, resume) if p):
-        load_checkpoint(path, map_location="cpu", trust=cfg.model.trust_checkpoint)
-
-
-def run(cfg):
-    """Train and/or evaluate as ``cfg`` says; returns ``{target: {'mAP': x, 'cmc': {rank: y}}}``."""
-    check_paths(cfg)
-    # The same seed on every rank: the global RNG streams stay identical across ranks (so rank 0's RNG state in a
-    # checkpoint resumes all of them); data order and augmentation differ per rank through the training loader's
-    # seeds, derived from (train.seed, epoch, rank).
-    torchreid.utils.set_random_seed(cfg.train.seed)
-    engine = build_engine(cfg)
-    kwargs = engine_run_kwargs(cfg)
-    kwargs["start_epoch"] = engine.start_epoch
-    if cfg.test.evaluate and not (cfg.model.load_weights or resume_path(cfg)):
-        print("Warning: evaluating a model without trained weights (set model.load_weights).")
-    reset_skipped_images()
-    results = engine.run(**kwargs)
-    if cfg.data.skip_corrupt:
-        print(
-            f"Skipped {skipped_images()} unreadable image(s) during this run (data.skip_corrupt is on; each training image was "
-            "replaced by another sample of the same identity; query and gallery images are never replaced). Find "
-            "them with: ptl-torchreid check-data"
-        )
-    return results
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------------------
-
-
-def format_results_table(results):
-    """A Markdown table: one row per target, mAP and the Rank-k columns."""
-    if not results:
-        return "(no results)"
-    ranks = sorted({r for res in results.values() for r in res["cmc"]})
-    minp = any("mINP" in res for res in results.values())
-    header = ["target", "mAP"] + ["mINP"] * minp + [f"Rank-{r}" for r in ranks]
-    rows = []
-    for name, res in results.items():
-        cmc = res["cmc"]
-        rows.append(
-            [name, "{:.1%}".format(res["mAP"])]
-            + ["{:.1%}".format(res.get("mINP", float("nan")))] * minp
-            + [f"{cmc[r]:.1%}" if r in cmc else "-" for r in ranks]
-        )
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep] + [line(r) for r in rows])
-
-
-@contextlib.contextmanager
-def distributed_session(cfg):
-    """Join the ``torchrun`` process group, if launched by ``torchrun`` (``nccl`` with ``use_gpu``, else
-    ``gloo``; each process on ``cuda:LOCAL_RANK``), for the block; standard output of ranks other than 0 is
-    discarded. Without ``torchrun`` it runs the block as a single process."""
-    joined = not pdist.is_distributed()
-    ctx = pdist.init_distributed(device="cuda" if resolve_use_gpu(cfg) else "cpu")
-    try:
-        with pdist.quiet_unless_main():
-            yield ctx
-    finally:
-        if joined:
-            pdist.cleanup_distributed()
-
-
-def _log_file(path):
-    """Standard output copied into ``path`` on rank 0; nothing on the other ranks."""
-    return _Tee(path) if pdist.is_main_process() else contextlib.nullcontext()
-
-
-class _Tee:
-    """Copy of stdout into a log file (restored on exit)."""
-
-    def __init__(self, path):
-        self.path = path
-        try:
-            os.makedirs(osp.dirname(path), exist_ok=True)
-            self.file = open(path, "a")
-        except OSError as e:
-            raise SaveDirError(
-                e.errno,
-                f"cannot write the log file '{path}': {e.strerror or e}; make data.save_dir writable or choose "
-                "another one",
-            ) from None
-        self.console = sys.stdout
-
-    def _file_failed(self, e):
-        # The log file's disk is full (or gone): keep the console output and the run's own error message.
-        file, self.file = self.file, None
-        with contextlib.suppress(OSError):
-            file.close()
-        print(
-            f"ptl-torchreid: warning: the log file '{self.path}' could not be written ({e.strerror or e}); output continues on the "
-            "console only",
-            file=sys.stderr,
-        )
-
-    def write(self, msg):
-        self.console.write(msg)
-        if self.file is not None:
-            try:
-                self.file.write(msg)
-            except OSError as e:
-                self._file_failed(e)
-
-    def flush(self):
-        self.console.flush()
-        if self.file is not None:
-            try:
-                self.file.flush()
-            except OSError as e:
-                self._file_failed(e)
-
-    def isatty(self):
-        return False
-
-    def __enter__(self):
-        sys.stdout = self
-        return self
-
-    def __exit__(self, *exc):
-        sys.stdout = self.console
-        if self.file is not None:
-            try:
-                self.file.close()
-            except OSError as e:
-                self.file = None
-                print(
-                    f"ptl-torchreid: warning: the end of the log file '{self.path}' could not be written ({e.strerror or e})",
-                    file=sys.stderr,
-                )
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------------------
@@ -477,12 +92,14 @@ def register_command(name, help, run_fn, overrides=(), add_arguments=None, tool=
     """Add a CLI command. ``run_fn(cfg, args)`` returns results (or None), or an int: the exit status;
     ``overrides`` are ``KEY VALUE`` pairs applied after the user's; ``add_arguments(parser)`` adds
     command-specific flags. A ``tool`` command (e.g. check-data) runs without a log file in ``data.save_dir``
-    and without the dataset-folder and checkpoint checks done before training commands."""
+    and without the dataset-folder and checkpoint checks done before training commands; for the others,
+    ``args.checkpoints`` holds the checkpoints those checks read (pass it on to the builders, or take a file
+    out of it with ``ptl_torchreid.engine.defaults.take_checkpoint``)."""
     COMMANDS[name] = Command(name, help, run_fn, list(overrides), add_arguments, bool(tool))
 
 
 def _run_and_report(cfg, args):
-    results = run(cfg)
+    results = run(cfg, checkpoints=args.checkpoints)
     print("\n" + format_results_table(results))
     return results
 
@@ -524,7 +141,7 @@ def check_data(cfg, args):
     if args.dir:
         jobs = [(osp.basename(osp.normpath(args.dir)), args.dir, args.pattern or "market-style")]
     else:
-        names = list(dict.fromkeys((args.sources or []) + (args.targets or []))) or _dataset_names(cfg)
+        names = list(dict.fromkeys((args.sources or []) + (args.targets or []))) or dataset_names(cfg)
         jobs = [(n, d, args.pattern or p) for n, d, p in _dataset_dirs(cfg, names)]
     status = 0
     for name, folder, pattern in jobs:
@@ -575,31 +192,19 @@ register_command(
 )
 
 
-def _run_prune(cfg, args):
-    from ptl_torchreid.cli_prune import run_prune
-
-    return run_prune(cfg, args)
-
-
-def _prune_arguments(parser):
-    from ptl_torchreid.cli_prune import add_prune_arguments
-
-    add_prune_arguments(parser)
-
-
 register_command(
     "prune",
     "COP-prune model.load_weights to a target (--flops-reduction/--params-reduction/"
     "--prune-rate), fine-tune, evaluate, save",
-    _run_prune,
-    add_arguments=_prune_arguments,
+    run_prune,
+    add_arguments=add_prune_arguments,
 )
 
 
 register_command(
     "embed",
     "write the features of a folder, list file or DATASET:SPLIT (--input) to --output (.npz with the image paths)",
-    lambda cfg, args: run_embed(cfg, args, build_model),
+    run_embed,
     add_arguments=add_embed_arguments,
     tool=True,
 )
@@ -615,7 +220,7 @@ register_command(
     "export",
     "export model.load_weights (plain, PTL or pruned) to ONNX / OpenVINO (--format, "
     "--int8), checked against PyTorch, with a sidecar JSON",
-    lambda cfg, args: run_export(cfg, args, build_datamanager, build_model),
+    run_export,
     add_arguments=add_export_arguments,
 )
 
@@ -738,7 +343,9 @@ def resume_command(argv):
 
 def parse_command_line(argv=None):
     """``(command, args, cfg)`` from a command line; the config is merged and validated, and the files and
-    dataset folders it names are checked, so errors come before any work starts."""
+    dataset folders it names are checked, so errors come before any work starts. ``args.checkpoints`` holds
+    the checkpoint files the config names, read by these checks, for the command to build from
+    (see :func:`ptl_torchreid.engine.defaults.preflight`; empty for tool commands)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _check_command_name(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
@@ -760,6 +367,7 @@ def parse_command_line(argv=None):
         transforms=args.transforms,
         root=args.root or None,
     )
+    args.checkpoints = {}
     if not COMMANDS[command].tool:
         if COMMANDS[command].run is _run_and_report and not cfg.test.evaluate and cfg.train.max_epoch == 0:
             raise ConfigError(
@@ -767,15 +375,13 @@ def parse_command_line(argv=None):
                 "would be evaluated either. Set train.max_epoch to the number of epochs to train, or "
                 "evaluate model.load_weights with the 'test' command"
             )
-        check_paths(cfg)
-        check_dataset_roots(cfg)
         if cfg.model.trust_checkpoint:
             print(
                 "Warning: model.trust_checkpoint is on: a checkpoint that cannot be read weights-only will be "
                 "fully unpickled, which runs any code it contains. Use it only for files you trust.",
                 file=sys.stderr,
             )
-        check_checkpoint_files(cfg)
+        args.checkpoints = preflight(cfg)
     return command, args, cfg
 
 
@@ -867,7 +473,7 @@ def _main(argv):
             with (
                 distributed_session(cfg) as ctx,
                 _save_dir_guard(cfg, args),
-                _log_file(osp.join(cfg.data.save_dir, log_name)),
+                log_file(osp.join(cfg.data.save_dir, log_name)),
             ):
                 print(
                     "ptl_torchreid {} | torch {} | device {}{}".format(

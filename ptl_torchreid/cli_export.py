@@ -13,6 +13,8 @@ import os.path as osp
 
 from ptl_torchreid.compress import is_pruned_checkpoint, pruning_info
 from ptl_torchreid.config import ConfigError
+from ptl_torchreid.engine import build_datamanager, build_model
+from ptl_torchreid.engine.defaults import take_checkpoint
 from ptl_torchreid.export import (
     DEFAULT_BATCH_SIZES,
     FORMATS,
@@ -57,16 +59,15 @@ def missing_export_packages(fmt="onnx", int8=False):
     return [_PACKAGES[n] for n in needed if importlib.util.find_spec(n) is None]
 
 
-def _arch_and_checkpoint(cfg):
-    path = cfg.model.load_weights
-    if is_pruned_checkpoint(path, trust=cfg.model.trust_checkpoint):
-        info = pruning_info(path, trust=cfg.model.trust_checkpoint)
+def _arch_and_pruning(cfg, checkpoint):
+    if is_pruned_checkpoint(checkpoint):
+        info = pruning_info(checkpoint)
         return info["arch"] + "_cop", info
     return cfg.model.name, None
 
 
-def run_export(cfg, args, build_datamanager, build_model):
-    """Run the command with the CLI's builders; returns the :class:`~ptl_torchreid.export.ExportResult`."""
+def run_export(cfg, args):
+    """Run the command; returns 0 (the files written are listed in the output)."""
     missing = missing_export_packages(args.export_format, args.int8)
     if missing:
         raise ConfigError("export needs {}: install them with  pip install \"ptl_torchreid[export]\"".format(
@@ -75,9 +76,10 @@ def run_export(cfg, args, build_datamanager, build_model):
         raise ConfigError("export needs the trained model: set model.load_weights (a checkpoint or a pruned file)")
     if any(b < 1 for b in args.batch_sizes) or args.calibration_images < 1:
         raise ConfigError("export: --batch-sizes and --calibration-images must be positive")
-    arch, pruning = _arch_and_checkpoint(cfg)
+    checkpoint = take_checkpoint(cfg, cfg.model.load_weights, args.checkpoints)
+    arch, pruning = _arch_and_pruning(cfg, checkpoint)
     datamanager = build_datamanager(cfg)
-    model = build_model(cfg, datamanager.num_train_pids)
+    model = build_model(cfg, datamanager.num_train_pids, checkpoint=checkpoint)
     sets = test_sets(datamanager)
     images = first_images([loader for _, q, g in sets for loader in (q, g)], max(args.batch_sizes))
     calibration = calibration_batches(datamanager, args.calibration_images, seed=cfg.train.seed) \

@@ -27,7 +27,9 @@ from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRIT
 from ptl_torchreid.compress.criterion import GROUP_COSTS
 from ptl_torchreid.compress.distill import Distillation
 from ptl_torchreid.compress.scores import CRITERIA
-from ptl_torchreid.config import ConfigError, engine_run_kwargs, resume_path
+from ptl_torchreid.config import ConfigError, resume_path
+from ptl_torchreid.engine import build_datamanager, build_engine, build_model, run
+from ptl_torchreid.engine.defaults import take_checkpoint
 
 __all__ = ["add_prune_arguments", "add_cop_arguments", "run_prune", "prune_options"]
 
@@ -155,9 +157,10 @@ def step_targets(options, steps):
 
 
 def _evaluate(engine, cfg):
-    kwargs = engine_run_kwargs(cfg)
-    kwargs.update(test_only=True, visrank=False)
-    return engine.run(**kwargs)
+    eval_cfg = cfg.clone()
+    eval_cfg.defrost()
+    eval_cfg.test.evaluate, eval_cfg.test.visrank = True, False
+    return run(eval_cfg, engine=engine)
 
 
 def _first(results):
@@ -175,7 +178,7 @@ def _fmt(v, pct=False):
     return f"{v:,d}" if isinstance(v, int) else f"{v:.4f}"
 
 
-def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
+def _prune_and_finetune(cfg, args, datamanager, model, options):
     """Prune ``model`` (in ``args.steps`` steps, each followed by its share of ``train.max_epoch``), fine-tune
     with the engine (distilling ``model`` with ``--distill``); returns (pruned, report, results)."""
     size = (cfg.data.height, cfg.data.width)
@@ -209,7 +212,7 @@ def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
         step_cfg = cfg.clone()
         step_cfg.defrost()
         step_cfg.train.max_epoch = epochs
-        engine = cli.build_engine(step_cfg, datamanager, pruned)
+        engine = build_engine(step_cfg, datamanager, pruned)
         if args.distill:
             Distillation(
                 model, args.distill_feature_weight, args.distill_logit_weight, args.distill_temperature
@@ -222,7 +225,7 @@ def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
                     epochs, " with distillation from the unpruned model" if args.distill else ""
                 )
             )
-            results = engine.run(**engine_run_kwargs(step_cfg))
+            results = run(step_cfg, engine=engine)
         elif step == steps:
             results = _evaluate(engine, step_cfg)
         current = pruned
@@ -234,23 +237,22 @@ def _prune_and_finetune(cfg, args, cli, datamanager, model, options):
 
 
 def run_prune(cfg, args):
-    from ptl_torchreid import cli  # the builders; imported here because cli registers this command
-
     options = prune_options(args, has_data=True)
     if not cfg.model.load_weights:
         raise ConfigError("prune needs the trained model to prune: set model.load_weights")
     if resume_path(cfg):
         raise ConfigError("prune starts from model.load_weights and does not resume; unset train.resume / model.resume")
     torchreid.utils.set_random_seed(cfg.train.seed)
-    datamanager = cli.build_datamanager(cfg)
-    model = cli.build_model(cfg, datamanager.num_train_pids)
+    datamanager = build_datamanager(cfg)
+    checkpoint = take_checkpoint(cfg, cfg.model.load_weights, args.checkpoints)
+    model = build_model(cfg, datamanager.num_train_pids, checkpoint=checkpoint)
     size = (cfg.data.height, cfg.data.width)
 
     before = {}
     if not args.skip_eval_before:
         print("=> Evaluating the model before pruning")
-        before = _evaluate(cli.build_engine(cfg, datamanager, model), cfg)
-    pruned, report, after = _prune_and_finetune(cfg, args, cli, datamanager, model, options)
+        before = _evaluate(build_engine(cfg, datamanager, model), cfg)
+    pruned, report, after = _prune_and_finetune(cfg, args, datamanager, model, options)
 
     out = args.out or osp.join(cfg.data.save_dir, "model", "pruned.pth.tar")
     save_pruned_model(

@@ -27,6 +27,7 @@ from ptl_torchreid.config import ConfigError, resolve_use_gpu, torchreid_image_d
 from ptl_torchreid.data.check import IMAGE_EXTENSIONS
 from ptl_torchreid.data.reader import read_image
 from ptl_torchreid.data.user import is_user_source, parse_source, read_list_file, read_source
+from ptl_torchreid.engine import build_model
 from ptl_torchreid.metrics.chunked import BYTES_PER_DISTANCE
 from ptl_torchreid.metrics.rerank import rerank
 
@@ -143,7 +144,7 @@ def load_features(path):
         raise ConfigError(f'features file "{path}" is not one written by ptl-torchreid embed ({e})') from None
 
 
-def run_embed(cfg, args, build_model):
+def run_embed(cfg, args):
     items = list_images(args.input, cfg, args.split)
     if not items:
         raise ConfigError(f'--input "{args.input}" holds no images')
@@ -257,6 +258,7 @@ def run_search(cfg, args):
         name = "{:05d}_{}.png".format(qi, osp.splitext(osp.basename(str(q_paths[qi])))[0] or "query")
         draw_ranking(osp.join(out, name), q_paths[qi], [g_paths[g] for g in idx[qi]], matches)
     print(
-        f'Top-{idx.shape[1]} of {len(qf)} queries written to "{out}" (results.csv and {min(len(qf), args.max_images)} PNGs)'
+        f'Top-{idx.shape[1]} of {len(qf)} queries written to "{out}" '
+        f"(results.csv and {min(len(qf), args.max_images)} PNGs)"
     )
     return 0

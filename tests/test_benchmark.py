@@ -44,7 +44,7 @@ def _benchmark(argv):
 
 
 def test_compare_end_to_end_tiny(shared, tmp_path):
-    argv = _argv(shared, tmp_path, "--spec", "rebuilt=osnet_x0_25@ptl_torchreid.cli:build_model")
+    argv = _argv(shared, tmp_path, "--spec", "rebuilt=osnet_x0_25@ptl_torchreid.engine:build_model")
     assert _benchmark(argv)[0] == 0
 
     text = (tmp_path / "bench.md").read_text()
@@ -155,9 +155,9 @@ def test_peak_rss_sees_a_temporary_allocation():
 
 
 def test_model_spec_round_trip_and_parsing():
-    spec = parse_spec("pruned=ptl_resnet50@ptl_torchreid.cli:build_model,ptl.lr_mult=10")
+    spec = parse_spec("pruned=ptl_resnet50@ptl_torchreid.engine:build_model,ptl.lr_mult=10")
     assert (spec.label, spec.name, spec.builder, spec.opts) == (
-        "pruned", "ptl_resnet50", "ptl_torchreid.cli:build_model", ("ptl.lr_mult", "10"))
+        "pruned", "ptl_resnet50", "ptl_torchreid.engine:build_model", ("ptl.lr_mult", "10"))
     assert ModelSpec.from_json(spec.to_json()) == spec
     with pytest.raises(SystemExit):
         parse_spec("no-model-name")

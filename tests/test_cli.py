@@ -5,10 +5,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from ptl_torchreid import _torchreid
-from ptl_torchreid.cli import COMMANDS, format_results_table, main, parse_command_line, register_command
+from ptl_torchreid.cli import COMMANDS, main, parse_command_line, register_command
+from ptl_torchreid.config import load_config
+from ptl_torchreid.engine import run
+from ptl_torchreid.metrics.table import format_results_table
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(REPO, "configs", "synthetic_demo.yaml")
@@ -112,6 +116,44 @@ def test_train_then_test_and_visrank(data_root, tmp_path, capsys):
                                         "test.visrank_topk", "3")) == 0
     vis = tmp_path / "vis" / "visrank_synthetic_reid"
     assert vis.is_dir() and any(vis.iterdir())
+
+
+def test_run_from_python_gives_the_results_of_the_train_command(data_root, tmp_path, capsys):
+    """The README's "Training from Python": ``run(cfg)`` trains and evaluates as ``ptl-torchreid train`` does."""
+    assert main(demo_args(data_root, tmp_path / "cli")) == 0
+    printed = capsys.readouterr().out
+    cli_results = torch.load(str(tmp_path / "cli" / "model" / "model.pth.tar-1"), weights_only=True)["results"]
+
+    cfg = load_config(DEMO, SHORT + ["data.save_dir", str(tmp_path / "py")], root=data_root)
+    results = run(cfg)
+    assert set(results) == {"synthetic_reid"}
+    assert results["synthetic_reid"]["mAP"] == pytest.approx(cli_results["synthetic_reid"]["mAP"], abs=1e-6)
+    for rank, value in cli_results["synthetic_reid"]["cmc"].items():
+        assert results["synthetic_reid"]["cmc"][rank] == pytest.approx(value, abs=1e-6)
+    assert format_results_table(results) in printed
+    assert (tmp_path / "py" / "model" / "model.pth.tar-1").is_file()  # it trained: the epoch's checkpoint
+
+
+@pytest.mark.slow
+def test_each_checkpoint_file_is_read_once_per_command(data_root, tmp_path, monkeypatch):
+    """model.load_weights and the resume file are deserialised once: the checks before any work read them, and
+    the builders and the engine's resume take what was read."""
+    assert main(demo_args(data_root, tmp_path / "run")) == 0
+    checkpoint = str(tmp_path / "run" / "model" / "model.pth.tar-1")
+    reads = []
+    torch_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        reads.append(osp.abspath(str(f)))
+        return torch_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    assert main(["test"] + demo_args(data_root, tmp_path / "test", "model.load_weights", checkpoint)) == 0
+    assert reads.count(osp.abspath(checkpoint)) == 1
+    del reads[:]
+    assert main(demo_args(data_root, tmp_path / "run", "train.max_epoch", "2", "--resume", checkpoint)) == 0
+    assert reads.count(osp.abspath(checkpoint)) == 1
+    assert osp.isfile(str(tmp_path / "run" / "model" / "model.pth.tar-2"))  # it did resume and train
 
 
 def test_format_results_table():

@@ -328,15 +328,16 @@ def _files_under(folder):
 
 def _cli_worker(rank, out_dir):
     from ptl_torchreid import cli
+    from ptl_torchreid.engine import defaults
 
     engines = []
-    build_engine = cli.build_engine
+    build_engine = defaults.build_engine
 
     def recording_build_engine(*args, **kwargs):
         engines.append(build_engine(*args, **kwargs))
         return engines[-1]
 
-    cli.build_engine = recording_build_engine
+    defaults.build_engine = recording_build_engine  # what the train command's run() builds
     # each rank gets its own save_dir, so that what each rank writes can be told apart
     save_dir = osp.join(out_dir, "cli", f"rank{rank}")
     stdout, sys.stdout = sys.stdout, io.StringIO()
@@ -476,8 +477,8 @@ def test_sharded_feature_extraction_restores_dataset_order(cli_run):
 
 def test_cli_sharded_evaluation_matches_single_process(cli_run, tmp_path):
     """Both ranks report the same results, equal to one process evaluating rank 0's checkpoint."""
-    from ptl_torchreid.cli import run
     from ptl_torchreid.config import load_config
+    from ptl_torchreid.engine import run
 
     ranks, out = cli_run
     assert ranks[0]["results"] == ranks[1]["results"]
@@ -671,8 +672,8 @@ def test_bf16_autocast_training_step_on_cpu_is_finite():
 
 def test_engine_bf16_channels_last_training_is_finite(tmp_path):
     """The engine's AMP path with channels_last: model and batches in channels_last, bf16 forward, finite loss."""
-    from ptl_torchreid.cli import build_engine
     from ptl_torchreid.config import engine_run_kwargs, load_config
+    from ptl_torchreid.engine import build_engine
 
     cfg = load_config(opts=CLI_OPTS + ["data.root", str(tmp_path / "data"), "data.save_dir", str(tmp_path / "log"),
                                        "train.max_epoch", "1", "ptl.freeze_backbone_epochs", "0",

@@ -7,9 +7,17 @@ import torch
 from tiny import TINY_RUN
 
 import ptl_torchreid.engine.evaluator as evaluator_module
-from ptl_torchreid.cli import build_datamanager, build_engine, build_model
 from ptl_torchreid.config import engine_run_kwargs, load_config
-from ptl_torchreid.engine import ENGINES, HookBase, PTLImageSoftmaxEngine, build_optimizer, clamp_ranks
+from ptl_torchreid.engine import (
+    ENGINES,
+    HookBase,
+    PTLImageSoftmaxEngine,
+    build_datamanager,
+    build_engine,
+    build_model,
+    build_optimizer,
+    clamp_ranks,
+)
 from ptl_torchreid.models import is_ptl
 
 TINY = TINY_RUN + ["data.transforms", "['random_flip']", "train.lr", "0.001"]

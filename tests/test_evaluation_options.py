@@ -3,8 +3,8 @@ import pytest
 import torch
 from tiny import run_opts
 
-from ptl_torchreid.cli import build_engine, run
 from ptl_torchreid.config import load_config
+from ptl_torchreid.engine import build_engine, run
 
 
 def config(data_root, save_dir, *extra):

@@ -13,8 +13,8 @@ from tiny import shared_weights
 
 import ptl_torchreid  # noqa: F401  (registers the ptl_* models)
 from ptl_torchreid import _torchreid, models
-from ptl_torchreid.cli import build_model as build_model_from_config
 from ptl_torchreid.config import ConfigError, get_default_config, merge_from_list, validate_config
+from ptl_torchreid.engine import build_model as build_model_from_config
 from ptl_torchreid.models import backbones
 
 torchreid = _torchreid.torchreid

@@ -18,10 +18,10 @@ from tiny import PAUSING_SAVE_SCRIPT, run_opts
 
 import ptl_torchreid.utils.checkpoint as ckmod
 from ptl_torchreid import cli
-from ptl_torchreid.cli import build_datamanager, main, parse_command_line
+from ptl_torchreid.cli import main, parse_command_line
 from ptl_torchreid.config import ConfigError, load_config
 from ptl_torchreid.data import synthetic
-from ptl_torchreid.engine import TrainingInterrupted
+from ptl_torchreid.engine import TrainingInterrupted, build_datamanager
 from ptl_torchreid.engine.reliability import StopSignals
 from ptl_torchreid.utils.checkpoint import (
     CheckpointManager,
@@ -30,6 +30,7 @@ from ptl_torchreid.utils.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from ptl_torchreid.utils.logfile import LogFile
 from ptl_torchreid.utils.savedir import LOCK_NAME, SaveDirLock, owner_tag
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -115,7 +116,7 @@ def test_log_file_errors_do_not_replace_the_message(tmp_path, capsys):
         def close(self):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    tee = cli._Tee(str(tmp_path / "train.log"))
+    tee = LogFile(str(tmp_path / "train.log"))
     tee.file.close()
     tee.file = FullFile()
     with tee:
@@ -125,7 +126,7 @@ def test_log_file_errors_do_not_replace_the_message(tmp_path, capsys):
     assert "a line that cannot reach the log file" in captured.out and "and another" in captured.out
     assert captured.err.count("could not be written") == 1
 
-    tee = cli._Tee(str(tmp_path / "train2.log"))
+    tee = LogFile(str(tmp_path / "train2.log"))
     tee.file.close()
     tee.file = FullFile()
     tee.file.write = lambda msg: None  # buffered: the error comes only when the file is closed

@@ -16,9 +16,9 @@ import torch
 from tiny import PAUSING_SAVE_SCRIPT, TINY_RUN
 
 from ptl_torchreid import _torchreid
-from ptl_torchreid.cli import build_datamanager, build_engine, main
+from ptl_torchreid.cli import main
 from ptl_torchreid.config import engine_run_kwargs, load_config
-from ptl_torchreid.engine import HookBase, NonFiniteLossError, PTLImageSoftmaxEngine
+from ptl_torchreid.engine import HookBase, NonFiniteLossError, PTLImageSoftmaxEngine, build_datamanager, build_engine
 from ptl_torchreid.utils.checkpoint import CheckpointManager, CheckpointWriteError, load_checkpoint
 from ptl_torchreid.utils.resume import EpochLoader, capture_rng_state, restore_rng_state, seeded_rng
 

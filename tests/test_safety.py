@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from tiny import run_opts
 
-from ptl_torchreid.cli import build_datamanager, build_model, check_datamanager, main, parse_command_line
+from ptl_torchreid.cli import main, parse_command_line
 from ptl_torchreid.config import ConfigError, load_config
 from ptl_torchreid.data import DatasetError
+from ptl_torchreid.engine import build_datamanager, build_model
+from ptl_torchreid.engine.defaults import check_datamanager
 from ptl_torchreid.utils.checkpoint import UntrustedCheckpointWarning, load_checkpoint, save_checkpoint
 
 

@@ -54,7 +54,6 @@ from ptl_torchreid import _torchreid
 from ptl_torchreid.benchmarking import measure as bm
 from ptl_torchreid.benchmarking import report as br
 from ptl_torchreid.benchmarking.spec import ModelSpec, parse_spec
-from ptl_torchreid.cli import build_datamanager, build_engine, check_paths
 from ptl_torchreid.config import (
     ConfigError,
     engine_run_kwargs,
@@ -63,7 +62,7 @@ from ptl_torchreid.config import (
     merge_from_list,
     validate_config,
 )
-from ptl_torchreid.engine import HookBase  # noqa: E402
+from ptl_torchreid.engine import HookBase, build_datamanager, build_engine, preflight, run
 
 torchreid = _torchreid.torchreid
 
@@ -123,13 +122,14 @@ def spec_config(base, spec, **overrides):
     return cfg
 
 
-def spec_engine(cfg, spec):
-    """Data manager, model and engine for ``cfg``, built as ``ptl-torchreid`` builds them."""
+def spec_engine(cfg, spec, checkpoints=None):
+    """Data manager, model and engine for ``cfg``, built as ``ptl-torchreid`` builds them (``checkpoints``: the
+    files :func:`ptl_torchreid.engine.preflight` read)."""
     if not spec.builder:
-        return build_engine(cfg)
+        return build_engine(cfg, checkpoints=checkpoints)
     datamanager = build_datamanager(cfg)
     model = _import(spec.builder)(cfg, datamanager.num_train_pids)
-    return build_engine(cfg, datamanager=datamanager, model=model)
+    return build_engine(cfg, datamanager=datamanager, model=model, checkpoints=checkpoints)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,22 +185,19 @@ def train_run(cfg, spec, quiet=True):
     """Train and evaluate one (model, seed) as ``ptl-torchreid train`` does; returns measurements and the engine."""
     log_path = osp.join(cfg.data.save_dir, "train.log")
     with _quiet(log_path, quiet):
-        check_paths(cfg)
-        torchreid.utils.set_random_seed(cfg.train.seed)
-        engine = spec_engine(cfg, spec)
+        checkpoints = preflight(cfg)
+        torchreid.utils.set_random_seed(cfg.train.seed)  # as run() seeds before building
+        engine = spec_engine(cfg, spec, checkpoints)
         rec = Recorder()
-        engine.register_hooks([rec])
-        kwargs = engine_run_kwargs(cfg)
-        kwargs["start_epoch"] = engine.start_epoch
         t0 = time.perf_counter()
-        results = engine.run(**kwargs)
+        results = run(cfg, hooks=[rec], engine=engine)
         wall = time.perf_counter() - t0
         final_eval = rec.evals[-1]
         extra = {}
         if spec.extra_evals and engine.is_ptl:
             for label, options in spec.extra_evals.items():
                 engine.net.configure_cells(**options)
-                engine.test(**_test_kwargs(kwargs))
+                engine.test(**_test_kwargs(engine_run_kwargs(cfg)))
                 extra[label] = rec.evals.pop()["results"]
             engine.net.configure_cells(eval_state=cfg.ptl.eval_state)
     return {

@@ -27,10 +27,10 @@ import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiti
 import numpy as np
 import torch
 
-from ptl_torchreid import cli
 from ptl_torchreid.benchmarking.measure import cpu_model, interleaved, load_average, median
 from ptl_torchreid.compress import count_flops, prune_cop
 from ptl_torchreid.config import load_config
+from ptl_torchreid.engine import build_datamanager
 from ptl_torchreid.export import (
     INT8_MAX_MAP_DROP,
     OnnxRuntimeRunner,
@@ -128,7 +128,7 @@ def main():
     warnings.filterwarnings("ignore")
 
     cfg = build_cfg(args)
-    datamanager = cli.build_datamanager(cfg)
+    datamanager = build_datamanager(cfg)
     sets = test_sets(datamanager)
     images = first_images([loader for _, q, g in sets for loader in (q, g)], 32)
     calibration = calibration_batches(datamanager, args.calibration_images, batch_size=8, seed=0)

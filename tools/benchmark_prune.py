@@ -40,7 +40,8 @@ from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
 from ptl_torchreid.compress.distill import Distillation
-from ptl_torchreid.models import build_model
+from ptl_torchreid.engine import build_datamanager, build_engine, run
+from ptl_torchreid.models import build_model, load_pretrained_weights
 
 
 def _load():
@@ -103,20 +104,17 @@ def _config(path, root, save_dir, epochs, arch, seed=None, evaluate=False):
 def _train(cfg, model, teacher=None):
     """Train ``model`` with the engine as ``cfg`` says (or only evaluate it, with ``test.evaluate``) and return
     its results on the first target; ``teacher``: distil this model's features during the training."""
-    from ptl_torchreid import cli
-    from ptl_torchreid.config import engine_run_kwargs
-
     _torchreid.torchreid.utils.set_random_seed(cfg.train.seed)
-    dm = cli.build_datamanager(cfg)
+    dm = build_datamanager(cfg)
     if model.classifier.out_features != dm.num_train_pids:  # new identities: new classifier
         model.classifier = torch.nn.Linear(model.classifier.in_features, dm.num_train_pids)
         torch.nn.init.normal_(model.classifier.weight, 0, 0.01)
         torch.nn.init.zeros_(model.classifier.bias)
-    engine = cli.build_engine(cfg, dm, model)
+    engine = build_engine(cfg, dm, model)
     if teacher is not None:
         Distillation(teacher, feature_weight=1.0).attach(engine)
     t = time.perf_counter()
-    results = engine.run(**engine_run_kwargs(cfg))
+    results = run(cfg, engine=engine)
     res = next(iter(results.values()))
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 
@@ -129,12 +127,10 @@ T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9:
 def _calibration_batch(root, work, arch, count=64):
     """The first ``count`` training images of synthetic_target (the fine-tuning data) as the train loader gives
     them, with their identities."""
-    from ptl_torchreid import cli
-
     cfg = _config(TARGET_CONFIG, root, osp.join(work, "calibration"), 0, arch)
     _torchreid.torchreid.utils.set_random_seed(0)
     imgs, pids = [], []
-    for batch in cli.build_datamanager(cfg).train_loader:
+    for batch in build_datamanager(cfg).train_loader:
         imgs.append(batch["img"])
         pids.append(batch["pid"])
         if sum(len(i) for i in imgs) >= count:
@@ -194,7 +190,6 @@ def accuracy_table(results):
 def accuracy_section(args):
     import json
 
-    from ptl_torchreid.cli import load_initial_weights
     from ptl_torchreid.compress.cop import DEFAULT_CRITERION, variant_name
 
     arch, work, root = args.accuracy_arch, args.work_dir, osp.join(args.work_dir, "reid-data")
@@ -229,7 +224,7 @@ def accuracy_section(args):
 
     def source_model():
         m = build_model(arch, num_classes=1, loss="triplet")
-        load_initial_weights(m, source_ckpt)
+        load_pretrained_weights(m, source_ckpt)
         return m.eval()
 
     def finetune(key, name, variant, make_model, tag, epochs=None, before=True, teacher=None):
@@ -302,7 +297,7 @@ def accuracy_section(args):
 
         def ptl_model():
             ptl = build_model("ptl_" + arch, num_classes=1, loss="triplet", input_size=size)
-            load_initial_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
+            load_pretrained_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
             return ptl
 
         ptl = finetune("ptl_unpruned", f"ptl_{arch} (unpruned)", "-", ptl_model, "ptl",

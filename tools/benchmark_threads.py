@@ -36,8 +36,8 @@ import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiti
 # isort: split
 import torch
 
-from ptl_torchreid.cli import build_datamanager, build_engine
 from ptl_torchreid.config import load_config
+from ptl_torchreid.engine import build_datamanager, build_engine
 from ptl_torchreid.utils.cpu_threads import apply_cpu_threads, openmp_waiting, usable_cpus
 
 _TOOLS = osp.dirname(osp.abspath(__file__))

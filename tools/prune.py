@@ -80,7 +80,7 @@ def load_model(args):
     kwargs = dict(input_size=(args.height, args.width)) if args.arch.startswith("ptl_") else {}
     model = build_model(args.arch, num_classes=num_classes or 1, loss=args.loss, pretrained=False, **kwargs)
     if args.weights:
-        load_pretrained_weights(model, args.weights, trust=args.trust)
+        load_pretrained_weights(model, checkpoint)  # the file read above
     return model, args.arch
 
 

@@ -11,7 +11,7 @@ class ModelSpec:
 
     ``label``: column name; ``name``: ``model.name``; ``opts``: extra ``KEY VALUE`` config overrides (strings);
     ``builder``: optional ``'module:function'`` with signature ``(cfg, num_classes) -> model`` used instead of
-    the CLI's ``build_model`` (a pruned model, for instance); it is imported by name, so the memory probe's
+    ``ptl_torchreid.engine.build_model`` (a pruned model, for instance); it is imported by name, so the memory probe's
     subprocess can build the same model; ``extra_evals``: ``{label: cell options}`` -- after training, the same
     weights are evaluated again with these cell options (``eval_state`` only affects evaluation, so this equals
     training a model with that setting); ``group``: ``'main'`` (full cost measurements) or ``'ablation'``.

@@ -28,6 +28,7 @@ __all__ = [
     "DatasetReport",
     "parse_image_name",
     "check_dataset_root",
+    "cross_camera_matches",
     "format_report",
 ]
 
@@ -288,20 +289,27 @@ def check_dataset_root(dataset_dir, pattern: Union[str, NamingPattern] = "market
             report.problems.append(f'{sr.name}: directory "{sr.directory}" holds no images')
     q, g = report.splits["query"], report.splits["gallery"]
     if q.exists and g.exists and (q.num_ok or g.num_ok):
-        test_cams = q.cams | g.cams
+        test_cams, report.queries_without_match = cross_camera_matches(q.samples, g.samples)
         if len(test_cams) < 2:
             report.problems.append(
                 f"test set (query + gallery) has {len(test_cams)} camera(s); cross-camera evaluation needs at least 2"
             )
-        gallery_cams: Dict[int, Set[int]] = {}
-        for pid, cam in g.samples:
-            gallery_cams.setdefault(pid, set()).add(cam)
-        report.queries_without_match = sum(1 for pid, cam in q.samples if not gallery_cams.get(pid, set()) - {cam})
         if q.samples and report.queries_without_match == len(q.samples):
             report.problems.append(
                 "no query has a gallery image of the same identity from another camera; evaluation is impossible"
             )
     return report
+
+
+def cross_camera_matches(query, gallery) -> Tuple[Set[int], int]:
+    """``(cameras, unmatched)`` of a test set given as ``(pid, cam)`` pairs: the cameras of query and gallery,
+    and the number of queries without a gallery image of their identity from another camera (ReID evaluation
+    discards same-camera matches, so it needs two cameras and at least one matched query)."""
+    gallery_cams: Dict[int, Set[int]] = {}
+    for pid, cam in gallery:
+        gallery_cams.setdefault(pid, set()).add(cam)
+    cams = {cam for _, cam in query} | {cam for _, cam in gallery}
+    return cams, sum(1 for pid, cam in query if not gallery_cams.get(pid, set()) - {cam})
 
 
 def format_report(report: DatasetReport, max_files: int = 20) -> str:

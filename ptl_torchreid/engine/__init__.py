@@ -4,6 +4,16 @@ Extend training with a :class:`HookBase` subclass and ``engine.register_hooks([.
 ``resolve_precision`` are re-exported from their homes (``metrics``, ``utils.amp``) for code that imported them
 from here.
 """
+from ptl_torchreid.engine.defaults import (
+    ENGINES,
+    build_datamanager,
+    build_engine,
+    build_model,
+    build_optimizer_and_scheduler,
+    distributed_session,
+    preflight,
+    run,
+)
 from ptl_torchreid.engine.engines import PTLImageSoftmaxEngine, PTLImageTripletEngine
 from ptl_torchreid.engine.evaluator import EvalOptions, ReIDEvaluator
 from ptl_torchreid.engine.hooks import RESET_POLICIES, HookBase, NonFiniteLossError
@@ -24,10 +34,14 @@ __all__ = [
     "RESET_POLICIES",
     "ReIDEvaluator",
     "TrainingInterrupted",
+    "build_datamanager",
+    "build_engine",
+    "build_model",
     "build_optimizer",
+    "build_optimizer_and_scheduler",
     "clamp_ranks",
+    "distributed_session",
+    "preflight",
     "resolve_precision",
+    "run",
 ]
-
-# loss.name -> engine class
-ENGINES = {"softmax": PTLImageSoftmaxEngine, "triplet": PTLImageTripletEngine}

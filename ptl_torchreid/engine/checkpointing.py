@@ -89,7 +89,7 @@ class CheckpointMixin:
             print(f'Best so far (Rank-1 {rank1:.1%}) saved to "{manager.best_path}"')
         return path
 
-    def resume(self, path, trust=False, save_dir=None):
+    def resume(self, path, trust=False, save_dir=None, preloaded=None):
         """Restore everything a checkpoint of this engine holds (see :meth:`load_checkpoint_state`).
 
         ``path`` is a checkpoint file, or ``'auto'``: the latest checkpoint in ``<save_dir>/model`` (default
@@ -98,7 +98,8 @@ class CheckpointMixin:
         With ``'auto'`` and no checkpoint yet, prints so and returns None (start from scratch).
 
         Under several ranks every rank calls it and loads the same file (rank 0's choice for ``'auto'``), so the
-        ranks continue with identical weights, optimizer and cell states.
+        ranks continue with identical weights, optimizer and cell states. ``preloaded``: ``{path: checkpoint}``
+        of files already read; the one resumed from is taken out of it instead of being read again.
         """
         if path == "auto":
             save_dir = save_dir if save_dir is not None else self.save_dir
@@ -109,7 +110,10 @@ class CheckpointMixin:
             if path is None:
                 print('No checkpoint in "{}" to resume from: starting from scratch'.format(osp.join(save_dir, "model")))
                 return None
-        state = load_checkpoint(path, map_location=self.device, trust=trust)
+        if preloaded and path in preloaded:
+            state = preloaded.pop(path)
+        else:
+            state = load_checkpoint(path, map_location=self.device, trust=trust)
         if not isinstance(state, dict) or "state_dict" not in state or "optimizer" not in state:
             raise CheckpointMismatchError(
                 None,

@@ -65,7 +65,8 @@ def _download(url, dst, timeout):
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as e:
         raise PretrainedWeightsUnavailable(
-            f"pretrained=True needs ImageNet weights, which are not cached at {dst} and cannot be downloaded from {url} "
+            f"pretrained=True needs ImageNet weights, which are not cached at {dst} and cannot be downloaded from "
+            f"{url} "
             f"({e}). Either put the file there, or build with pretrained=False and load a local checkpoint with "
             "model.load_weights (config key) / ptl_torchreid.models.load_pretrained_weights()."
         ) from e

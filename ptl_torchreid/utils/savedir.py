@@ -155,7 +155,8 @@ class SaveDirLock:
     def _unusable(self, e):
         hint = (f"free disk space or choose another {self.what}" if e.errno in (errno.ENOSPC, errno.EDQUOT)
                 else f"make it writable or choose another {self.what}")
-        return SaveDirError(e.errno, f"{self.what} '{self.save_dir}' cannot be written: {e.strerror or e} [errno {e.errno}]; {hint}.")
+        return SaveDirError(e.errno, f"{self.what} '{self.save_dir}' cannot be written: {e.strerror or e} [errno "
+                                     f"{e.errno}]; {hint}.")
 
     def _create(self):
         """Write the lock file if none exists; False when one does."""
@@ -222,12 +223,14 @@ class SaveDirLock:
             if not self._create():
                 raise SaveDirBusyError(
                     errno.EBUSY,
-                    f"{self.what} '{self.save_dir}' was just taken by another run ({_describe(self.owner() or {})}); choose another "
+                    f"{self.what} '{self.save_dir}' was just taken by another run ({_describe(self.owner() or {})}); "
+                    "choose another "
                     f"{self.what}.",
                 )
             self.held, self.took_over = True, owner
             print(
-                f"Note: took over the lock of {self.what} '{self.save_dir}' from a run that is no longer running ({_describe(owner)})."
+                f"Note: took over the lock of {self.what} '{self.save_dir}' from a run that is no longer running "
+                f"({_describe(owner)})."
             )
             return self
         except SaveDirError:
