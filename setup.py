@@ -39,7 +39,8 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    # The export extra (ONNX / OpenVINO / NNCF INT8) is part of the test extra, so CI runs the export tests.
-    extras_require={"export": EXPORT_REQUIRES, "test": ["pytest", "hypothesis"] + EXPORT_REQUIRES},
+    # The export extra (ONNX / OpenVINO / NNCF INT8) is part of the test extra, so CI runs the export tests;
+    # ruff is the linter CI runs before them (configured in ruff.toml).
+    extras_require={"export": EXPORT_REQUIRES, "test": ["pytest", "hypothesis", "ruff"] + EXPORT_REQUIRES},
     entry_points={"console_scripts": ["ptl-torchreid=ptl_torchreid.cli:main"]},
 )

@@ -25,11 +25,11 @@ from ptl_torchreid.compress import (
 )
 from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION, check_options
 from ptl_torchreid.compress.criterion import GROUP_COSTS
-from ptl_torchreid.compress.distill import Distillation
 from ptl_torchreid.compress.scores import CRITERIA
 from ptl_torchreid.config import ConfigError, resume_path
 from ptl_torchreid.engine import build_datamanager, build_engine, build_model, run
 from ptl_torchreid.engine.defaults import take_checkpoint
+from ptl_torchreid.engine.distill import Distillation
 
 __all__ = ["add_prune_arguments", "add_cop_arguments", "run_prune", "prune_options"]
 
@@ -213,10 +213,8 @@ def _prune_and_finetune(cfg, args, datamanager, model, options):
         step_cfg.defrost()
         step_cfg.train.max_epoch = epochs
         engine = build_engine(step_cfg, datamanager, pruned)
-        if args.distill:
-            Distillation(
-                model, args.distill_feature_weight, args.distill_logit_weight, args.distill_temperature
-            ).attach(engine)
+        hooks = [Distillation(model, args.distill_feature_weight, args.distill_logit_weight,
+                              args.distill_temperature)] if args.distill else []
         info = make_pruning_info(pruned, cfg.model.name, report=report)
         engine.checkpoint_extras["pruning"] = info  # every checkpoint of the fine-tuning reloads as a pruned model
         if epochs > 0:
@@ -225,7 +223,7 @@ def _prune_and_finetune(cfg, args, datamanager, model, options):
                     epochs, " with distillation from the unpruned model" if args.distill else ""
                 )
             )
-            results = run(step_cfg, engine=engine)
+            results = run(step_cfg, hooks=hooks, engine=engine)
         elif step == steps:
             results = _evaluate(engine, step_cfg)
         current = pruned

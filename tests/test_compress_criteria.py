@@ -13,7 +13,6 @@ from ptl_torchreid.compress import build_graph, load_pruned_model, prune_cop, pr
 from ptl_torchreid.compress.compensate import compensate, reconstruction_error, refit_consumer
 from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION
 from ptl_torchreid.compress.criterion import correlation_state
-from ptl_torchreid.compress.distill import Distillation
 from ptl_torchreid.compress.scores import (
     ActivationState,
     activation_statistics,
@@ -21,6 +20,7 @@ from ptl_torchreid.compress.scores import (
     magnitude_strength,
     taylor_scores,
 )
+from ptl_torchreid.engine.distill import Distillation
 from ptl_torchreid.models import build_model
 
 
@@ -186,36 +186,39 @@ def test_compensation_never_increases_reconstruction_error(seed):
     assert fit[1] <= fit[0]
 
 
-class _FakeEngine:
-    """What Distillation needs of an engine: ``model`` and ``compute_losses``."""
+class _Trainer:
+    """What the Distillation hook reads and writes of the engine: ``model``, ``outputs``, ``loss``,
+    ``step_summary``."""
 
     def __init__(self, model):
-        self.model = model
-
-    def compute_losses(self, outputs, pids):
-        loss = F.cross_entropy(outputs, pids)
-        return loss * 0.0, {"loss": loss.item()}  # only the distillation term trains
+        self.model, self.outputs, self.loss, self.step_summary = model, None, None, {}
 
 
 def test_distillation_parent_gets_no_gradient_and_the_loss_falls():
     parent = _net(seed=1)
     student = _net(seed=2).train()
-    engine = _FakeEngine(student)
-    kd = Distillation(parent, feature_weight=1.0, logit_weight=1.0).attach(engine)
+    trainer = _Trainer(student)
+    kd = Distillation(parent, feature_weight=1.0, logit_weight=1.0)
+    kd.trainer = trainer
+    kd.before_train()
     optimizer = torch.optim.Adam(student.parameters(), lr=0.02)
     x, pids = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
     terms = []
     for _ in range(40):
-        loss, summary = engine.compute_losses(student(x), pids)
+        kd.before_step()
+        trainer.outputs = student(x)
+        trainer.loss = F.cross_entropy(trainer.outputs, pids) * 0.0  # only the distillation term trains
+        trainer.step_summary = {}
+        kd.before_backward()
         optimizer.zero_grad()
-        loss.backward()
+        trainer.loss.backward()
         optimizer.step()
-        terms.append(summary["loss_kd_f"] + summary["loss_kd_l"])
+        terms.append(trainer.step_summary["loss_kd_f"] + trainer.step_summary["loss_kd_l"])
     assert all(p.grad is None for p in kd.parent.parameters())
     assert all(not p.requires_grad for p in kd.parent.parameters())
     assert terms[-1] < 0.5 * terms[0]
-    kd.detach()
-    assert "loss_kd_f" not in engine.compute_losses(student(x), pids)[1]
+    kd.after_train()
+    assert not student._forward_pre_hooks and not student.classifier._forward_pre_hooks
 
 
 def test_distillation_options_are_checked():

@@ -267,3 +267,20 @@ def test_choice_lists_and_checks_come_from_their_owners():
     assert str(e.value) == f"ptl.momentum = 2.0 is not valid; {owner.value.requirement}"
     merge_from_list(cfg, ["ptl.momentum", "1.0"])
     validate_config(cfg)
+
+
+@pytest.mark.parametrize("opts, key, kwargs", [
+    (["ptl.reset_policy", "iter", "ptl.reset_every_n_iters", "0"], "ptl.reset_every_n_iters",
+     {"reset_policy": "iter", "reset_every_n_iters": 0}),
+    (["ptl.freeze_backbone_epochs", "-3"], "ptl.freeze_backbone_epochs", {"freeze_backbone_epochs": -3}),
+])
+def test_engine_and_config_share_one_check_of_the_training_options(opts, key, kwargs):
+    cfg = get_default_config()
+    merge_from_list(cfg, opts)
+    with pytest.raises(ConfigError) as from_config:
+        validate_config(cfg)
+    # the engine refuses the same values with the same requirement, before it touches its arguments
+    with pytest.raises(models.InvalidOption) as from_engine:
+        PTLImageSoftmaxEngine(None, None, None, **kwargs)
+    engine_error = from_engine.value
+    assert str(from_config.value) == f"{key} = {engine_error.value!r} is not valid; {engine_error.requirement}"

@@ -11,6 +11,7 @@ from ptl_torchreid.config import engine_run_kwargs, load_config
 from ptl_torchreid.engine import (
     ENGINES,
     HookBase,
+    NonFiniteLossError,
     PTLImageSoftmaxEngine,
     build_datamanager,
     build_engine,
@@ -176,6 +177,24 @@ def test_registered_hook_sees_every_call_in_order(data_root, datamanager, tmp_pa
     # evaluations outside run() reach the registered hooks too
     engine.test(ranks=[1])
     assert recorder.calls[-2:] == [("before_test", 1, 2 * steps), ("after_test", 1, 2 * steps)]
+
+
+class _NaNTerm(HookBase):
+    """Adds a non-finite term to the loss, as a faulty extra loss would."""
+
+    def before_backward(self):
+        self.trainer.loss = self.trainer.loss + float("nan")
+        self.trainer.step_summary["loss_extra"] = float("nan")
+
+
+def test_non_finite_guard_checks_the_loss_with_the_terms_hooks_added(data_root, datamanager, tmp_path):
+    cfg = tiny_cfg(data_root, tmp_path, "train.max_epoch", "1")
+    engine = make_engine(cfg, datamanager)
+    before = {k: v.detach().clone() for k, v in engine.net.named_parameters()}
+    engine.register_hooks([_NaNTerm()])
+    with pytest.raises(NonFiniteLossError, match="loss_extra nan"):
+        engine.run(**engine_run_kwargs(cfg))
+    assert all(torch.equal(before[k], v) for k, v in engine.net.named_parameters())  # no step was taken
 
 
 def test_reset_policy_never_and_iter(data_root, datamanager, tmp_path):

@@ -39,8 +39,8 @@ from ptl_torchreid.benchmarking.measure import cpu_model, load_average
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
-from ptl_torchreid.compress.distill import Distillation
 from ptl_torchreid.engine import build_datamanager, build_engine, run
+from ptl_torchreid.engine.distill import Distillation
 from ptl_torchreid.models import build_model, load_pretrained_weights
 
 
@@ -111,10 +111,9 @@ def _train(cfg, model, teacher=None):
         torch.nn.init.normal_(model.classifier.weight, 0, 0.01)
         torch.nn.init.zeros_(model.classifier.bias)
     engine = build_engine(cfg, dm, model)
-    if teacher is not None:
-        Distillation(teacher, feature_weight=1.0).attach(engine)
+    hooks = [Distillation(teacher, feature_weight=1.0)] if teacher is not None else []
     t = time.perf_counter()
-    results = run(cfg, engine=engine)
+    results = run(cfg, hooks=hooks, engine=engine)
     res = next(iter(results.values()))
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 

@@ -10,7 +10,14 @@ from ptl_torchreid import _torchreid
 from ptl_torchreid.data import registered_synthetic_datasets
 from ptl_torchreid.data.check import DatasetRootError
 from ptl_torchreid.data.user import register_user_sources
-from ptl_torchreid.models import RESET_POLICIES, InvalidOption, available_models, check_options, check_state_options
+from ptl_torchreid.models import (
+    InvalidOption,
+    available_models,
+    check_freeze_epochs,
+    check_options,
+    check_reset_options,
+    check_state_options,
+)
 from ptl_torchreid.models.ptl import INPUT_SIZE_MULTIPLE, LOSSES, check_stages
 from ptl_torchreid.utils.cpu_threads import is_valid_setting as is_valid_cpu_threads
 
@@ -255,21 +262,6 @@ def validate_config(cfg):
 
     p = cfg.ptl
     _validate_model_options(p)
-    _choice("ptl.reset_policy", p.reset_policy, RESET_POLICIES)
-    if p.reset_policy == "iter":
-        _check(
-            p.reset_every_n_iters >= 1,
-            "ptl.reset_every_n_iters",
-            p.reset_every_n_iters,
-            "must be >= 1 when ptl.reset_policy is 'iter'",
-        )
-    _check(p.reset_every_n_iters >= 0, "ptl.reset_every_n_iters", p.reset_every_n_iters, "must be >= 0")
-    _check(
-        p.freeze_backbone_epochs >= -1,
-        "ptl.freeze_backbone_epochs",
-        p.freeze_backbone_epochs,
-        "must be -1 (frozen throughout), 0 (never frozen) or a number of epochs",
-    )
     _check(p.lr_mult > 0, "ptl.lr_mult", p.lr_mult, "must be positive")
 
     _check(
@@ -286,6 +278,8 @@ def _validate_model_options(p):
         check_options(mode=p.mode, head=p.head, side_pool=p.side_pool, cell_init=p.cell_init, cell_type=p.cell_type,
                       stage3_tap=p.stage3_tap)
         check_stages(p.rectify_stages)
+        check_reset_options(p.reset_policy, p.reset_every_n_iters)
+        check_freeze_epochs(p.freeze_backbone_epochs)
     except InvalidOption as e:
         raise option_error("ptl." + e.option, e) from None
 

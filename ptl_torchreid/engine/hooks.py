@@ -14,7 +14,7 @@ import math
 import signal
 
 from ptl_torchreid.engine.reliability import TrainingInterrupted
-from ptl_torchreid.models.bconv import RESET_POLICIES
+from ptl_torchreid.models.bconv import RESET_POLICIES, check_reset_options
 from ptl_torchreid.models.cell_sync import sync_cell_states
 from ptl_torchreid.utils import distributed as pdist
 
@@ -122,10 +122,7 @@ class CellStateHook(HookBase):
     by batch size), before anything is checkpointed."""
 
     def __init__(self, policy="epoch", every_n_iters=0):
-        if policy not in RESET_POLICIES:
-            raise ValueError(f"reset_policy must be one of {RESET_POLICIES}, got {policy!r}")
-        if policy == "iter" and every_n_iters < 1:
-            raise ValueError(f"reset_policy 'iter' needs reset_every_n_iters >= 1, got {every_n_iters}")
+        check_reset_options(policy, every_n_iters)
         self.policy = policy
         self.every_n_iters = int(every_n_iters)
 

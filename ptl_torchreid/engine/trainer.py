@@ -26,7 +26,7 @@ from ptl_torchreid.engine.hooks import (
     StopOnSignal,
 )
 from ptl_torchreid.engine.reliability import StopSignals
-from ptl_torchreid.models import is_ptl, unwrap
+from ptl_torchreid.models import check_freeze_epochs, is_ptl, unwrap
 from ptl_torchreid.utils import distributed as pdist
 from ptl_torchreid.utils.amp import autocast_context, autocast_dtype, make_grad_scaler, memory_format, resolve_precision
 from ptl_torchreid.utils.checkpoint import weight_norm
@@ -106,10 +106,7 @@ class PTLEngineMixin(CheckpointMixin):
         # built here so that their settings are checked when the engine is built
         self._cell_state_hook = CellStateHook(reset_policy, reset_every_n_iters)
         self._iteration_checkpointer = IterationCheckpointer(checkpoint_every_n_iters)
-        if freeze_backbone_epochs < -1:
-            raise ValueError(
-                f"freeze_backbone_epochs must be -1 (throughout), 0 (never) or K > 0, got {freeze_backbone_epochs}"
-            )
+        check_freeze_epochs(freeze_backbone_epochs)
 
         use_gpu = kwargs.pop("use_gpu", True)
         if device is None:
@@ -167,6 +164,7 @@ class PTLEngineMixin(CheckpointMixin):
         self.meters = None  # the epoch's loss meters
         self.step_summary = {}  # the last step's losses (name -> float)
         self.loss = None  # the step's loss tensor, between its computation and the backward pass
+        self.outputs = None  # the step's model outputs (float32), for hooks that add loss terms
         self._hooks = []  # registered by the user
         self._active_hooks = None  # while training: the default hooks, then the registered ones
         self.evaluator = ReIDEvaluator(self, self.evaluation)
@@ -263,6 +261,12 @@ class PTLEngineMixin(CheckpointMixin):
             hook.trainer = self
         return hooks
 
+    def _with_registered_hooks(self, defaults):
+        """The default hooks, then the registered ones; the non-finite-loss guard last, so that it checks the
+        loss with every term a hook added (distillation, for instance)."""
+        guards = [h for h in defaults if isinstance(h, NonFiniteLossGuard)]
+        return [h for h in defaults if h not in guards] + self._hooks + guards
+
     def _call_hooks(self, point):
         for hook in self._active_hooks if self._active_hooks is not None else self._hooks:
             getattr(hook, point)()
@@ -293,13 +297,14 @@ class PTLEngineMixin(CheckpointMixin):
             outputs = self.model(imgs)
         # Losses in float32 whatever the autocast dtype.
         outputs = _to_float(outputs)
+        self.outputs = outputs
         self.loss, self.step_summary = self.compute_losses(outputs, pids)
         self._call_hooks("before_backward")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(self.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.loss = None
+        self.loss = self.outputs = None
         return self.step_summary
 
     @_output_on_main_rank
@@ -309,7 +314,7 @@ class PTLEngineMixin(CheckpointMixin):
         arguments, then the registered ones."""
         if self._active_hooks is not None:
             return self._train_epoch(print_freq)
-        self._active_hooks = self.default_hooks(fixbase_epoch, open_layers) + self._hooks
+        self._active_hooks = self._with_registered_hooks(self.default_hooks(fixbase_epoch, open_layers))
         try:
             return self._train_epoch(print_freq)
         finally:
@@ -421,7 +426,7 @@ class PTLEngineMixin(CheckpointMixin):
         if self.reference_param_norm is None:
             self.reference_param_norm = weight_norm(self.net.state_dict())
         evaluation = PeriodicEvaluation(start_eval, eval_freq, test_kwargs)
-        self._active_hooks = self.default_hooks(fixbase_epoch, open_layers, evaluation) + self._hooks
+        self._active_hooks = self._with_registered_hooks(self.default_hooks(fixbase_epoch, open_layers, evaluation))
         try:
             self._call_hooks("before_train")
             print("=> Start training")

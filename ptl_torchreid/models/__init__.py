@@ -12,13 +12,25 @@ from .. import _torchreid
 from ..utils.distributed import unwrap
 from . import cell_sync  # noqa: F401  (registers the cells' buffers as rank-synchronised, see cell_sync)
 from .backbones import BACKBONES, build_backbone, is_ptl_state_dict, load_imagenet_weights, load_pretrained_weights
-from .bconv import EVAL_STATES, RESET_POLICIES, STATE_MODES, BConvCell, check_state_options
+from .bconv import EVAL_STATES, RESET_POLICIES, STATE_MODES, BConvCell, check_reset_options, check_state_options
 from .options import InvalidOption
-from .ptl import CELL_INITS, CELL_TYPES, HEADS, MODES, SIDE_POOLS, STAGE3_TAPS, STAGES, PTLNet, check_options
+from .ptl import (
+    CELL_INITS,
+    CELL_TYPES,
+    HEADS,
+    MODES,
+    SIDE_POOLS,
+    STAGE3_TAPS,
+    STAGES,
+    PTLNet,
+    check_freeze_epochs,
+    check_options,
+)
 
 __all__ = ["PTLNet", "BConvCell", "PTL_MODELS", "STATE_MODES", "EVAL_STATES", "RESET_POLICIES", "build_model",
            "is_ptl", "unwrap", "register_models", "available_models", "load_pretrained_weights", "is_ptl_state_dict",
-           "check_state_options", "check_options", "InvalidOption", "MODES", "HEADS", "SIDE_POOLS", "CELL_INITS",
+           "check_state_options", "check_options", "check_reset_options",
+           "check_freeze_epochs", "InvalidOption", "MODES", "HEADS", "SIDE_POOLS", "CELL_INITS",
            "CELL_TYPES", "STAGE3_TAPS", "STAGES"]
 
 # ptl model name -> backbone name

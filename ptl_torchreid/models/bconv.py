@@ -55,6 +55,15 @@ def check_state_options(state_mode, eval_state, momentum):
     _check_momentum(momentum)
 
 
+def check_reset_options(reset_policy, reset_every_n_iters=0):
+    """Validate when training zeroes the carried state (the engine and the config call this); raises
+    :class:`~ptl_torchreid.models.options.InvalidOption`."""
+    check_choice("reset_policy", reset_policy, RESET_POLICIES)
+    if reset_every_n_iters < 0 or (reset_policy == "iter" and reset_every_n_iters < 1):
+        raise InvalidOption("reset_every_n_iters", reset_every_n_iters,
+                            "must be >= 1 when reset_policy is 'iter' (>= 0 otherwise)")
+
+
 def conv_output_size(size, stride, kernel_size=3, padding=1):
     """Spatial size produced by the cell's convolution for an input of ``size`` (an int)."""
     return (size + 2 * padding - kernel_size) // stride + 1

@@ -65,6 +65,14 @@ def check_options(mode="branch", head="residual", side_pool="avg", cell_init="fa
         check_choice(name, value, choices)
 
 
+def check_freeze_epochs(freeze_backbone_epochs):
+    """Validate for how many epochs training freezes the backbone (the engine and the config call this); raises
+    :class:`~ptl_torchreid.models.options.InvalidOption`."""
+    if freeze_backbone_epochs < -1:
+        raise InvalidOption("freeze_backbone_epochs", freeze_backbone_epochs,
+                            "must be -1 (frozen throughout), 0 (never frozen) or a number of epochs")
+
+
 def check_stages(stages):
     """``stages`` in side-stream order, or :class:`~ptl_torchreid.models.options.InvalidOption` unless they are
     one or more distinct names of ``STAGES``."""

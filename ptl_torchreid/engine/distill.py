@@ -1,7 +1,7 @@
-"""Distillation from the unpruned parent during the post-prune fine-tuning.
+"""Distillation from the unpruned parent during the post-prune fine-tuning, as a training hook.
 
-``Distillation(parent, feature_weight, logit_weight).attach(engine)`` adds, to the loss of any of the package's
-training engines, on every training batch:
+``engine.register_hooks([Distillation(parent, feature_weight, logit_weight)])`` (or ``run(cfg, hooks=[...])``)
+adds, to the loss of any of the package's training engines, on every training batch:
 
 * feature term: ``feature_weight * mean ||f_s / |f_s| - f_p / |f_p| ||^2`` between the pruned model's embedding
   (the input of its classifier) and the parent's eval-mode embedding of the same images;
@@ -16,10 +16,13 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from ptl_torchreid.engine.hooks import HookBase
+from ptl_torchreid.models import unwrap
+
 __all__ = ["Distillation"]
 
 
-class Distillation:
+class Distillation(HookBase):
     """Distil ``parent`` into the model an engine trains.
 
     Args:
@@ -39,7 +42,7 @@ class Distillation:
         self.temperature = float(temperature)
         self._student = {}
         self._teacher = None
-        self.engine = None
+        self.handles = []
 
     @staticmethod
     def check(feature_weight, logit_weight, temperature):
@@ -59,14 +62,14 @@ class Distillation:
                              f"{type(classifier).__name__}")
         return classifier
 
-    def attach(self, engine):
-        """Hook the parent into ``engine``'s training loss; returns self."""
-        net = engine.model.module if hasattr(engine.model, "module") else engine.model
+    def before_train(self):
+        """Capture the parent's outputs and the student's embedding on every training forward."""
+        self.after_train()  # a run stopped by an error left its forward hooks in place
+        net = unwrap(self.trainer.model)
         self.parent.to(next(net.parameters()).device)
         classifier = self._classifier(net)
         self.use_logits = self.logit_weight > 0 and \
             self._classifier(self.parent).out_features == classifier.out_features
-        self.engine = engine
 
         def on_input(module, args):
             if module.training:
@@ -80,23 +83,22 @@ class Distillation:
                 self._student["features"] = args[0]
 
         self.handles = [net.register_forward_pre_hook(on_input), classifier.register_forward_pre_hook(on_features)]
-        losses = engine.compute_losses
 
-        def compute_losses(outputs, pids):
-            loss, summary = losses(outputs, pids)
-            extra, terms = self.loss(outputs)
-            summary.update(terms)
-            return loss + extra, summary
+    def before_step(self):
+        if not self.handles:  # an epoch trained with engine.train() outside run(): no before_train
+            self.before_train()
 
-        engine.compute_losses = compute_losses
-        return self
+    def before_backward(self):
+        """Add the distillation terms to the step's loss (the non-finite-loss guard checks the sum after)."""
+        t = self.trainer
+        extra, terms = self.loss(t.outputs)
+        t.loss = t.loss + extra
+        t.step_summary.update(terms)
 
-    def detach(self):
-        for h in getattr(self, "handles", []):
+    def after_train(self):
+        for h in self.handles:
             h.remove()
-        if self.engine is not None:
-            del self.engine.compute_losses  # back to the class's method
-            self.engine = None
+        self.handles = []
 
     def loss(self, outputs):
         """(distillation loss, {term: float}) for the current training batch."""
