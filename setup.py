@@ -41,6 +41,8 @@ setup(
     ],
     # The export extra (ONNX / OpenVINO / NNCF INT8) is part of the test extra, so CI runs the export tests;
     # ruff is the linter CI runs before them (configured in ruff.toml).
-    extras_require={"export": EXPORT_REQUIRES, "test": ["pytest", "hypothesis", "ruff"] + EXPORT_REQUIRES},
+    # bench: the peers tools/benchmark_prune.py compares COP against (Torch-Pruning's L1, Taylor and random).
+    extras_require={"export": EXPORT_REQUIRES, "test": ["pytest", "hypothesis", "ruff"] + EXPORT_REQUIRES,
+                    "bench": ["torch-pruning"]},
     entry_points={"console_scripts": ["ptl-torchreid=ptl_torchreid.cli:main"]},
 )
