@@ -161,7 +161,7 @@ def check_data(cfg, args):
         print(format_report(report, max_files=args.max_files))
         if not report.ok:
             status = 1
-    print("check-data: {}".format("no problems found" if status == 0 else "problems found (see above)"))
+    print(f"check-data: {'no problems found' if status == 0 else 'problems found (see above)'}")
     return status
 
 
@@ -320,11 +320,8 @@ def _check_command_name(argv):
     if not argv or argv[0] in COMMANDS or argv[0].startswith("-") or "." in argv[0]:
         return
     near = difflib.get_close_matches(argv[0], list(COMMANDS), n=1, cutoff=0.5)
-    raise ConfigError(
-        "unknown command '{}'{}; the commands are {}".format(
-            argv[0], f" (did you mean '{near[0]}')" if near else "", ", ".join(COMMANDS)
-        )
-    )
+    suggestion = f" (did you mean '{near[0]}')" if near else ""
+    raise ConfigError(f"unknown command '{argv[0]}'{suggestion}; the commands are {', '.join(COMMANDS)}")
 
 
 def resume_command(argv):
@@ -403,11 +400,10 @@ def _save_dir_guard(cfg, args):
         if earlier and not resume_path(cfg):
             if not getattr(args, "overwrite", False):
                 raise ConfigError(
-                    "data.save_dir = '{}' already holds the checkpoints of an earlier run ({}). A new run would "
-                    "overwrite them and mix both runs in latest.json: continue that run with --resume, train into "
-                    "another data.save_dir, or delete them first with --overwrite".format(
-                        cfg.data.save_dir, ", ".join(osp.basename(p) for p in earlier[-3:])
-                    )
+                    f"data.save_dir = '{cfg.data.save_dir}' already holds the checkpoints of an earlier run "
+                    f"({', '.join(osp.basename(p) for p in earlier[-3:])}). A new run would overwrite them and mix "
+                    "both runs in latest.json: continue that run with --resume, train into another data.save_dir, or "
+                    "delete them first with --overwrite"
                 )
             # the weights this run starts from stay, even when they are one of those checkpoints
             keep = {osp.realpath(cfg.model.load_weights)} if cfg.model.load_weights else set()
@@ -416,9 +412,8 @@ def _save_dir_guard(cfg, args):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
             print(
-                "--overwrite: deleted the {} checkpoint(s) of the earlier run in '{}'{}".format(
-                    len(deleted), manager.save_dir, " (kept model.load_weights)" if len(deleted) < len(earlier) else ""
-                )
+                f"--overwrite: deleted the {len(deleted)} checkpoint(s) of the earlier run in "
+                f"'{manager.save_dir}'{' (kept model.load_weights)' if len(deleted) < len(earlier) else ''}"
             )
         yield
 
@@ -469,20 +464,15 @@ def _main(argv):
         if cmd.tool:
             status = cmd.run(cfg, args)
         else:
-            log_name = "{}-{}.log".format(command, time.strftime("%Y-%m-%d-%H-%M-%S"))
+            log_name = f"{command}-{time.strftime('%Y-%m-%d-%H-%M-%S')}.log"
             with (
                 distributed_session(cfg) as ctx,
                 _save_dir_guard(cfg, args),
                 log_file(osp.join(cfg.data.save_dir, log_name)),
             ):
-                print(
-                    "ptl_torchreid {} | torch {} | device {}{}".format(
-                        __version__,
-                        torch.__version__,
-                        "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu",
-                        f" | {ctx.world_size} processes ({ctx.backend})" if ctx.distributed else "",
-                    )
-                )
+                device = "cuda" if engine_kwargs(cfg)["use_gpu"] else "cpu"
+                processes = f" | {ctx.world_size} processes ({ctx.backend})" if ctx.distributed else ""
+                print(f"ptl_torchreid {__version__} | torch {torch.__version__} | device {device}{processes}")
                 print(describe_cpu_threads(apply_cpu_threads(cfg.train.cpu_threads)))
                 print(f"Configuration:\n{cfg.dump()}")
                 status = cmd.run(cfg, args)

@@ -70,8 +70,8 @@ def run_export(cfg, args):
     """Run the command; returns 0 (the files written are listed in the output)."""
     missing = missing_export_packages(args.export_format, args.int8)
     if missing:
-        raise ConfigError("export needs {}: install them with  pip install \"ptl_torchreid[export]\"".format(
-            ", ".join(missing)))
+        raise ConfigError(f"export needs {', '.join(missing)}: install them with  pip install "
+                          "\"ptl_torchreid[export]\"")
     if not cfg.model.load_weights:
         raise ConfigError("export needs the trained model: set model.load_weights (a checkpoint or a pruned file)")
     if any(b < 1 for b in args.batch_sizes) or args.calibration_images < 1:

@@ -219,9 +219,8 @@ def _prune_and_finetune(cfg, args, datamanager, model, options):
         engine.checkpoint_extras["pruning"] = info  # every checkpoint of the fine-tuning reloads as a pruned model
         if epochs > 0:
             print(
-                "=> Fine-tuning the pruned model for {} epochs{}".format(
-                    epochs, " with distillation from the unpruned model" if args.distill else ""
-                )
+                f"=> Fine-tuning the pruned model for {epochs} "
+                f"epochs{' with distillation from the unpruned model' if args.distill else ''}"
             )
             results = run(step_cfg, hooks=hooks, engine=engine)
         elif step == steps:
@@ -263,7 +262,7 @@ def run_prune(cfg, args):
 
     rows = [
         ("params", count_params(model), count_params(pruned)),
-        ("FLOPs ({}x{})".format(*size), count_flops(model, size), count_flops(pruned, size)),
+        (f"FLOPs ({size[0]}x{size[1]})", count_flops(model, size), count_flops(pruned, size)),
     ]
     if args.latency_batch > 0:
         lat = compare_latency({"before": model, "after": pruned}, size, args.latency_batch, rounds=args.latency_rounds)

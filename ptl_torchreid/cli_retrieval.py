@@ -58,8 +58,7 @@ def list_images(spec, cfg, split=None):
         for d, _, files in sorted(os.walk(spec)):
             found += [osp.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
-            raise ConfigError('--input "{}": no images ({}) under this folder'.format(spec, ", ".join(
-                IMAGE_EXTENSIONS)))
+            raise ConfigError(f'--input "{spec}": no images ({", ".join(IMAGE_EXTENSIONS)}) under this folder')
         return [(p, -1, -1) for p in found]
     if is_user_source(spec):
         splits = read_source(parse_source(spec))
@@ -255,7 +254,7 @@ def run_search(cfg, args):
     print("\n".join([header, "|---|---|---|---|---|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]))
     for qi in tqdm(range(min(len(qf), args.max_images)), desc="drawing", disable=None, leave=False):
         matches = [bool(q_pids[qi] == g_pids[g]) if q_pids[qi] >= 0 and g_pids[g] >= 0 else None for g in idx[qi]]
-        name = "{:05d}_{}.png".format(qi, osp.splitext(osp.basename(str(q_paths[qi])))[0] or "query")
+        name = f"{qi:05d}_{osp.splitext(osp.basename(str(q_paths[qi])))[0] or 'query'}.png"
         draw_ranking(osp.join(out, name), q_paths[qi], [g_paths[g] for g in idx[qi]], matches)
     print(
         f'Top-{idx.shape[1]} of {len(qf)} queries written to "{out}" '

@@ -223,7 +223,7 @@ def test_stale_lock_is_taken_over_and_stale_temp_files_removed(data_root, tmp_pa
     (save_dir / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": owner_tag().split("@", 1)[1],
                                                   "started": "2026-01-01T00:00:00"}))
     mine = save_dir / "model" / f".model-iter9.pth.tar.{owner_tag()}.x1.ptl-tmp"
-    gone = save_dir / "model" / ".model-iter9.pth.tar.pid{}@{}.x2.ptl-tmp".format(pid, owner_tag().split("@", 1)[1])
+    gone = save_dir / "model" / f".model-iter9.pth.tar.pid{pid}@{owner_tag().split('@', 1)[1]}.x2.ptl-tmp"
     other_host = save_dir / "model" / ".model-iter9.pth.tar.pid1@elsewhere.example.x3.ptl-tmp"
     for p in (mine, gone, other_host):
         p.write_bytes(b"x")

@@ -346,17 +346,15 @@ def pretrain(args, baseline_name):
         print(f"pretraining: reusing {path} (same config)")
         return path, cfg
     print(
-        "pretraining {} on {} for {} epoch(s) (log: {}) ...".format(
-            baseline_name, "+".join(cfg.data.sources), cfg.train.max_epoch, osp.join(cfg.data.save_dir, "train.log")
-        )
+        f"pretraining {baseline_name} on {'+'.join(cfg.data.sources)} for {cfg.train.max_epoch} epoch(s) (log: "
+        f"{osp.join(cfg.data.save_dir, 'train.log')}) ..."
     )
     t0 = time.perf_counter()
     run, _ = train_run(cfg, ModelSpec("pretrain", baseline_name), quiet=not args.verbose)
     res = next(iter(run["results"].values()))
     print(
-        "pretraining done in {:.0f}s; on {}: mAP {:.1%}, Rank-1 {:.1%}".format(
-            time.perf_counter() - t0, "+".join(cfg.data.targets), res["mAP"], res["cmc"][1]
-        )
+        f"pretraining done in {time.perf_counter() - t0:.0f}s; on {'+'.join(cfg.data.targets)}: mAP {res['mAP']:.1%}, "
+        f"Rank-1 {res['cmc'][1]:.1%}"
     )
     if not osp.isfile(path):
         raise RuntimeError(f"pretraining did not write {path}")
@@ -432,14 +430,8 @@ def compare(args):
                 engines[spec.label] = (engine, cfg)
             first = next(iter(run["results"].values()))
             print(
-                "seed {} {:<32} mAP {:5.1f}  Rank-1 {:5.1f}  step {:.3f}s  ({:.0f}s)".format(
-                    seed,
-                    spec.label,
-                    100 * first["mAP"],
-                    100 * first["cmc"][1],
-                    bm.median(run["iter_times"][1:]),
-                    run["wall_seconds"],
-                ),
+                f"seed {seed} {spec.label:<32} mAP {100 * first['mAP']:5.1f}  Rank-1 {100 * first['cmc'][1]:5.1f}  "
+                f"step {bm.median(run['iter_times'][1:]):.3f}s  ({run['wall_seconds']:.0f}s)",
                 flush=True,
             )
 
@@ -596,7 +588,7 @@ def compare_markdown(report, specs):
     cost_row("parameters (M)", {k: c[k]["params"] / 1e6 for k in c}, "{:.3f}".format)
     if all("memory" in c[k] for k in c):
         mem = c[base.label]["memory"]
-        what = "peak training memory (MB, {} over setup)".format("allocated" if mem["device"] == "cuda" else "RSS")
+        what = f"peak training memory (MB, {'allocated' if mem['device'] == 'cuda' else 'RSS'} over setup)"
         cost_row(what, {k: c[k]["memory"]["train_bytes"] / 2**20 for k in c}, "{:.0f}".format)
         if all("heap_train_bytes" in c[k]["memory"] for k in c):
             cost_row(
@@ -606,34 +598,32 @@ def compare_markdown(report, specs):
             )
         cost_row("peak memory, absolute (MB)", {k: c[k]["memory"]["peak_bytes"] / 2**20 for k in c}, "{:.0f}".format)
     lines = [
-        "### Side by side ({} seed{}: {})".format(
-            n_seeds, "s" if n_seeds > 1 else "", ", ".join(str(r["seed"]) for r in _by_seed(runs[base.label]))
-        ),
+        f"### Side by side ({n_seeds} seed{'s' if n_seeds > 1 else ''}: "
+        f"{', '.join(str(r['seed']) for r in _by_seed(runs[base.label]))})",
         "",
         br.markdown_table(header, rows),
         "",
     ]
+    rounds = report["throughput_rounds"]
     lines.append(
         "Accuracy: mean ± sample std over seeds; the last column is the paired per-seed difference "
         "(mean ± std). Costs: training step = forward + loss + backward + optimizer step, data loading "
         "excluded; 'interleaved': one training batch per model, timed after training with the models "
-        "alternating, median of {r} rounds; 'during the runs': median over all iterations of all "
+        f"alternating, median of {rounds} rounds; 'during the runs': median over all iterations of all "
         "seeds but each run's first (runs are sequential, so load changes between them show here); "
         "embedding throughput: eval-mode forward of a fixed random batch after training, models "
-        "alternating, median of {r} rounds; "
+        f"alternating, median of {rounds} rounds; "
         "evaluation time: the engine's whole final test (feature extraction with data loading, "
         "distances, ranking); peak training memory: a fresh process per model, peak during 3 training "
         "steps over the memory after setup, as the kernel's peak RSS (includes freed memory the "
-        "allocator keeps) and as malloc's heap in use sampled after every aten operation.".format(
-            r=report["throughput_rounds"]
-        )
+        "allocator keeps) and as malloc's heap in use sampled after every aten operation."
     )
 
     per_seed = []
     for s in [x for x in specs]:
         for target in targets:
             vals = [
-                "{:.1f}/{:.1f}".format(100 * _accuracy(r, target, "mAP"), 100 * _accuracy(r, target, 1))
+                f"{100 * _accuracy(r, target, 'mAP'):.1f}/{100 * _accuracy(r, target, 1):.1f}"
                 for r in _by_seed(runs[s.label])
             ]
             per_seed.append([s.label, target] + vals)
@@ -707,7 +697,7 @@ def ablation_markdown(report, specs):
     header = ["variant", "setting", "Rank-1 (%)", "mAP (%)", "Δ mAP vs baseline", "Δ mAP vs PTL", "mAP per seed"]
     return "\n".join(
         [
-            "### PTL ablation ({})".format(_targets(report["runs"])[0]),
+            f"### PTL ablation ({_targets(report['runs'])[0]})",
             "",
             br.markdown_table(header, table),
             "",
@@ -731,7 +721,7 @@ def compare_plots(report, specs, prefix):
     n = len(runs[main[0].label])
     paths = [
         br.plot_cmc(
-            curves, prefix + "_cmc.png", title="CMC on {} (mean over {} seed{})".format(target, n, "s" if n > 1 else "")
+            curves, prefix + "_cmc.png", title=f"CMC on {target} (mean over {n} seed{'s' if n > 1 else ''})"
         )
     ]
     training = {f"{s.label} ({s.name})": runs[s.label] for s in main}
@@ -924,9 +914,8 @@ def speed_markdown(report, labels):
                 )
     report["targets_met"] = met_all
     lines = [
-        "### Speed and memory: batch {}, {}x{}, {} + {} loss, {} rounds interleaved".format(
-            b, report["height"], report["width"], report["optimizer"], report["loss"], report["rounds"]
-        ),
+        f"### Speed and memory: batch {b}, {report['height']}x{report['width']}, {report['optimizer']} + "
+        f"{report['loss']} loss, {report['rounds']} rounds interleaved",
         "",
         br.markdown_table(header, rows),
         "",
@@ -960,11 +949,10 @@ def _write_outputs(args, report, text, plot_fn):
             print(f"plot written to {p}")
     if args.out:
         head = [
-            "Command: `{}`".format(report["command"]),
+            f"Command: `{report['command']}`",
             "",
-            "Machine: {}; load average {:.1f} at the start, {:.1f} at the end.".format(
-                report["machine"], *report["load_average"]
-            ),
+            f"Machine: {report['machine']}; load average {report['load_average'][0]:.1f} at the start, "
+            f"{report['load_average'][1]:.1f} at the end.",
             "",
         ]
         if plots:

@@ -194,13 +194,9 @@ def main():
                 times = interleaved(tasks, args.rounds, warmup=1)
                 latency[(name, threads, batch)] = {k: median(v) for k, v in times.items()}
                 print(
-                    "latency {} threads={} batch={}: {} (load {:.2f})".format(
-                        name,
-                        threads,
-                        batch,
-                        ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in latency[(name, threads, batch)].items()),
-                        load_average(),
-                    ),
+                    f"latency {name} threads={threads} batch={batch}: "
+                    f"{', '.join(f'{k} {v * 1e3:.1f} ms' for k, v in latency[(name, threads, batch)].items())} (load "
+                    f"{load_average():.2f})",
                     flush=True,
                 )
         report = format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, load_start)
@@ -224,13 +220,12 @@ def format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, lo
     for (name, threads, batch), t in latency.items():
         base = t["pytorch"]
         cells = [f"{base * 1e3:.1f}"] + [f"{t[k] * 1e3:.1f} ({base / t[k]:.2f}x)" for k in RUNTIMES[1:]]
-        lines.append("| {} | {} | {} | {} |".format(name, threads, batch, " | ".join(cells)))
+        lines.append(f"| {name} | {threads} | {batch} | {' | '.join(cells)} |")
     if "resnet50" in accuracy and "resnet50_cop50" in accuracy:
         lines += [
             "",
-            "COP speed-up kept after export (resnet50 latency / resnet50_cop50 latency; FLOPs ratio {:.2f}x):".format(
-                flops["resnet50"] / flops["resnet50_cop50"]
-            ),
+            "COP speed-up kept after export (resnet50 latency / resnet50_cop50 latency; FLOPs ratio "
+            f"{flops['resnet50'] / flops['resnet50_cop50']:.2f}x):",
             "",
             "| threads | batch | " + " | ".join(RUNTIMES) + " |",
             "|---|---|" + "---|" * len(RUNTIMES),
@@ -251,17 +246,14 @@ def format_report(args, accuracy, latency, parity, flops, n_query, n_gallery, lo
     ]
     for name, acc in accuracy.items():
         drop = (acc["pytorch"]["mAP"] - acc["openvino_int8"]["mAP"]) * 100
+        gflops = flops[name] / 1e9
+        accuracies = " | ".join(f"{acc[k]['rank1']:.1%} / {acc[k]['mAP']:.1%}" for k in RUNTIMES)
+        rejected = "" if drop <= INT8_MAX_MAP_DROP else " (rejected)"
+        onnx_diff, largest = parity[name]["onnx"][0], parity[name]["onnx"][1]
+        openvino_diff = parity[name]["openvino"][0]
         lines.append(
-            "| {} | {:.2f} | {} | {:.2f} pt{} | {:.1e} / {:.1e} ({:.1f}) |".format(
-                name,
-                flops[name] / 1e9,
-                " | ".join("{:.1%} / {:.1%}".format(acc[k]["rank1"], acc[k]["mAP"]) for k in RUNTIMES),
-                drop,
-                "" if drop <= INT8_MAX_MAP_DROP else " (rejected)",
-                parity[name]["onnx"][0],
-                parity[name]["openvino"][0],
-                parity[name]["onnx"][1],
-            )
+            f"| {name} | {gflops:.2f} | {accuracies} | {drop:.2f} pt{rejected} | {onnx_diff:.1e} / {openvino_diff:.1e} "
+            f"({largest:.1f}) |"
         )
     return "\n".join(lines)
 

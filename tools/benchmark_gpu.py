@@ -57,7 +57,7 @@ def parse_args(argv=None):
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in args.modes if m not in MODES]
     if bad:
-        p.error("unknown mode(s) {}; choose from {}".format(", ".join(bad), ", ".join(MODES)))
+        p.error(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     if args.warmup is None:
         args.warmup = 10 if args.device.type == "cuda" else 1
     if args.iters < 1 or args.batch_size < 1:
@@ -144,9 +144,8 @@ def run(args):
         for mode in args.modes:
             r = bench_one(name, mode, args)
             results.append(r)
-            print("{:<16} {:<7} {:>9.1f} img/s  peak {}".format(
-                name, mode, r["images_per_s"], "n/a" if r["peak_mib"] is None else "{:.0f} MiB".format(r["peak_mib"])),
-                flush=True)
+            peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
+            print(f"{name:<16} {mode:<7} {r['images_per_s']:>9.1f} img/s  peak {peak}", flush=True)
     return results
 
 
@@ -178,15 +177,11 @@ def to_markdown(results, args):
     for r in results:
         fp32 = by.get((r["model"], "fp32"))
         base = by.get((baseline, r["mode"]))
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        vs_fp32 = _ratio(r["images_per_s"], fp32["images_per_s"]) if fp32 else "-"
+        vs_baseline = _ratio(r["images_per_s"], base["images_per_s"]) if base else "-"
         lines.append(
-            "| {} | {} | {:.1f} | {} | {} | {} |".format(
-                r["model"],
-                amp_name[r["mode"]],
-                r["images_per_s"],
-                "n/a" if r["peak_mib"] is None else "{:.0f}".format(r["peak_mib"]),
-                _ratio(r["images_per_s"], fp32["images_per_s"]) if fp32 else "-",
-                _ratio(r["images_per_s"], base["images_per_s"]) if base else "-",
-            )
+            f"| {r['model']} | {amp_name[r['mode']]} | {r['images_per_s']:.1f} | {peak} | {vs_fp32} | {vs_baseline} |"
         )
     summary = []
     for model in args.models[1:]:
@@ -195,7 +190,7 @@ def to_markdown(results, args):
             r = by.get((model, mode))
             if fp32 and r:
                 summary.append(
-                    "- {} / fp32 {}: {}".format(amp_name[mode], model, _ratio(r["images_per_s"], fp32["images_per_s"]))
+                    f"- {amp_name[mode]} / fp32 {model}: {_ratio(r['images_per_s'], fp32['images_per_s'])}"
                 )
     if summary:
         lines += ["", "Throughput ratios:"] + summary

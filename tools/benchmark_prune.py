@@ -176,13 +176,14 @@ def accuracy_table(results):
             d, ci = paired_difference(maps, {int(k): v for k, v in l1["mAP"].items()})
             diff = f"{d:+.1f} ± {ci:.1f}"
         if not maps:
-            lines.append("| {} | {} | {:.4f} | {:.3f} | {:.1f} | {:.1f} | - | - | - | - | - |".format(
-                r["name"], r["variant"], r["gflops"], r["mparams"], *r["before"]))
+            rank1_before, map_before = r["before"]
+            lines.append(f"| {r['name']} | {r['variant']} | {r['gflops']:.4f} | {r['mparams']:.3f} | "
+                         f"{rank1_before:.1f} | {map_before:.1f} | - | - | - | - | - |")
             continue
-        before = "- | -" if r["before"] is None else "{:.1f} | {:.1f}".format(*r["before"])
-        lines.append("| {} | {} | {:.4f} | {:.3f} | {} | {:.1f} ± {:.1f} | {:.1f} ± {:.1f} | {} | {} | {:.1f} |".format(
-            r["name"], r["variant"], r["gflops"], r["mparams"], before, r_m, r_s, m_m, m_s, diff,
-            " ".join(f"{s}:{maps[s]:.1f}" for s in sorted(maps)), r["minutes"]))
+        before = "- | -" if r["before"] is None else f"{r['before'][0]:.1f} | {r['before'][1]:.1f}"
+        lines.append(f"| {r['name']} | {r['variant']} | {r['gflops']:.4f} | {r['mparams']:.3f} | {before} | {r_m:.1f} "
+                     f"± {r_s:.1f} | {m_m:.1f} ± {m_s:.1f} | {diff} | "
+                     f"{' '.join(f'{s}:{maps[s]:.1f}' for s in sorted(maps))} | {r['minutes']:.1f} |")
     return lines
 
 
@@ -197,21 +198,21 @@ def accuracy_section(args):
     rows = args.rows or ACCURACY_ROWS
     unknown = sorted(set(rows) - set(ACCURACY_ROWS))
     if unknown:
-        raise SystemExit("--rows: unknown {}; choose from {}".format(", ".join(unknown), ", ".join(ACCURACY_ROWS)))
+        raise SystemExit(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ACCURACY_ROWS)}")
     source_ckpt = args.source_weights
     origin = f"given weights {osp.basename(source_ckpt)}" if source_ckpt else \
         f"trained {args.source_epochs} epochs on synthetic_source"
     lines = [f"## Accuracy after fine-tuning on synthetic_target ({arch}, 128x64)", "",
-             "Source model: {} ({}); every model below then gets the same budget of {} epochs on "
-             "synthetic_target (triplet + softmax, Adam, the recipe of "
-             "configs/osnet_x0_25_synthetic_source_to_target.yaml), once per fine-tuning seed ({}), and is "
-             "evaluated on its query/gallery. Pruned models are cut from the source model to 50% of its FLOPs at "
-             "128x64 with COP's 'faster' preset and the criterion in the variant column (Torch-Pruning bisected to "
-             "the FLOPs of COP's paper mode), then fine-tuned. Data-aware criteria and compensation ('+ls') use the "
-             "first {} training images of synthetic_target; '+kd' adds feature distillation from the unpruned "
-             "model fine-tuned with the same seed. Pruning is deterministic, so the seeds vary the fine-tuning "
-             "only. 'before': the pruned model right after pruning and compensation, without fine-tuning.".format(
-                 arch, origin, args.target_epochs, ", ".join(map(str, seeds)), args.calibration_images), ""]
+             f"Source model: {arch} ({origin}); every model below then gets the same budget of {args.target_epochs} "
+             "epochs on synthetic_target (triplet + softmax, Adam, the recipe of "
+             "configs/osnet_x0_25_synthetic_source_to_target.yaml), once per fine-tuning seed "
+             f"({', '.join(map(str, seeds))}), and is evaluated on its query/gallery. Pruned models are cut from the "
+             "source model to 50% of its FLOPs at 128x64 with COP's 'faster' preset and the criterion in the variant "
+             "column (Torch-Pruning bisected to the FLOPs of COP's paper mode), then fine-tuned. Data-aware criteria "
+             f"and compensation ('+ls') use the first {args.calibration_images} training images of synthetic_target; "
+             "'+kd' adds feature distillation from the unpruned model fine-tuned with the same seed. Pruning is "
+             "deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model right after pruning "
+             "and compensation, without fine-tuning.", ""]
     if not source_ckpt:
         cfg = _config(SOURCE_CONFIG, root, osp.join(work, "source"), args.source_epochs, arch)
         torch.manual_seed(0)
@@ -270,8 +271,8 @@ def accuracy_section(args):
         pruned, used = prune_cop_to_target(source_model(), size, preset="faster", round_to=round_to,
                                            criterion=criterion, compensate=compensate, calibration=calibration)
         seconds = time.perf_counter() - t
-        name = "COP faster, {}{} (round_to={}, pruning {:.0f} s)".format(
-            criterion, " (paper)" if criterion == "cop" else "", used, seconds)
+        paper_tag = " (paper)" if criterion == "cop" else ""
+        name = f"COP faster, {criterion}{paper_tag} (round_to={used}, pruning {seconds:.0f} s)"
         finetune(key, name, variant_name(criterion, compensate, kd), lambda pruned=pruned: copy.deepcopy(pruned),
                  key.replace("+", "_"), teacher=teachers if kd else None)
     peers = [k for k in rows if k.startswith("tp_")]
@@ -326,9 +327,9 @@ def _table(models, lats, base_name, base_flops, size, threads):
         row = f"| {name} | {flops / 1e9:.2f} | {1 - flops / base_flops:.1%} | {count_params(model) / 1e6:.2f} |"
         for t in threads:
             lat, base = lats[t][name], lats[t][base_name]
-            row += " {:.3f} | {:.2f}x |".format(lat["median"], base["median"] / lat["median"])
+            row += f" {lat['median']:.3f} | {base['median'] / lat['median']:.2f}x |"
             if t == 1:
-                row += " {:.2f}x |".format(base["cpu_median"] / lat["cpu_median"])
+                row += f" {base['cpu_median'] / lat['cpu_median']:.2f}x |"
         rows.append(row)
     return rows
 
@@ -355,7 +356,7 @@ def main(argv=None):
     parser.add_argument("--target-epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="section 3: fine-tuning seeds")
     parser.add_argument("--rows", nargs="+", default=None,
-                        help="section 3: rows to run (default all: {})".format(" ".join(ACCURACY_ROWS)))
+                        help=f"section 3: rows to run (default all: {' '.join(ACCURACY_ROWS)})")
     parser.add_argument("--calibration-images", type=int, default=64,
                         help="section 3: training images for the data-aware criteria and compensation")
     parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")
@@ -370,15 +371,15 @@ def main(argv=None):
     size = (args.height, args.width)
     threads = args.threads or sorted({1, torch.get_num_threads()})
     lines = ["# COP pruning benchmark", "",
-             "{}, {} cores visible, torch {}; load average at start {}.".format(
-                 cpu_model() or "unknown CPU", os.cpu_count(), torch.__version__, _load())]
+             f"{cpu_model() or 'unknown CPU'}, {os.cpu_count()} cores visible, torch {torch.__version__}; load average "
+             f"at start {_load()}."]
 
     if args.only_accuracy:
         lines += [""] + accuracy_section(args)
         return _emit(lines, args)
-    lines += ["Latency: median over {} interleaved rounds of an eval-mode embedding of a batch of {} at {}x{}, with "
-              "{} torch threads; speed-up = ratio of medians.".format(
-                  args.rounds, args.batch_size, size[0], size[1], " and ".join(map(str, threads))), ""]
+    lines += [f"Latency: median over {args.rounds} interleaved rounds of an eval-mode embedding of a batch of "
+              f"{args.batch_size} at {size[0]}x{size[1]}, with {' and '.join(map(str, threads))} torch threads; "
+              "speed-up = ratio of medians.", ""]
 
     # -- section 1 ----------------------------------------------------------------------------------------------
     torch.manual_seed(0)

@@ -92,8 +92,8 @@ def main(argv=None):
         size["num_cams"] = 6
     distmat, q_pids, g_pids, q_camids, g_camids = make_problem(seed=args.seed, **size)
     metric = "cuhk03" if args.cuhk03 else "market1501"
-    print("problem: {} x {} float32, {} gallery ids, {} cameras, metric {}".format(
-        distmat.shape[0], distmat.shape[1], size["num_ids"], size["num_cams"], metric))
+    print(f"problem: {distmat.shape[0]} x {distmat.shape[1]} float32, {size['num_ids']} gallery ids, "
+          f"{size['num_cams']} cameras, metric {metric}")
 
     def ours():
         np.random.seed(args.seed)
@@ -120,11 +120,11 @@ def main(argv=None):
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     header = "| problem | metric | ours (s) | torchreid fallback (s) | speed-up | identical |"
-    row = "| {} x {} | {} | {:.3f} | {} | {} | {} |".format(
-        distmat.shape[0], distmat.shape[1], metric, t_ours,
-        f"{t_ref:.2f}" if t_ref is not None else "skipped",
-        f"{t_ref / t_ours:.0f}x" if t_ref is not None else "-",
-        {None: "not checked", True: "yes", False: "NO"}[identical])
+    ref_seconds = f"{t_ref:.2f}" if t_ref is not None else "skipped"
+    speed_up = f"{t_ref / t_ours:.0f}x" if t_ref is not None else "-"
+    checked = {None: "not checked", True: "yes", False: "NO"}[identical]
+    row = (f"| {distmat.shape[0]} x {distmat.shape[1]} | {metric} | {t_ours:.3f} | {ref_seconds} | {speed_up} "
+           f"| {checked} |")
     table = "\n".join([header, "|---|---|---|---|---|---|", row])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     env = (f"{cpus} CPUs usable, load average {load:.1f} at the end, numpy {np.__version__}, "

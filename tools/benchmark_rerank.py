@@ -108,8 +108,8 @@ def main(argv=None):
     size = problem(name, args.quick, args.seed)
     nq, ng = len(size[0]), len(size[1])
     del size
-    print("case {}: {} queries x {} gallery, {}-D features; load average {:.2f} at the start".format(
-        args.case, nq, ng, FEATURES["dim"], load_average()))
+    print(f"case {args.case}: {nq} queries x {ng} gallery, {FEATURES['dim']}-D features; load average "
+          f"{load_average():.2f} at the start")
     results, tmp = {}, tempfile.mkdtemp(prefix="bench_rerank_")
     for method in methods:
         if method in args.skip:
@@ -121,29 +121,27 @@ def main(argv=None):
         subprocess.run(cmd, check=True)
         with open(out + ".json") as f:
             results[method] = json.load(f)
-        print("  {}: {:.1f} s, peak {:.2f} GB, Rank-1 {:.4f}, mAP {:.4f}, mINP {:.4f}".format(
-            method, results[method]["seconds"], results[method]["peak_gb"], results[method]["rank1"],
-            results[method]["mAP"], results[method]["mINP"]), flush=True)
+        stats = results[method]
+        print(f"  {method}: {stats['seconds']:.1f} s, peak {stats['peak_gb']:.2f} GB, Rank-1 {stats['rank1']:.4f}, "
+              f"mAP {stats['mAP']:.4f}, mINP {stats['mINP']:.4f}", flush=True)
 
     ref, new = methods[1], methods[0]
     compared = ""
     if ref in results and new in results:
         same_metrics = all(results[new][k] == results[ref][k] for k in ("cmc", "mAP", "mINP", "tpr"))
-        compared = "CMC/mAP/mINP/TPR identical: {}".format("yes" if same_metrics else "NO")
+        compared = f"CMC/mAP/mINP/TPR identical: {'yes' if same_metrics else 'NO'}"
         if os.path.exists(os.path.join(tmp, new + ".npy")) and os.path.exists(os.path.join(tmp, ref + ".npy")):
             a, b = np.load(os.path.join(tmp, new + ".npy")), np.load(os.path.join(tmp, ref + ".npy"))
             compared += f"; max |distance difference| {float(np.abs(a - b).max()):.2e}"
     header = "| case | method | time (s) | peak memory (GB) | Rank-1 | mAP | mINP | TPR@FPR 1e-4 / 1e-3 / 1e-2 |"
     rows = [header, "|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
-        rows.append("| {} ({} x {}) | {} | {:.1f} | {:.2f} | {:.1%} | {:.1%} | {:.1%} | {} |".format(
-            args.case, nq, ng, m, r["seconds"], r["peak_gb"], r["rank1"], r["mAP"], r["mINP"],
-            " / ".join(f"{t:.1%}" for t in r["tpr"])))
+        rows.append(f"| {args.case} ({nq} x {ng}) | {m} | {r['seconds']:.1f} | {r['peak_gb']:.2f} | {r['rank1']:.1%} | "
+                    f"{r['mAP']:.1%} | {r['mINP']:.1%} | {' / '.join(f'{t:.1%}' for t in r['tpr'])} |")
     if ref in results and new in results:
-        rows.append("| | ratio {}/{} | {:.2f}x faster | {:.3f} of the memory | | | | |".format(
-            ref, new, results[ref]["seconds"] / results[new]["seconds"],
-            results[new]["peak_gb"] / max(results[ref]["peak_gb"], 1e-9)))
-    env = "{}; load average {:.2f} at the end".format(machine_description("cpu"), load_average())
+        rows.append(f"| | ratio {ref}/{new} | {results[ref]['seconds'] / results[new]['seconds']:.2f}x faster | "
+                    f"{results[new]['peak_gb'] / max(results[ref]['peak_gb'], 1e-9):.3f} of the memory | | | | |")
+    env = f"{machine_description('cpu')}; load average {load_average():.2f} at the end"
     text = "\n".join(rows) + "\n\n" + (compared + "\n\n" if compared else "") + env
     print("\n" + text)
     if args.out:

@@ -108,10 +108,10 @@ def run_study(args):
         weights, pre_cfg = bench.pretrain(args, baseline)
     base.model.load_weights = weights
     per_epoch, epochs, dm = fix_budget(base, args.min_steps)
-    print("budget: {} epochs x {} steps = {} fine-tuning steps per variant; {} train ids, {} query, {} gallery".format(
-        epochs, per_epoch, epochs * per_epoch, dm.num_train_pids, len(dm.test_loader[base.data.targets[0]]["query"]
-                                                                       .dataset),
-        len(dm.test_loader[base.data.targets[0]]["gallery"].dataset)), flush=True)
+    test_loaders = dm.test_loader[base.data.targets[0]]
+    n_query, n_gallery = len(test_loaders["query"].dataset), len(test_loaders["gallery"].dataset)
+    print(f"budget: {epochs} epochs x {per_epoch} steps = {epochs * per_epoch} fine-tuning steps per variant; "
+          f"{dm.num_train_pids} train ids, {n_query} query, {n_gallery} gallery", flush=True)
 
     t_start = time.perf_counter()
     runs = {s.label: [] for s in specs}
@@ -140,15 +140,8 @@ def run_study(args):
                 run["params"] = bm.count_params(engine.net)
             runs[spec.label].append(run)
             print(
-                "seed {} {:<18} mAP {:5.1f}  Rank-1 {:5.1f}  {} steps  step {:.3f}s  ({:.0f}s)".format(
-                    seed,
-                    spec.label,
-                    100 * run["mAP"],
-                    100 * run["rank1"],
-                    run["steps"],
-                    run["iter_median"],
-                    run["wall_seconds"],
-                ),
+                f"seed {seed} {spec.label:<18} mAP {100 * run['mAP']:5.1f}  Rank-1 {100 * run['rank1']:5.1f}  "
+                f"{run['steps']} steps  step {run['iter_median']:.3f}s  ({run['wall_seconds']:.0f}s)",
                 flush=True,
             )
         seeds_done.append(seed)
@@ -187,7 +180,7 @@ def merge_reports(paths):
             if other[key] != first[key]:
                 raise SystemExit(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
         if set(other["seeds"]) & set(first["seeds"]):
-            raise SystemExit("{}: seeds {} are in {} too".format(path, other["seeds"], paths[0]))
+            raise SystemExit(f"{path}: seeds {other['seeds']} are in {paths[0]} too")
     merged = dict(first)
     merged["seeds"] = sorted(s for r in reports for s in r["seeds"])
     merged["runs"] = {
@@ -205,7 +198,7 @@ def merge_reports(paths):
 def write_outputs(args, report):
     text = study_markdown(report)
     if args.plots:
-        text += "\n\n![study]({})\n".format(osp.basename(plot_study(report, args.plots + "_delta.png")))
+        text += f"\n\n![study]({osp.basename(plot_study(report, args.plots + '_delta.png'))})\n"
     if args.out:
         with open(args.out + ".tmp", "w") as f:
             f.write(text + "\n")
@@ -238,12 +231,12 @@ def study_markdown(report):
                 br.fmt_mean_std(r1[label]),
                 fmt_paired(vs_plain),
                 fmt_paired(vs_adapter),
-                "{:.1f} / {:.1f}".format(100 * e0.get("mAP", float("nan")), 100 * e0.get("rank1", float("nan"))),
+                f"{100 * e0.get('mAP', float('nan')):.1f} / {100 * e0.get('rank1', float('nan')):.1f}",
                 br.fmt_ratio(step, statistics.median([r["iter_median"] for r in plain])) if plain else "-",
                 br.fmt_ratio(first.get("flops", {}).get("inference"), ref_cost["flops"]["inference"])
                 if ref_cost
                 else "-",
-                "{:.3f}".format(first.get("params", float("nan")) / 1e6),
+                f"{first.get('params', float('nan')) / 1e6:.3f}",
                 VARIANTS[label][2],
             ]
         )
@@ -261,13 +254,12 @@ def study_markdown(report):
     ]
     per_seed = [[label] + [f"{100 * v:.1f}" for v in mAP[label]] for label in report["variants"]]
     lines = [
-        "Command: `{}`".format(report["command"]),
+        f"Command: `{report['command']}`",
         "",
-        "Machine: {}; load average {:.1f} at the start, {:.1f} at the end; {:.0f} minutes.".format(
-            report["machine"], report["load_average"][0], report["load_average"][1], report["minutes"]
-        ),
-        "Seeds {} (paired: every variant starts from the same source model for each seed); {} fine-tuning steps "
-        "per variant.".format(", ".join(map(str, seeds)), report["steps_per_variant"]),
+        f"Machine: {report['machine']}; load average {report['load_average'][0]:.1f} at the start, "
+        f"{report['load_average'][1]:.1f} at the end; {report['minutes']:.0f} minutes.",
+        f"Seeds {', '.join(map(str, seeds))} (paired: every variant starts from the same source model for each seed); "
+        f"{report['steps_per_variant']} fine-tuning steps per variant.",
         "",
         br.markdown_table(header, rows),
         "",
@@ -322,14 +314,14 @@ def parse_args(argv=None):
         action="append",
         default=None,
         metavar="KEY=VALUE",
-        help="fine-tuning overrides (default: {})".format(" ".join(DEFAULT_SETS)),
+        help=f"fine-tuning overrides (default: {' '.join(DEFAULT_SETS)})",
     )
     p.add_argument(
         "--pretrain-set",
         action="append",
         default=None,
         metavar="KEY=VALUE",
-        help="pretraining overrides (default: {})".format(" ".join(DEFAULT_PRETRAIN_SETS)),
+        help=f"pretraining overrides (default: {' '.join(DEFAULT_PRETRAIN_SETS)})",
     )
     p.add_argument("--pretrain-epochs", type=int, default=None)
     p.add_argument(

@@ -99,9 +99,9 @@ class Worker:
 
     def __init__(self, label, setting, spec):
         torch_first, cpu_threads, extra = setting
-        code = ("import sys, json; sys.path.insert(0, {tools!r}); {pre}import benchmark_threads as b; "
-                "b.child(json.loads(sys.argv[1]))").format(tools=_TOOLS,
-                                                           pre="import torch; " if torch_first else "")
+        pre = "import torch; " if torch_first else ""
+        code = (f"import sys, json; sys.path.insert(0, {_TOOLS!r}); {pre}import benchmark_threads as b; "
+                "b.child(json.loads(sys.argv[1]))")
         self.label = label
         self.proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(dict(spec, cpu_threads=cpu_threads))],
                                      env=_child_env(extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -155,7 +155,8 @@ def stop_busy(procs):
 
 def loadavg():
     try:
-        return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+        one, five, fifteen = os.getloadavg()
+        return f"{one:.2f} {five:.2f} {fifteen:.2f}"
     except OSError:
         return "n/a"
 
@@ -167,7 +168,7 @@ def run_benchmark(args):
     with tempfile.TemporaryDirectory(prefix="ptl-threads-") as tmp:
         spec = {"root": osp.join(tmp, "reid-data"), "save_dir": osp.join(tmp, "log"), "steps": args.steps,
                 "warmup": args.warmup}
-        print("Generating the demo dataset into {} ...".format(spec["root"]), flush=True)
+        print(f"Generating the demo dataset into {spec['root']} ...", flush=True)
         build_datamanager(demo_config(spec["root"], spec["save_dir"]))
         results = {n_busy: _load_case(n_busy, table, spec, args) for n_busy in args.loads}
     return cpus, labels, results
@@ -188,8 +189,8 @@ def _load_case(n_busy, table, spec, args):
                 if any(p.poll() is not None for p in busy):
                     raise RuntimeError("a busy process ended before its load case did; raise --busy-timeout")
                 runs[w.label].append(res)
-                print("busy={} round={} {:<28} wall {:6.2f} s  cpu {:6.2f} s  threads {}".format(
-                    n_busy, r + 1, w.label, res["wall"], res["cpu"], res["threads"]), flush=True)
+                print(f"busy={n_busy} round={r + 1} {w.label:<28} wall {res['wall']:6.2f} s  cpu {res['cpu']:6.2f} s  "
+                      f"threads {res['threads']}", flush=True)
     finally:
         for w in workers:
             w.close()
@@ -228,15 +229,13 @@ def report_markdown(args, cpus, labels, results):
         best = _median(runs[best_label], "wall")
         if n_busy:
             checks.append(
-                "with {} busy: ours is {:.2f}x faster than torch's default (target >= 2x): {}".format(
-                    n_busy, base / ours, "met" if base / ours >= 2 else "MISSED"
-                )
+                f"with {n_busy} busy: ours is {base / ours:.2f}x faster than torch's default (target >= 2x): "
+                f"{'met' if base / ours >= 2 else 'MISSED'}"
             )
         else:
             checks.append(
-                "quiet: ours is {:+.1%} vs the best fixed setting ({}) (target within 5%): {}".format(
-                    ours / best - 1, best_label, "met" if ours <= 1.05 * best else "MISSED"
-                )
+                f"quiet: ours is {ours / best - 1:+.1%} vs the best fixed setting ({best_label}) (target within 5%): "
+                f"{'met' if ours <= 1.05 * best else 'MISSED'}"
             )
     return "\n".join(out + [""] + ["- " + c for c in checks]) + "\n"
 

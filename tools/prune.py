@@ -110,10 +110,10 @@ def main(argv=None):
                               rounds=args.latency_rounds, num_threads=args.threads)
         rows.append((f"latency (s, batch {args.latency_batch}, {args.threads or torch.get_num_threads()} threads)",
                      lat["before"]["median"], lat["after"]["median"], "{:.3f}"))
-    print("\n{:<36s} {:>16s} {:>16s} {:>8s}".format("", "before", "after", "ratio"))
+    print(f"\n{'':<36s} {'before':>16s} {'after':>16s} {'ratio':>8s}")
     for name, before, after, fmt in rows:
-        print("{:<36s} {:>16s} {:>16s} {:>7.2f}x".format(name, fmt.format(before), fmt.format(after),
-                                                         before / after if after else float("inf")))
+        print(f"{name:<36s} {fmt.format(before):>16s} {fmt.format(after):>16s} "
+              f"{before / after if after else float('inf'):>7.2f}x")
     if args.out:
         save_pruned_model(pruned, args.out, arch=arch, report=report)
         print(f"\nsaved {args.out} (reload: ptl_torchreid.compress.load_pruned_model)")

@@ -29,8 +29,8 @@ def fmt_mean_std(values, scale=100.0, digits=1):
     if math.isnan(m):
         return "-"
     if len([v for v in values if v is not None]) == 1:
-        return "{:.{d}f}".format(m * scale, d=digits)
-    return "{:.{d}f} ± {:.{d}f}".format(m * scale, s * scale, d=digits)
+        return f"{m * scale:.{digits}f}"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
 def paired(values, reference):
@@ -46,13 +46,13 @@ def paired(values, reference):
 def fmt_paired(p):
     if p is None:
         return "-"
-    return "{:+.1f} [{:+.1f}, {:+.1f}]".format(p["mean"], *p["ci"])
+    return f"{p['mean']:+.1f} [{p['ci'][0]:+.1f}, {p['ci'][1]:+.1f}]"
 
 
 def fmt_ratio(num, den, digits=2):
     if num is None or den is None or not den or math.isnan(num) or math.isnan(den):
         return "-"
-    return "{:.{d}f}x".format(num / den, d=digits)
+    return f"{num / den:.{digits}f}x"
 
 
 def markdown_table(header, rows):

@@ -100,20 +100,10 @@ class PruneReport:
 
     def __str__(self):
         lines = [
-            "COP pruning, {}{}, preset {} (alpha={:g}, beta={:g}, gamma={:g}, round_to={}, group_cost={}, "
-            "max_prune_ratio={:g}), target {}={:g}".format(
-                self.variant,
-                " (default)" if "criterion" in self.defaults else "",
-                self.preset,
-                self.alpha,
-                self.beta,
-                self.gamma,
-                self.round_to,
-                self.group_cost,
-                self.max_prune_ratio,
-                self.target,
-                self.value,
-            ),
+            f"COP pruning, {self.variant}{' (default)' if 'criterion' in self.defaults else ''}, preset {self.preset} "
+            f"(alpha={self.alpha:g}, beta={self.beta:g}, gamma={self.gamma:g}, round_to={self.round_to}, "
+            f"group_cost={self.group_cost}, max_prune_ratio={self.max_prune_ratio:g}), target "
+            f"{self.target}={self.value:g}",
             f"  FLOPs  {self.flops_before:>14,d} -> {self.flops_after:>14,d}  (-{self.flops_reduction:.1%})",
             f"  params {self.params_before:>14,d} -> {self.params_after:>14,d}  (-{self.params_reduction:.1%})",
             f"  filters removed {self.filters_removed} of {self.filters_total} prunable ({self.prune_rate:.1%})",
@@ -136,9 +126,8 @@ def check_target(flops_reduction=None, params_reduction=None, prune_rate=None):
     given = {k: v for k, v in zip(_TARGETS, (flops_reduction, params_reduction, prune_rate)) if v is not None}
     if len(given) != 1:
         raise ValueError(
-            "give exactly one pruning target out of flops_reduction, params_reduction and prune_rate (got {})".format(
-                ", ".join(given) or "none"
-            )
+            "give exactly one pruning target out of flops_reduction, params_reduction and prune_rate (got "
+            f"{', '.join(given) or 'none'})"
         )
     ((name, value),) = given.items()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
@@ -151,7 +140,7 @@ def check_target(flops_reduction=None, params_reduction=None, prune_rate=None):
 def _weights(preset, alpha, beta, gamma):
     if preset not in PRESETS:
         raise ValueError(
-            "unknown preset {!r}; choose one of {} (or give alpha, beta and gamma)".format(preset, ", ".join(PRESETS))
+            f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} (or give alpha, beta and gamma)"
         )
     a, b, c = PRESETS[preset]
     a, b, c = (a if alpha is None else alpha), (b if beta is None else beta), (c if gamma is None else gamma)
@@ -172,9 +161,7 @@ def check_criterion(criterion=None, compensate=None, has_data=False):
         defaults.append("criterion")
     if criterion not in CRITERIA:
         raise ValueError(
-            "criterion={!r} is not valid; choose one of {} ('cop' is the paper's method)".format(
-                criterion, ", ".join(CRITERIA)
-            )
+            f"criterion={criterion!r} is not valid; choose one of {', '.join(CRITERIA)} ('cop' is the paper's method)"
         )
     if criterion in DATA_CRITERIA and not has_data:
         raise ValueError(
@@ -217,7 +204,7 @@ def check_options(
     criterion, compensate, defaults = check_criterion(criterion, compensate, has_data)
     weights = _weights(preset, alpha, beta, gamma)
     if group_cost is not None and group_cost not in GROUP_COSTS:
-        raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost, ", ".join(GROUP_COSTS)))
+        raise ValueError(f"group_cost={group_cost!r} is not valid; choose one of {', '.join(GROUP_COSTS)}")
     if round_to is None:
         round_to = PRESET_OPTIONS[preset]["round_to"]
     if group_cost is None:
@@ -377,9 +364,8 @@ def prune_cop(
         images = calibration_images(calibration, calibration_size).to(param.device, param.dtype)
         if tuple(images.shape[-2:]) != input_size:
             raise ValueError(
-                "calibration images are {}x{} but input_size is {}x{}; use images of the size the model runs at".format(
-                    *images.shape[-2:], *input_size
-                )
+                f"calibration images are {images.shape[-2]}x{images.shape[-1]} but input_size is "
+                f"{input_size[0]}x{input_size[1]}; use images of the size the model runs at"
             )
     flops_before, params_before = count_flops(net, input_size), count_params(net)
     graph = build_graph(net, input_size, exclude=exclude)
@@ -424,17 +410,10 @@ def prune_cop(
                 "prune_rate": selector.removed_filters / max(1, selector.total_filters),
             }[target]
             raise ValueError(
-                "cannot reach {}={:g}: with min_channels={}, round_to={} and max_prune_ratio={:g} the prunable "
-                "layers allow at most {:.3f}. Lower the target or min_channels/round_to, or raise max_prune_ratio. "
-                "Parts of the model that are kept: {}".format(
-                    target,
-                    value,
-                    min_channels,
-                    round_to,
-                    max_prune_ratio,
-                    got,
-                    "; ".join(graph.notes) or "channels reaching the output, and single-channel layers",
-                )
+                f"cannot reach {target}={value:g}: with min_channels={min_channels}, round_to={round_to} and "
+                f"max_prune_ratio={max_prune_ratio:g} the prunable layers allow at most {got:.3f}. Lower the target or "
+                "min_channels/round_to, or raise max_prune_ratio. Parts of the model that are kept: "
+                f"{'; '.join(graph.notes) or 'channels reaching the output, and single-channel layers'}"
             )
     sizes = [(g.name, g.size, int(selector.alive[g.offset : g.offset + g.size].sum())) for g in graph.prunable_groups()]
     parent = copy.deepcopy(net) if compensate else None

@@ -251,8 +251,7 @@ class COPSelector:
     def __init__(self, graph, alpha, beta, gamma, topk=3, round_to=1, min_channels=1, group_cost="mean",
                  max_prune_ratio=1.0, states=None):
         if group_cost not in GROUP_COSTS:
-            raise ValueError("group_cost={!r} is not valid; choose one of {}".format(group_cost,
-                                                                                  ", ".join(GROUP_COSTS)))
+            raise ValueError(f"group_cost={group_cost!r} is not valid; choose one of {', '.join(GROUP_COSTS)}")
         self.graph = graph
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.round_to = max(1, int(round_to))

@@ -60,9 +60,7 @@ class Group:
         return self.producers[0].name + (f" (+{extra} coupled)" if extra else "")
 
     def __repr__(self):
-        return "Group({}, units={}, {})".format(
-            self.name, self.size, "prunable" if self.prunable else f"frozen: {self.frozen}"
-        )
+        return f"Group({self.name}, units={self.size}, {'prunable' if self.prunable else f'frozen: {self.frozen}'})"
 
 
 class ChannelGraph:
@@ -105,11 +103,8 @@ class ChannelGraph:
         lines = []
         for g in self.groups:
             if g.producers:
-                lines.append(
-                    "{:<55s} {:>5d}  {}".format(
-                        g.name, g.size, "prunable" if g.prunable else "kept: {}".format(g.frozen or "single channel")
-                    )
-                )
+                state = "prunable" if g.prunable else f"kept: {g.frozen or 'single channel'}"
+                lines.append(f"{g.name:<55s} {g.size:>5d}  {state}")
         return "\n".join(lines + ["note: " + n for n in self.notes])
 
 
@@ -143,8 +138,8 @@ def build_graph(model, input_size=(256, 128), exclude=(), example_input=None):
     missing = [n for n in exclude if n not in names]
     if missing:
         raise ValueError(
-            "exclude names {} are not modules of the model; valid names are those of "
-            "model.named_modules(), e.g. {}".format(missing, sorted(names - {""})[:5])
+            f"exclude names {missing} are not modules of the model; valid names are those of model.named_modules(), "
+            f"e.g. {sorted(names - {''})[:5]}"
         )
 
     tracer = Tracer(model, exclude)

@@ -121,8 +121,8 @@ def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_c
     checkpoint, where = _load(path_or_checkpoint, map_location, trust)
     info = pruning_info(checkpoint)
     if int(info.get("format", 0)) > FORMAT:
-        raise ValueError("{} uses pruned-model format {}, newer than this version reads ({}); upgrade "
-                         "ptl_torchreid".format(where, info["format"], FORMAT))
+        raise ValueError(f"{where} uses pruned-model format {info['format']}, newer than this version reads "
+                         f"({FORMAT}); upgrade ptl_torchreid")
     kwargs = dict(info.get("build_kwargs") or {})
     channels = info["channels"]
     if "input_size" in kwargs:
@@ -137,8 +137,8 @@ def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_c
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        raise RuntimeError("weights in {} do not fit {} with the saved channel configuration: {}".format(
-            where, info["arch"], e)) from e
+        raise RuntimeError(f"weights in {where} do not fit {info['arch']} with the saved channel configuration: "
+                           f"{e}") from e
     if num_classes is not None and int(num_classes) != int(info["num_classes"]):
         old = model.classifier
         model.classifier = torch.nn.Linear(old.in_features, int(num_classes), bias=old.bias is not None)

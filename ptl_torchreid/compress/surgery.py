@@ -28,7 +28,7 @@ def shrink(graph, alive):
     for g in graph.groups:
         dead = ~alive[g.offset:g.offset + g.size]
         if dead.any() and not g.prunable:
-            raise ValueError("group {} cannot be pruned: {}".format(g.name, g.frozen or "single channel"))
+            raise ValueError(f"group {g.name} cannot be pruned: {g.frozen or 'single channel'}")
         if dead.all():
             raise ValueError(f"group {g.name} would lose all its {g.size} channels; keep at least one")
     for rec in graph.records:
@@ -57,8 +57,8 @@ def apply_channel_config(model, config):
     modules = dict(model.named_modules())
     unknown = sorted(set(config) - set(modules))
     if unknown:
-        raise ValueError("the channel configuration names modules the model does not have: {}; was it saved from "
-                         "another architecture?".format(", ".join(unknown[:5])))
+        raise ValueError(f"the channel configuration names modules the model does not have: {', '.join(unknown[:5])}; "
+                         "was it saved from another architecture?")
     for name, cfg in config.items():
         m = modules[name]
         pruner = layer_pruner(m)

@@ -11,7 +11,7 @@ class ConfigError(ValueError):
 def choice_error(key, value, choices):
     """``key = value`` is not one of ``choices``: the error names the nearest valid values."""
     near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3, cutoff=0.5)
-    hint = " Did you mean {}?".format(" or ".join(repr(c) for c in near)) if near else ""
+    hint = f" Did you mean {' or '.join(repr(c) for c in near)}?" if near else ""
     valid = ", ".join(map(str, choices))
     return ConfigError(f"{key} = {value!r} is not valid.{hint} Valid values: {valid}.")
 

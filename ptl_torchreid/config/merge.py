@@ -60,7 +60,7 @@ def nearest_keys(key, cfg, n=3):
 
 def _unknown_key_error(key, cfg, source):
     near = nearest_keys(key, cfg)
-    hint = " Did you mean {}?".format(" or ".join(repr(k) for k in near)) if near else ""
+    hint = f" Did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
     return ConfigError(f"unknown config key '{key}'{source}.{hint}")
 
 
@@ -100,9 +100,7 @@ def _coerce(value, default, key, source):
         if isinstance(value, extra):
             return value
         raise ConfigError(
-            "config key '{}'{} must be one of the types {}, got {!r}".format(
-                key, source, ", ".join(t.__name__ for t in extra), value
-            )
+            f"config key '{key}'{source} must be one of the types {', '.join(t.__name__ for t in extra)}, got {value!r}"
         )
     if isinstance(default, (list, tuple)):
         if isinstance(value, tuple):
@@ -131,9 +129,8 @@ def _set_key(cfg, key, value, source=""):
         raise _unknown_key_error(key, cfg, source)
     if isinstance(node[leaf], CN):
         raise ConfigError(
-            "config key '{}'{} is a section; set one of its keys instead: {}".format(
-                key, source, ", ".join(key + "." + k for k in node[leaf])
-            )
+            f"config key '{key}'{source} is a section; set one of its keys instead: "
+            f"{', '.join(key + '.' + k for k in node[leaf])}"
         )
     node[leaf] = _coerce(value, node[leaf], key, source)
 
@@ -237,7 +234,7 @@ def merge_from_list(cfg, opts):
     opts = list(opts or [])
     if len(opts) % 2:
         raise ConfigError(
-            "overrides must be KEY VALUE pairs, got an odd number of items: {}".format(" ".join(map(str, opts)))
+            f"overrides must be KEY VALUE pairs, got an odd number of items: {' '.join(map(str, opts))}"
         )
     for key, value in zip(opts[0::2], opts[1::2]):
         if not isinstance(key, str) or key.startswith("-"):
@@ -285,8 +282,7 @@ def expand_save_dir(cfg):
         cfg.data.save_dir = cfg.data.save_dir.format(**values)
     except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
         raise ConfigError(
-            "data.save_dir = '{}' has an invalid placeholder ({}); available: {}".format(
-                cfg.data.save_dir, e, ", ".join("{" + k + "}" for k in values)
-            )
+            f"data.save_dir = '{cfg.data.save_dir}' has an invalid placeholder ({e}); available: "
+            f"{', '.join('{' + k + '}' for k in values)}"
         ) from None
     return cfg

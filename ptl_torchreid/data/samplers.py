@@ -203,9 +203,8 @@ def build_distributed_train_sampler(
             drop_last=False,
         )
     raise ValueError(
-        "sampler.train_sampler={!r} has no distributed version; use one of {} for multi-process training".format(
-            train_sampler, ", ".join(DISTRIBUTED_TRAIN_SAMPLERS)
-        )
+        f"sampler.train_sampler={train_sampler!r} has no distributed version; use one of "
+        f"{', '.join(DISTRIBUTED_TRAIN_SAMPLERS)} for multi-process training"
     )
 
 

@@ -88,8 +88,8 @@ def parse_source(name):
     if missing:
         layout = ("list files train.txt, query.txt and gallery.txt (lines 'path pid camid')" if kind == "list"
                   else "folders bounding_box_train, query and bounding_box_test (Market-1501 layout)")
-        raise DatasetRootError('data source "{}": {} missing; expected {} in "{}"'.format(
-            name, ", ".join(f'"{m}"' for m in missing), layout, path))
+        quoted = ", ".join(f'"{m}"' for m in missing)
+        raise DatasetRootError(f'data source "{name}": {quoted} missing; expected {layout} in "{path}"')
     return source
 
 
@@ -253,7 +253,7 @@ class _Described(NamingPattern):
 
 def _pattern_for(source):
     if source.kind == "list":
-        return _Described("list files, lines 'path pid{}'".format("" if source.no_camera else " camid"))
+        return _Described(f"list files, lines 'path pid{'' if source.no_camera else ' camid'}'")
     if source.no_camera:
         return _Described("<pid>... without camera ids (every image its own camera)")
     return NamingPattern("market-style")

@@ -108,7 +108,7 @@ class CheckpointMixin:
             # rank 0's choice, so that every rank resumes from the same file
             path = pdist.broadcast_object(self.checkpoint_manager(save_dir).latest() if self.is_main else None)
             if path is None:
-                print('No checkpoint in "{}" to resume from: starting from scratch'.format(osp.join(save_dir, "model")))
+                print(f'No checkpoint in "{osp.join(save_dir, "model")}" to resume from: starting from scratch')
                 return None
         if preloaded and path in preloaded:
             state = preloaded.pop(path)
@@ -136,9 +136,8 @@ class CheckpointMixin:
         if name is not None and state.get("model_name") not in (None, name):
             raise CheckpointMismatchError(
                 None,
-                'Cannot resume from "{}": it was saved for model "{}", this run builds "{}".'.format(
-                    source, state["model_name"], name
-                ),
+                f'Cannot resume from "{source}": it was saved for model "{state["model_name"]}", this run builds '
+                f'"{name}".',
             )
         try:
             self.net.load_state_dict(state["state_dict"])
@@ -157,10 +156,9 @@ class CheckpointMixin:
         self.scheduler.load_state_dict(state["scheduler"])
         for name, old, new, now in apply_configured_lr(self.optimizer, self.scheduler, configured):
             print(
-                "Note: the configured base learning rate{} is {:.3g}, the checkpoint's {:.3g}: the configured one "
-                "applies from here on (the schedule keeps its position; the rate is now {:.3g}).".format(
-                    "" if len(configured) == 1 else " of " + str(name), new, old, now
-                )
+                f"Note: the configured base learning rate{'' if len(configured) == 1 else ' of ' + str(name)} is "
+                f"{new:.3g}, the checkpoint's {old:.3g}: the configured one applies from here on (the schedule keeps "
+                f"its position; the rate is now {now:.3g})."
             )
         if state.get("reference_param_norm") is not None:
             self.reference_param_norm = float(state["reference_param_norm"])
@@ -266,10 +264,9 @@ class CheckpointMixin:
             planned = len(self.epoch_loader().plan(int(state["epoch"])))
             if planned != int(state["num_batches"]):
                 print(
-                    "Warning: epoch {} now has {} batches but had {} when the checkpoint was taken (changed batch "
-                    "size, sampler or data?); the rest of the epoch will not match the interrupted run.".format(
-                        int(state["epoch"]) + 1, planned, int(state["num_batches"])
-                    )
+                    f"Warning: epoch {int(state['epoch']) + 1} now has {planned} batches but had "
+                    f"{int(state['num_batches'])} when the checkpoint was taken (changed batch size, sampler or "
+                    "data?); the rest of the epoch will not match the interrupted run."
                 )
 
     def divergence_advice(self):

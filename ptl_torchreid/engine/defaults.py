@@ -187,8 +187,8 @@ def _build_image_datamanager(cfg):
         # torchreid's check_before_run: a dataset folder exists but lacks a required sub-folder or file.
         if "is not found" in str(e):
             raise DatasetRootError(
-                "incomplete dataset under data.root = '{}': {}. Check the folder layout torchreid expects for "
-                "{}.".format(cfg.data.root, e, ", ".join(dataset_names(cfg)))
+                f"incomplete dataset under data.root = '{cfg.data.root}': {e}. Check the folder layout torchreid "
+                f"expects for {', '.join(dataset_names(cfg))}."
             ) from None
         raise
     except (AssertionError, ValueError, IndexError, KeyError, ZeroDivisionError) as e:
@@ -200,11 +200,10 @@ def _build_image_datamanager(cfg):
 
 def _datamanager_failure(cfg, e):
     frame = traceback.extract_tb(e.__traceback__)[-1]
-    where = '{} ("{}", line {})'.format((frame.line or "").strip(), osp.basename(frame.filename), frame.lineno)
+    where = f'{(frame.line or "").strip()} ("{osp.basename(frame.filename)}", line {frame.lineno})'
     hints = [
-        "an empty or incomplete dataset folder (scan it with: ptl-torchreid check-data --root {} -s {})".format(
-            cfg.data.root, " ".join(dataset_names(cfg))
-        )
+        f"an empty or incomplete dataset folder (scan it with: ptl-torchreid check-data --root {cfg.data.root} -s "
+        f"{' '.join(dataset_names(cfg))})"
     ]
     if "RandomIdentitySampler" in (cfg.sampler.train_sampler, cfg.sampler.train_sampler_t):
         hints.append(
@@ -213,16 +212,9 @@ def _datamanager_failure(cfg, e):
             "in every batch)"
         )
     return (
-        "torchreid could not build the data loaders for sources {} / targets {} under data.root = '{}': "
-        "{}{} at {}. Likely causes: {}.".format(
-            list(cfg.data.sources),
-            list(cfg.data.targets),
-            cfg.data.root,
-            type(e).__name__,
-            ": " + str(e) if str(e) else "",
-            where,
-            "; ".join(hints),
-        )
+        f"torchreid could not build the data loaders for sources {list(cfg.data.sources)} / targets "
+        f"{list(cfg.data.targets)} under data.root = '{cfg.data.root}': "
+        f"{type(e).__name__}{': ' + str(e) if str(e) else ''} at {where}. Likely causes: {'; '.join(hints)}."
     )
 
 
@@ -272,7 +264,7 @@ def build_model(cfg, num_classes, checkpoint=None):
             model.configure_cells(
                 state_mode=cfg.ptl.state_mode, eval_state=cfg.ptl.eval_state, momentum=cfg.ptl.momentum
             )
-        print('Loaded the pruned {} from "{}"'.format(checkpoint["pruning"]["arch"], path))
+        print(f'Loaded the pruned {checkpoint["pruning"]["arch"]} from "{path}"')
         return model
     model = build_named_model(**model_kwargs(cfg, num_classes))
     if not is_ptl_model_name(cfg.model.name) and cfg.ptl != get_default_config().ptl:

@@ -221,8 +221,8 @@ class ReIDEvaluator:
         if tpr:
             result["tpr_at_fpr"] = {f"{f:g}": float(t) for f, t in tpr.items()}
         print(f"** Results ({dataset_name}) **")
-        print("mAP: {:.1%}".format(result["mAP"]))
-        print("mINP: {:.1%}".format(result["mINP"]))
+        print(f"mAP: {result['mAP']:.1%}")
+        print(f"mINP: {result['mINP']:.1%}")
         for f, t in result.get("tpr_at_fpr", {}).items():
             print(f"TPR@FPR={f}: {t:.1%}")
         print("CMC curve")

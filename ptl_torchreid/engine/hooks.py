@@ -211,7 +211,7 @@ class EpochLogger(HookBase):
                 parts.append(f"{name} {v:.4f}")
         if t.is_ptl and t.backbone_frozen(t.epoch):
             parts.append("(backbone frozen)")
-        print("epoch {}/{}  {}".format(t.epoch + 1, max(t.max_epoch, t.epoch + 1), "  ".join(parts)))
+        print(f"epoch {t.epoch + 1}/{max(t.max_epoch, t.epoch + 1)}  {'  '.join(parts)}")
 
         if t.writer is not None:
             for name, v in values.items():

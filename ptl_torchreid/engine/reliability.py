@@ -112,11 +112,8 @@ def optimizer_mismatch(optimizer, saved_state):
     if not missing:
         return None
     unused = sorted(saved - fresh - _OPTIONAL_KEYS - {"params", "initial_lr", "name"})
-    return "this run's {} needs {} that the saved state lacks{}".format(
-        type(optimizer).__name__,
-        ", ".join(missing),
-        "; the saved state has {} instead".format(", ".join(unused)) if unused else "",
-    )
+    instead = f"; the saved state has {', '.join(unused)} instead" if unused else ""
+    return f"this run's {type(optimizer).__name__} needs {', '.join(missing)} that the saved state lacks{instead}"
 
 
 # Flags that optimizers' __setstate__ fills in when an older checkpoint lacks them (they do not tell optimizers
@@ -144,11 +141,10 @@ def load_optimizer_state(optimizer, saved_state, source, saved_type=None):
         except (ValueError, KeyError) as e:
             why = str(e)
     raise ValueError(
-        'Cannot resume from "{}": its optimizer state{} does not fit this run\'s optimizer ({}): {}. '
+        f'Cannot resume from "{source}": its optimizer state{f" ({saved_type})" if saved_type else ""} does not fit '
+        f'this run\'s optimizer ({type(optimizer).__name__}): {why}. '
         "Resume with the optimizer settings it was saved with (train.optim, ptl.lr_mult groups), or "
-        "start a new run from its weights with model.load_weights.".format(
-            source, f" ({saved_type})" if saved_type else "", type(optimizer).__name__, why
-        )
+        "start a new run from its weights with model.load_weights."
     )
 
 

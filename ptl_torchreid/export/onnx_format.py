@@ -36,8 +36,9 @@ def write_onnx(net, path, input_size, dynamic_batch=True, opset=None, verbose=Fa
             torch.onnx.export(net, (x,), str(path), dynamo=True, external_data=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=dynamic_shapes)
     except Exception as e:  # the exporter raises many types; all mean "this model does not export"
-        raise UnsupportedModelError("torch.onnx.export (dynamo) could not export {}: {}: {}".format(
-            type(net).__name__, type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")) from e
+        raise UnsupportedModelError(f"torch.onnx.export (dynamo) could not export {type(net).__name__}: "
+                                    f"{type(e).__name__}: "
+                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     finally:
         if verbose:
             print(log.getvalue(), end="")

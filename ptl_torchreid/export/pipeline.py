@@ -57,14 +57,14 @@ class ExportResult:
             f"Rank-1 / mAP {s}" for s in self.reference) + " |"]
         rows.append("|" + "---|" * (4 + len(self.reference)))
         rows.append("| pytorch | - | - | - | " + " | ".join(
-            "{:.1%} / {:.1%}".format(m["rank1"], m["mAP"]) for m in self.reference.values()) + " |")
+            f"{m['rank1']:.1%} / {m['mAP']:.1%}" for m in self.reference.values()) + " |")
         for kind, path in self.files.items():
             check = self.checks[kind]
             batches = check["parity"]["batches"].values()
             worst = max(b["max_abs"] for b in batches)
             cos = min(b["min_cosine"] for b in batches)
             rows.append(f"| {kind} | {path} | {worst:.2e} | {cos:.7f} | " + " | ".join(
-                "{:.1%} / {:.1%}".format(m["rank1"], m["mAP"]) for m in check["retrieval"].values()) + " |")
+                f"{m['rank1']:.1%} / {m['mAP']:.1%}" for m in check["retrieval"].values()) + " |")
         return "\n".join(rows)
 
 
@@ -122,7 +122,7 @@ def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, 
         max_abs, min_cosine: fp32 feature tolerances (default 1e-4 and 0.99999).
     """
     if fmt not in FORMATS:
-        raise ValueError("format {!r} is not supported; choose one of {}".format(fmt, ", ".join(FORMATS)))
+        raise ValueError(f"format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
     if int8 and not eval_sets:
         raise ValueError("int8=True needs eval_sets: the INT8 model is accepted only after its mAP is compared "
                          "with fp32")
@@ -149,17 +149,17 @@ def export_model(model, out_dir, arch, *, dataset=None, fmt="onnx", int8=False, 
     staging = tempfile.mkdtemp(dir=out_dir, prefix=".export-")
     try:
         onnx_path = osp.join(staging, stem + ".onnx")
-        with _Step(log, "exporting {} to ONNX ({}x{}, {} batch)".format(
-                arch, size[0], size[1], "dynamic" if dynamic_batch else "static")):
+        with _Step(log, f"exporting {arch} to ONNX ({size[0]}x{size[1]}, {'dynamic' if dynamic_batch else 'static'} "
+                        "batch)"):
             write_onnx(net, onnx_path, size, dynamic_batch=dynamic_batch)
         if eval_sets:
-            with _Step(log, "PyTorch Rank-1/mAP on {}".format(", ".join(s[0] for s in eval_sets))):
+            with _Step(log, f"PyTorch Rank-1/mAP on {', '.join(s[0] for s in eval_sets)}"):
                 result.reference = {s[0]: retrieval_metrics(reference, s[1], s[2], dist_metric, normalize_feature)
                                     for s in eval_sets}
 
         def verify(kind, runner):
-            with _Step(log, "checking {} against PyTorch (batches {}, then Rank-1/mAP)".format(
-                    kind, ", ".join(map(str, batch_sizes)))):
+            with _Step(log, f"checking {kind} against PyTorch (batches {', '.join(map(str, batch_sizes))}, then "
+                            "Rank-1/mAP)"):
                 parity = check_parity(reference, runner, images, batch_sizes, max_abs=max_abs,
                                       min_cosine=min_cosine, name=f"{kind} ({runner.name})")
                 retrieval = compare_retrieval(result.reference, runner, eval_sets, dist_metric=dist_metric,
@@ -223,16 +223,10 @@ def _export_int8(ov_model, calibration, staging, out_dir, stem, reference, image
         result.checks["openvino_int8"] = check
         worst = max(drops, key=drops.get)
         raise QuantizationRejected(
-            "the INT8 model was rejected and not written: on '{}' its mAP is {:.2%} against {:.2%} in fp32, "
-            "{:.2f} points lower (at most {} allowed). The fp32 files are in place: {}. Try more calibration "
-            "images (--calibration-images).".format(
-                worst,
-                retrieval[worst]["mAP"],
-                result.reference[worst]["mAP"],
-                drops[worst],
-                INT8_MAX_MAP_DROP,
-                ", ".join(result.files.values()),
-            )
+            f"the INT8 model was rejected and not written: on '{worst}' its mAP is {retrieval[worst]['mAP']:.2%} "
+            f"against {result.reference[worst]['mAP']:.2%} in fp32, {drops[worst]:.2f} points lower (at most "
+            f"{INT8_MAX_MAP_DROP} allowed). The fp32 files are in place: {', '.join(result.files.values())}. Try more "
+            "calibration images (--calibration-images)."
         )
     final_dir = osp.join(out_dir, int8_stem + "_openvino_model")
     _move_into_place(osp.dirname(xml), final_dir)

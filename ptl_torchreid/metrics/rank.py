@@ -183,9 +183,8 @@ def _as_labels(x, name, expected_len, what):
     if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
         return a.astype(np.int64)
     raise ValueError(
-        "evaluate_rank: {} must hold integer labels, got dtype {}{}".format(
-            name, a.dtype, " with non-integer values" if a.dtype.kind == "f" else ""
-        )
+        f"evaluate_rank: {name} must hold integer labels, got dtype "
+        f"{a.dtype}{' with non-integer values' if a.dtype.kind == 'f' else ''}"
     )
 
 
@@ -211,17 +210,12 @@ def clamp_ranks(ranks, num_gallery, dataset_name=""):
     dropped = [r for r in ranks if r > num_gallery]
     if dropped:
         print(
-            "Note: the gallery of {} has only {} images, so {} cannot be computed and {} skipped "
-            "(set test.ranks to ranks <= {}).".format(
-                dataset_name or "this dataset",
-                num_gallery,
-                ", ".join(f"Rank-{r}" for r in dropped),
-                "is" if len(dropped) == 1 else "are",
-                num_gallery,
-            )
+            f"Note: the gallery of {dataset_name or 'this dataset'} has only {num_gallery} images, so "
+            f"{', '.join(f'Rank-{r}' for r in dropped)} cannot be computed and {'is' if len(dropped) == 1 else 'are'} "
+            f"skipped (set test.ranks to ranks <= {num_gallery})."
         )
     if num_gallery < 1:
-        raise ValueError("the gallery of {} is empty: nothing to rank".format(dataset_name or "this dataset"))
+        raise ValueError(f"the gallery of {dataset_name or 'this dataset'} is empty: nothing to rank")
     return valid or [1]
 
 

@@ -14,8 +14,8 @@ def format_results_table(results):
     for name, res in results.items():
         cmc = res["cmc"]
         rows.append(
-            [name, "{:.1%}".format(res["mAP"])]
-            + ["{:.1%}".format(res.get("mINP", float("nan")))] * minp
+            [name, f"{res['mAP']:.1%}"]
+            + [f"{res.get('mINP', float('nan')):.1%}"] * minp
             + [f"{cmc[r]:.1%}" if r in cmc else "-" for r in ranks]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]

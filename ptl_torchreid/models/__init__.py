@@ -96,17 +96,14 @@ def build_model(name, num_classes, loss="softmax", pretrained=False, **ptl_optio
     registry = _torchreid.model_factory()
     if name not in registry:
         close = difflib.get_close_matches(name, registry, n=3)
-        raise KeyError(
-            "unknown model name {!r}{}. Available: {}".format(
-                name, "; did you mean {}?".format(" or ".join(close)) if close else "", ", ".join(sorted(registry))
-            )
-        )
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise KeyError(f"unknown model name {name!r}{hint}. Available: {', '.join(sorted(registry))}")
     factory = registry[name]
     if getattr(factory, "ptl_torchreid_factory", False):
         return factory(num_classes=num_classes, loss=loss, pretrained=pretrained, **ptl_options)
     if ptl_options:
         raise ValueError(
-            "{} is not a PTL model; PTL options {} do not apply to it".format(name, ", ".join(sorted(ptl_options)))
+            f"{name} is not a PTL model; PTL options {', '.join(sorted(ptl_options))} do not apply to it"
         )
     if pretrained and name in BACKBONES:  # same weights as torchreid, but fails fast when offline
         model = factory(num_classes=num_classes, loss=loss, pretrained=False)

@@ -29,8 +29,8 @@ def normalize_precision(precision):
                 return name
     key = str(precision).strip().lower()
     if key not in _ALIASES:
-        raise ValueError("precision={!r} is not valid; use one of {} (or float32/bfloat16/float16)".format(
-            precision, ", ".join(PRECISIONS)))
+        raise ValueError(f"precision={precision!r} is not valid; use one of {', '.join(PRECISIONS)} (or "
+                         "float32/bfloat16/float16)")
     return _ALIASES[key]
 
 

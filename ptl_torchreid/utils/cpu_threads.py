@@ -204,6 +204,5 @@ def describe_cpu_threads(choice, environ=None):
         facts.append(f"load {choice.load:.1f}")
     via = {"auto": "train.cpu_threads auto", "torch default": "train.cpu_threads 0: torch's default"}.get(
         choice.source, choice.source if choice.source == "train.cpu_threads" else "from " + choice.source)
-    return ("CPU: {} {} ({}; {}), OpenMP waiting {}. Override with train.cpu_threads N or OMP_NUM_THREADS=N; "
-            "OMP_WAIT_POLICY is read when torch starts.".format(choice.threads, unit, ", ".join(facts), via,
-                                                                openmp_waiting(environ)))
+    return (f"CPU: {choice.threads} {unit} ({', '.join(facts)}; {via}), OpenMP waiting {openmp_waiting(environ)}. "
+            "Override with train.cpu_threads N or OMP_NUM_THREADS=N; OMP_WAIT_POLICY is read when torch starts.")

@@ -69,9 +69,8 @@ def init_distributed(backend=None, device=None, timeout=None):
         return DistContext(0, 1, 0, None, dev)
     missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise RuntimeError("WORLD_SIZE is set but {} {} not: launch with torchrun (which sets them all), or set "
-                           "them yourself for a manual launch".format(", ".join(missing),
-                                                                      "is" if len(missing) == 1 else "are"))
+        raise RuntimeError(f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+                           "launch with torchrun (which sets them all), or set them yourself for a manual launch")
     world_size = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])

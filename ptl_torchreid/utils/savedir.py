@@ -130,8 +130,8 @@ def sha256_file(path, chunk=1 << 22):
 def _describe(owner):
     started = owner.get("started") or "?"
     command = owner.get("command")
-    return "pid {} on host {}, started {}{}".format(owner.get("pid", "?"), owner.get("host", "?"), started,
-                                                   ": " + command if command else "")
+    running = ": " + command if command else ""
+    return f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')}, started {started}{running}"
 
 
 class SaveDirLock:
@@ -204,15 +204,9 @@ class SaveDirLock:
                 )
                 raise SaveDirBusyError(
                     errno.EBUSY,
-                    "{} '{}' {} ({}). Two runs in one folder overwrite each other's "
-                    "checkpoints: wait for it to finish, or choose another {}{}.".format(
-                        self.what,
-                        self.save_dir,
-                        how,
-                        _describe(owner),
-                        self.what,
-                        "" if alive else "; if that run is gone, delete " + self.path,
-                    ),
+                    f"{self.what} '{self.save_dir}' {how} ({_describe(owner)}). Two runs in one folder overwrite each "
+                    "other's checkpoints: wait for it to finish, or choose another "
+                    f"{self.what}{'' if alive else '; if that run is gone, delete ' + self.path}.",
                 )
             # The owner is gone: take its lock over. Remove-then-create keeps O_EXCL's guarantee when two runs
             # find the same stale lock: only one of them creates the new file.

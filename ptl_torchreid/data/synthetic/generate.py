@@ -105,9 +105,8 @@ def _generate(out_dir, params, verbose):
         json.dump(manifest, f, indent=1, sort_keys=True)
     if verbose:
         print(
-            "=> Generated synthetic ReID data in {:.1f}s: {} train / {} query / {} gallery images".format(
-                manifest["seconds"], counts["train"], counts["query"], counts["gallery"]
-            )
+            f"=> Generated synthetic ReID data in {manifest['seconds']:.1f}s: {counts['train']} train / "
+            f"{counts['query']} query / {counts['gallery']} gallery images"
         )
     return manifest
 
@@ -134,7 +133,7 @@ def _read_manifest(dataset_dir):
 def _staleness(manifest, dataset_dir, params):
     """Why an existing generated folder cannot be reused as ``params`` ('' when it can)."""
     if manifest.get("format_version") != FORMAT_VERSION:
-        return "format version {} on disk, {} expected".format(manifest.get("format_version"), FORMAT_VERSION)
+        return f"format version {manifest.get('format_version')} on disk, {FORMAT_VERSION} expected"
     on_disk, wanted = manifest.get("params", {}), params.to_dict()
     diff = [
         f"{k}: {on_disk.get(k)!r} on disk vs {wanted[k]!r} requested" for k in wanted if on_disk.get(k) != wanted[k]
@@ -147,7 +146,7 @@ def _staleness(manifest, dataset_dir, params):
         path = osp.join(dataset_dir, d)
         n = len(list_images(path)) if osp.isdir(path) else 0
         if n != manifest.get("counts", {}).get(split):
-            return "{} holds {} images but the manifest records {}".format(path, n, manifest["counts"].get(split))
+            return f"{path} holds {n} images but the manifest records {manifest['counts'].get(split)}"
     return ""
 
 

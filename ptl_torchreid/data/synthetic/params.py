@@ -86,9 +86,7 @@ class SyntheticParams:
             )
         if not isinstance(self.style, str) or self.style not in STYLES:
             raise ValueError(
-                "Unknown style {!r}{}; valid styles: {}".format(
-                    self.style, _suggest(self.style, STYLES), ", ".join(STYLES)
-                )
+                f"Unknown style {self.style!r}{_suggest(self.style, STYLES)}; valid styles: {', '.join(STYLES)}"
             )
         if self.image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
@@ -109,9 +107,7 @@ def _check_int(key, value, lo, hi, why):
         raise TypeError(f"Synthetic dataset parameter {key} must be an integer, got {value!r} ({type(value).__name__})")
     if not lo <= value <= hi:
         raise ValueError(
-            "Synthetic dataset parameter {} must be in [{}, {}], got {}{}".format(
-                key, lo, hi, value, ": " + why if why else ""
-            )
+            f"Synthetic dataset parameter {key} must be in [{lo}, {hi}], got {value}{': ' + why if why else ''}"
         )
 
 
@@ -126,9 +122,8 @@ def make_params(base=None, **overrides):
     for key in overrides:
         if key not in PARAM_NAMES:
             raise TypeError(
-                "Unknown synthetic dataset parameter {!r}{}; valid parameters: {}".format(
-                    key, _suggest(key, PARAM_NAMES), ", ".join(PARAM_NAMES)
-                )
+                f"Unknown synthetic dataset parameter {key!r}{_suggest(key, PARAM_NAMES)}; valid parameters: "
+                f"{', '.join(PARAM_NAMES)}"
             )
     return dataclasses.replace(base, **overrides)
 
