@@ -246,19 +246,16 @@ def test_iteration_checkpoints_keep_the_last_n(data_root, datamanager, tmp_path)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, datamanager, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, datamanager, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path, "train.checkpoint_every_n_iters", "2", "test.eval_freq", "-1")
     engine = build_engine(cfg, datamanager=datamanager)
-    original = engine.compute_losses
 
-    def compute_losses(outputs, pids):
-        loss, summary = original(outputs, pids)
-        if engine.iteration == 4:  # the 5th step diverges
-            loss = loss * float("nan")
-            summary["loss"] = float("nan")
-        return loss, summary
+    class DivergeAtStep5(HookBase):  # the 5th step's loss turns NaN (the guard checks after every hook)
+        def before_backward(self):
+            if engine.iteration == 4:
+                engine.loss = engine.loss * float("nan")
+                engine.step_summary["loss"] = float("nan")
 
-    engine.compute_losses = compute_losses
     good = tmp_path / "model" / "model-iter4.pth.tar"
     seen = {}
 
@@ -269,7 +266,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, dat
                 seen["weights"] = {k: v.clone() for k, v in engine.net.state_dict().items()
                                    if "_extra_state" not in k}
 
-    engine.register_hooks([AfterStep()])
+    engine.register_hooks([DivergeAtStep5(), AfterStep()])
     with pytest.raises(NonFiniteLossError) as info:
         run_engine(engine, cfg)
     message = str(info.value)
