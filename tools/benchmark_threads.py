@@ -18,7 +18,10 @@ the script after its load case. Runs are interleaved (every setting once per rou
 from elsewhere hits all settings alike. OMP_*/MKL_*/GOMP_*/KMP_* variables of the calling shell are removed
 from the children's environment.
 
-    nice -n 5 python tools/benchmark_threads.py --loads 0 1 2 --rounds 3 --out docs/benchmark_threads.md
+    python tools/benchmark_threads.py --loads 1 2 --rounds 3 --out log/bench/threads_busy.md
+    python tools/benchmark_threads.py --loads 0 --rounds 9 --out log/bench/threads_quiet.md  # idle machine
+
+(on a small VM, three rounds of the quiet case cannot tell settings 5% apart; nine could)
 """
 import argparse
 import json
