@@ -14,6 +14,7 @@ def read_version():
 
 
 EXPORT_REQUIRES = ["onnx", "onnxscript", "onnxruntime", "openvino", "nncf"]
+RETRIEVAL_REQUIRES = ["faiss-cpu"]
 
 setup(
     name="ptl_torchreid",
@@ -39,10 +40,11 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
-    # The export extra (ONNX / OpenVINO / NNCF INT8) is part of the test extra, so CI runs the export tests;
-    # ruff is the linter CI runs before them (configured in ruff.toml).
+    # The export (ONNX / OpenVINO / NNCF INT8) and retrieval (faiss's exact search) extras are part of the test
+    # extra, so CI runs their tests; ruff is the linter CI runs before them (configured in ruff.toml).
     # bench: the peers tools/benchmark_prune.py compares COP against (Torch-Pruning's L1, Taylor and random).
-    extras_require={"export": EXPORT_REQUIRES, "test": ["pytest", "hypothesis", "ruff"] + EXPORT_REQUIRES,
+    extras_require={"export": EXPORT_REQUIRES, "retrieval": RETRIEVAL_REQUIRES,
+                    "test": ["pytest", "hypothesis", "ruff"] + EXPORT_REQUIRES + RETRIEVAL_REQUIRES,
                     "bench": ["torch-pruning"]},
     entry_points={"console_scripts": ["ptl-torchreid=ptl_torchreid.cli:main"]},
 )

@@ -28,7 +28,7 @@ from ptl_torchreid.data.check import IMAGE_EXTENSIONS
 from ptl_torchreid.data.reader import read_image
 from ptl_torchreid.data.user import is_user_source, parse_source, read_list_file, read_source
 from ptl_torchreid.engine import build_model
-from ptl_torchreid.metrics.chunked import BYTES_PER_DISTANCE
+from ptl_torchreid.metrics.knn import KNN_BACKENDS, faiss_available, knn_search
 from ptl_torchreid.metrics.rerank import rerank
 
 __all__ = ["add_embed_arguments", "add_search_arguments", "run_embed", "run_search", "list_images",
@@ -171,27 +171,24 @@ def add_search_arguments(parser):
     parser.add_argument("--topk", type=int, default=10, help="gallery images per query")
     parser.add_argument("--out", default="", help="folder for results.csv and the PNGs (default: data.save_dir/search)")
     parser.add_argument("--max-images", type=int, default=100, help="queries drawn as PNGs")
+    parser.add_argument("--backend", choices=KNN_BACKENDS, default="auto",
+                        help="exact nearest-neighbour search: faiss (flat index), torch (blocks + topk), or auto "
+                             "(faiss when installed)")
 
 
-def search_topk(qf, gf, k, metric="euclidean", normalize=False, rerank_options=None, memory_cap=1 << 30):
-    """``(indices, distances)`` of the ``k`` closest gallery entries of every query, closest first, computed in
-    query blocks (``rerank_options``: keyword arguments of :func:`~ptl_torchreid.metrics.rerank`)."""
+def search_topk(qf, gf, k, metric="euclidean", normalize=False, rerank_options=None, memory_cap=1 << 30,
+                backend="auto"):
+    """``(indices, distances)`` of the ``k`` closest gallery entries of every query, closest first
+    (``rerank_options``: keyword arguments of :func:`~ptl_torchreid.metrics.rerank`; otherwise an exact
+    :func:`~ptl_torchreid.metrics.knn_search` with ``backend``)."""
     qf, gf = torch.as_tensor(qf).float(), torch.as_tensor(gf).float()
     if normalize:
         qf, gf = torch.nn.functional.normalize(qf, dim=1), torch.nn.functional.normalize(gf, dim=1)
-    k = min(k, len(gf))
-    if rerank_options is not None:
-        d = torch.from_numpy(rerank(qf, gf, metric=metric, **rerank_options))
-        dist, idx = torch.topk(d, k, dim=1, largest=False)
-        return idx.numpy(), dist.numpy()
-    rows = max(1, int(memory_cap // (len(gf) * BYTES_PER_DISTANCE)))
-    idx, dist = [], []
-    for s in range(0, len(qf), rows):
-        d = torchreid.metrics.compute_distance_matrix(qf[s : s + rows], gf, metric)
-        v, i = torch.topk(d, k, dim=1, largest=False)
-        idx.append(i)
-        dist.append(v)
-    return torch.cat(idx).numpy(), torch.cat(dist).numpy()
+    if rerank_options is None:
+        return knn_search(qf, gf, k, metric, backend=backend, memory_cap=memory_cap)
+    d = torch.from_numpy(rerank(qf, gf, metric=metric, **rerank_options))
+    dist, idx = torch.topk(d, min(k, len(gf)), dim=1, largest=False)
+    return idx.numpy(), dist.numpy()
 
 
 def _tile(path, height, width, colour):
@@ -221,6 +218,8 @@ def run_search(cfg, args):
         )
     if args.topk < 1:
         raise ConfigError(f"--topk must be >= 1, got {args.topk}")
+    if args.backend == "faiss" and not faiss_available():
+        raise ConfigError('--backend faiss needs faiss: pip install "ptl_torchreid[retrieval]", or use --backend torch')
     options = None
     if cfg.test.rerank:
         options = dict(k1=cfg.test.rerank_k1, k2=cfg.test.rerank_k2, lambda_value=cfg.test.rerank_lambda)
@@ -232,6 +231,7 @@ def run_search(cfg, args):
         cfg.test.normalize_feature,
         options,
         memory_cap=int(cfg.test.max_distmat_gb * (1 << 30)),
+        backend=args.backend,
     )
     out = args.out or osp.join(cfg.data.save_dir, "search")
     os.makedirs(out, exist_ok=True)

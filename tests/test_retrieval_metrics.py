@@ -1,6 +1,7 @@
 """Sparse re-ranking against torchreid's dense one; chunked ranking against full-matrix ranking; mINP, TPR@FPR and
 alpha-query expansion against hand computations."""
 import importlib
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -137,11 +138,51 @@ def test_tpr_at_fpr_by_hand():
 
 def test_roc_plot_is_written(tmp_path):
     rng = np.random.default_rng(0)
-    roc = PairROC(1000, max_fpr=0.1)
-    roc._pos.append(rng.random(50).astype(np.float32))
-    roc._neg = np.sort(rng.random(100).astype(np.float32) + 0.5)
+    g_pids = np.concatenate([np.zeros(50, int), np.ones(1000, int)])
+    row = np.concatenate([rng.random(50), rng.random(1000) + 0.5]).astype(np.float32)[None, :]
+    roc = PairROC(PairROC.count_negatives(np.array([0]), g_pids), max_fpr=0.1)
+    roc.add(row, np.array([0]), g_pids, np.array([0]), np.ones(1050, int))
     path = roc.plot(str(tmp_path / "roc.png"))
     assert (tmp_path / "roc.png").stat().st_size > 1000 and path.endswith("roc.png")
+
+
+@pytest.mark.parametrize("rows_per_add", [1, 37, 400])
+def test_pair_roc_fed_in_blocks_equals_all_pairs_at_once(rows_per_add):
+    # 400 x 6000 pairs (more than PairROC handles in one step, so candidates are merged and bounded on the
+    # way), distances rounded to force ties at the thresholds.
+    rng = np.random.default_rng(3)
+    q_pids, g_pids = rng.integers(0, 50, 400), rng.integers(-1, 50, 6000)
+    q_cams, g_cams = rng.integers(0, 3, 400), rng.integers(0, 3, 6000)
+    distmat = np.round(rng.random((400, 6000)) * 50, 0).astype(np.float32)
+    distmat[q_pids[:, None] == g_pids[None, :]] -= 5
+    same = q_pids[:, None] == g_pids[None, :]
+    pos = np.sort(distmat[same & (q_cams[:, None] != g_cams[None, :])])
+    neg = np.sort(distmat[~same])
+    fprs = (1e-4, 1e-3, 1e-2)
+    expected = tpr_at_fpr(pos, neg, len(neg), fprs)
+    roc = PairROC(PairROC.count_negatives(q_pids, g_pids))
+    for s in range(0, 400, rows_per_add):
+        b = slice(s, s + rows_per_add)
+        roc.add(distmat[b], q_pids[b], g_pids, q_cams[b], g_cams)
+    assert roc.num_negatives == len(neg)
+    assert roc.tpr_at(fprs) == expected
+    np.testing.assert_array_equal(roc.negatives(), neg[: roc.keep])
+
+
+def test_chunked_ranking_with_roc_stays_within_memory_cap():
+    rng = np.random.default_rng(0)
+    qf, gf, q_pids, g_pids = identity_features(rng, 1500, 20000, num_ids=100, noise=1.5)
+    q_cam, g_cam = rng.integers(0, 4, 1500), rng.integers(0, 4, 20000)
+    cap = 64 << 20  # the full matrix would be 120 MB of float32 alone
+    roc = PairROC(PairROC.count_negatives(q_pids, g_pids))
+    tracemalloc.start()  # sees numpy's buffers; the torch-owned block of distances is added below
+    try:
+        evaluate_rank_chunked(qf, gf, q_pids, g_pids, q_cam, g_cam, memory_cap=cap, roc=roc)
+        _, numpy_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    block = (cap // (20000 * 16)) * 20000 * 4
+    assert numpy_peak + block <= cap, (numpy_peak, block)
 
 
 def test_alpha_query_expansion_by_hand():

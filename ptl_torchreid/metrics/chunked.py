@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from .rank import check_labels, effective_max_rank, rank_block, reduce_per_query
 
-__all__ = ["evaluate_rank_chunked", "distmat_bytes", "BYTES_PER_DISTANCE"]
+__all__ = ["evaluate_rank_chunked", "distmat_bytes", "metric_distance_fn", "BYTES_PER_DISTANCE"]
 
 # Working memory per query x gallery distance while a block is ranked: the float32 distance, the comparison
 # buffers and masks of the ranking and, with a ROC, the pair masks.
@@ -36,7 +36,7 @@ def evaluate_rank_chunked(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank=5
     labels = check_labels(q_pids, g_pids, q_camids, g_camids, len(qf), len(gf))
     max_rank = effective_max_rank(max_rank, len(gf))
     if distance_fn is None:
-        distance_fn = _metric_distance(metric, gf)
+        distance_fn = metric_distance_fn(metric, gf)
     rows = max(1, int(memory_cap // (len(gf) * BYTES_PER_DISTANCE)))
     q_pids, g_pids, q_camids, g_camids = labels
     parts = []
@@ -51,7 +51,9 @@ def evaluate_rank_chunked(qf, gf, q_pids, g_pids, q_camids, g_camids, max_rank=5
     return reduce_per_query(parts, labels, max_rank, return_minp=True)
 
 
-def _metric_distance(metric, gf):
+def metric_distance_fn(metric, gf):
+    """``fn(qf_block, gf)``: torchreid's ``compute_distance_matrix(qf_block, gf, metric)``, with the gallery's
+    share of the work (squared norms, normalisation) done once."""
     if metric == "euclidean":
         g_sq = gf.pow(2).sum(1)[None, :]
         return lambda q, g: (q.pow(2).sum(1, keepdim=True) + g_sq).addmm_(q, g.t(), beta=1, alpha=-2)

@@ -6,7 +6,8 @@ image's k1+1 nearest neighbours, the encoding ``V`` has a few dozen non-zeros pe
 of a query to an image is non-zero only where their ``V`` rows share support. This module computes the same
 quantities from an exact nearest-neighbour pass over symmetric blocks of the distance matrix (each block
 computed once, used for its rows and its columns), keeps ``V`` sparse, and writes only the query x gallery
-result, so memory is the output plus O(N * k).
+result, so memory is the output plus O(N * k). (A faiss flat index is not used here: it would compute the whole
+matrix for the neighbours alone, twice this pass's arithmetic, and not give the row maxima; docs/BENCHMARKS.md.)
 
 The arithmetic follows torchreid's step by step (squared distances divided by each image's largest squared
 distance, float32 exponentials, the 2/3 expansion rule, the k2 averaging, the Jaccard expression), so results
