@@ -77,6 +77,17 @@ def test_magnitude_criterion_matches_hand_computation():
     np.testing.assert_allclose(scaled.r, 1 - ((1 - paper.r) + m / m.max()) / 2, rtol=1e-6)
 
 
+def test_magnitude_alone_removes_the_weakest_folded_filters():
+    net = _net()
+    gamma, beta = net.bn.weight.detach().double().numpy(), net.bn.bias.detach().double().numpy()
+    w2 = (net.b.weight.detach().double().numpy() ** 2).sum((0, 2, 3))
+    m = np.sqrt(w2 * bn_relu_energy(gamma, beta))
+    # 'magnitude' keeps the strongest of a's 6 channels (BatchNorm-folded scale x consumer column norm)
+    pruned = prune_cop(net, prune_rate=0.5, input_size=(8, 8), criterion="magnitude")
+    kept = pruned.bn.weight.detach().double().numpy()
+    np.testing.assert_allclose(np.sort(kept), np.sort(gamma[np.argsort(m)[3:]]), rtol=1e-6)
+
+
 def test_activation_criterion_matches_hand_computation_and_downdates():
     net = _net()
     x = torch.randn(16, 3, 8, 8)
@@ -277,7 +288,7 @@ def test_every_criterion_prunes_a_dataloader_calibrated_model_to_the_target():
     torch.manual_seed(0)
     model = build_model("osnet_x0_25", num_classes=5).eval()
     loader = [{"img": torch.randn(4, 3, 64, 32), "pid": torch.arange(4)} for _ in range(3)]
-    for criterion in ("cop", "cop_magnitude", "cop_activation", "taylor"):
+    for criterion in ("cop", "cop_magnitude", "magnitude", "cop_activation", "taylor"):
         pruned, report = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=4, input_size=(64, 32),
                                    criterion=criterion, calibration=loader, calibration_size=10,
                                    return_report=True)

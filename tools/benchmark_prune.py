@@ -39,6 +39,7 @@ from ptl_torchreid.benchmarking.measure import cpu_model, load_average
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
+from ptl_torchreid.compress.scores import DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
 from ptl_torchreid.models import build_model, load_pretrained_weights
@@ -118,8 +119,9 @@ def _train(cfg, model, teacher=None):
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 
 
-ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "cop_activation",
-                 "cop_activation+ls", "taylor", "taylor+ls", "default+kd", "tp_l1", "tp_taylor", "tp_random", "ptl")
+ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "magnitude", "magnitude+ls",
+                 "cop_activation", "cop_activation+ls", "taylor", "taylor+ls", "default+kd", "magnitude+kd",
+                 "cop_activation+kd", "tp_l1", "tp_taylor", "tp_random", "ptl")
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
@@ -265,8 +267,8 @@ def accuracy_section(args):
             criterion = DEFAULT_CRITERION
         compensate = extra in ("ls", "kd")
         if kd and not teachers:
-            raise SystemExit("--rows default+kd needs the baseline row in the same run (its models are the teachers)")
-        calibration = images if compensate or criterion in ("cop_activation", "taylor") else None
+            raise SystemExit(f"--rows {key} needs the baseline row in the same run (its models are the teachers)")
+        calibration = images if compensate or criterion in DATA_CRITERIA else None
         t = time.perf_counter()
         pruned, used = prune_cop_to_target(source_model(), size, preset="faster", round_to=round_to,
                                            criterion=criterion, compensate=compensate, calibration=calibration)

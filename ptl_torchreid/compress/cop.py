@@ -243,6 +243,8 @@ def _selection_states(graph, criterion, images, topk):
         return None  # COPSelector's own (the paper's)
     if criterion == "cop_magnitude":
         return {g.index: correlation_state(graph, g, topk, magnitude_strength(g)) for g in groups}
+    if criterion == "magnitude":
+        return {g.index: StaticState(g, 1.0 - magnitude_strength(g)) for g in groups}
     if criterion == "cop_activation":
         stats = activation_statistics(graph, images)
         return {g.index: ActivationState(g, stats.get(g.index, [])) for g in groups}
@@ -304,7 +306,8 @@ def prune_cop(
         verbose: print the report, the channels kept per layer group and the graph's notes.
         criterion: how filters are scored within COP's cost-aware selection (``compress.scores``): ``'cop'``
             (the paper's consumer-weight correlation, data-free), ``'cop_magnitude'`` (correlation combined with
-            the BatchNorm-folded filter magnitude, data-free), ``'cop_activation'`` (how well the other channels
+            the BatchNorm-folded filter magnitude, data-free), ``'magnitude'`` (that magnitude alone, data-free:
+            L1-style pruning in COP's cost-aware selection), ``'cop_activation'`` (how well the other channels
             predict a channel's feature maps on calibration images, weighted by what it feeds) or ``'taylor'``
             (first-order change of the embedding). Default: ``DEFAULT_CRITERION`` with calibration data,
             ``DEFAULT_DATA_FREE_CRITERION`` without (with a warning saying so).

@@ -10,6 +10,8 @@ group and ``w2_ci`` the squared norm of its input column i (summed over outputs 
   m_i = sqrt(sum_c w2_ci * e_i), normalised by its largest value in the group, where e_i is the mean square of
   BatchNorm's output after a ReLU for a unit-normal input, E[relu(gamma z + beta)^2] (BatchNorm folded into the
   column). The fold rescales each column, which |Pearson| ignores, so it enters through m.
+* ``magnitude`` (data-free): r_i = 1 - m_i, the scale alone (what L1 pruning measures, with the BatchNorm fold and
+  the consumer's columns), in COP's cost-aware global selection. Static: not updated on removal.
 * ``cop_activation`` (needs data): the data version of COP's idea. On the calibration images, the covariance S of
   the group's channels at each consumer's input gives how well the other channels predict channel i:
   the unexplained variance is 1 / (S^-1)_ii. Removing i and refitting the consumer by least squares (see
@@ -32,7 +34,7 @@ from .criterion import StaticState
 __all__ = ["CRITERIA", "DATA_CRITERIA", "column_energy", "bn_relu_energy", "magnitude_strength",
            "activation_statistics", "taylor_scores", "ActivationState", "StaticState", "relative_redundancy"]
 
-CRITERIA = ("cop", "cop_magnitude", "cop_activation", "taylor")
+CRITERIA = ("cop", "cop_magnitude", "magnitude", "cop_activation", "taylor")
 DATA_CRITERIA = ("cop_activation", "taylor")
 
 
