@@ -23,7 +23,7 @@ from ptl_torchreid.compress import (
     prune_cop,
     save_pruned_model,
 )
-from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION, check_options
+from ptl_torchreid.compress.cop import DEFAULT_COMPENSATE, DEFAULT_CRITERION, check_options
 from ptl_torchreid.compress.criterion import GROUP_COSTS
 from ptl_torchreid.compress.scores import CRITERIA
 from ptl_torchreid.config import ConfigError, resume_path
@@ -59,15 +59,15 @@ def add_cop_arguments(group, target_required=False):
         "--criterion",
         default=None,
         choices=CRITERIA,
-        help=f"filter criterion inside COP's cost-aware selection; 'cop' is the paper's (default: {DEFAULT_CRITERION} "
-        f"with training data, {DEFAULT_DATA_FREE_CRITERION} without)",
+        help=f"filter criterion inside COP's cost-aware selection; 'cop' is the paper's (default: {DEFAULT_CRITERION}, "
+        "the best measured)",
     )
     group.add_argument(
         "--compensate",
         default=None,
         action=argparse.BooleanOptionalAction,
         help="refit the layers reading pruned channels by least squares on calibration images "
-        "(default: on with training data)",
+        f"(default: {'on' if DEFAULT_COMPENSATE else 'off'}, the better measured)",
     )
     group.add_argument(
         "--calibration-images",

@@ -11,7 +11,12 @@ from tiny import run_tool
 
 from ptl_torchreid.compress import build_graph, load_pruned_model, prune_cop, pruning_info, save_pruned_model, shrink
 from ptl_torchreid.compress.compensate import compensate, reconstruction_error, refit_consumer
-from ptl_torchreid.compress.cop import DEFAULT_CRITERION, DEFAULT_DATA_FREE_CRITERION
+from ptl_torchreid.compress.cop import (
+    DEFAULT_COMPENSATE,
+    DEFAULT_CRITERION,
+    DEFAULT_DATA_FREE_CRITERION,
+    variant_name,
+)
 from ptl_torchreid.compress.criterion import correlation_state
 from ptl_torchreid.compress.scores import (
     ActivationState,
@@ -245,24 +250,25 @@ def test_default_selection_is_recorded_and_reloads(tmp_path):
     images = torch.randn(8, 3, 64, 32)
     pruned, report = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=4, input_size=(64, 32),
                                calibration=images, return_report=True)
-    assert report.criterion == DEFAULT_CRITERION and report.compensate
+    assert (report.criterion, report.compensate) == (DEFAULT_CRITERION, DEFAULT_COMPENSATE)
     assert report.defaults == ["criterion", "compensate"] and report.calibration_images == 8
+    assert f"COP pruning, {report.variant} (default)," in str(report)
     path = str(tmp_path / "pruned.pth")
     save_pruned_model(pruned, path, arch="osnet_x0_25", report=report)
     info = pruning_info(path)["report"]
-    assert info["criterion"] == DEFAULT_CRITERION and info["compensate"] is True
-    assert info["defaults"] == ["criterion", "compensate"] and info["variant"] == DEFAULT_CRITERION + "+ls"
+    assert info["criterion"] == DEFAULT_CRITERION and info["compensate"] is DEFAULT_COMPENSATE
+    assert info["defaults"] == ["criterion", "compensate"]
+    assert info["variant"] == variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE)
     reloaded = load_pruned_model(path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), pruned.eval()(images))
-    with pytest.warns(UserWarning, match="data-free criterion"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the data-free default loses nothing against the default with data
         _, free = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=4, input_size=(64, 32),
                             return_report=True)
-    assert free.criterion == DEFAULT_DATA_FREE_CRITERION and not free.compensate
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # an explicit criterion gives no warning
         _, paper = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=4, input_size=(64, 32),
                              criterion="cop", return_report=True)
+    assert free.criterion == DEFAULT_DATA_FREE_CRITERION and not free.compensate
     assert paper.variant == "cop" and paper.defaults == ["compensate"]  # off by default without data
 
 
@@ -290,7 +296,7 @@ def test_every_criterion_prunes_a_dataloader_calibrated_model_to_the_target():
     loader = [{"img": torch.randn(4, 3, 64, 32), "pid": torch.arange(4)} for _ in range(3)]
     for criterion in ("cop", "cop_magnitude", "magnitude", "cop_activation", "taylor"):
         pruned, report = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=4, input_size=(64, 32),
-                                   criterion=criterion, calibration=loader, calibration_size=10,
+                                   criterion=criterion, calibration=loader, calibration_size=10, compensate=True,
                                    return_report=True)
         assert abs(report.flops_reduction - 0.3) <= 0.02 and report.calibration_images == 10
         assert report.compensation and all(after <= before for _, before, after in report.compensation)
@@ -320,7 +326,8 @@ def test_prune_command_iterative_with_distillation_records_the_variant(tmp_path,
     assert out.count("Fine-tuning the pruned model for 1 epochs with distillation") == 2
     info = pruning_info(str(tmp_path / "run" / "model" / "pruned.pth.tar"))["report"]
     assert info["steps"] == 2 and info["distill"] is True
-    assert info["variant"] == DEFAULT_CRITERION + "+ls+kd" and info["defaults"] == ["criterion", "compensate"]
+    assert info["variant"] == variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, True)
+    assert info["defaults"] == ["criterion", "compensate"]
     assert 0.38 <= 1 - info["flops_after"] / info["flops_before"] <= 0.42
 
 

@@ -261,3 +261,20 @@ def test_unwrap_strips_parallel_wrappers_only():
     holder = torch.nn.Module()
     holder.module = net  # a model with a child named "module" is not a wrapper
     assert models.unwrap(holder) is holder and models.unwrap(net) is net
+
+
+def test_a_new_classifier_replaces_the_backbone_view_too():
+    # torchreid's move for new identities: a fresh classifier. The PTL model's backbone is a view of its children,
+    # so the optimizer's backbone / PTL split must see the new classifier, not the old one.
+    from ptl_torchreid.engine import build_optimizer
+
+    model = small_model()
+    old = model.classifier
+    model.classifier = torch.nn.Linear(old.in_features, 11)
+    assert model.backbone.classifier is model.classifier
+    optimizer = build_optimizer(model, optim="adam", lr=1e-3)
+    grouped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters()}
+    ptl_group = next(g for g in optimizer.param_groups if g["name"] == "ptl")
+    assert {id(p) for p in model.classifier.parameters()} <= {id(p) for p in ptl_group["params"]}
+    assert model(torch.randn(2, 3, 256, 128)).shape == (2, 11)

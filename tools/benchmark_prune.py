@@ -119,9 +119,10 @@ def _train(cfg, model, teacher=None):
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 
 
+# A pruned row's key is its variant name: criterion, '+ls' for compensation, '+kd' for distillation.
 ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "magnitude", "magnitude+ls",
-                 "cop_activation", "cop_activation+ls", "taylor", "taylor+ls", "default+kd", "magnitude+kd",
-                 "cop_activation+kd", "tp_l1", "tp_taylor", "tp_random", "ptl")
+                 "cop_activation", "cop_activation+ls", "taylor", "taylor+ls", "magnitude+kd", "magnitude+ls+kd",
+                 "cop_activation+ls+kd", "tp_l1", "tp_taylor", "tp_random", "ptl")
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
@@ -192,7 +193,7 @@ def accuracy_table(results):
 def accuracy_section(args):
     import json
 
-    from ptl_torchreid.compress.cop import DEFAULT_CRITERION, variant_name
+    from ptl_torchreid.compress.cop import DEFAULT_COMPENSATE, DEFAULT_CRITERION, variant_name
 
     arch, work, root = args.accuracy_arch, args.work_dir, osp.join(args.work_dir, "reid-data")
     size = (128, 64)
@@ -261,11 +262,8 @@ def accuracy_section(args):
     for key in rows:
         if key in ("baseline", "ptl") or key.startswith("tp_"):
             continue
-        criterion, _, extra = key.partition("+")
-        kd = extra == "kd"
-        if criterion == "default":
-            criterion = DEFAULT_CRITERION
-        compensate = extra in ("ls", "kd")
+        criterion, *extras = key.split("+")
+        compensate, kd = "ls" in extras, "kd" in extras
         if kd and not teachers:
             raise SystemExit(f"--rows {key} needs the baseline row in the same run (its models are the teachers)")
         calibration = images if compensate or criterion in DATA_CRITERIA else None
@@ -308,7 +306,7 @@ def accuracy_section(args):
                                        preset="faster", calibration=images)
         extra = max(1, args.target_epochs // 2)
         finetune("ptl_pruned", f"ptl_{arch} pruned to {arch}'s FLOPs (+{extra} epochs)",
-                 variant_name(DEFAULT_CRITERION, True), lambda: copy.deepcopy(small), "ptl_pruned", extra)
+                 variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE), lambda: copy.deepcopy(small), "ptl_pruned", extra)
     return lines + accuracy_table(results) + [""]
 
 
@@ -395,6 +393,7 @@ def main(argv=None):
                 ("COP balanced", dict(preset="balanced", **paper)),
                 ("COP smaller", dict(preset="smaller", **paper)),
                 ("COP faster, cop_magnitude", dict(preset="faster", criterion="cop_magnitude")),
+                ("COP faster, magnitude (the default criterion)", dict(preset="faster", criterion="magnitude")),
                 # Random weights and images: the channel counts this criterion picks, not what it would keep.
                 ("COP faster, cop_activation (8 random images)",
                  dict(preset="faster", criterion="cop_activation", compensate=False,

@@ -23,12 +23,14 @@ from .scores import (
 from .surgery import shrink
 
 __all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction", "variant_name",
-           "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION"]
+           "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION", "DEFAULT_COMPENSATE"]
 
-# Chosen by measurement (docs/BENCHMARKS.md, "COP criteria, compensation and distillation"): the default with
-# calibration data, and the data-free one used without it.
-DEFAULT_CRITERION = "cop_activation"
-DEFAULT_DATA_FREE_CRITERION = "cop_magnitude"
+# Chosen by measurement (docs/BENCHMARKS.md, "COP criteria, compensation and recovery", OSNet x0.25, 5 seeds):
+# the BatchNorm-folded magnitude in COP's selection, without compensation, which helps before fine-tuning but
+# costs mAP after it. It needs no data, so it is the default with and without calibration data.
+DEFAULT_CRITERION = "magnitude"
+DEFAULT_DATA_FREE_CRITERION = "magnitude"
+DEFAULT_COMPENSATE = False
 
 
 def variant_name(criterion, compensate=False, distill=False):
@@ -167,10 +169,10 @@ def check_criterion(criterion=None, compensate=None, has_data=False):
         raise ValueError(
             f"criterion={criterion!r} needs calibration data: pass calibration= (a DataLoader of torchreid "
             "batches or an image tensor) to prune_cop, or use the prune command with a config (its "
-            "training data); the data-free criteria are 'cop' and 'cop_magnitude'"
+            f"training data); the data-free criteria are {', '.join(c for c in CRITERIA if c not in DATA_CRITERIA)}"
         )
     if compensate is None:
-        compensate = has_data
+        compensate = DEFAULT_COMPENSATE and has_data
         defaults.append("compensate")
     if compensate and not has_data:
         raise ValueError(
@@ -310,12 +312,12 @@ def prune_cop(
             L1-style pruning in COP's cost-aware selection), ``'cop_activation'`` (how well the other channels
             predict a channel's feature maps on calibration images, weighted by what it feeds) or ``'taylor'``
             (first-order change of the embedding). Default: ``DEFAULT_CRITERION`` with calibration data,
-            ``DEFAULT_DATA_FREE_CRITERION`` without (with a warning saying so).
+            ``DEFAULT_DATA_FREE_CRITERION`` without (both ``'magnitude'``, the best measured).
         calibration: a DataLoader of torchreid batches (or any iterable of them) or an image tensor
             (N, 3, H, W), from the training data; the first ``calibration_size`` images are used.
         compensate: after the cut, refit every layer reading pruned channels by least squares on the
-            calibration images so that it reproduces its unpruned output (``compress.compensate``); default: on
-            when calibration data is given.
+            calibration images so that it reproduces its unpruned output (``compress.compensate``); default
+            ``DEFAULT_COMPENSATE`` (off: measured to cost mAP after fine-tuning).
 
     Channels that reach the model's output (the embedding) are never pruned, so the feature size, the classifier
     and anything downstream stay compatible. BatchNorm statistics, BConv-Cell running states and concatenation
@@ -339,13 +341,6 @@ def prune_cop(
         has_data=calibration is not None,
     )
     criterion, compensate = opts["criterion"], opts["compensate"]
-    if calibration is None and "criterion" in opts["defaults"]:
-        warnings.warn(
-            f"prune_cop without calibration data uses the data-free criterion {DEFAULT_DATA_FREE_CRITERION!r}; pass "
-            f"calibration= (training images) for the default {DEFAULT_CRITERION!r} with compensation",
-            UserWarning,
-            stacklevel=2,
-        )
     target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
     round_to, group_cost, max_prune_ratio = opts["round_to"], opts["group_cost"], opts["max_prune_ratio"]
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or tolerance < 0:

@@ -193,6 +193,14 @@ class PTLNet(nn.Module):
         self._init_side_stream(cell_init)
         self.register_load_state_dict_pre_hook(PTLNet._upgrade_hook)
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # The backbone is a view of this model's children: replacing one of them (torchreid's usual new
+        # ``classifier`` for new identities) replaces it in the backbone too, so both keep one module.
+        backbone = self.__dict__.get("_backbone")
+        if backbone is not None and backbone._modules.get(name) is not None and isinstance(value, nn.Module):
+            backbone._modules[name] = value
+
     # -- construction helpers -----------------------------------------------------------------------------------
     @property
     def backbone(self):
