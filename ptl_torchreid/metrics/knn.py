@@ -47,10 +47,11 @@ def knn_search(qf, gf, k, metric="euclidean", backend="auto", memory_cap=1 << 30
         raise ValueError(f"knn_search: qf and gf must be (num, dim) with the same dim, got {tuple(qf.shape)} and "
                          f"{tuple(gf.shape)}")
     k = min(int(k), len(gf))
-    if backend == "faiss" and not faiss_available():
+    has_faiss = backend != "torch" and faiss_available()
+    if backend == "faiss" and not has_faiss:
         raise ImportError('knn_search: backend "faiss" needs faiss: pip install "ptl_torchreid[retrieval]" (or '
                           'faiss-cpu), or use backend "torch"')
-    if backend == "faiss" or (backend == "auto" and faiss_available()):
+    if has_faiss:
         return _faiss_search(qf, gf, k, metric)
     return _torch_search(qf, gf, k, metric, memory_cap)
 
