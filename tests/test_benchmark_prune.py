@@ -1,6 +1,10 @@
-"""tools/benchmark_prune.py helpers: COP at a FLOP target on a narrow model falls back to finer channel rounding."""
+"""tools/benchmark_prune.py: COP at a FLOP target on a narrow model falls back to finer channel rounding; the
+accuracy section's rows, recipe and merged report."""
+import json
+
 import pytest
 import torch
+from tiny import run_tool
 
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target, redundancy_vs_scale
 from ptl_torchreid.compress import count_flops, prune_cop
@@ -35,3 +39,27 @@ def test_redundancy_vs_scale_reports_a_correlation_per_group():
             m.weight.data.uniform_(0.1, 1.0)
     rho, groups = redundancy_vs_scale(model, SIZE)
     assert groups > 5 and -1.0 <= rho <= 1.0
+
+
+def test_accuracy_rows_are_every_variant_and_unknown_rows_are_named(tmp_path):
+    proc = run_tool("benchmark_prune.py", "--only-accuracy", "--rows", "taylor+ls+kd", "cop+kd", "nope",
+                    "--work-dir", tmp_path)
+    assert proc.returncode != 0 and "--rows: unknown nope;" in proc.stderr
+    assert "taylor+ls+kd" in proc.stderr.split("choose from")[1]  # every criterion[+ls][+kd] is a row
+    assert not (tmp_path / "reid-data").exists()  # refused before any work
+
+
+def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
+    def result(key, maps):
+        return dict(key=key, name=key, variant=key, gflops=0.3, mparams=10.0, before=(1.0, 2.0), minutes=1.0,
+                    rank1={str(s): m for s, m in maps.items()}, mAP={str(s): m for s, m in maps.items()})
+
+    a = dict(header=["## ResNet-50"], size=[64, 32], results=[result("tp_l1", {1: 40.0, 2: 42.0})])
+    b = dict(header=["## other run"], size=[64, 32], results=[result("magnitude", {1: 41.0, 2: 45.0})])
+    for name, data in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(data))
+    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "a.json", tmp_path / "b.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GFLOPs (64x32)" in proc.stdout and "## ResNet-50" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| magnitude |"))
+    assert "+2.0 ± 12.7" in row  # differences 1 and 3: mean 2, half-width t(1 dof) 12.706 * std 1.414 / sqrt 2

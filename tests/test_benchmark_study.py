@@ -41,3 +41,29 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
     assert "Seeds 1, 2" in text and "95% CI" in text and osp.getsize(tmp_path / "m_delta.png") > 1000
     proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s1.json")
     assert proc.returncode != 0 and "seeds [1] are in" in proc.stderr
+
+    # split by variants: an ablation run later over the same seed and source model joins the same report
+    proc = run_tool("benchmark_study.py", "--seeds", "1", "--json", tmp_path / "s1a.json", "--pretrain-weights",
+                    one["pretrain_weights"], *common[:1], "rectify-adapter", *common[4:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s1a.json", "--json",
+                    tmp_path / "v.json", "--step-rounds", "1", "--work-dir", tmp_path / "work")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    joined = json.load(open(tmp_path / "v.json"))
+    assert joined["variants"] == ["plain", "branch", "rectify", "rectify-adapter"] and joined["seeds"] == [1]
+    # the train-step column comes from one interleaved timing of all variants, not from runs at other loads
+    assert set(joined["step_interleaved"]) == set(joined["variants"]) and "variants alternating" in proc.stdout
+    assert joined["runs"]["plain"] == one["runs"]["plain"] and len(joined["runs"]["rectify-adapter"]) == 1
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1a.json", tmp_path / "s2.json")
+    assert proc.returncode != 0 and "'seeds' differs" in proc.stderr
+
+    # a run from before an option existed merges when the newer run has it at its default, not otherwise
+    adapter = json.load(open(tmp_path / "s1a.json"))
+    assert "  flip: false\n" in adapter["finetune_config"]
+    base = adapter["finetune_config"]
+    for name, config in (("older", base.replace("  flip: false\n", "")),
+                         ("other_lr", base.replace("  lr: ", "  lr: 1").replace("flip: false", "flip: true"))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(adapter, finetune_config=config)))
+    assert run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "older.json").returncode == 0
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "other_lr.json")
+    assert proc.returncode != 0 and "config keys test.flip, train.lr differ" in proc.stderr

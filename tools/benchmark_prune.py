@@ -39,7 +39,8 @@ from ptl_torchreid.benchmarking.measure import cpu_model, load_average
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
-from ptl_torchreid.compress.scores import DATA_CRITERIA
+from ptl_torchreid.compress.cop import variant_name
+from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
 from ptl_torchreid.models import build_model, load_pretrained_weights
@@ -85,10 +86,16 @@ def _torch_pruning_to_flops(model, target_flops, input_size, importance, round_t
 
 
 # -- accuracy (section 3) ---------------------------------------------------------------------------------------
-SOURCE_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs",
-                         "osnet_x0_25_synthetic_source.yaml")
-TARGET_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs",
-                         "osnet_x0_25_synthetic_source_to_target.yaml")
+CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs")
+
+
+def recipe(arch):
+    """(source config, target config) of ``arch``'s synthetic transfer pair: its own recipe where configs/ has one
+    (ResNet-50: Adam 3e-4 at 64x32, on which its identity classifier learns), else OSNet's (Adam 1e-3, 128x64)."""
+    own = [osp.join(CONFIGS, f"{arch}_synthetic_source{tail}.yaml") for tail in ("", "_to_target")]
+    if all(osp.isfile(p) for p in own):
+        return tuple(own)
+    return tuple(osp.join(CONFIGS, f"osnet_x0_25_synthetic_source{tail}.yaml") for tail in ("", "_to_target"))
 
 
 def _config(path, root, save_dir, epochs, arch, seed=None, evaluate=False):
@@ -119,17 +126,20 @@ def _train(cfg, model, teacher=None):
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 
 
-# A pruned row's key is its variant name: criterion, '+ls' for compensation, '+kd' for distillation.
+# A pruned row's key is its variant name: criterion, '+ls' for compensation, '+kd' for distillation. The default
+# rows; every other criterion[+ls][+kd] combination can be asked for by name.
 ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "magnitude", "magnitude+ls",
                  "cop_activation", "cop_activation+ls", "taylor", "taylor+ls", "magnitude+kd", "magnitude+ls+kd",
                  "cop_activation+ls+kd", "tp_l1", "tp_taylor", "tp_random", "ptl")
+VALID_ROWS = ("baseline", "tp_l1", "tp_taylor", "tp_random", "ptl") + tuple(
+    variant_name(c, ls, kd) for c in CRITERIA for ls in (False, True) for kd in (False, True))
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
 def _calibration_batch(root, work, arch, count=64):
     """The first ``count`` training images of synthetic_target (the fine-tuning data) as the train loader gives
     them, with their identities."""
-    cfg = _config(TARGET_CONFIG, root, osp.join(work, "calibration"), 0, arch)
+    cfg = _config(recipe(arch)[1], root, osp.join(work, "calibration"), 0, arch)
     _torchreid.torchreid.utils.set_random_seed(0)
     imgs, pids = [], []
     for batch in build_datamanager(cfg).train_loader:
@@ -165,11 +175,11 @@ def paired_difference(values, reference):
     return mean, T95.get(len(diffs), 1.96) * std / math.sqrt(len(diffs))
 
 
-def accuracy_table(results):
+def accuracy_table(results, size=(128, 64)):
     """Markdown rows for the accuracy results (list of dicts in run order), with the paired difference to L1."""
     l1 = next((r for r in results if r["key"] == "tp_l1"), None)
-    lines = ["| model | variant | GFLOPs (128x64) | params (M) | Rank-1 before | mAP before | Rank-1 | mAP | "
-             "mAP - L1 (paired, 95% CI) | mAP by seed | train min / seed |",
+    lines = [f"| model | variant | GFLOPs ({size[0]}x{size[1]}) | params (M) | Rank-1 before | mAP before | Rank-1 "
+             "| mAP | mAP - L1 (paired, 95% CI) | mAP by seed | train min / seed |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         maps = {int(k): v for k, v in r["mAP"].items()}
@@ -193,31 +203,34 @@ def accuracy_table(results):
 def accuracy_section(args):
     import json
 
-    from ptl_torchreid.compress.cop import DEFAULT_COMPENSATE, DEFAULT_CRITERION, variant_name
+    from ptl_torchreid.compress.cop import DEFAULT_COMPENSATE, DEFAULT_CRITERION
+    from ptl_torchreid.config import load_config
 
     arch, work, root = args.accuracy_arch, args.work_dir, osp.join(args.work_dir, "reid-data")
-    size = (128, 64)
+    source_config, target_config = recipe(arch)
+    target_cfg = load_config(target_config)
+    size = (target_cfg.data.height, target_cfg.data.width)
     seeds = args.seeds
     rows = args.rows or ACCURACY_ROWS
-    unknown = sorted(set(rows) - set(ACCURACY_ROWS))
+    unknown = sorted(set(rows) - set(VALID_ROWS))
     if unknown:
-        raise SystemExit(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ACCURACY_ROWS)}")
+        raise SystemExit(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(VALID_ROWS)}")
     source_ckpt = args.source_weights
     origin = f"given weights {osp.basename(source_ckpt)}" if source_ckpt else \
         f"trained {args.source_epochs} epochs on synthetic_source"
-    lines = [f"## Accuracy after fine-tuning on synthetic_target ({arch}, 128x64)", "",
+    lines = [f"## Accuracy after fine-tuning on synthetic_target ({arch}, {size[0]}x{size[1]})", "",
              f"Source model: {arch} ({origin}); every model below then gets the same budget of {args.target_epochs} "
-             "epochs on synthetic_target (triplet + softmax, Adam, the recipe of "
-             "configs/osnet_x0_25_synthetic_source_to_target.yaml), once per fine-tuning seed "
+             f"epochs on synthetic_target (triplet + softmax, {target_cfg.train.optim} {target_cfg.train.lr:g}, the "
+             f"recipe of configs/{osp.basename(target_config)}), once per fine-tuning seed "
              f"({', '.join(map(str, seeds))}), and is evaluated on its query/gallery. Pruned models are cut from the "
-             "source model to 50% of its FLOPs at 128x64 with COP's 'faster' preset and the criterion in the variant "
-             "column (Torch-Pruning bisected to the FLOPs of COP's paper mode), then fine-tuned. Data-aware criteria "
-             f"and compensation ('+ls') use the first {args.calibration_images} training images of synthetic_target; "
-             "'+kd' adds feature distillation from the unpruned model fine-tuned with the same seed. Pruning is "
-             "deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model right after pruning "
-             "and compensation, without fine-tuning.", ""]
+             f"source model to 50% of its FLOPs at {size[0]}x{size[1]} with COP's 'faster' preset and the criterion in "
+             "the variant column (Torch-Pruning bisected to the FLOPs of COP's paper mode), then fine-tuned. "
+             f"Data-aware criteria and compensation ('+ls') use the first {args.calibration_images} training images "
+             "of synthetic_target; '+kd' adds feature distillation from the unpruned model fine-tuned with the same "
+             "seed. Pruning is deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model "
+             "right after pruning and compensation, without fine-tuning.", ""]
     if not source_ckpt:
-        cfg = _config(SOURCE_CONFIG, root, osp.join(work, "source"), args.source_epochs, arch)
+        cfg = _config(source_config, root, osp.join(work, "source"), args.source_epochs, arch)
         torch.manual_seed(0)
         _train(cfg, build_model(arch, num_classes=1, loss="triplet"))
         source_ckpt = osp.join(work, "source", "model", "model-best.pth.tar")
@@ -235,12 +248,12 @@ def accuracy_section(args):
         trained, rank1, mAP, minutes = {}, {}, {}, []
         pre = None
         if before:
-            cfg = _config(TARGET_CONFIG, root, osp.join(work, tag + "_before"), 0, arch, evaluate=True)
+            cfg = _config(target_config, root, osp.join(work, tag + "_before"), 0, arch, evaluate=True)
             res = _train(cfg, make_model())
             pre = (res["rank1"] * 100, res["mAP"] * 100)
         for seed in ([] if args.before_only else seeds):
             model = make_model()
-            cfg = _config(TARGET_CONFIG, root, osp.join(work, f"{tag}_seed{seed}"),
+            cfg = _config(target_config, root, osp.join(work, f"{tag}_seed{seed}"),
                           epochs or args.target_epochs, arch, seed=seed)
             res = _train(cfg, model, teacher=None if teacher is None else teacher[seed])
             rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
@@ -251,8 +264,8 @@ def accuracy_section(args):
                             mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
                             minutes=sum(minutes) / len(minutes) if minutes else 0.0))
         with open(out_json, "w") as f:
-            json.dump(dict(header=lines, results=results), f, indent=1)
-        print("\n".join(accuracy_table(results)), flush=True)
+            json.dump(dict(header=lines, results=results, size=size), f, indent=1)
+        print("\n".join(accuracy_table(results, size)), flush=True)
         return trained
 
     if "baseline" in rows:
@@ -307,7 +320,7 @@ def accuracy_section(args):
         extra = max(1, args.target_epochs // 2)
         finetune("ptl_pruned", f"ptl_{arch} pruned to {arch}'s FLOPs (+{extra} epochs)",
                  variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE), lambda: copy.deepcopy(small), "ptl_pruned", extra)
-    return lines + accuracy_table(results) + [""]
+    return lines + accuracy_table(results, size) + [""]
 
 
 def _table(models, lats, base_name, base_flops, size, threads):
@@ -442,11 +455,12 @@ def merged_report(paths):
     """One accuracy table from the result files of several runs (in the order given)."""
     import json
 
-    header, results, by_key = None, [], {}
+    header, results, by_key, size = None, [], {}, None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         header = header or data["header"]
+        size = size or tuple(data.get("size", (128, 64)))  # files written before the size was recorded: 128x64
         for r in data["results"]:  # the same row from several runs: its seeds join
             if r["key"] in by_key:
                 by_key[r["key"]]["rank1"].update(r["rank1"])
@@ -454,7 +468,7 @@ def merged_report(paths):
             else:
                 by_key[r["key"]] = r
                 results.append(r)
-    text = "\n".join(header + accuracy_table(results))
+    text = "\n".join(header + accuracy_table(results, size))
     print(text)
     return text
 

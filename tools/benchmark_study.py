@@ -12,10 +12,14 @@ the variant's capacity-matched adapter where one was run, the direct-transfer re
     # osnet_x0_25, the main variants and the state-isolating ablations, 5 seeds:
     python tools/benchmark_study.py --seeds 1 2 3 4 5 --variants plain branch rectify branch-stateless \\
         rectify-stateless branch-adapter rectify-adapter --out study.md --plots docs/plots/study
+    # resnet50 on its own recipe (Adam 3e-4), pretrained and fine-tuned at the same 64x32:
+    python tools/benchmark_study.py --config-file configs/resnet50_synthetic_source_to_target.yaml \\
+        --pretrain-config configs/resnet50_synthetic_source.yaml --work-dir log/study_r50 --out study_r50.md
 
 ``--budget-minutes`` stops before a seed that would not fit; the report is rewritten after every seed, with
-complete seeds only, so the pairs stay complete. Seeds can be split over processes (one per core) and the
-reports joined with ``--merge a.json b.json``. Trailing ``KEY VALUE`` pairs override config keys of both stages.
+complete seeds only, so the pairs stay complete. Seeds or variants can be split over processes (one per core)
+and the reports joined with ``--merge a.json b.json``; a study without ``plain`` is paired with it once merged.
+Trailing ``KEY VALUE`` pairs override config keys of both stages.
 """
 import argparse
 import json
@@ -171,33 +175,75 @@ def make_report(args, base, weights, pre_cfg, steps, seeds_done, epoch0, runs, l
     }
 
 
+def config_differences(dump_a, dump_b):
+    """Keys whose values differ between two config dumps. A key in one dump only (an option the package gained
+    between the two runs) counts only where its value there is not the package's default."""
+    import yaml
+
+    from ptl_torchreid.config import get_default_config
+
+    def flat(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, prefix + key + "."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    a, b = flat(yaml.safe_load(dump_a)), flat(yaml.safe_load(dump_b))
+    defaults = flat(yaml.safe_load(get_default_config().dump()))
+    differing = []
+    for key in sorted(set(a) | set(b)):
+        if key in a and key in b:
+            if a[key] != b[key]:
+                differing.append(key)
+        elif (a[key] if key in a else b[key]) != defaults.get(key, object()):
+            differing.append(key)
+    return differing
+
+
 def merge_reports(paths):
-    """One report from studies of the same design run over disjoint seeds (e.g. one process per core)."""
+    """One report from studies of the same design split over processes (e.g. one per core): by seeds (the same
+    variants over disjoint seeds) or by variants (disjoint variants over the same seeds)."""
     reports = [json.load(open(p)) for p in paths]
     first = reports[0]
+    by_variants = any(r["variants"] != first["variants"] for r in reports[1:])
+    same = ("pretrain_weights", "steps_per_variant") + (("seeds",) if by_variants else ("variants",))
     for other, path in zip(reports[1:], paths[1:]):
-        for key in ("finetune_config", "pretrain_weights", "steps_per_variant", "variants"):
+        differing = config_differences(first["finetune_config"], other["finetune_config"])
+        if differing:
+            raise SystemExit(f"{path}: fine-tuning config keys {', '.join(differing)} differ from {paths[0]}; only "
+                             "studies of the same design merge")
+        for key in same:
             if other[key] != first[key]:
                 raise SystemExit(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
-        if set(other["seeds"]) & set(first["seeds"]):
-            raise SystemExit(f"{path}: seeds {other['seeds']} are in {paths[0]} too")
+        split = "variants" if by_variants else "seeds"
+        shared = sorted(set(other[split]) & set(first[split]))
+        if shared:
+            raise SystemExit(f"{path}: {split} {shared} are in {paths[0]} too")
     merged = dict(first)
-    merged["seeds"] = sorted(s for r in reports for s in r["seeds"])
-    merged["runs"] = {
-        v: sorted((run for r in reports for run in r["runs"][v]), key=lambda run: run["seed"])
-        for v in first["variants"]
-    }
+    if by_variants:
+        merged["variants"] = [v for r in reports for v in r["variants"]]
+        merged["runs"] = {v: runs for r in reports for v, runs in r["runs"].items()}
+        merged["epoch0"] = {v: e for r in reports for v, e in r["epoch0"].items()}
+    else:
+        merged["seeds"] = sorted(s for r in reports for s in r["seeds"])
+        merged["runs"] = {
+            v: sorted((run for r in reports for run in r["runs"][v]), key=lambda run: run["seed"])
+            for v in first["variants"]
+        }
     merged["command"] = (
         " && ".join(r["command"] for r in reports) + " && python tools/benchmark_study.py --merge " + " ".join(paths)
     )
-    merged["minutes"] = max(r["minutes"] for r in reports)
+    merged["minutes"] = (sum if by_variants else max)(r["minutes"] for r in reports)
     merged["load_average"] = [max(r["load_average"][0] for r in reports), max(r["load_average"][1] for r in reports)]
     return merged
 
 
 def write_outputs(args, report):
     text = study_markdown(report)
-    if args.plots:
+    if args.plots and report["runs"].get("plain"):  # a study without the baseline is plotted once merged
         text += f"\n\n![study]({osp.basename(plot_study(report, args.plots + '_delta.png'))})\n"
     if args.out:
         with open(args.out + ".tmp", "w") as f:
@@ -210,12 +256,19 @@ def write_outputs(args, report):
     return text
 
 
+def step_ratio(label, run_step, plain, interleaved):
+    if interleaved and "plain" in interleaved:
+        return br.fmt_ratio(interleaved[label], interleaved["plain"])
+    return br.fmt_ratio(run_step, statistics.median([r["iter_median"] for r in plain])) if plain else "-"
+
+
 def study_markdown(report):
     runs, seeds = report["runs"], report["seeds"]
     mAP = {k: [r["mAP"] for r in v] for k, v in runs.items()}
     r1 = {k: [r["rank1"] for r in v] for k, v in runs.items()}
     plain = runs.get("plain")
     ref_cost = plain[0] if plain else None
+    interleaved = report.get("step_interleaved")  # preferred: comparable across processes and loads
     rows = []
     for label in report["variants"]:
         first = runs[label][0] if runs[label] else {}
@@ -232,7 +285,7 @@ def study_markdown(report):
                 fmt_paired(vs_plain),
                 fmt_paired(vs_adapter),
                 f"{100 * e0.get('mAP', float('nan')):.1f} / {100 * e0.get('rank1', float('nan')):.1f}",
-                br.fmt_ratio(step, statistics.median([r["iter_median"] for r in plain])) if plain else "-",
+                step_ratio(label, step, plain, interleaved),
                 br.fmt_ratio(first.get("flops", {}).get("inference"), ref_cost["flops"]["inference"])
                 if ref_cost
                 else "-",
@@ -264,9 +317,14 @@ def study_markdown(report):
         br.markdown_table(header, rows),
         "",
         "Δ: mean of the per-seed mAP differences in points, with a 95% t-interval over seeds. 'its adapter': the "
-        "same variant with stateless conv adapters of about the same size instead of cells. Train step: median "
-        "step time during the runs (sequential runs, so machine load shows here). Epoch 0: evaluated before "
-        "fine-tuning (direct transfer).",
+        "same variant with stateless conv adapters of about the same size instead of cells. "
+        + (
+            f"Train step: median of {report['step_rounds']} training steps per variant on one real batch, the "
+            f"variants alternating ({report['step_threads']} torch threads). "
+            if interleaved
+            else "Train step: median step time during the runs (sequential runs, so machine load shows here). "
+        )
+        + "Epoch 0: evaluated before fine-tuning (direct transfer).",
         "",
         "mAP per seed (%):",
         "",
@@ -339,13 +397,19 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         metavar="JSON",
-        help="merge the --json reports of studies run over disjoint seeds, write --out/--json/--plots",
+        help="merge the --json reports of studies split over disjoint seeds or disjoint variants; write "
+             "--out/--json/--plots",
+    )
+    p.add_argument(
+        "--step-rounds",
+        type=int,
+        default=0,
+        help="after the study (or --merge), time this many training steps of every variant, interleaved, for the "
+             "train-step column",
     )
     p.add_argument("--verbose", action="store_true")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     args = p.parse_args(argv)
-    if "plain" not in args.variants:
-        p.error("--variants must include 'plain' (the paired reference)")
     args.set = DEFAULT_SETS if args.set is None else args.set
     args.pretrain_set = DEFAULT_PRETRAIN_SETS if args.pretrain_set is None else args.pretrain_set
     # what benchmark.py's pretraining and base-config helpers read
@@ -354,14 +418,41 @@ def parse_args(argv=None):
     return args
 
 
+def interleaved_step_seconds(report, rounds, work_dir):
+    """Median seconds of one training step (forward, loss, backward, optimizer step) of each variant of
+    ``report``, built from its fine-tuning config and timed alternately on one real batch each, so that machine
+    load hits all alike. The step times of the runs do not compare across processes or machine loads."""
+    from yacs.config import CfgNode
+
+    from ptl_torchreid.config import get_default_config
+
+    base = get_default_config()
+    base.merge_from_other_cfg(CfgNode.load_cfg(report["finetune_config"]))  # an older dump: today's defaults fill in
+    baseline = base.model.name[len("ptl_"):] if base.model.name.startswith("ptl_") else base.model.name
+    tasks = {}
+    for label in report["variants"]:
+        spec = spec_of(label, baseline)
+        cfg = bench.spec_config(base, spec, **{"data.save_dir": osp.join(work_dir, "step_costs", bench._slug(label))})
+        with bench._quiet(osp.join(cfg.data.save_dir, "build.log"), True):
+            engine = bench.spec_engine(cfg, spec)
+        tasks[label] = bench._train_step_task(engine, next(iter(engine.train_loader)))
+    print(f"timing {rounds} training steps of {len(tasks)} variants, interleaved ...", flush=True)
+    times = bm.interleaved(tasks, rounds=rounds, warmup=1)
+    return {label: bm.median(t) for label, t in times.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.merge:
-        print(write_outputs(args, merge_reports(args.merge)))
-        return 0
     torch.set_num_threads(args.threads)
-    os.makedirs(args.work_dir, exist_ok=True)
-    print("\n" + write_outputs(args, run_study(args)))
+    if args.merge:
+        report = merge_reports(args.merge)
+    else:
+        os.makedirs(args.work_dir, exist_ok=True)
+        report = run_study(args)
+    if args.step_rounds:
+        report["step_interleaved"] = interleaved_step_seconds(report, args.step_rounds, args.work_dir)
+        report["step_rounds"], report["step_threads"] = args.step_rounds, args.threads
+    print("\n" + write_outputs(args, report))
     return 0
 
 
