@@ -400,7 +400,8 @@ def main(argv=None):
     base_flops = count_flops(base, size)
     models, notes = {"resnet50 (unpruned)": base}, []
     paper = dict(criterion="cop")
-    variants = [("COP faster (default: round_to=16, group_cost=sum)", dict(preset="faster", **paper)),
+    variants = [("COP faster, cop (paper criterion; the preset's round_to=16, group_cost=sum)",
+                 dict(preset="faster", **paper)),
                 ("COP faster, round_to=8", dict(preset="faster", round_to=8, **paper)),
                 ("COP faster, group_cost=mean", dict(preset="faster", group_cost="mean", **paper)),
                 ("COP balanced", dict(preset="balanced", **paper)),

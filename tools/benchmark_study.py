@@ -69,6 +69,7 @@ VARIANTS = {
                          "the reference's choices with its state re-initialised before every forward"),
 }
 ADAPTER_OF = {"branch": "branch-adapter", "rectify": "rectify-adapter"}
+STATELESS_OF = {"branch": "branch-stateless", "rectify": "rectify-stateless"}
 
 # The enlarged target domain: >= 200 test identities and >= 1000 fine-tuning steps at batch 32.
 DEFAULT_SETS = ["data.synthetic.num_train_ids=160", "data.synthetic.num_test_ids=200", "data.height=64",
@@ -273,8 +274,9 @@ def study_markdown(report):
     for label in report["variants"]:
         first = runs[label][0] if runs[label] else {}
         vs_plain = paired(mAP[label], mAP["plain"]) if plain and label != "plain" else None
-        adapter = ADAPTER_OF.get(label)
+        adapter, stateless = ADAPTER_OF.get(label), STATELESS_OF.get(label)
         vs_adapter = paired(mAP[label], mAP[adapter]) if adapter in runs and runs[adapter] else None
+        vs_stateless = paired(mAP[label], mAP[stateless]) if stateless in runs and runs[stateless] else None
         e0 = report["epoch0"].get(label, {})
         step = statistics.median([r["iter_median"] for r in runs[label]]) if runs[label] else float("nan")
         rows.append(
@@ -283,6 +285,7 @@ def study_markdown(report):
                 br.fmt_mean_std(mAP[label]),
                 br.fmt_mean_std(r1[label]),
                 fmt_paired(vs_plain),
+                fmt_paired(vs_stateless),
                 fmt_paired(vs_adapter),
                 f"{100 * e0.get('mAP', float('nan')):.1f} / {100 * e0.get('rank1', float('nan')):.1f}",
                 step_ratio(label, step, plain, interleaved),
@@ -298,6 +301,7 @@ def study_markdown(report):
         "mAP (%)",
         "Rank-1 (%)",
         "Δ mAP vs plain [95% CI]",
+        "Δ mAP vs stateless [95% CI]",
         "Δ mAP vs its adapter [95% CI]",
         "epoch 0 mAP / Rank-1",
         "train step vs plain",
@@ -316,7 +320,8 @@ def study_markdown(report):
         "",
         br.markdown_table(header, rows),
         "",
-        "Δ: mean of the per-seed mAP differences in points, with a 95% t-interval over seeds. 'its adapter': the "
+        "Δ: mean of the per-seed mAP differences in points, with a 95% t-interval over seeds. 'stateless': the "
+        "same variant with its state reset before every step and zero state in eval. 'its adapter': the "
         "same variant with stateless conv adapters of about the same size instead of cells. "
         + (
             f"Train step: median of {report['step_rounds']} training steps per variant on one real batch, the "
