@@ -179,21 +179,17 @@ def make_report(args, base, weights, pre_cfg, steps, seeds_done, epoch0, runs, l
 def config_differences(dump_a, dump_b):
     """Keys whose values differ between two config dumps. A key in one dump only (an option the package gained
     between the two runs) counts only where its value there is not the package's default."""
-    import yaml
+    from functools import reduce
 
-    from ptl_torchreid.config import get_default_config
+    from yacs.config import CfgNode
 
-    def flat(tree, prefix=""):
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, prefix + key + "."))
-            else:
-                out[prefix + key] = value
-        return out
+    from ptl_torchreid.config import config_keys, get_default_config
 
-    a, b = flat(yaml.safe_load(dump_a)), flat(yaml.safe_load(dump_b))
-    defaults = flat(yaml.safe_load(get_default_config().dump()))
+    def values(node):
+        return {key: reduce(lambda n, part: n[part], key.split("."), node) for key in config_keys(node)}
+
+    a, b = (values(CfgNode.load_cfg(dump)) for dump in (dump_a, dump_b))
+    defaults = values(get_default_config())
     differing = []
     for key in sorted(set(a) | set(b)):
         if key in a and key in b:
@@ -211,6 +207,7 @@ def merge_reports(paths):
     first = reports[0]
     by_variants = any(r["variants"] != first["variants"] for r in reports[1:])
     same = ("pretrain_weights", "steps_per_variant") + (("seeds",) if by_variants else ("variants",))
+    split = "variants" if by_variants else "seeds"
     for other, path in zip(reports[1:], paths[1:]):
         differing = config_differences(first["finetune_config"], other["finetune_config"])
         if differing:
@@ -219,7 +216,6 @@ def merge_reports(paths):
         for key in same:
             if other[key] != first[key]:
                 raise SystemExit(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
-        split = "variants" if by_variants else "seeds"
         shared = sorted(set(other[split]) & set(first[split]))
         if shared:
             raise SystemExit(f"{path}: {split} {shared} are in {paths[0]} too")
