@@ -23,7 +23,7 @@ from ptl_torchreid.compress import (
     prune_cop,
     save_pruned_model,
 )
-from ptl_torchreid.compress.cop import DEFAULT_COMPENSATE, DEFAULT_CRITERION, check_options
+from ptl_torchreid.compress.cop import DEFAULT_COMPENSATE, DEFAULT_CRITERION, check_options, step_reductions
 from ptl_torchreid.compress.criterion import GROUP_COSTS
 from ptl_torchreid.compress.scores import CRITERIA
 from ptl_torchreid.config import ConfigError, resume_path
@@ -145,15 +145,9 @@ def prune_options(args, has_data=False):
 
 
 def step_targets(options, steps):
-    """Per-step ``prune_cop`` targets (relative to the model of that step) reaching the total in ``steps`` equal
-    steps of the remaining fraction: step s leaves 1 - total * s / steps of the original."""
+    """Per-step ``prune_cop`` targets (relative to the model of that step) reaching the total in ``steps``."""
     name = "flops_reduction" if options["flops_reduction"] is not None else "params_reduction"
-    total = options[name]
-    targets = []
-    for s in range(1, steps + 1):
-        before, after = 1 - total * (s - 1) / steps, 1 - total * s / steps
-        targets.append({name: 1 - after / before})
-    return targets
+    return [{name: r} for r in step_reductions(options[name], steps)]
 
 
 def _evaluate(engine, cfg):

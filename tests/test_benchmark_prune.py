@@ -1,6 +1,7 @@
 """tools/benchmark_prune.py: COP at a FLOP target on a narrow model falls back to finer channel rounding; the
 accuracy section's rows, recipe and merged report."""
 import json
+import math
 
 import pytest
 import torch
@@ -45,7 +46,9 @@ def test_accuracy_rows_are_every_variant_and_unknown_rows_are_named(tmp_path):
     proc = run_tool("benchmark_prune.py", "--only-accuracy", "--rows", "taylor+ls+kd", "cop+kd", "nope",
                     "--work-dir", tmp_path)
     assert proc.returncode != 0 and "--rows: unknown nope;" in proc.stderr
-    assert "taylor+ls+kd" in proc.stderr.split("choose from")[1]  # every criterion[+ls][+kd] is a row
+    choices = proc.stderr.split("choose from")[1]
+    assert "taylor+ls+kd" in choices  # every criterion[+ls][+kd] is a row
+    assert "magnitude+steps3" in choices and "cop+ls+steps2" in choices  # and its iterative schedules
     assert not (tmp_path / "reid-data").exists()  # refused before any work
 
 
@@ -63,3 +66,23 @@ def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
     assert "GFLOPs (64x32)" in proc.stdout and "## ResNet-50" in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| magnitude |"))
     assert "+2.0 ± 12.7" in row  # differences 1 and 3: mean 2, half-width t(1 dof) 12.706 * std 1.414 / sqrt 2
+
+
+@pytest.mark.slow
+def test_source_training_learns_its_identities_and_the_iterative_row_runs(tmp_path):
+    """The source model is trained with the source recipe's loss alone (a classifier over its identities; a
+    model that also returns its features would get a cross-entropy over the raw features added), and an
+    iterative row prunes in its steps with the fine-tuning split between them."""
+    proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-epochs",
+                    "1", "--target-epochs", "2", "--seeds", "1", "--rows", "magnitude+steps2", "--work-dir",
+                    tmp_path, "--results-json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first_epoch = next(line for line in proc.stdout.splitlines() if line.startswith("epoch 1/1"))
+    loss = float(first_epoch.split("loss")[1].split()[0])
+    assert loss < math.log(100) + 1.0, first_epoch  # 100 source identities: chance-level cross-entropy is ln 100
+    for step in (0, 1):  # one fine-tuning of one epoch after each cut
+        assert (tmp_path / f"magnitude_steps2_seed1_step{step}").is_dir()
+    row = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert row["key"] == "magnitude+steps2" and set(row["mAP"]) == {"1"}
+    source = build_model("osnet_x0_25", num_classes=1)
+    assert row["gflops"] * 1e9 == pytest.approx(count_flops(source, SIZE) / 2, rel=0.03)

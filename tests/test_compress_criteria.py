@@ -15,6 +15,7 @@ from ptl_torchreid.compress.cop import (
     DEFAULT_COMPENSATE,
     DEFAULT_CRITERION,
     DEFAULT_DATA_FREE_CRITERION,
+    step_reductions,
     variant_name,
 )
 from ptl_torchreid.compress.criterion import correlation_state
@@ -300,6 +301,13 @@ def test_every_criterion_prunes_a_dataloader_calibrated_model_to_the_target():
                                    return_report=True)
         assert abs(report.flops_reduction - 0.3) <= 0.02 and report.calibration_images == 10
         assert report.compensation and all(after <= before for _, before, after in report.compensation)
+
+
+def test_iterative_schedule_reaches_the_total_in_equal_steps_of_the_original():
+    reductions = step_reductions(0.5, 3)
+    left = np.cumprod([1 - r for r in reductions])  # fraction of the original after each step
+    assert np.allclose(left, [5 / 6, 4 / 6, 3 / 6])
+    assert step_reductions(0.3, 1) == pytest.approx([0.3])
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from ptl_torchreid.benchmarking.measure import cpu_model, load_average
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
-from ptl_torchreid.compress.cop import variant_name
+from ptl_torchreid.compress.cop import step_reductions, variant_name
 from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
@@ -126,13 +126,15 @@ def _train(cfg, model, teacher=None):
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 
 
-# A pruned row's key is its variant name: criterion, '+ls' for compensation, '+kd' for distillation. The default
-# rows; every other criterion[+ls][+kd] combination can be asked for by name.
+# A pruned row's key is its variant name: criterion, '+ls' for compensation, '+kd' for distillation, and
+# '+steps<k>' for the iterative schedule (k cuts, the fine-tuning budget split between them). The default rows;
+# every other criterion[+ls][+kd][+steps<k>] combination can be asked for by name.
 ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "magnitude", "magnitude+ls",
                  "cop_activation", "cop_activation+ls", "taylor", "taylor+ls", "magnitude+kd", "magnitude+ls+kd",
-                 "cop_activation+ls+kd", "tp_l1", "tp_taylor", "tp_random", "ptl")
+                 "cop_activation+ls+kd", "magnitude+steps3", "tp_l1", "tp_taylor", "tp_random", "ptl")
 VALID_ROWS = ("baseline", "tp_l1", "tp_taylor", "tp_random", "ptl") + tuple(
-    variant_name(c, ls, kd) for c in CRITERIA for ls in (False, True) for kd in (False, True))
+    variant_name(c, ls, kd) + tail for c in CRITERIA for ls in (False, True) for kd in (False, True)
+    for tail in ("", "+steps2", "+steps3", "+steps4"))
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
@@ -232,7 +234,7 @@ def accuracy_section(args):
     if not source_ckpt:
         cfg = _config(source_config, root, osp.join(work, "source"), args.source_epochs, arch)
         torch.manual_seed(0)
-        _train(cfg, build_model(arch, num_classes=1, loss="triplet"))
+        _train(cfg, build_model(arch, num_classes=1, loss=cfg.loss.name))
         source_ckpt = osp.join(work, "source", "model", "model-best.pth.tar")
     images, pids = _calibration_batch(root, work, arch, args.calibration_images)
     results, teachers = [], {}
@@ -260,13 +262,37 @@ def accuracy_section(args):
             minutes.append(res["minutes"])
             trained[seed] = model
         first = trained[seeds[0]] if trained else make_model()
-        results.append(dict(key=key, name=name, variant=variant, gflops=count_flops(first, size) / 1e9,
-                            mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
-                            minutes=sum(minutes) / len(minutes) if minutes else 0.0))
+        record(dict(key=key, name=name, variant=variant, gflops=count_flops(first, size) / 1e9,
+                    mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
+                    minutes=sum(minutes) / len(minutes) if minutes else 0.0))
+        return trained
+
+    def record(result):
+        results.append(result)
         with open(out_json, "w") as f:
             json.dump(dict(header=lines, results=results, size=size), f, indent=1)
         print("\n".join(accuracy_table(results, size)), flush=True)
-        return trained
+
+    def iterative(key, criterion, compensate, calibration, steps, round_to, teacher):
+        """The iterative schedule: ``steps`` cuts, each to its share of the 50% reduction, each followed by its
+        share of the same fine-tuning budget (as ``prune --steps``)."""
+        rank1, mAP, minutes, model = {}, {}, [], None
+        for seed in ([] if args.before_only else seeds):
+            model, epochs_left, t = source_model(), args.target_epochs, time.perf_counter()
+            for step, reduction in enumerate(step_reductions(0.5, steps)):
+                model, _ = prune_cop_to_target(model, size, reduction=reduction, preset="faster", round_to=round_to,
+                                               criterion=criterion, compensate=compensate, calibration=calibration)
+                epochs = epochs_left // (steps - step)
+                epochs_left -= epochs
+                cfg = _config(target_config, root, osp.join(work, f"{key.replace('+', '_')}_seed{seed}_step{step}"),
+                              epochs, arch, seed=seed)
+                res = _train(cfg, model, teacher=None if teacher is None else teacher[seed])
+            rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
+            minutes.append((time.perf_counter() - t) / 60)
+        name = f"COP faster, {criterion}, {steps} steps of pruning and fine-tuning (round_to={round_to})"
+        record(dict(key=key, name=name, variant=key, gflops=count_flops(model, size) / 1e9 if model else float("nan"),
+                    mparams=count_params(model) / 1e6 if model else float("nan"), before=None, rank1=rank1,
+                    mAP=mAP, minutes=sum(minutes) / len(minutes) if minutes else 0.0))
 
     if "baseline" in rows:
         teachers = finetune("baseline", f"{arch} (unpruned)", "-", source_model, "baseline")
@@ -277,9 +303,13 @@ def accuracy_section(args):
             continue
         criterion, *extras = key.split("+")
         compensate, kd = "ls" in extras, "kd" in extras
+        steps = next((int(e[len("steps"):]) for e in extras if e.startswith("steps")), 1)
         if kd and not teachers:
             raise SystemExit(f"--rows {key} needs the baseline row in the same run (its models are the teachers)")
         calibration = images if compensate or criterion in DATA_CRITERIA else None
+        if steps > 1:
+            iterative(key, criterion, compensate, calibration, steps, round_to, teachers if kd else None)
+            continue
         t = time.perf_counter()
         pruned, used = prune_cop_to_target(source_model(), size, preset="faster", round_to=round_to,
                                            criterion=criterion, compensate=compensate, calibration=calibration)

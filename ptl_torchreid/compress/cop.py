@@ -23,7 +23,7 @@ from .scores import (
 from .surgery import shrink
 
 __all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction", "variant_name",
-           "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION", "DEFAULT_COMPENSATE"]
+           "step_reductions", "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION", "DEFAULT_COMPENSATE"]
 
 # Chosen by measurement (docs/BENCHMARKS.md, "COP criteria, compensation and recovery", OSNet x0.25, 5 seeds):
 # the BatchNorm-folded magnitude in COP's selection, without compensation, which helps before fine-tuning but
@@ -36,6 +36,14 @@ DEFAULT_COMPENSATE = False
 def variant_name(criterion, compensate=False, distill=False):
     """The name a pruning variant has in tables, logs and saved pruning info, e.g. 'cop_activation+ls'."""
     return criterion + ("+ls" if compensate else "") + ("+kd" if distill else "")
+
+
+def step_reductions(total, steps):
+    """Reductions for an iterative schedule, each relative to the model of its step, that reach ``total`` in
+    ``steps`` equal steps of the original: after step s, 1 - total * s / steps of the original is left."""
+    left = [1 - total * s / steps for s in range(steps + 1)]
+    return [1 - left[s] / left[s - 1] for s in range(1, steps + 1)]
+
 
 _TARGETS = ("flops_reduction", "params_reduction", "prune_rate")
 
