@@ -91,7 +91,8 @@ CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), "configs")
 
 def recipe(arch):
     """(source config, target config) of ``arch``'s synthetic transfer pair: its own recipe where configs/ has one
-    (ResNet-50: Adam 3e-4 at 64x32, on which its identity classifier learns), else OSNet's (Adam 1e-3, 128x64)."""
+    (ResNet-50: softmax, Adam 3e-4 at 64x32, on which it learns), else OSNet's (softmax + triplet, Adam 1e-3,
+    128x64)."""
     own = [osp.join(CONFIGS, f"{arch}_synthetic_source{tail}.yaml") for tail in ("", "_to_target")]
     if all(osp.isfile(p) for p in own):
         return tuple(own)
@@ -212,6 +213,7 @@ def accuracy_section(args):
     source_config, target_config = recipe(arch)
     target_cfg = load_config(target_config)
     size = (target_cfg.data.height, target_cfg.data.width)
+    losses = "triplet + softmax" if target_cfg.loss.name == "triplet" else target_cfg.loss.name
     seeds = args.seeds
     rows = args.rows or ACCURACY_ROWS
     unknown = sorted(set(rows) - set(VALID_ROWS))
@@ -222,7 +224,7 @@ def accuracy_section(args):
         f"trained {args.source_epochs} epochs on synthetic_source"
     lines = [f"## Accuracy after fine-tuning on synthetic_target ({arch}, {size[0]}x{size[1]})", "",
              f"Source model: {arch} ({origin}); every model below then gets the same budget of {args.target_epochs} "
-             f"epochs on synthetic_target (triplet + softmax, {target_cfg.train.optim} {target_cfg.train.lr:g}, the "
+             f"epochs on synthetic_target ({losses}, {target_cfg.train.optim} {target_cfg.train.lr:g}, the "
              f"recipe of configs/{osp.basename(target_config)}), once per fine-tuning seed "
              f"({', '.join(map(str, seeds))}), and is evaluated on its query/gallery. Pruned models are cut from the "
              f"source model to 50% of its FLOPs at {size[0]}x{size[1]} with COP's 'faster' preset and the criterion in "
@@ -241,7 +243,7 @@ def accuracy_section(args):
     out_json = args.results_json or osp.join(work, "accuracy.json")
 
     def source_model():
-        m = build_model(arch, num_classes=1, loss="triplet")
+        m = build_model(arch, num_classes=1, loss=target_cfg.loss.name)
         load_pretrained_weights(m, source_ckpt)
         return m.eval()
 
@@ -339,7 +341,7 @@ def accuracy_section(args):
         base_flops = count_flops(source_model(), size)
 
         def ptl_model():
-            ptl = build_model("ptl_" + arch, num_classes=1, loss="triplet", input_size=size)
+            ptl = build_model("ptl_" + arch, num_classes=1, loss=target_cfg.loss.name, input_size=size)
             load_pretrained_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
             return ptl
 
