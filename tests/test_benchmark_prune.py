@@ -86,3 +86,16 @@ def test_source_training_learns_its_identities_and_the_iterative_row_runs(tmp_pa
     assert row["key"] == "magnitude+steps2" and set(row["mAP"]) == {"1"}
     source = build_model("osnet_x0_25", num_classes=1)
     assert row["gflops"] * 1e9 == pytest.approx(count_flops(source, SIZE) / 2, rel=0.03)
+
+
+@pytest.mark.slow
+def test_torch_pruning_peer_is_cut_to_the_flops_of_cop(tmp_path):
+    """The peer rows: Torch-Pruning's global L1 pruning, bisected to the FLOPs of COP's paper mode."""
+    proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-epochs",
+                    "1", "--before-only", "--rows", "tp_l1", "--work-dir", tmp_path, "--results-json",
+                    tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert row["key"] == "tp_l1" and row["before"] is not None and not row["mAP"]
+    source = build_model("osnet_x0_25", num_classes=1)
+    assert row["gflops"] * 1e9 == pytest.approx(count_flops(source, SIZE) / 2, rel=0.03)

@@ -28,6 +28,7 @@ import os
 import os.path as osp
 import time
 import warnings
+from math import nan
 
 import ptl_torchreid  # noqa: F401  (before torch: the package sets OpenMP waiting, see _openmp.py)
 
@@ -292,9 +293,9 @@ def accuracy_section(args):
             rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
             minutes.append((time.perf_counter() - t) / 60)
         name = f"COP faster, {criterion}, {steps} steps of pruning and fine-tuning (round_to={round_to})"
-        record(dict(key=key, name=name, variant=key, gflops=count_flops(model, size) / 1e9 if model else float("nan"),
-                    mparams=count_params(model) / 1e6 if model else float("nan"), before=None, rank1=rank1,
-                    mAP=mAP, minutes=sum(minutes) / len(minutes) if minutes else 0.0))
+        cost = (count_flops(model, size) / 1e9, count_params(model) / 1e6) if model is not None else (nan, nan)
+        record(dict(key=key, name=name, variant=key, gflops=cost[0], mparams=cost[1], before=None,
+                    rank1=rank1, mAP=mAP, minutes=sum(minutes) / len(minutes) if minutes else 0.0))
 
     if "baseline" in rows:
         teachers = finetune("baseline", f"{arch} (unpruned)", "-", source_model, "baseline")
