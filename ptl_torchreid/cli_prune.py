@@ -10,7 +10,6 @@ checkpoints under ``<save_dir>/model`` carry the channel configuration, and the 
 ``--out`` (default ``<save_dir>/model/pruned.pth.tar``). All of them reload with ``load_pruned_model`` or as
 ``model.load_weights`` of any command.
 """
-import argparse
 import os.path as osp
 
 from ptl_torchreid import _torchreid
@@ -23,7 +22,13 @@ from ptl_torchreid.compress import (
     prune_cop,
     save_pruned_model,
 )
-from ptl_torchreid.compress.cop import DEFAULT_COMPENSATE, DEFAULT_CRITERION, check_options, step_reductions
+from ptl_torchreid.compress.cop import (
+    COMPENSATIONS,
+    DEFAULT_COMPENSATE,
+    DEFAULT_CRITERION,
+    check_options,
+    step_reductions,
+)
 from ptl_torchreid.compress.criterion import GROUP_COSTS
 from ptl_torchreid.compress.scores import CRITERIA
 from ptl_torchreid.config import ConfigError, resume_path
@@ -65,9 +70,12 @@ def add_cop_arguments(group, target_required=False):
     group.add_argument(
         "--compensate",
         default=None,
-        action=argparse.BooleanOptionalAction,
-        help="refit the layers reading pruned channels by least squares on calibration images "
-        f"(default: {'on' if DEFAULT_COMPENSATE else 'off'}, the better measured)",
+        nargs="?",
+        const="ls",
+        choices=COMPENSATIONS,
+        help="after the cut, on the calibration images: 'bn' re-estimates BatchNorm statistics, 'ls' (the flag "
+        "alone) refits the layers reading pruned channels by least squares, 'bn+ls' refits under the images' own "
+        f"BatchNorm statistics (default: {DEFAULT_COMPENSATE}, the best measured)",
     )
     group.add_argument(
         "--calibration-images",

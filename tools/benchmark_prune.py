@@ -40,7 +40,7 @@ from ptl_torchreid.benchmarking.measure import cpu_model, load_average
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
 from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
-from ptl_torchreid.compress.cop import step_reductions, variant_name
+from ptl_torchreid.compress.cop import COMPENSATIONS, step_reductions, variant_name
 from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
@@ -128,14 +128,14 @@ def _train(cfg, model, teacher=None):
     return dict(rank1=res["cmc"][1], mAP=res["mAP"], minutes=(time.perf_counter() - t) / 60)
 
 
-# A pruned row's key is its variant name: criterion, '+ls' for compensation, '+kd' for distillation, and
-# '+steps<k>' for the iterative schedule (k cuts, the fine-tuning budget split between them). The default rows;
-# every other criterion[+ls][+kd][+steps<k>] combination can be asked for by name.
+# A pruned row's key is its variant name: criterion, the compensation ('+bn', '+ls' or '+bn+ls'), '+kd' for
+# distillation, and '+steps<k>' for the iterative schedule (k cuts, the fine-tuning budget split between them). The
+# default rows; every other criterion[+compensation][+kd][+steps<k>] combination can be asked for by name.
 ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "magnitude", "magnitude+ls",
                  "cop_activation", "cop_activation+ls", "taylor", "taylor+ls", "magnitude+kd", "magnitude+ls+kd",
                  "cop_activation+ls+kd", "magnitude+steps3", "tp_l1", "tp_taylor", "tp_random", "ptl")
 VALID_ROWS = ("baseline", "tp_l1", "tp_taylor", "tp_random", "ptl") + tuple(
-    variant_name(c, ls, kd) + tail for c in CRITERIA for ls in (False, True) for kd in (False, True)
+    variant_name(c, comp, kd) + tail for c in CRITERIA for comp in COMPENSATIONS for kd in (False, True)
     for tail in ("", "+steps2", "+steps3", "+steps4"))
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
@@ -230,9 +230,11 @@ def accuracy_section(args):
              f"({', '.join(map(str, seeds))}), and is evaluated on its query/gallery. Pruned models are cut from the "
              f"source model to 50% of its FLOPs at {size[0]}x{size[1]} with COP's 'faster' preset and the criterion in "
              "the variant column (Torch-Pruning bisected to the FLOPs of COP's paper mode), then fine-tuned. "
-             f"Data-aware criteria and compensation ('+ls') use the first {args.calibration_images} training images "
-             "of synthetic_target; '+kd' adds feature distillation from the unpruned model fine-tuned with the same "
-             "seed. Pruning is deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model "
+             f"Data-aware criteria and compensation use the first {args.calibration_images} training images of "
+             "synthetic_target ('+bn': BatchNorm statistics re-estimated on them; '+ls': least-squares refit of the "
+             "layers reading pruned channels; '+bn+ls': the refit under the images' own BatchNorm statistics); '+kd' "
+             "adds feature distillation from the unpruned model fine-tuned with the same seed. Pruning is "
+             "deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model "
              "right after pruning and compensation, without fine-tuning.", ""]
     if not source_ckpt:
         cfg = _config(source_config, root, osp.join(work, "source"), args.source_epochs, arch)
@@ -305,11 +307,12 @@ def accuracy_section(args):
         if key in ("baseline", "ptl") or key.startswith("tp_"):
             continue
         criterion, *extras = key.split("+")
-        compensate, kd = "ls" in extras, "kd" in extras
+        compensate = "+".join(e for e in ("bn", "ls") if e in extras) or "none"
+        kd = "kd" in extras
         steps = next((int(e[len("steps"):]) for e in extras if e.startswith("steps")), 1)
         if kd and not teachers:
             raise SystemExit(f"--rows {key} needs the baseline row in the same run (its models are the teachers)")
-        calibration = images if compensate or criterion in DATA_CRITERIA else None
+        calibration = images if compensate != "none" or criterion in DATA_CRITERIA else None
         if steps > 1:
             iterative(key, criterion, compensate, calibration, steps, round_to, teachers if kd else None)
             continue
@@ -443,7 +446,7 @@ def main(argv=None):
                 ("COP faster, magnitude (the default criterion)", dict(preset="faster", criterion="magnitude")),
                 # Random weights and images: the channel counts this criterion picks, not what it would keep.
                 ("COP faster, cop_activation (8 random images)",
-                 dict(preset="faster", criterion="cop_activation", compensate=False,
+                 dict(preset="faster", criterion="cop_activation", compensate="none",
                       calibration=torch.randn(8, 3, *size)))]
     for name, kwargs in variants:
         t = time.perf_counter()

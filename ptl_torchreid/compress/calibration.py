@@ -1,9 +1,9 @@
-"""Calibration data for the data-aware criteria and for compensation: a few training images, and the inputs and
-outputs of chosen layers on them."""
+"""Calibration data for the data-aware criteria and for compensation: a few training images, the inputs and
+outputs of chosen layers on them, and BatchNorm statistics re-estimated on them."""
 import numpy as np
 import torch
 
-__all__ = ["calibration_images", "consumer_columns", "layer_io"]
+__all__ = ["calibration_images", "consumer_columns", "layer_io", "recalibrate_batchnorm"]
 
 
 def _images_of(batch):
@@ -105,3 +105,35 @@ def layer_io(model, module, images, output=False, batch_size=32):
     if not stored:
         raise RuntimeError(f"module {type(module).__name__} was not called in the forward pass")
     return torch.cat(stored)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model, images, batch_size=32):
+    """Re-estimate the running statistics of every BatchNorm of ``model`` on ``images``: the cumulative average
+    over batches of ``batch_size`` (torchreid's default train batch), with every other module in eval mode, so
+    that dropout, PTL cells' states and the weights are left as they are. The model's training mode is restored.
+
+    After a cut, and on a new domain, the statistics the model was trained with no longer describe its
+    activations; fine-tuning normalises with batch statistics, so these are what it sees from its first step."""
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return model
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts alike
+        m.train()
+    try:
+        ends = list(range(batch_size, len(images), batch_size)) + [len(images)]
+        if len(ends) > 1 and ends[-1] - ends[-2] == 1:
+            del ends[-2]  # a batch of one image has no batch statistics: it joins the batch before
+        for start, end in zip([0] + ends[:-1], ends):
+            model(images[start:end])
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return model

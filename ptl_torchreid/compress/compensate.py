@@ -13,12 +13,19 @@ same error and no penalty). The intercept b (the mean the removed channels contr
 bias, or into the running mean of the BatchNorm that directly follows a bias-free layer; otherwise it is not
 fitted. Depthwise layers and BConv-Cells are not refitted (their inputs are either sliced with their outputs, or
 read through the recurrent gates).
+
+With ``recalibrate=True`` the refit is done under the calibration images' own BatchNorm statistics, the ones
+fine-tuning normalises with (batch statistics), instead of the running statistics the model was trained with
+(another domain, when fine-tuning transfers). Parent and pruned model are first recalibrated
+(``recalibrate_batchnorm``); after each refit, the BatchNorm that follows the layer takes the statistics of the
+refitted output; at the end the pruned model is recalibrated once more, for the layers downstream that were not
+refitted.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibration import layer_io
+from .calibration import layer_io, recalibrate_batchnorm
 
 __all__ = ["compensate", "refit_consumer", "reconstruction_error"]
 
@@ -94,7 +101,16 @@ def refit_consumer(module, x, y, ridge=1e-6, max_rows=16384, norm=None, seed=0):
     return before, after
 
 
-def compensate(graph, parent, alive, images, ridge=1e-6, max_rows=16384):
+@torch.no_grad()
+def _take_statistics(norm, out):
+    """Set ``norm``'s running statistics to those of its input ``out`` (N, C, ...), as a BatchNorm in train mode
+    would measure them on this batch (unbiased variance, as torch stores it)."""
+    rows = _targets(out)
+    norm.running_mean.copy_(rows.mean(0).to(norm.running_mean.dtype))
+    norm.running_var.copy_(rows.var(0).to(norm.running_var.dtype))
+
+
+def compensate(graph, parent, alive, images, ridge=1e-6, max_rows=16384, recalibrate=False):
     """Refit, in call order, every conv/linear of the pruned ``graph.model`` whose input channels were cut.
 
     Args:
@@ -102,6 +118,8 @@ def compensate(graph, parent, alive, images, ridge=1e-6, max_rows=16384):
         parent: the unpruned model, with the same module names.
         alive: boolean per unit of ``graph`` (the kept units).
         images: calibration images.
+        recalibrate: refit under the calibration images' BatchNorm statistics (module docstring); the parent's
+            running statistics are re-estimated in place.
     Returns: list of (layer name, error before, error after); layers skipped for too few rows are left out.
     """
     alive = np.asarray(alive, dtype=bool)
@@ -111,13 +129,19 @@ def compensate(graph, parent, alive, images, ridge=1e-6, max_rows=16384):
     graph.model.eval()
     parent.eval()
     try:
-        results = _compensate(graph, parent_modules, parent, alive, images, ridge, max_rows)
+        if recalibrate:
+            recalibrate_batchnorm(parent, images)
+            recalibrate_batchnorm(graph.model, images)
+        results = _compensate(graph, parent_modules, parent, alive, images, ridge, max_rows, recalibrate)
+        if recalibrate:
+            recalibrate_batchnorm(graph.model, images)
     finally:
         graph.model.train(was_training)
     return results
 
 
-def _compensate(graph, parent_modules, parent, alive, images, ridge, max_rows):
+@torch.no_grad()
+def _compensate(graph, parent_modules, parent, alive, images, ridge, max_rows, recalibrate):
     results = []
     for index, rec in enumerate(graph.records):
         if rec.kind not in ("conv", "linear") or alive[rec.in_units].all():
@@ -125,8 +149,11 @@ def _compensate(graph, parent_modules, parent, alive, images, ridge, max_rows):
         x = layer_io(graph.model, rec.module, images)
         y = layer_io(parent, parent_modules[rec.name], images, output=True)
         keep_out = torch.from_numpy(np.flatnonzero(alive[rec.out_units])).to(y.device)
+        norm = _following_norm(graph, index)
         fit = refit_consumer(rec.module, x, y.index_select(1, keep_out), ridge=ridge, max_rows=max_rows,
-                             norm=_following_norm(graph, index), seed=index)
+                             norm=norm, seed=index)
         if fit is not None:
             results.append((rec.name,) + fit)
+            if recalibrate and norm is not None:
+                _take_statistics(norm, rec.module(x))
     return results

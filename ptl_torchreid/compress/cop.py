@@ -5,7 +5,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from ..models import unwrap
-from .calibration import calibration_images
+from .calibration import calibration_images, recalibrate_batchnorm
 from .compensate import compensate as compensate_consumers
 from .criterion import GROUP_COSTS, PRESET_OPTIONS, PRESETS, COPSelector, correlation_state
 from .graph import build_graph
@@ -23,19 +23,37 @@ from .scores import (
 from .surgery import shrink
 
 __all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction", "variant_name",
-           "step_reductions", "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION", "DEFAULT_COMPENSATE"]
+           "step_reductions", "compensation_mode", "COMPENSATIONS", "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION",
+           "DEFAULT_COMPENSATE"]
 
-# Chosen by measurement (docs/BENCHMARKS.md, "COP criteria, compensation and recovery", OSNet x0.25, 5 seeds):
-# the BatchNorm-folded magnitude in COP's selection, without compensation, which helps before fine-tuning but
-# costs mAP after it. It needs no data, so it is the default with and without calibration data.
+# Chosen by measurement (docs/BENCHMARKS.md, "COP criteria, compensation and recovery", OSNet x0.25): the
+# BatchNorm-folded magnitude in COP's selection (no data needed, so the criterion with and without calibration
+# data); with data, the least-squares refit under the calibration images' BatchNorm statistics, ahead of no
+# compensation over 10 seeds (the refit under the source statistics, 'ls', cost mAP after fine-tuning).
 DEFAULT_CRITERION = "magnitude"
 DEFAULT_DATA_FREE_CRITERION = "magnitude"
-DEFAULT_COMPENSATE = False
+DEFAULT_COMPENSATE = "bn+ls"
+
+# What is done after the cut, on the calibration images: nothing; 'bn' re-estimates the BatchNorm statistics;
+# 'ls' refits the layers reading pruned channels by least squares under the model's running statistics; 'bn+ls'
+# refits under the calibration images' own statistics (those fine-tuning normalises with) and re-estimates them.
+COMPENSATIONS = ("none", "bn", "ls", "bn+ls")
 
 
-def variant_name(criterion, compensate=False, distill=False):
-    """The name a pruning variant has in tables, logs and saved pruning info, e.g. 'cop_activation+ls'."""
-    return criterion + ("+ls" if compensate else "") + ("+kd" if distill else "")
+def compensation_mode(compensate):
+    """One of ``COMPENSATIONS`` for ``compensate`` (False and True stand for 'none' and 'ls')."""
+    if compensate is False or compensate is True:
+        return "ls" if compensate else "none"
+    if compensate not in COMPENSATIONS:
+        raise ValueError(f"compensate={compensate!r} is not valid; choose one of {', '.join(COMPENSATIONS)} "
+                         "(True is 'ls', False is 'none')")
+    return compensate
+
+
+def variant_name(criterion, compensate="none", distill=False):
+    """The name a pruning variant has in tables, logs and saved pruning info, e.g. 'cop_activation+bn+ls'."""
+    mode = compensation_mode(compensate)
+    return criterion + ("" if mode == "none" else "+" + mode) + ("+kd" if distill else "")
 
 
 def step_reductions(total, steps):
@@ -70,7 +88,7 @@ class PruneReport:
     groups: list = field(default_factory=list)  # (group name, channels before, channels after)
     notes: list = field(default_factory=list)
     criterion: str = "cop"
-    compensate: bool = False
+    compensate: str = "none"  # one of COMPENSATIONS
     defaults: list = field(default_factory=list)  # options that took their default (criterion, compensate)
     calibration_images: int = 0
     compensation: list = field(default_factory=list)  # (layer, squared error before, after the refit)
@@ -103,7 +121,7 @@ class PruneReport:
                     params_after=int(self.params_after), filters_removed=int(self.filters_removed),
                     filters_total=int(self.filters_total),
                     groups=[[str(n), int(a), int(b)] for n, a, b in self.groups], notes=list(self.notes),
-                    criterion=str(self.criterion), compensate=bool(self.compensate), variant=self.variant,
+                    criterion=str(self.criterion), compensate=str(self.compensate), variant=self.variant,
                     defaults=[str(d) for d in self.defaults], calibration_images=int(self.calibration_images),
                     steps=int(self.steps), distill=bool(self.distill),
                     compensation=[[str(n), float(a), float(b)] for n, a, b in self.compensation])
@@ -125,6 +143,8 @@ class PruneReport:
                 f"  compensation: {len(self.compensation)} layers refitted on {self.calibration_images} calibration "
                 f"images, reconstruction error -{1 - after / before if before else 0.0:.1%}"
             )
+        if self.compensate in ("bn", "bn+ls"):
+            lines.append(f"  BatchNorm statistics re-estimated on {self.calibration_images} calibration images")
         return "\n".join(lines)
 
     def layer_table(self):
@@ -180,14 +200,15 @@ def check_criterion(criterion=None, compensate=None, has_data=False):
             f"training data); the data-free criteria are {', '.join(c for c in CRITERIA if c not in DATA_CRITERIA)}"
         )
     if compensate is None:
-        compensate = DEFAULT_COMPENSATE and has_data
+        compensate = DEFAULT_COMPENSATE if has_data else "none"
         defaults.append("compensate")
-    if compensate and not has_data:
+    compensate = compensation_mode(compensate)
+    if compensate != "none" and not has_data:
         raise ValueError(
-            "compensate=True refits layers on calibration data: pass calibration= (a DataLoader of "
+            f"compensate={compensate!r} works on calibration data: pass calibration= (a DataLoader of "
             "torchreid batches or an image tensor)"
         )
-    return criterion, bool(compensate), defaults
+    return criterion, compensate, defaults
 
 
 def check_options(
@@ -323,9 +344,11 @@ def prune_cop(
             ``DEFAULT_DATA_FREE_CRITERION`` without (both ``'magnitude'``, the best measured).
         calibration: a DataLoader of torchreid batches (or any iterable of them) or an image tensor
             (N, 3, H, W), from the training data; the first ``calibration_size`` images are used.
-        compensate: after the cut, refit every layer reading pruned channels by least squares on the
-            calibration images so that it reproduces its unpruned output (``compress.compensate``); default
-            ``DEFAULT_COMPENSATE`` (off: measured to cost mAP after fine-tuning).
+        compensate: what is done after the cut on the calibration images, one of ``COMPENSATIONS``: ``'bn'``
+            re-estimates the BatchNorm statistics; ``'ls'`` (or True) refits every layer reading pruned channels
+            by least squares so that it reproduces its unpruned output (``compress.compensate``) under the model's
+            running statistics; ``'bn+ls'`` refits under the calibration images' own statistics. Default
+            ``DEFAULT_COMPENSATE`` with calibration data (chosen by measurement), ``'none'`` without.
 
     Channels that reach the model's output (the embedding) are never pruned, so the feature size, the classifier
     and anything downstream stay compatible. BatchNorm statistics, BConv-Cell running states and concatenation
@@ -422,10 +445,14 @@ def prune_cop(
                 f"{'; '.join(graph.notes) or 'channels reaching the output, and single-channel layers'}"
             )
     sizes = [(g.name, g.size, int(selector.alive[g.offset : g.offset + g.size].sum())) for g in graph.prunable_groups()]
-    parent = copy.deepcopy(net) if compensate else None
+    refit = compensate in ("ls", "bn+ls")
+    parent = copy.deepcopy(net) if refit else None
     shrink(graph, selector.alive)
-    fits = compensate_consumers(graph, parent, selector.alive, images) if compensate else []
+    fits = compensate_consumers(graph, parent, selector.alive, images, recalibrate=compensate == "bn+ls") \
+        if refit else []
     del parent
+    if compensate == "bn":
+        recalibrate_batchnorm(net, images)
 
     flops_after, params_after = count_flops(net, input_size), count_params(net)
     if flops_after != flops_outside + selector.flops:
@@ -458,7 +485,10 @@ def prune_cop(
         filters_removed=int(selector.removed_filters),
         filters_total=int(selector.total_filters),
         groups=sizes,
-        notes=list(graph.notes),
+        notes=list(graph.notes) + ([] if images is not None or "compensate" not in opts["defaults"] else [
+            f"no calibration data: pruned without compensation; with calibration= (a DataLoader of torchreid "
+            f"batches or an image tensor from the training data) the default compensation is '{DEFAULT_COMPENSATE}'"
+        ]),
         criterion=criterion,
         compensate=compensate,
         defaults=opts["defaults"],
