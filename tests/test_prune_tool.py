@@ -36,3 +36,23 @@ def test_bad_option_stops_before_loading_anything(tmp_path):
                     "--flops-reduction", "0.3", "--max-prune-ratio", "0")
     assert proc.returncode != 0 and "max_prune_ratio=0.0 is not valid" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_compensate_flag_takes_a_mode_and_alone_means_ls():
+    parser = argparse.ArgumentParser()
+    add_cop_arguments(parser, target_required=True)
+    assert prune_options(parser.parse_args(COP_ARGS + ["--compensate", "bn+ls"]), has_data=True)["compensate"] == \
+        "bn+ls"
+    assert prune_options(parser.parse_args(COP_ARGS + ["--compensate"]), has_data=True)["compensate"] == "ls"
+    assert prune_options(parser.parse_args(COP_ARGS), has_data=True)["compensate"] is None  # the default decides
+
+
+def test_compensation_without_data_stops_with_a_clear_error():
+    proc = run_tool("prune.py", "--arch", "osnet_x0_25", "--flops-reduction", "0.3", "--compensate", "bn")
+    assert proc.returncode == 2 and "compensate='bn' works on calibration data" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_checkpoint_is_named_without_a_traceback(tmp_path):
+    proc = run_tool("prune.py", "--arch", "osnet_x0_25", "--weights", tmp_path / "missing.pth", *COP_ARGS)
+    assert proc.returncode == 2 and "missing.pth" in proc.stderr and "Traceback" not in proc.stderr

@@ -39,7 +39,7 @@ from ptl_torchreid.compress import (
 )
 from ptl_torchreid.config import ConfigError
 from ptl_torchreid.models import build_model, load_pretrained_weights
-from ptl_torchreid.utils.checkpoint import extract_state_dict, load_checkpoint
+from ptl_torchreid.utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint
 
 
 def build_parser():
@@ -69,10 +69,10 @@ def load_model(args):
         if is_pruned_checkpoint(checkpoint):
             arch = checkpoint["pruning"]["arch"]
             if args.arch and args.arch != arch:
-                raise SystemExit(f"--arch {args.arch} does not match the pruned checkpoint's {arch}")
+                raise ConfigError(f"--arch {args.arch} does not match the pruned checkpoint's {arch}")
             return load_pruned_model(checkpoint), arch
     if not args.arch:
-        raise SystemExit("--arch is required unless --weights is a pruned checkpoint")
+        raise ConfigError("--arch is required unless --weights is a pruned checkpoint")
     num_classes = args.num_classes
     if num_classes is None and args.weights:
         classifier = extract_state_dict(checkpoint).get("classifier.weight")
@@ -92,9 +92,10 @@ def main(argv=None):
     size = (args.height, args.width)
     try:
         options = prune_options(args)  # checked before the model is loaded
-    except ConfigError as e:
-        raise SystemExit(str(e)) from None
-    model, arch = load_model(args)
+        model, arch = load_model(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:  # the message names the option or file
+        print(f"prune.py: error: {e}", file=sys.stderr)
+        return 2
     model.eval()
     pruned, report = prune_cop(model, input_size=size, return_report=True, **options)
     print(report)
