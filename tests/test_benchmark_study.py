@@ -40,7 +40,7 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
     text = open(tmp_path / "m.md").read()
     assert "Seeds 1, 2" in text and "95% CI" in text and osp.getsize(tmp_path / "m_delta.png") > 1000
     proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s1.json")
-    assert proc.returncode != 0 and "seeds [1] are in" in proc.stderr
+    assert proc.returncode == 2 and "plain seed 1 is in" in proc.stderr and "Traceback" not in proc.stderr
 
     # split by variants: an ablation run later over the same seed and source model joins the same report
     proc = run_tool("benchmark_study.py", "--seeds", "1", "--json", tmp_path / "s1a.json", "--pretrain-weights",
@@ -54,8 +54,23 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
     # the train-step column comes from one interleaved timing of all variants, not from runs at other loads
     assert set(joined["step_interleaved"]) == set(joined["variants"]) and "variants alternating" in proc.stdout
     assert joined["runs"]["plain"] == one["runs"]["plain"] and len(joined["runs"]["rectify-adapter"]) == 1
+    # a grid with holes would unpair the differences: the missing runs are named
     proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1a.json", tmp_path / "s2.json")
-    assert proc.returncode != 0 and "'seeds' differs" in proc.stderr
+    assert proc.returncode == 2 and "no run of" in proc.stderr
+    assert "plain seed 1" in proc.stderr and "rectify-adapter seed 2" in proc.stderr
+    # any split joins once the grid is complete: seed 1 by variants, seed 2 whole
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s2.json", tmp_path / "s1a.json",
+                    tmp_path / "s2a.json", "--json", tmp_path / "g.json")
+    assert proc.returncode == 2 and "s2a.json" in proc.stderr  # not written yet: the file is named
+    proc = run_tool("benchmark_study.py", "--seeds", "2", "--json", tmp_path / "s2a.json", "--pretrain-weights",
+                    one["pretrain_weights"], *common[:1], "rectify-adapter", *common[4:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s2.json", tmp_path / "s1a.json",
+                    tmp_path / "s2a.json", "--json", tmp_path / "g.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grid = json.load(open(tmp_path / "g.json"))
+    assert grid["seeds"] == [1, 2] and [r["seed"] for r in grid["runs"]["rectify-adapter"]] == [1, 2]
+    assert "Δ mAP vs its adapter" in proc.stdout
 
     # a run from before an option existed merges when the newer run has it at its default, not otherwise
     adapter = json.load(open(tmp_path / "s1a.json"))
@@ -66,4 +81,4 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(dict(adapter, finetune_config=config)))
     assert run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "older.json").returncode == 0
     proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "other_lr.json")
-    assert proc.returncode != 0 and "config keys test.flip, train.lr differ" in proc.stderr
+    assert proc.returncode == 2 and "config keys test.flip, train.lr differ" in proc.stderr

@@ -17,8 +17,9 @@ the variant's capacity-matched adapter where one was run, the direct-transfer re
         --pretrain-config configs/resnet50_synthetic_source.yaml --work-dir log/study_r50 --out study_r50.md
 
 ``--budget-minutes`` stops before a seed that would not fit; the report is rewritten after every seed, with
-complete seeds only, so the pairs stay complete. Seeds or variants can be split over processes (one per core)
-and the reports joined with ``--merge a.json b.json``; a study without ``plain`` is paired with it once merged.
+complete seeds only, so the pairs stay complete. Runs can be split over processes (one per core, down to one
+variant on one seed each) and the reports joined with ``--merge a.json b.json ...``, which checks that they share
+the design and together cover every variant on every seed; a study without ``plain`` is paired with it once merged.
 Trailing ``KEY VALUE`` pairs override config keys of both stages.
 """
 import argparse
@@ -200,40 +201,45 @@ def config_differences(dump_a, dump_b):
     return differing
 
 
+class MergeError(ValueError):
+    """Reports that cannot be joined into one paired study; the message names the file and what differs."""
+
+
 def merge_reports(paths):
-    """One report from studies of the same design split over processes (e.g. one per core): by seeds (the same
-    variants over disjoint seeds) or by variants (disjoint variants over the same seeds)."""
+    """One paired report from studies of the same design run as separate processes (one per core, or an ablation
+    added later): each report holds some variants over some seeds, every (variant, seed) run comes from exactly one
+    report, and together they must cover every variant on every seed, so each difference stays paired."""
     reports = [json.load(open(p)) for p in paths]
     first = reports[0]
-    by_variants = any(r["variants"] != first["variants"] for r in reports[1:])
-    same = ("pretrain_weights", "steps_per_variant") + (("seeds",) if by_variants else ("variants",))
-    split = "variants" if by_variants else "seeds"
     for other, path in zip(reports[1:], paths[1:]):
         differing = config_differences(first["finetune_config"], other["finetune_config"])
         if differing:
-            raise SystemExit(f"{path}: fine-tuning config keys {', '.join(differing)} differ from {paths[0]}; only "
+            raise MergeError(f"{path}: fine-tuning config keys {', '.join(differing)} differ from {paths[0]}; only "
                              "studies of the same design merge")
-        for key in same:
+        for key in ("pretrain_weights", "steps_per_variant"):
             if other[key] != first[key]:
-                raise SystemExit(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
-        shared = sorted(set(other[split]) & set(first[split]))
-        if shared:
-            raise SystemExit(f"{path}: {split} {shared} are in {paths[0]} too")
-    merged = dict(first)
-    if by_variants:
-        merged["variants"] = [v for r in reports for v in r["variants"]]
-        merged["runs"] = {v: runs for r in reports for v, runs in r["runs"].items()}
-        merged["epoch0"] = {v: e for r in reports for v, e in r["epoch0"].items()}
-    else:
-        merged["seeds"] = sorted(s for r in reports for s in r["seeds"])
-        merged["runs"] = {
-            v: sorted((run for r in reports for run in r["runs"][v]), key=lambda run: run["seed"])
-            for v in first["variants"]
-        }
+                raise MergeError(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
+    variants = list(dict.fromkeys(v for r in reports for v in r["variants"]))
+    seeds = sorted({s for r in reports for s in r["seeds"]})
+    cells, epoch0 = {}, {}
+    for report, path in zip(reports, paths):
+        epoch0.update({v: e for v, e in report["epoch0"].items() if v not in epoch0})
+        for variant, runs in report["runs"].items():
+            for run in runs:
+                key = (variant, run["seed"])
+                if key in cells:
+                    raise MergeError(f"{path}: {variant} seed {run['seed']} is in {cells[key][1]} too")
+                cells[key] = (run, path)
+    missing = [f"{v} seed {s}" for v in variants for s in seeds if (v, s) not in cells]
+    if missing:
+        raise MergeError(f"no run of {', '.join(missing)}: every variant needs every seed for paired differences; "
+                         "run the missing ones (--variants V --seeds S --json F) and merge their reports too")
+    merged = dict(first, variants=variants, seeds=seeds, epoch0=epoch0)
+    merged["runs"] = {v: [cells[(v, s)][0] for s in seeds] for v in variants}
     merged["command"] = (
         " && ".join(r["command"] for r in reports) + " && python tools/benchmark_study.py --merge " + " ".join(paths)
     )
-    merged["minutes"] = (sum if by_variants else max)(r["minutes"] for r in reports)
+    merged["minutes"] = sum(r["minutes"] for r in reports)
     merged["load_average"] = [max(r["load_average"][0] for r in reports), max(r["load_average"][1] for r in reports)]
     return merged
 
@@ -310,7 +316,8 @@ def study_markdown(report):
         f"Command: `{report['command']}`",
         "",
         f"Machine: {report['machine']}; load average {report['load_average'][0]:.1f} at the start, "
-        f"{report['load_average'][1]:.1f} at the end; {report['minutes']:.0f} minutes.",
+        f"{report['load_average'][1]:.1f} at the end; {report['minutes']:.0f} minutes of runs (summed over merged "
+        "processes).",
         f"Seeds {', '.join(map(str, seeds))} (paired: every variant starts from the same source model for each seed); "
         f"{report['steps_per_variant']} fine-tuning steps per variant.",
         "",
@@ -398,8 +405,8 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         metavar="JSON",
-        help="merge the --json reports of studies split over disjoint seeds or disjoint variants; write "
-             "--out/--json/--plots",
+        help="merge the --json reports of one study's runs split over processes (each variant-seed run in "
+             "exactly one report, every variant on every seed); write --out/--json/--plots",
     )
     p.add_argument(
         "--step-rounds",
@@ -446,7 +453,11 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.merge:
-        report = merge_reports(args.merge)
+        try:
+            report = merge_reports(args.merge)
+        except (MergeError, OSError, json.JSONDecodeError) as e:  # the message names the report file
+            print(f"benchmark_study.py: error: {e}", file=sys.stderr)
+            return 2
     else:
         os.makedirs(args.work_dir, exist_ok=True)
         report = run_study(args)
