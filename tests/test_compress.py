@@ -395,7 +395,13 @@ def test_flop_target_consistent_groups_and_running_model(name):
     if name.startswith("ptl"):
         stem = net.conv1.out_channels if "resnet" in name else net.conv1.conv.out_channels
         assert pruned.fuse1[0].in_channels == pruned.bconv2.out_channels + stem
-        assert pruned.side_proj.in_features == pruned.bconv6.out_channels
+        assert pruned.mode == "rectify"  # the default; branch mode's side_proj: test_ptl_head
+        for k in range(1, 5):  # each rectifier reads its cell's (pruned) output and writes its stage's channels
+            rectifier = getattr(pruned, f"rectify{k}")
+            assert rectifier.scale.in_channels == getattr(pruned, f"bconv{k + 2}").out_channels
+            assert rectifier.scale.out_channels == rectifier.shift.out_channels
+        if "resnet" in name:
+            assert pruned.rectify4.scale.out_channels == net.layer4[-1].conv3.out_channels
         assert pruned.fuse4[0].in_channels == pruned.bconv5.out_channels + (
             net.layer3[-1].conv3.out_channels if "resnet" in name else net.conv4[-1].conv3.conv.out_channels)
         for cell in pruned.cells():
@@ -605,6 +611,30 @@ def test_save_and_reload_pruned_model(tmp_path, name):
     extractor = torchreid.utils.FeatureExtractor(model_name=registered, model_path=path, device="cpu",
                                                  verbose=False)
     torch.testing.assert_close(extractor(x), pruned(x), rtol=0, atol=0)
+
+
+def test_ptl_file_pruned_before_modes_existed_reloads_as_the_concat_branch_model(tmp_path):
+    """Such files name no mode: they are branch models with the concat head and ``backbone.``-prefixed keys,
+    whatever the default mode is today."""
+    torch.manual_seed(9)
+    model = build_model("ptl_osnet_x0_25", num_classes=5, mode="branch", head="concat", input_size=(64, 32))
+    pruned, rep = prune_cop(model.eval(), flops_reduction=0.3, input_size=(64, 32), return_report=True)
+    path = str(tmp_path / "old.pth")
+    save_pruned_model(pruned, path, arch="ptl_osnet_x0_25", report=rep)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    backbone = set(dict(pruned.backbone.named_children()))
+    old_key = lambda k: "backbone." + k if k.split(".")[0] in backbone else k  # noqa: E731
+    for key in ("mode", "head"):
+        del raw["pruning"]["build_kwargs"][key]
+    raw["pruning"]["channels"] = {old_key(k): v for k, v in raw["pruning"]["channels"].items()}
+    raw["state_dict"] = {old_key(k): v for k, v in raw["state_dict"].items()}
+    torch.save(raw, path)
+
+    reloaded = load_pruned_model(path).eval()
+    assert (reloaded.mode, reloaded.head) == ("branch", "concat")
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), pruned.eval()(x), rtol=0, atol=0)
 
 
 def test_loading_a_checkpoint_without_pruning_entry_says_what_is_wrong(tmp_path):

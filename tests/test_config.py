@@ -167,7 +167,7 @@ def test_kwargs_mappers_match_torchreid_signatures():
     assert lr_scheduler_kwargs(cfg)["stepsize"] == 20  # single_step takes an int
     assert model_kwargs(cfg, 10) == {"name": "ptl_osnet_x0_25", "num_classes": 10, "loss": "triplet",
                                      "pretrained": True, "state_mode": "dataset", "eval_state": "running",
-                                     "momentum": 0.1, "input_size": (256, 128), "mode": "branch",
+                                     "momentum": 0.1, "input_size": (256, 128), "mode": "rectify",
                                      "head": "residual", "rectify_stages": ("stage1", "stage2", "stage3", "last"),
                                      "side_pool": "avg", "cell_init": "fan_out", "cell_type": "bconv",
                                      "stage3_tap": "stage"}

@@ -75,15 +75,15 @@ def test_every_model_trains_and_evaluates(name, state_mode):
 
 
 def test_reference_side_stream_widths_for_resnet50():
-    model = models.build_model("ptl_resnet50", num_classes=3)
+    model = models.build_model("ptl_resnet50", num_classes=3, mode="branch")
     assert model.widths == models.ptl.REFERENCE_WIDTHS
     assert model.bconv1.conv.weight.shape == (64, 3, 3, 3)
     assert model.fuse1[0].in_channels == 32 + 64 and model.fuse2[0].in_channels == 256 + 64
     assert model.fuse3[0].in_channels == 512 + 256 and model.fuse4[0].in_channels == 1024 + 512
     assert model.bconv6.stride == 2 and model.bconv6.state_size == (8, 4)
-    assert models.build_model("ptl_resnet50_fc512", num_classes=3).bconv6.stride == 1  # last_stride=1
+    assert models.build_model("ptl_resnet50_fc512", num_classes=3, mode="branch").bconv6.stride == 1  # last_stride=1
     assert model.side_proj.in_features == 128 and model.feature_dim == 2048
-    reference = models.build_model("ptl_resnet50", num_classes=3, head="concat", input_size=(64, 32))
+    reference = models.build_model("ptl_resnet50", num_classes=3, mode="branch", head="concat", input_size=(64, 32))
     assert reference.reduce[0].in_features == 2048 + 128 and reference.feature_dim == 2048
     assert isinstance(dict(model.named_children())["classifier"], torch.nn.Linear)
 

@@ -16,10 +16,11 @@ from ptl_torchreid import _torchreid, models
 from ptl_torchreid.config import ConfigError, get_default_config, merge_from_list, validate_config
 from ptl_torchreid.engine import build_model as build_model_from_config
 from ptl_torchreid.models import backbones
+from ptl_torchreid.utils import CheckpointMismatchError
 
 torchreid = _torchreid.torchreid
 SIZE = (64, 32)
-MODES = [dict(), dict(mode="rectify")]
+MODES = [dict(mode="branch"), dict(mode="rectify")]
 
 
 def plain_and_file(name, tmp_path, num_classes=5):
@@ -87,7 +88,7 @@ def test_imagenet_route_starts_as_the_plain_model(tmp_path, monkeypatch):
 
 def test_concat_head_is_the_reference_and_not_function_preserving(tmp_path):
     plain, path = plain_and_file("osnet_x0_25", tmp_path)
-    ptl = build_ptl("ptl_osnet_x0_25", head="concat")
+    ptl = build_ptl("ptl_osnet_x0_25", mode="branch", head="concat")
     models.load_pretrained_weights(ptl, path, verbose=False)
     assert hasattr(ptl, "reduce") and getattr(ptl, "fc", None) is None
     x = torch.rand(2, 3, *SIZE)
@@ -116,7 +117,7 @@ def test_one_step_moves_the_side_stream_and_two_reach_every_cell(options):
         optimizer.zero_grad()
         if step == 0:
             changed = [n for n, p in model.named_parameters() if n in side and not torch.equal(p, side[n])]
-            path = "side_proj" if options.get("mode") != "rectify" else "rectify"
+            path = "side_proj" if options.get("mode") == "branch" else "rectify"
             assert any(n.startswith(path) for n in changed)
             assert (embed(model, x) - before).abs().max() > 0
     assert reached == set(range(len(cells)))
@@ -158,7 +159,7 @@ def test_feature_extractor_with_model_zoo_file_embeds_as_the_plain_model():
 
 def test_checkpoints_written_before_the_key_change_still_load(tmp_path):
     """Older PTL checkpoints had ``backbone.``-prefixed keys and the concat head."""
-    old_style = build_ptl("ptl_osnet_x0_25", head="concat")
+    old_style = build_ptl("ptl_osnet_x0_25", mode="branch", head="concat")
     old_style.train()
     old_style(torch.rand(4, 3, *SIZE))  # a carried state and running statistics worth restoring
     side = {n for n, _ in old_style.named_children() if n not in dict(old_style.backbone.named_children())}
@@ -166,16 +167,51 @@ def test_checkpoints_written_before_the_key_change_still_load(tmp_path):
     path = str(tmp_path / "old.pth.tar")
     torch.save({"state_dict": state}, path)
 
-    reloaded = build_ptl("ptl_osnet_x0_25", head="concat")
+    reloaded = build_ptl("ptl_osnet_x0_25", mode="branch", head="concat")
     report = models.load_pretrained_weights(reloaded, path, mode="strict", verbose=False)
     assert report.ok
     x = torch.rand(2, 3, *SIZE)
     torch.testing.assert_close(embed(reloaded, x), embed(old_style, x), rtol=0, atol=0)
-    direct = build_ptl("ptl_osnet_x0_25", head="concat")
+    direct = build_ptl("ptl_osnet_x0_25", mode="branch", head="concat")
     direct.load_state_dict(state)  # torch's own load_state_dict maps the old names too
     torch.testing.assert_close(embed(direct, x), embed(old_style, x), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="ptl.head concat"):
         build_ptl("ptl_osnet_x0_25").load_state_dict(state)
+
+
+def test_a_checkpoint_of_another_ptl_shape_names_the_options_that_load_it(tmp_path, capsys):
+    """The default mode is rectify; a checkpoint saved under the branch default (or other rectified stages) says
+    which ``ptl.*`` settings rebuild its model, in every loading route, and loads exactly under them."""
+    saved = {"branch": build_ptl("ptl_osnet_x0_25", mode="branch"),
+             "last": build_ptl("ptl_osnet_x0_25", rectify_stages=("last",))}
+    paths = {}
+    for label, model in saved.items():
+        model.train()
+        model(torch.rand(4, 3, *SIZE))  # a carried state worth restoring
+        paths[label] = str(tmp_path / f"{label}.pth.tar")
+        torch.save({"state_dict": model.state_dict()}, paths[label])
+
+    with pytest.raises(CheckpointMismatchError, match="ptl.mode branch, ptl.head residual"):
+        models.load_pretrained_weights(build_ptl("ptl_osnet_x0_25"), paths["branch"], mode="strict", verbose=False)
+    with pytest.raises(CheckpointMismatchError, match=r"ptl.mode rectify, ptl.rectify_stages \['last'\]"):
+        models.load_pretrained_weights(build_ptl("ptl_osnet_x0_25"), paths["last"], mode="strict", verbose=False)
+    with pytest.raises(RuntimeError, match="ptl.mode branch"):  # torch's own strict load_state_dict
+        build_ptl("ptl_osnet_x0_25").load_state_dict(saved["branch"].state_dict())
+    cfg = get_default_config()
+    merge_from_list(cfg, ["model.name", "ptl_osnet_x0_25", "model.pretrained", "False", "model.load_weights",
+                          paths["branch"], "model.load_weights_mode", "strict", "data.height", str(SIZE[0]),
+                          "data.width", str(SIZE[1]), "loss.name", "triplet"])
+    with pytest.raises(CheckpointMismatchError, match="ptl.mode branch"):
+        build_model_from_config(validate_config(cfg), 5)
+    # match mode loads what fits and says what would load the rest
+    models.load_pretrained_weights(build_ptl("ptl_osnet_x0_25"), paths["branch"], mode="match")
+    assert "note: this checkpoint was saved from a PTL model with ptl.mode branch" in capsys.readouterr().out
+
+    x = torch.rand(2, 3, *SIZE)
+    for label, options in (("branch", dict(mode="branch")), ("last", dict(rectify_stages=("last",)))):
+        rebuilt = build_ptl("ptl_osnet_x0_25", **options)
+        assert models.load_pretrained_weights(rebuilt, paths[label], mode="strict", verbose=False).ok
+        torch.testing.assert_close(embed(rebuilt, x), embed(saved[label], x), rtol=0, atol=0)
 
 
 def test_rectify_uses_the_carried_state_and_stays_batch_independent_in_eval():
@@ -197,7 +233,7 @@ def test_rectify_uses_the_carried_state_and_stays_batch_independent_in_eval():
 
 
 def test_reference_options_build_what_they_say():
-    ref = build_ptl("ptl_resnet50", stage3_tap="first_block", side_pool="max", cell_init="fan_in")
+    ref = build_ptl("ptl_resnet50", mode="branch", stage3_tap="first_block", side_pool="max", cell_init="fan_in")
     assert ref.taps[3] == ("layer3[:1]",) and ref.taps[4] == ("layer3[1:]", "layer4")
     assert ref.fuse4[0].in_channels == 1024 + ref.widths["bconv5"]
     plain = torchreid.models.build_model("resnet50", num_classes=5, loss="triplet", pretrained=False)
@@ -213,7 +249,8 @@ def test_reference_options_build_what_they_say():
 
 @pytest.mark.parametrize("key, value", [("ptl.mode", "rectfy"), ("ptl.head", "sum"), ("ptl.side_pool", "min"),
                                         ("ptl.cell_init", "xavier"), ("ptl.cell_type", "lstm"),
-                                        ("ptl.stage3_tap", "middle"), ("ptl.rectify_stages", "['stage5']")])
+                                        ("ptl.stage3_tap", "middle"), ("ptl.rectify_stages", "['stage5']"),
+                                        ("ptl.head", "concat"), ("ptl.side_pool", "max")])  # branch-only options
 def test_config_names_the_bad_ptl_key(key, value):
     cfg = get_default_config()
     merge_from_list(cfg, [key, value])

@@ -45,28 +45,29 @@ from ptl_torchreid.config import engine_run_kwargs
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STATELESS = ("ptl.reset_policy", "iter", "ptl.reset_every_n_iters", "1", "ptl.eval_state", "zero")
+BRANCH, RECTIFY = ("ptl.mode", "branch"), ("ptl.mode", "rectify")  # explicit: a variant must not follow the default
 
 # label -> (PTL model?, config overrides, what it tests). 'plain' is the torchreid baseline.
 VARIANTS = {
     "plain": (False, (), "plain torchreid fine-tuning"),
-    "branch": (True, ("ptl.mode", "branch"), "side stream into the embedding (zero-initialised projection)"),
-    "rectify": (True, ("ptl.mode", "rectify"), "cells modulate stages 1-3 and the last stage (FiLM)"),
-    "branch-stateless": (True, ("ptl.mode", "branch") + STATELESS, "branch, state reset before every step"),
-    "rectify-stateless": (True, ("ptl.mode", "rectify") + STATELESS, "rectify, state reset before every step"),
-    "branch-adapter": (True, ("ptl.mode", "branch", "ptl.cell_type", "conv"),
+    "branch": (True, BRANCH, "side stream into the embedding (zero-initialised projection)"),
+    "rectify": (True, RECTIFY, "cells modulate stages 1-3 and the last stage (FiLM)"),
+    "branch-stateless": (True, BRANCH + STATELESS, "branch, state reset before every step"),
+    "rectify-stateless": (True, RECTIFY + STATELESS, "rectify, state reset before every step"),
+    "branch-adapter": (True, BRANCH + ("ptl.cell_type", "conv"),
                        "branch with plain conv adapters instead of cells (capacity-matched)"),
-    "rectify-adapter": (True, ("ptl.mode", "rectify", "ptl.cell_type", "conv"),
+    "rectify-adapter": (True, RECTIFY + ("ptl.cell_type", "conv"),
                         "rectify with plain conv adapters instead of cells (capacity-matched)"),
-    "rectify-last": (True, ("ptl.mode", "rectify", "ptl.rectify_stages", "['last']"), "rectify the last stage only"),
-    "rectify-early": (True, ("ptl.mode", "rectify", "ptl.rectify_stages", "['stage1', 'stage2']"),
-                      "rectify stages 1 and 2 only"),
-    "branch-maxpool": (True, ("ptl.side_pool", "max"), "branch, max-pooled side stream (reference)"),
-    "branch-fan_in": (True, ("ptl.cell_init", "fan_in"), "branch, fan_in gate init (reference)"),
-    "branch-block-tap": (True, ("ptl.stage3_tap", "first_block"),
+    "rectify-last": (True, RECTIFY + ("ptl.rectify_stages", "['last']"), "rectify the last stage only"),
+    "rectify-early": (True, RECTIFY + ("ptl.rectify_stages", "['stage1', 'stage2']"), "rectify stages 1 and 2 only"),
+    "branch-maxpool": (True, BRANCH + ("ptl.side_pool", "max"), "branch, max-pooled side stream (reference)"),
+    "branch-fan_in": (True, BRANCH + ("ptl.cell_init", "fan_in"), "branch, fan_in gate init (reference)"),
+    "branch-block-tap": (True, BRANCH + ("ptl.stage3_tap", "first_block"),
                          "branch, stage-3 tap after its first block (reference)"),
-    "concat-head": (True, ("ptl.head", "concat"), "the reference's concat-and-reduce head (not function-preserving)"),
-    "reference-as-run": (True, ("ptl.head", "concat", "ptl.side_pool", "max", "ptl.cell_init", "fan_in",
-                                "ptl.stage3_tap", "first_block") + STATELESS,
+    "concat-head": (True, BRANCH + ("ptl.head", "concat"),
+                    "the reference's concat-and-reduce head (not function-preserving)"),
+    "reference-as-run": (True, BRANCH + ("ptl.head", "concat", "ptl.side_pool", "max", "ptl.cell_init", "fan_in",
+                                         "ptl.stage3_tap", "first_block") + STATELESS,
                          "the reference's choices with its state re-initialised before every forward"),
 }
 ADAPTER_OF = {"branch": "branch-adapter", "rectify": "rectify-adapter"}

@@ -128,7 +128,7 @@ def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_c
     if "input_size" in kwargs:
         kwargs["input_size"] = tuple(kwargs["input_size"])
         if "mode" not in kwargs:  # a PTL model pruned before PTL heads and backbone key names changed
-            kwargs["head"] = "concat"
+            kwargs.update(mode="branch", head="concat")
             channels = {re.sub(r"^backbone\.", "", k): v for k, v in channels.items()}
     model = build_model(info["arch"], num_classes=int(info["num_classes"]), loss=info.get("loss", "softmax"),
                         pretrained=False, **kwargs)

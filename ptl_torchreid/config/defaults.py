@@ -167,7 +167,7 @@ def add_ptl_config(cfg):
     cfg.ptl.freeze_backbone_epochs = 0  # train only cells + head for the first K epochs; -1: throughout
     cfg.ptl.lr_mult = 1.0  # learning-rate multiplier for the PTL parameters (cells, fusion, head)
     # How the side stream acts (see ptl_torchreid.models.PTLNet):
-    cfg.ptl.mode = "branch"  # 'branch': it joins the head | 'rectify': it modulates backbone stages
+    cfg.ptl.mode = "rectify"  # 'rectify': it modulates backbone stages | 'branch': it joins the head
     cfg.ptl.head = "residual"  # branch head: 'residual' (keeps the pretrained embedding) | 'concat' (reference)
     cfg.ptl.rectify_stages = ["stage1", "stage2", "stage3", "last"]  # stages rectify mode modulates
     cfg.ptl.side_pool = "avg"  # pooling of the side stream in the branch head: 'avg' | 'max' (reference)

@@ -16,9 +16,9 @@ feature maps:
   and the side stream adds a zero-initialised projection to the embedding; with ``head='concat'`` (the
   reference's head, for training from ImageNet) the pooled maps are concatenated and reduced by a new
   linear + BN + ReLU.
-* ``'rectify'``: at the chosen stages the cell output at that stage's resolution modulates the stage's output
-  (:class:`~ptl_torchreid.models.blocks.Rectifier`, zero-initialised) before it goes on through the backbone;
-  the backbone's own head gives the embedding.
+* ``'rectify'`` (the default, as measured in docs/BENCHMARKS.md): at the chosen stages the cell output at that
+  stage's resolution modulates the stage's output (:class:`~ptl_torchreid.models.blocks.Rectifier`,
+  zero-initialised) before it goes on through the backbone; the backbone's own head gives the embedding.
 
 With the default head and in rectify mode a freshly built PTL model computes exactly the embedding of its
 backbone, so fine-tuning starts from the pretrained model.
@@ -55,7 +55,7 @@ def side_stream_widths(stage3_channels, divisor=8):
     return {k: max(divisor, int(-(-v * scale // divisor)) * divisor) for k, v in REFERENCE_WIDTHS.items()}
 
 
-def check_options(mode="branch", head="residual", side_pool="avg", cell_init="fan_out", cell_type="bconv",
+def check_options(mode="rectify", head="residual", side_pool="avg", cell_init="fan_out", cell_type="bconv",
                   stage3_tap="stage", loss="softmax"):
     """Validate :class:`PTLNet`'s choice options without building a model (used by configs); raises
     :class:`~ptl_torchreid.models.options.InvalidOption`."""
@@ -63,6 +63,11 @@ def check_options(mode="branch", head="residual", side_pool="avg", cell_init="fa
                                  ("cell_init", cell_init, CELL_INITS), ("cell_type", cell_type, CELL_TYPES),
                                  ("stage3_tap", stage3_tap, STAGE3_TAPS), ("loss", loss, LOSSES)):
         check_choice(name, value, choices)
+    if mode != "branch":  # options of the branch head would be silently ignored
+        for name, value, default in (("head", head, "residual"), ("side_pool", side_pool, "avg")):
+            if value != default:
+                raise InvalidOption(name, value, f"it shapes the branch head only: set mode='branch' (config: "
+                                    f"ptl.mode branch) to use it, or leave it at {default!r} with mode={mode!r}")
 
 
 def check_freeze_epochs(freeze_backbone_epochs):
@@ -112,8 +117,8 @@ class PTLNet(nn.Module):
         input_size: (height, width) the model is built for; fixes the cells' state shapes.
         widths: side-stream channel widths (keys of ``REFERENCE_WIDTHS``); default scales the reference widths.
         state_mode, eval_state, momentum: BConv-Cell options (see ``BConvCell``).
-        mode: ``'branch'`` or ``'rectify'`` (module docstring).
-        head: branch mode's head, ``'residual'`` or ``'concat'``.
+        mode: ``'rectify'`` (default) or ``'branch'`` (module docstring).
+        head: branch mode's head, ``'residual'`` or ``'concat'`` (rectify mode takes the default only).
         rectify_stages: stages rectify mode modulates, names of ``STAGES``.
         side_pool: pooling of the side-stream output in the branch head, ``'avg'`` or ``'max'`` (the reference).
         cell_init: Kaiming init mode of the side-stream convolutions, ``'fan_out'`` or ``'fan_in'`` (reference).
@@ -124,7 +129,7 @@ class PTLNet(nn.Module):
     is_ptl = True
 
     def __init__(self, backbone, taps, num_classes, loss="softmax", input_size=(256, 128), widths=None,
-                 state_mode="dataset", eval_state="running", momentum=0.1, mode="branch", head="residual",
+                 state_mode="dataset", eval_state="running", momentum=0.1, mode="rectify", head="residual",
                  rectify_stages=STAGES, side_pool="avg", cell_init="fan_out", cell_type="bconv", stage3_tap="stage",
                  feature_dim=None):
         super().__init__()
@@ -275,11 +280,34 @@ class PTLNet(nn.Module):
         if upgraded is not state_dict:
             state_dict.clear()
             state_dict.update(upgraded)
-        if strict and self.head != "concat" and prefix + "reduce.0.weight" in state_dict:
-            error_msgs.append(
-                "this checkpoint has the concat head of the reference PTL model (reduce.*); build the "
-                "model with head='concat' (config: ptl.head concat) to load it"
-            )
+        hint = self.mismatch_hint(state_dict, prefix) if strict else None
+        if hint:
+            error_msgs.append(hint)
+
+    def mismatch_hint(self, state_dict, prefix=""):
+        """How to build a model that loads ``state_dict`` when it is a PTL checkpoint of another shape (mode,
+        head or rectified stages) than this model, e.g. one saved under an older default; ``None`` otherwise."""
+        keys = [k[len(prefix):] for k in self.upgrade_state_dict(state_dict, prefix) if k.startswith(prefix)]
+        rectified = sorted({k.split(".")[0] for k in keys if k.startswith("rectify")})
+        if rectified:
+            stages = [STAGES[int(name[len("rectify"):]) - 1] for name in rectified]
+            if self.mode == "rectify" and list(self.rectify_stages) == stages:
+                return None
+            saved = {"mode": "rectify", "rectify_stages": stages}
+        elif "reduce.0.weight" in keys:
+            if self.head == "concat":
+                return None
+            saved = {"mode": "branch", "head": "concat"}
+        elif "side_proj.weight" in keys:
+            if self.head == "residual":
+                return None
+            saved = {"mode": "branch", "head": "residual"}
+        else:
+            return None  # a plain torchreid checkpoint, or one without a PTL head
+        config = ", ".join(f"ptl.{k} {v}" for k, v in saved.items())
+        options = ", ".join(f"{k}={v!r}" for k, v in saved.items())
+        return (f"this checkpoint was saved from a PTL model with {config}; build the model with {options} "
+                f"(config: {config}) to load it")
 
     # -- PTL API ------------------------------------------------------------------------------------------------
     def build_options(self):

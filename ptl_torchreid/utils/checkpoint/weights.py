@@ -159,6 +159,8 @@ def load_weights(
     report.missing = [k for k in model_sd if k not in state_dict]
 
     what = f'checkpoint "{source}"' if source else "the given checkpoint"
+    hint_of = getattr(target, "mismatch_hint", None)  # a model's own advice on checkpoints of its other shapes
+    hint = hint_of(state_dict) if hint_of is not None and not report.ok else None
     if not report.loaded:
         raise CheckpointMismatchError(
             report,
@@ -168,9 +170,10 @@ def load_weights(
     if mode == "strict" and not report.ok:
         raise CheckpointMismatchError(
             report,
-            f"{what.capitalize()} does not match {type(target).__name__}; nothing was loaded. To load only "
-            "the tensors that match by name and shape (e.g. fine-tuning with a different number of "
-            f"identities), use mode='match'.\n{report.summary()}",
+            f"{what.capitalize()} does not match {type(target).__name__}; nothing was loaded. "
+            + (f"{hint[0].upper()}{hint[1:]}. " if hint else "")
+            + "To load only the tensors that match by name and shape (e.g. fine-tuning with a different number "
+            f"of identities), use mode='match'.\n{report.summary()}",
         )
     result = target.load_state_dict(to_load, strict=False)
     # load_state_dict can still report keys (e.g. from custom _load_from_state_dict hooks); surface them.
@@ -178,7 +181,7 @@ def load_weights(
         if k not in report.unexpected:
             report.unexpected.append(k)
     if verbose:
-        print(report.summary())
+        print(report.summary() + (f"\n  note: {hint}" if hint else ""))
     return report
 
 
