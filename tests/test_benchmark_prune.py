@@ -58,7 +58,8 @@ def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
                     rank1={str(s): m for s, m in maps.items()}, mAP={str(s): m for s, m in maps.items()})
 
     a = dict(header=["## ResNet-50"], size=[64, 32], results=[result("tp_l1", {1: 40.0, 2: 42.0})])
-    b = dict(header=["## other run"], size=[64, 32], results=[result("magnitude", {1: 41.0, 2: 45.0})])
+    b = dict(header=["## other run"], size=[64, 32], results=[result("magnitude", {1: 41.0, 2: 45.0}),
+                                                              result("baseline", {1: 46.0, 2: 46.0})])
     for name, data in (("a.json", a), ("b.json", b)):
         (tmp_path / name).write_text(json.dumps(data))
     proc = run_tool("benchmark_prune.py", "--report", tmp_path / "a.json", tmp_path / "b.json")
@@ -66,6 +67,9 @@ def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
     assert "GFLOPs (64x32)" in proc.stdout and "## ResNet-50" in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| magnitude |"))
     assert "+2.0 ± 12.7" in row  # differences 1 and 3: mean 2, half-width t(1 dof) 12.706 * std 1.414 / sqrt 2
+    assert "-3.0 ± 25.4" in row  # to the unpruned model: -5 and -1
+    baseline = next(line for line in proc.stdout.splitlines() if line.startswith("| baseline |"))
+    assert baseline.count("| - |") == 1  # paired with L1, not with itself
 
 
 @pytest.mark.slow

@@ -180,26 +180,33 @@ def paired_difference(values, reference):
 
 
 def accuracy_table(results, size=(128, 64)):
-    """Markdown rows for the accuracy results (list of dicts in run order), with the paired difference to L1."""
-    l1 = next((r for r in results if r["key"] == "tp_l1"), None)
+    """Markdown rows for the accuracy results (list of dicts in run order), with the paired differences to L1
+    and to the unpruned model."""
+    def seed_maps(row):
+        return {int(k): v for k, v in row["mAP"].items()}
+
+    references = [next((r for r in results if r["key"] == key), None) for key in ("tp_l1", "baseline")]
     lines = [f"| model | variant | GFLOPs ({size[0]}x{size[1]}) | params (M) | Rank-1 before | mAP before | Rank-1 "
-             "| mAP | mAP - L1 (paired, 95% CI) | mAP by seed | train min / seed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mAP | mAP - L1 (paired, 95% CI) | mAP - unpruned (paired, 95% CI) | mAP by seed | train min / seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        maps = {int(k): v for k, v in r["mAP"].items()}
+        maps = seed_maps(r)
         (r_m, r_s), (m_m, m_s) = mean_std(list(r["rank1"].values())), mean_std(list(maps.values()))
-        diff = "-"
-        if l1 is not None and r is not l1:
-            d, ci = paired_difference(maps, {int(k): v for k, v in l1["mAP"].items()})
-            diff = f"{d:+.1f} ± {ci:.1f}"
+        diffs = []
+        for reference in references:
+            diff = "-"
+            if reference is not None and r is not reference:
+                d, ci = paired_difference(maps, seed_maps(reference))
+                diff = f"{d:+.1f} ± {ci:.1f}"
+            diffs.append(diff)
         if not maps:
             rank1_before, map_before = r["before"]
             lines.append(f"| {r['name']} | {r['variant']} | {r['gflops']:.4f} | {r['mparams']:.3f} | "
-                         f"{rank1_before:.1f} | {map_before:.1f} | - | - | - | - | - |")
+                         f"{rank1_before:.1f} | {map_before:.1f} | - | - | - | - | - | - |")
             continue
         before = "- | -" if r["before"] is None else f"{r['before'][0]:.1f} | {r['before'][1]:.1f}"
         lines.append(f"| {r['name']} | {r['variant']} | {r['gflops']:.4f} | {r['mparams']:.3f} | {before} | {r_m:.1f} "
-                     f"± {r_s:.1f} | {m_m:.1f} ± {m_s:.1f} | {diff} | "
+                     f"± {r_s:.1f} | {m_m:.1f} ± {m_s:.1f} | {' | '.join(diffs)} | "
                      f"{' '.join(f'{s}:{maps[s]:.1f}' for s in sorted(maps))} | {r['minutes']:.1f} |")
     return lines
 
