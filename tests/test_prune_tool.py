@@ -56,3 +56,22 @@ def test_compensation_without_data_stops_with_a_clear_error():
 def test_a_missing_checkpoint_is_named_without_a_traceback(tmp_path):
     proc = run_tool("prune.py", "--arch", "osnet_x0_25", "--weights", tmp_path / "missing.pth", *COP_ARGS)
     assert proc.returncode == 2 and "missing.pth" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_ptl_checkpoint_is_pruned_in_the_shape_it_was_saved_in(tmp_path):
+    """There is no mode option here: a branch-mode checkpoint (the default before rectify) is rebuilt as a branch
+    model, not loaded partly into a rectify model."""
+    torch.manual_seed(0)
+    model = build_model("ptl_osnet_x0_25", num_classes=7, mode="branch", input_size=(64, 32))
+    torch.nn.init.normal_(model.side_proj.weight, 0, 0.1)  # the side stream reaches the embedding
+    weights, out = str(tmp_path / "w.pth"), str(tmp_path / "pruned.pth")
+    torch.save({"state_dict": model.state_dict()}, weights)
+    proc = run_tool("prune.py", "--arch", "ptl_osnet_x0_25", "--weights", weights, "--prune-rate", "0",
+                    "--height", "64", "--width", "32", "--latency-batch", "0", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: this checkpoint" not in proc.stdout  # it loaded whole
+    reloaded = load_pruned_model(out).eval()
+    assert reloaded.mode == "branch"
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model.eval()(x))

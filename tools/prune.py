@@ -38,7 +38,7 @@ from ptl_torchreid.compress import (
     save_pruned_model,
 )
 from ptl_torchreid.config import ConfigError
-from ptl_torchreid.models import build_model, load_pretrained_weights
+from ptl_torchreid.models import PTLNet, build_model, load_pretrained_weights
 from ptl_torchreid.utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint
 
 
@@ -77,7 +77,10 @@ def load_model(args):
     if num_classes is None and args.weights:
         classifier = extract_state_dict(checkpoint).get("classifier.weight")
         num_classes = int(classifier.shape[0]) if classifier is not None else None
-    kwargs = dict(input_size=(args.height, args.width)) if args.arch.startswith("ptl_") else {}
+    kwargs = {}
+    if args.arch.startswith("ptl_"):  # the PTL head's shape (mode, head, stages) is the checkpoint's
+        saved = PTLNet.saved_options(extract_state_dict(checkpoint)) if args.weights else None
+        kwargs = dict(input_size=(args.height, args.width), **(saved or {}))
     model = build_model(args.arch, num_classes=num_classes or 1, loss=args.loss, pretrained=False, **kwargs)
     if args.weights:
         load_pretrained_weights(model, checkpoint)  # the file read above

@@ -284,26 +284,28 @@ class PTLNet(nn.Module):
         if hint:
             error_msgs.append(hint)
 
+    @classmethod
+    def saved_options(cls, state_dict, prefix=""):
+        """The options that shape the PTL head (``mode``, ``head``, ``rectify_stages``) of the model
+        ``state_dict`` was saved from, read from its keys; ``None`` for a state dict without a PTL head (a plain
+        torchreid checkpoint)."""
+        keys = [k[len(prefix):] for k in cls.upgrade_state_dict(state_dict, prefix) if k.startswith(prefix)]
+        rectified = sorted({k.split(".")[0] for k in keys if k.startswith("rectify")})
+        if rectified:
+            return {"mode": "rectify", "rectify_stages": [STAGES[int(name[len("rectify"):]) - 1] for name in rectified]}
+        if "reduce.0.weight" in keys:
+            return {"mode": "branch", "head": "concat"}
+        if "side_proj.weight" in keys:
+            return {"mode": "branch", "head": "residual"}
+        return None
+
     def mismatch_hint(self, state_dict, prefix=""):
         """How to build a model that loads ``state_dict`` when it is a PTL checkpoint of another shape (mode,
         head or rectified stages) than this model, e.g. one saved under an older default; ``None`` otherwise."""
-        keys = [k[len(prefix):] for k in self.upgrade_state_dict(state_dict, prefix) if k.startswith(prefix)]
-        rectified = sorted({k.split(".")[0] for k in keys if k.startswith("rectify")})
-        if rectified:
-            stages = [STAGES[int(name[len("rectify"):]) - 1] for name in rectified]
-            if self.mode == "rectify" and list(self.rectify_stages) == stages:
-                return None
-            saved = {"mode": "rectify", "rectify_stages": stages}
-        elif "reduce.0.weight" in keys:
-            if self.head == "concat":
-                return None
-            saved = {"mode": "branch", "head": "concat"}
-        elif "side_proj.weight" in keys:
-            if self.head == "residual":
-                return None
-            saved = {"mode": "branch", "head": "residual"}
-        else:
-            return None  # a plain torchreid checkpoint, or one without a PTL head
+        saved = self.saved_options(state_dict, prefix)
+        mine = {"mode": self.mode, "head": self.head or "residual", "rectify_stages": list(self.rectify_stages)}
+        if saved is None or all(mine[k] == v for k, v in saved.items()):
+            return None
         config = ", ".join(f"ptl.{k} {v}" for k, v in saved.items())
         options = ", ".join(f"{k}={v!r}" for k, v in saved.items())
         return (f"this checkpoint was saved from a PTL model with {config}; build the model with {options} "
