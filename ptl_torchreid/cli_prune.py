@@ -10,6 +10,7 @@ checkpoints under ``<save_dir>/model`` carry the channel configuration, and the 
 ``--out`` (default ``<save_dir>/model/pruned.pth.tar``). All of them reload with ``load_pruned_model`` or as
 ``model.load_weights`` of any command.
 """
+import argparse
 import os.path as osp
 
 from ptl_torchreid import _torchreid
@@ -93,7 +94,11 @@ def add_prune_arguments(parser):
     g.add_argument("--latency-rounds", type=int, default=3)
     g.add_argument("--skip-eval-before", action="store_true", help="do not evaluate the unpruned model")
     g.add_argument(
-        "--distill", action="store_true", help="distil the unpruned model into the pruned one during the fine-tuning"
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="distil the unpruned model into the pruned one during the fine-tuning (default: on, the best measured "
+             "recovery on OSNet and ResNet-50; it costs a forward of the unpruned model per step)",
     )
     g.add_argument(
         "--distill-feature-weight",
@@ -201,7 +206,9 @@ def _prune_and_finetune(cfg, args, datamanager, model, options):
             )
         except ValueError as e:  # invalid preset/weights, unreachable target, unsupported layer
             raise ConfigError(f"pruning {cfg.model.name}: {e}") from None
-        report.distill = bool(args.distill)
+        epochs = epochs_left // (steps - step + 1)
+        epochs_left -= epochs
+        report.distill = bool(args.distill) and epochs > 0  # distillation happens in the fine-tuning only
         first = first or report
         if steps > 1:
             print(f"=> Pruning step {step} of {steps}")
@@ -209,20 +216,18 @@ def _prune_and_finetune(cfg, args, datamanager, model, options):
         print(report.layer_table())
         for note in report.notes:
             print("note: " + note)
-        epochs = epochs_left // (steps - step + 1)
-        epochs_left -= epochs
         step_cfg = cfg.clone()
         step_cfg.defrost()
         step_cfg.train.max_epoch = epochs
         engine = build_engine(step_cfg, datamanager, pruned)
         hooks = [Distillation(model, args.distill_feature_weight, args.distill_logit_weight,
-                              args.distill_temperature)] if args.distill else []
+                              args.distill_temperature)] if report.distill else []
         info = make_pruning_info(pruned, cfg.model.name, report=report)
         engine.checkpoint_extras["pruning"] = info  # every checkpoint of the fine-tuning reloads as a pruned model
         if epochs > 0:
             print(
                 f"=> Fine-tuning the pruned model for {epochs} "
-                f"epochs{' with distillation from the unpruned model' if args.distill else ''}"
+                f"epochs{' with distillation from the unpruned model' if report.distill else ''}"
             )
             results = run(step_cfg, hooks=hooks, engine=engine)
         elif step == steps:

@@ -683,8 +683,10 @@ def test_prune_command_prunes_finetunes_evaluates_and_saves(tmp_path, capsys):
     for row in ("| params |", "| FLOPs (64x32) |", "| latency s (batch 2, cpu) |", "| Rank-1 (synthetic_reid) |",
                 "| mAP (synthetic_reid) |"):
         assert row in out
+    assert "Fine-tuning the pruned model for 1 epochs with distillation from the unpruned model" in out  # default
     pruned_file = save / "prune" / "model" / "pruned.pth.tar"
     info = pruning_info(str(pruned_file))
+    assert info["report"]["distill"] is True and info["report"]["variant"].endswith("+kd")
     assert info["arch"] == "osnet_x0_25" and 0.28 <= 1 - info["report"]["flops_after"] / info["report"][
         "flops_before"] <= 0.32
     # The engine's own checkpoints of the fine-tuning carry the channel configuration too.

@@ -414,7 +414,7 @@ def test_prune_command_iterative_with_distillation_records_the_variant(tmp_path,
     weights = str(tmp_path / "w.pth")
     torch.save({"state_dict": build_model("osnet_x0_25", num_classes=4).state_dict()}, weights)
     assert main(["prune", "--config-file", demo, "--root", data_root, "--flops-reduction", "0.4", "--preset",
-                 "faster", "--round-to", "4", "--steps", "2", "--distill", "--calibration-images", "8",
+                 "faster", "--round-to", "4", "--steps", "2", "--calibration-images", "8",
                  "--latency-batch", "0", "--skip-eval-before"] + tiny +
                 ["data.save_dir", str(tmp_path / "run"), "model.load_weights", weights]) == 0
     out = capsys.readouterr().out
@@ -425,6 +425,17 @@ def test_prune_command_iterative_with_distillation_records_the_variant(tmp_path,
     assert info["variant"] == variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, True)
     assert info["defaults"] == ["criterion", "compensate"]
     assert 0.38 <= 1 - info["flops_after"] / info["flops_before"] <= 0.42
+
+
+def test_prune_command_distils_unless_told_not_to():
+    import argparse
+
+    from ptl_torchreid.cli_prune import add_prune_arguments
+
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    assert parser.parse_args(["--flops-reduction", "0.3"]).distill is True
+    assert parser.parse_args(["--flops-reduction", "0.3", "--no-distill"]).distill is False
 
 
 def test_prune_command_rejects_bad_recovery_options(tmp_path, capsys):
