@@ -131,9 +131,11 @@ def _train(cfg, model, teacher=None):
 # A pruned row's key is its variant name: criterion, the compensation ('+bn', '+ls' or '+bn+ls'), '+kd' for
 # distillation, and '+steps<k>' for the iterative schedule (k cuts, the fine-tuning budget split between them). The
 # default rows; every other criterion[+compensation][+kd][+steps<k>] combination can be asked for by name.
-ACCURACY_ROWS = ("baseline", "cop", "cop+ls", "cop_magnitude", "cop_magnitude+ls", "magnitude", "magnitude+ls",
-                 "cop_activation", "cop_activation+ls", "taylor", "taylor+ls", "magnitude+kd", "magnitude+ls+kd",
-                 "cop_activation+ls+kd", "magnitude+steps3", "tp_l1", "tp_taylor", "tp_random", "ptl")
+# The default rows: every criterion without and with the default compensation, distillation and the iterative
+# schedule on the default, Torch-Pruning's criteria, PTL at baseline cost.
+ACCURACY_ROWS = ("baseline", "cop", "cop+bn+ls", "cop_magnitude", "cop_magnitude+bn+ls", "magnitude", "magnitude+bn+ls",
+                 "cop_activation", "cop_activation+bn+ls", "taylor", "taylor+bn+ls", "magnitude+bn+ls+kd",
+                 "magnitude+bn+ls+steps3", "tp_l1", "tp_taylor", "tp_random", "ptl")
 VALID_ROWS = ("baseline", "tp_l1", "tp_taylor", "tp_random", "ptl") + tuple(
     variant_name(c, comp, kd) + tail for c in CRITERIA for comp in COMPENSATIONS for kd in (False, True)
     for tail in ("", "+steps2", "+steps3", "+steps4"))
@@ -412,7 +414,7 @@ def main(argv=None):
     parser.add_argument("--target-epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="section 3: fine-tuning seeds")
     parser.add_argument("--rows", nargs="+", default=None,
-                        help=f"section 3: rows to run (default all: {' '.join(ACCURACY_ROWS)})")
+                        help=f"section 3: rows to run (default: {' '.join(ACCURACY_ROWS)})")
     parser.add_argument("--calibration-images", type=int, default=64,
                         help="section 3: training images for the data-aware criteria and compensation")
     parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")
