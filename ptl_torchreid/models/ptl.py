@@ -303,7 +303,7 @@ class PTLNet(nn.Module):
         """How to build a model that loads ``state_dict`` when it is a PTL checkpoint of another shape (mode,
         head or rectified stages) than this model, e.g. one saved under an older default; ``None`` otherwise."""
         saved = self.saved_options(state_dict, prefix)
-        mine = {"mode": self.mode, "head": self.head or "residual", "rectify_stages": list(self.rectify_stages)}
+        mine = self.build_options()
         if saved is None or all(mine[k] == v for k, v in saved.items()):
             return None
         config = ", ".join(f"ptl.{k} {v}" for k, v in saved.items())
