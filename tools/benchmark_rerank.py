@@ -128,32 +128,34 @@ def main(argv=None):
     del size
     print(f"case {args.case}: {nq} queries x {ng} gallery, {FEATURES['dim']}-D features; load average "
           f"{load_average():.2f} at the start")
-    results, tmp = {}, tempfile.mkdtemp(prefix="bench_rerank_")
-    for method in methods:
-        if method in args.skip:
-            continue
-        out = os.path.join(tmp, method)
-        cmd = [sys.executable, os.path.abspath(__file__), "--case", args.case, "--seed", str(args.seed),
-               "--cap-gb", str(args.cap_gb), "--child", method, out] + (["--quick"] if args.quick else [])
-        print("running", method, "...", flush=True)
-        subprocess.run(cmd, check=True)
-        with open(out + ".json") as f:
-            results[method] = json.load(f)
-        print(f"  {method}: {' | '.join(cells(results[method]))}", flush=True)
+    results = {}
+    # The children write their results (and distance matrices) here; removed when the comparison is done.
+    with tempfile.TemporaryDirectory(prefix="bench_rerank_") as tmp:
+        for method in methods:
+            if method in args.skip:
+                continue
+            out = os.path.join(tmp, method)
+            cmd = [sys.executable, os.path.abspath(__file__), "--case", args.case, "--seed", str(args.seed),
+                   "--cap-gb", str(args.cap_gb), "--child", method, out] + (["--quick"] if args.quick else [])
+            print("running", method, "...", flush=True)
+            subprocess.run(cmd, check=True)
+            with open(out + ".json") as f:
+                results[method] = json.load(f)
+            print(f"  {method}: {' | '.join(cells(results[method]))}", flush=True)
 
-    new, ref = methods[0], (methods[1] if len(methods) > 1 else None)
-    compared = ""
-    if ref in results and new in results and "mAP" in results[new]:
-        same_metrics = all(results[new][k] == results[ref][k] for k in ("cmc", "mAP", "mINP", "tpr"))
-        compared = f"CMC/mAP/mINP/TPR identical: {'yes' if same_metrics else 'NO'}"
-        if os.path.exists(os.path.join(tmp, new + ".npy")) and os.path.exists(os.path.join(tmp, ref + ".npy")):
-            a, b = np.load(os.path.join(tmp, new + ".npy")), np.load(os.path.join(tmp, ref + ".npy"))
-            compared += f"; max |distance difference| {float(np.abs(a - b).max()):.2e}"
-    elif ref in results and new in results:  # the knn case: compare the neighbours
-        a, b = np.load(os.path.join(tmp, new + ".idx.npy")), np.load(os.path.join(tmp, ref + ".idx.npy"))
-        same_rows = float((a == b).all(1).mean())
-        compared = (f"top-{a.shape[1]} lists identical for {same_rows:.2%} of the queries, nearest neighbour for "
-                    f"{float((a[:, 0] == b[:, 0]).mean()):.2%} (float32 rounding can swap near-equal distances)")
+        new, ref = methods[0], (methods[1] if len(methods) > 1 else None)
+        compared = ""
+        if ref in results and new in results and "mAP" in results[new]:
+            same_metrics = all(results[new][k] == results[ref][k] for k in ("cmc", "mAP", "mINP", "tpr"))
+            compared = f"CMC/mAP/mINP/TPR identical: {'yes' if same_metrics else 'NO'}"
+            if os.path.exists(os.path.join(tmp, new + ".npy")) and os.path.exists(os.path.join(tmp, ref + ".npy")):
+                a, b = np.load(os.path.join(tmp, new + ".npy")), np.load(os.path.join(tmp, ref + ".npy"))
+                compared += f"; max |distance difference| {float(np.abs(a - b).max()):.2e}"
+        elif ref in results and new in results:  # the knn case: compare the neighbours
+            a, b = np.load(os.path.join(tmp, new + ".idx.npy")), np.load(os.path.join(tmp, ref + ".idx.npy"))
+            same_rows = float((a == b).all(1).mean())
+            compared = (f"top-{a.shape[1]} lists identical for {same_rows:.2%} of the queries, nearest neighbour for "
+                        f"{float((a[:, 0] == b[:, 0]).mean()):.2%} (float32 rounding can swap near-equal distances)")
     header = "| case | method | time (s) | peak memory (GB) | Rank-1 | mAP | mINP | TPR@FPR 1e-4 / 1e-3 / 1e-2 |"
     rows = [header, "|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
