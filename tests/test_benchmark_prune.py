@@ -103,3 +103,21 @@ def test_torch_pruning_peer_is_cut_to_the_flops_of_cop(tmp_path):
     assert row["key"] == "tp_l1" and row["before"] is not None and not row["mAP"]
     source = build_model("osnet_x0_25", num_classes=1)
     assert row["gflops"] * 1e9 == pytest.approx(count_flops(source, SIZE) / 2, rel=0.03)
+
+
+@pytest.mark.slow
+def test_ptl_at_baseline_cost_in_the_chosen_mode_distils_from_its_unpruned_parent(tmp_path):
+    """'ptl+kd': the PTL model of the chosen mode, pruned to the plain model's FLOPs, fine-tuned with feature
+    distillation from the unpruned PTL model it was cut from."""
+    proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-epochs",
+                    "1", "--target-epochs", "2", "--seeds", "1", "--rows", "ptl+kd", "--ptl-mode", "branch",
+                    "--work-dir", tmp_path, "--results-json", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unpruned, pruned = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert unpruned["key"] == "ptl_unpruned" and "(branch, unpruned)" in unpruned["name"]
+    assert pruned["key"] == "ptl_pruned+kd" and pruned["variant"].endswith("+kd") and "(branch)" in pruned["name"]
+    assert set(pruned["mAP"]) == {"1"}
+    plain = build_model("osnet_x0_25", num_classes=1)
+    assert pruned["gflops"] * 1e9 <= count_flops(plain, SIZE) * 1.01 < unpruned["gflops"] * 1e9
+    distilled = [line for line in proc.stdout.splitlines() if "loss_kd_f" in line]
+    assert distilled, "the pruned PTL model's fine-tuning logs no distillation term"

@@ -19,8 +19,9 @@ ResNet-50 (``--accuracy-arch``) is trained on synthetic_source (or starts from `
 model-zoo osnet_x0_25 MSMT17 weights with ``--accuracy-arch osnet_x0_25``); then, with the same fine-tuning
 budget on synthetic_target, the unpruned model, COP (faster, balanced) and Torch-Pruning L1 / random at equal
 FLOPs (50% at 128x64) are fine-tuned and evaluated (Rank-1, mAP). For "PTL at baseline cost", the PTL model
-(backbone from the same source model) is trained on synthetic_target, pruned to the plain model's FLOPs and
-fine-tuned again.
+(backbone from the same source model; its mode from ``--ptl-mode``) is trained on synthetic_target, pruned to the
+plain model's FLOPs and fine-tuned again, without (row ``ptl``) and with (row ``ptl+kd``) distillation from the
+unpruned PTL model it was cut from.
 """
 import argparse
 import copy
@@ -44,7 +45,7 @@ from ptl_torchreid.compress.cop import COMPENSATIONS, step_reductions, variant_n
 from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
-from ptl_torchreid.models import build_model, load_pretrained_weights
+from ptl_torchreid.models import MODES, build_model, load_pretrained_weights
 
 
 def _load():
@@ -135,8 +136,11 @@ def _train(cfg, model, teacher=None):
 # schedule on the default, Torch-Pruning's criteria, PTL at baseline cost.
 ACCURACY_ROWS = ("baseline", "cop", "cop+bn+ls", "cop_magnitude", "cop_magnitude+bn+ls", "magnitude", "magnitude+bn+ls",
                  "cop_activation", "cop_activation+bn+ls", "taylor", "taylor+bn+ls", "magnitude+bn+ls+kd",
-                 "magnitude+bn+ls+steps3", "tp_l1", "tp_taylor", "tp_random", "ptl")
-VALID_ROWS = ("baseline", "tp_l1", "tp_taylor", "tp_random", "ptl") + tuple(
+                 "magnitude+bn+ls+steps3", "tp_l1", "tp_taylor", "tp_random", "ptl", "ptl+kd")
+# 'ptl': PTL at baseline cost, pruned with the default criterion and compensation; 'ptl+kd': the same pruned model
+# also distilled from the unpruned PTL model it was cut from (the prune command's default recovery).
+PTL_ROWS = ("ptl", "ptl+kd")
+VALID_ROWS = ("baseline", "tp_l1", "tp_taylor", "tp_random") + PTL_ROWS + tuple(
     variant_name(c, comp, kd) + tail for c in CRITERIA for comp in COMPENSATIONS for kd in (False, True)
     for tail in ("", "+steps2", "+steps3", "+steps4"))
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
@@ -313,7 +317,7 @@ def accuracy_section(args):
     paper, round_to = prune_cop_to_target(source_model(), size, preset="faster", criterion="cop")
     target = count_flops(paper, size)
     for key in rows:
-        if key in ("baseline", "ptl") or key.startswith("tp_"):
+        if key == "baseline" or key in PTL_ROWS or key.startswith("tp_"):
             continue
         criterion, *extras = key.split("+")
         compensate = "+".join(e for e in ("bn", "ls") if e in extras) or "none"
@@ -348,23 +352,32 @@ def accuracy_section(args):
                 net = _torch_pruning_to_flops(source_model(), target, size, imp, before_step=before_step)
             finetune(key, name, key, lambda net=net: copy.deepcopy(net), key)
 
-    if "ptl" in rows:
-        # PTL at baseline cost: the PTL model trained on the target, pruned to the plain model's FLOPs with the
-        # default criterion and compensation, fine-tuned again.
+    ptl_rows = [k for k in rows if k in PTL_ROWS]
+    if ptl_rows:
+        # PTL at baseline cost: the PTL model trained on the target (seed by seed), the first seed's model pruned
+        # to the plain model's FLOPs with the default criterion and compensation, then fine-tuned again.
         base_flops = count_flops(source_model(), size)
+        options = {"mode": args.ptl_mode} if args.ptl_mode else {}
 
         def ptl_model():
-            ptl = build_model("ptl_" + arch, num_classes=1, loss=target_cfg.loss.name, input_size=size)
+            ptl = build_model("ptl_" + arch, num_classes=1, loss=target_cfg.loss.name, input_size=size, **options)
             load_pretrained_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
             return ptl
 
-        ptl = finetune("ptl_unpruned", f"ptl_{arch} (unpruned)", "-", ptl_model, "ptl",
-                       before=False)[seeds[0]]
-        small, _ = prune_cop_to_target(ptl, size, reduction=1 - base_flops / count_flops(ptl, size),
+        mode = ptl_model().mode
+        trained = finetune("ptl_unpruned", f"ptl_{arch} ({mode}, unpruned)", "-", ptl_model, f"ptl_{mode}",
+                           before=False)
+        parent = trained[seeds[0]] if trained else ptl_model()  # --before-only: the PTL model as built
+        small, _ = prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
                                        preset="faster", calibration=images)
         extra = max(1, args.target_epochs // 2)
-        finetune("ptl_pruned", f"ptl_{arch} pruned to {arch}'s FLOPs (+{extra} epochs)",
-                 variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE), lambda: copy.deepcopy(small), "ptl_pruned", extra)
+        for key in ptl_rows:
+            kd = key.endswith("+kd")
+            finetune(key.replace("ptl", "ptl_pruned"),
+                     f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs (+{extra} epochs)",
+                     variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd), lambda: copy.deepcopy(small),
+                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra,
+                     teacher={seed: parent for seed in seeds} if kd else None)
     return lines + accuracy_table(results, size) + [""]
 
 
@@ -415,6 +428,8 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="section 3: fine-tuning seeds")
     parser.add_argument("--rows", nargs="+", default=None,
                         help=f"section 3: rows to run (default: {' '.join(ACCURACY_ROWS)})")
+    parser.add_argument("--ptl-mode", choices=MODES, default=None,
+                        help="section 3: mode of the PTL models of the 'ptl' rows (default: the models' default)")
     parser.add_argument("--calibration-images", type=int, default=64,
                         help="section 3: training images for the data-aware criteria and compensation")
     parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")
