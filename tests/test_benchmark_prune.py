@@ -121,3 +121,18 @@ def test_ptl_at_baseline_cost_in_the_chosen_mode_distils_from_its_unpruned_paren
     assert pruned["gflops"] * 1e9 <= count_flops(plain, SIZE) * 1.01 < unpruned["gflops"] * 1e9
     distilled = [line for line in proc.stdout.splitlines() if "loss_kd_f" in line]
     assert distilled, "the pruned PTL model's fine-tuning logs no distillation term"
+
+
+@pytest.mark.slow
+def test_a_seed_of_a_row_does_not_depend_on_the_rows_run_before_it(tmp_path):
+    """The PTL side stream, which the source weights do not fill, is initialised from the seed, not from whatever
+    random state the rows run before it in the process left."""
+    maps = []
+    for rows in (["ptl"], ["magnitude", "ptl"]):
+        out = tmp_path / f"{len(rows)}.json"
+        proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-epochs",
+                        "1", "--target-epochs", "1", "--seeds", "1", "--rows", *rows, "--work-dir", tmp_path / "w",
+                        "--results-json", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        maps.append(next(r["mAP"] for r in json.loads(out.read_text())["results"] if r["key"] == "ptl_unpruned"))
+    assert maps[0] == maps[1]

@@ -272,6 +272,9 @@ def accuracy_section(args):
             res = _train(cfg, make_model())
             pre = (res["rank1"] * 100, res["mAP"] * 100)
         for seed in ([] if args.before_only else seeds):
+            # Seeded before the model is built: what the source weights leave to initialise (a PTL side stream)
+            # must not depend on the rows run before this one in the process.
+            _torchreid.torchreid.utils.set_random_seed(seed)
             model = make_model()
             cfg = _config(target_config, root, osp.join(work, f"{tag}_seed{seed}"),
                           epochs or args.target_epochs, arch, seed=seed)
