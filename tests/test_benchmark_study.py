@@ -82,3 +82,14 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
     assert run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "older.json").returncode == 0
     proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "other_lr.json")
     assert proc.returncode == 2 and "config keys test.flip, train.lr differ" in proc.stderr
+
+    # a base-config difference that no merged variant reads (the package's default PTL mode, which every PTL
+    # variant names itself) does not change the design; one that a variant reads does
+    assert base.count("  mode: rectify\n") == 1 and base.count("  momentum: 0.1\n") == 1
+    for name, config in (("old_default_mode", base.replace("  mode: rectify\n", "  mode: branch\n")),
+                         ("other_momentum", base.replace("  momentum: 0.1\n", "  momentum: 0.5\n"))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(adapter, finetune_config=config)))
+    assert run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "old_default_mode.json"
+                    ).returncode == 0
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "other_momentum.json")
+    assert proc.returncode == 2 and "config keys ptl.momentum differ" in proc.stderr

@@ -202,6 +202,14 @@ def config_differences(dump_a, dump_b):
     return differing
 
 
+def reads_base_key(variant, key):
+    """Whether ``variant`` trains with the base config's value of ``key``: not where it sets the key itself, nor for
+    ``ptl.*`` keys in a variant without a PTL model. A difference no merged variant reads (the package's default
+    PTL mode changed between two runs whose variants all name their mode) does not change the design."""
+    is_ptl, overrides, _ = VARIANTS[variant]
+    return key not in overrides[0::2] and (is_ptl or not key.startswith("ptl."))
+
+
 class MergeError(ValueError):
     """Reports that cannot be joined into one paired study; the message names the file and what differs."""
 
@@ -212,15 +220,16 @@ def merge_reports(paths):
     report, and together they must cover every variant on every seed, so each difference stays paired."""
     reports = [json.load(open(p)) for p in paths]
     first = reports[0]
+    variants = list(dict.fromkeys(v for r in reports for v in r["variants"]))
     for other, path in zip(reports[1:], paths[1:]):
-        differing = config_differences(first["finetune_config"], other["finetune_config"])
+        differing = [key for key in config_differences(first["finetune_config"], other["finetune_config"])
+                     if any(reads_base_key(v, key) for v in variants)]
         if differing:
             raise MergeError(f"{path}: fine-tuning config keys {', '.join(differing)} differ from {paths[0]}; only "
                              "studies of the same design merge")
         for key in ("pretrain_weights", "steps_per_variant"):
             if other[key] != first[key]:
                 raise MergeError(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
-    variants = list(dict.fromkeys(v for r in reports for v in r["variants"]))
     seeds = sorted({s for r in reports for s in r["seeds"]})
     cells, epoch0 = {}, {}
     for report, path in zip(reports, paths):
