@@ -247,7 +247,8 @@ def accuracy_section(args):
              "synthetic_target ('+bn': BatchNorm statistics re-estimated on them; '+ls': least-squares refit of the "
              "layers reading pruned channels; '+bn+ls': the refit under the images' own BatchNorm statistics); '+kd' "
              "adds feature distillation from the unpruned model fine-tuned with the same seed. Pruning is "
-             "deterministic, so the seeds vary the fine-tuning only. 'before': the pruned model "
+             "deterministic, so the seeds vary the fine-tuning only (for PTL at baseline cost, each seed's PTL "
+             "model is pruned, so they vary the parent too). 'before': the pruned model "
              "right after pruning and compensation, without fine-tuning.", ""]
     if not source_ckpt:
         cfg = _config(source_config, root, osp.join(work, "source"), args.source_epochs, arch)
@@ -264,25 +265,26 @@ def accuracy_section(args):
         return m.eval()
 
     def finetune(key, name, variant, make_model, tag, epochs=None, before=True, teacher=None):
-        """Fine-tune a fresh ``make_model()`` once per seed; returns the trained models by seed."""
+        """Fine-tune a fresh ``make_model(seed)`` once per seed; returns the trained models by seed. ``teacher``:
+        the model to distil from, by seed."""
         trained, rank1, mAP, minutes = {}, {}, {}, []
         pre = None
         if before:
             cfg = _config(target_config, root, osp.join(work, tag + "_before"), 0, arch, evaluate=True)
-            res = _train(cfg, make_model())
+            res = _train(cfg, make_model(seeds[0]))
             pre = (res["rank1"] * 100, res["mAP"] * 100)
         for seed in ([] if args.before_only else seeds):
             # Seeded before the model is built: what the source weights leave to initialise (a PTL side stream)
             # must not depend on the rows run before this one in the process.
             _torchreid.torchreid.utils.set_random_seed(seed)
-            model = make_model()
+            model = make_model(seed)
             cfg = _config(target_config, root, osp.join(work, f"{tag}_seed{seed}"),
                           epochs or args.target_epochs, arch, seed=seed)
             res = _train(cfg, model, teacher=None if teacher is None else teacher[seed])
             rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
             minutes.append(res["minutes"])
             trained[seed] = model
-        first = trained[seeds[0]] if trained else make_model()
+        first = trained[seeds[0]] if trained else make_model(seeds[0])
         record(dict(key=key, name=name, variant=variant, gflops=count_flops(first, size) / 1e9,
                     mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
                     minutes=sum(minutes) / len(minutes) if minutes else 0.0))
@@ -316,7 +318,7 @@ def accuracy_section(args):
                     rank1=rank1, mAP=mAP, minutes=sum(minutes) / len(minutes) if minutes else 0.0))
 
     if "baseline" in rows:
-        teachers = finetune("baseline", f"{arch} (unpruned)", "-", source_model, "baseline")
+        teachers = finetune("baseline", f"{arch} (unpruned)", "-", lambda seed: source_model(), "baseline")
     paper, round_to = prune_cop_to_target(source_model(), size, preset="faster", criterion="cop")
     target = count_flops(paper, size)
     for key in rows:
@@ -338,7 +340,7 @@ def accuracy_section(args):
         seconds = time.perf_counter() - t
         paper_tag = " (paper)" if criterion == "cop" else ""
         name = f"COP faster, {criterion}{paper_tag} (round_to={used}, pruning {seconds:.0f} s)"
-        finetune(key, name, variant_name(criterion, compensate, kd), lambda pruned=pruned: copy.deepcopy(pruned),
+        finetune(key, name, variant_name(criterion, compensate, kd), lambda seed, pruned=pruned: copy.deepcopy(pruned),
                  key.replace("+", "_"), teacher=teachers if kd else None)
     peers = [k for k in rows if k.startswith("tp_")]
     if peers:
@@ -353,12 +355,13 @@ def accuracy_section(args):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 net = _torch_pruning_to_flops(source_model(), target, size, imp, before_step=before_step)
-            finetune(key, name, key, lambda net=net: copy.deepcopy(net), key)
+            finetune(key, name, key, lambda seed, net=net: copy.deepcopy(net), key)
 
     ptl_rows = [k for k in rows if k in PTL_ROWS]
     if ptl_rows:
-        # PTL at baseline cost: the PTL model trained on the target (seed by seed), the first seed's model pruned
-        # to the plain model's FLOPs with the default criterion and compensation, then fine-tuned again.
+        # PTL at baseline cost: the PTL model trained on the target with each seed, each seed's model pruned to the
+        # plain model's FLOPs with the default criterion and compensation, then fine-tuned again with that seed
+        # (so the seeds vary the parent too, and pair with the plain model's seeds).
         base_flops = count_flops(source_model(), size)
         options = {"mode": args.ptl_mode} if args.ptl_mode else {}
 
@@ -368,19 +371,18 @@ def accuracy_section(args):
             return ptl
 
         mode = ptl_model().mode
-        trained = finetune("ptl_unpruned", f"ptl_{arch} ({mode}, unpruned)", "-", ptl_model, f"ptl_{mode}",
-                           before=False)
-        parent = trained[seeds[0]] if trained else ptl_model()  # --before-only: the PTL model as built
-        small, _ = prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
-                                       preset="faster", calibration=images)
+        parents = finetune("ptl_unpruned", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
+                           f"ptl_{mode}", before=False)
+        parents = parents or {seeds[0]: ptl_model()}  # --before-only: the PTL model as built
+        cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
+                                         preset="faster", calibration=images)[0] for seed, parent in parents.items()}
         extra = max(1, args.target_epochs // 2)
         for key in ptl_rows:
             kd = key.endswith("+kd")
             finetune(key.replace("ptl", "ptl_pruned"),
                      f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs (+{extra} epochs)",
-                     variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd), lambda: copy.deepcopy(small),
-                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra,
-                     teacher={seed: parent for seed in seeds} if kd else None)
+                     variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd), lambda seed: copy.deepcopy(cut[seed]),
+                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra, teacher=parents if kd else None)
     return lines + accuracy_table(results, size) + [""]
 
 
