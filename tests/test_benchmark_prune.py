@@ -71,6 +71,19 @@ def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
     baseline = next(line for line in proc.stdout.splitlines() if line.startswith("| baseline |"))
     assert baseline.count("| - |") == 1  # paired with L1, not with itself
 
+    # the same row from two runs joins its seeds; two different rows under one key, or a seed given twice, are
+    # refused with the file named, not silently overwritten
+    c = dict(header=["## third"], size=[64, 32], results=[result("magnitude", {3: 44.0})])
+    d = dict(header=["## fourth"], size=[64, 32], results=[dict(result("magnitude", {4: 40.0}), name="other")])
+    for name, data in (("c.json", c), ("d.json", d)):
+        (tmp_path / name).write_text(json.dumps(data))
+    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b.json", tmp_path / "c.json")
+    assert proc.returncode == 0 and "3:44.0" in proc.stdout and "1:41.0" in proc.stdout
+    for other, message in (("d.json", "only the same row joins"), ("b.json", "seed(s) 1, 2 in")):
+        proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b.json", tmp_path / other)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert f"{tmp_path / other}: row 'magnitude'" in proc.stderr
+
 
 @pytest.mark.slow
 def test_source_training_learns_its_identities_and_the_iterative_row_runs(tmp_path):
@@ -114,8 +127,9 @@ def test_ptl_at_baseline_cost_in_the_chosen_mode_distils_from_its_unpruned_paren
                     "--work-dir", tmp_path, "--results-json", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     unpruned, pruned = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert unpruned["key"] == "ptl_unpruned" and "(branch, unpruned)" in unpruned["name"]
-    assert pruned["key"] == "ptl_pruned+kd" and pruned["variant"].endswith("+kd") and "(branch)" in pruned["name"]
+    assert unpruned["key"] == "ptl_branch" and "(branch, unpruned)" in unpruned["name"]
+    assert pruned["key"] == "ptl_branch_pruned+kd" and pruned["variant"].endswith("+kd")
+    assert "(branch)" in pruned["name"]
     assert set(pruned["mAP"]) == {"1"}
     plain = build_model("osnet_x0_25", num_classes=1)
     assert pruned["gflops"] * 1e9 <= count_flops(plain, SIZE) * 1.01 < unpruned["gflops"] * 1e9
@@ -134,5 +148,5 @@ def test_a_seed_of_a_row_does_not_depend_on_the_rows_run_before_it(tmp_path):
                         "1", "--target-epochs", "1", "--seeds", "1", "--rows", *rows, "--work-dir", tmp_path / "w",
                         "--results-json", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        maps.append(next(r["mAP"] for r in json.loads(out.read_text())["results"] if r["key"] == "ptl_unpruned"))
+        maps.append(next(r["mAP"] for r in json.loads(out.read_text())["results"] if r["key"] == "ptl_rectify"))
     assert maps[0] == maps[1]

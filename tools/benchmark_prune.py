@@ -27,6 +27,7 @@ import argparse
 import copy
 import os
 import os.path as osp
+import sys
 import time
 import warnings
 from math import nan
@@ -46,6 +47,10 @@ from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
 from ptl_torchreid.models import MODES, build_model, load_pretrained_weights
+
+
+class BenchmarkError(ValueError):
+    """Rows that cannot run or result files that cannot join; the message names the option or file."""
 
 
 def _load():
@@ -232,7 +237,7 @@ def accuracy_section(args):
     rows = args.rows or ACCURACY_ROWS
     unknown = sorted(set(rows) - set(VALID_ROWS))
     if unknown:
-        raise SystemExit(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(VALID_ROWS)}")
+        raise BenchmarkError(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(VALID_ROWS)}")
     source_ckpt = args.source_weights
     origin = f"given weights {osp.basename(source_ckpt)}" if source_ckpt else \
         f"trained {args.source_epochs} epochs on synthetic_source"
@@ -329,7 +334,7 @@ def accuracy_section(args):
         kd = "kd" in extras
         steps = next((int(e[len("steps"):]) for e in extras if e.startswith("steps")), 1)
         if kd and not teachers:
-            raise SystemExit(f"--rows {key} needs the baseline row in the same run (its models are the teachers)")
+            raise BenchmarkError(f"--rows {key} needs the baseline row in the same run (its models are the teachers)")
         calibration = images if compensate != "none" or criterion in DATA_CRITERIA else None
         if steps > 1:
             iterative(key, criterion, compensate, calibration, steps, round_to, teachers if kd else None)
@@ -371,7 +376,7 @@ def accuracy_section(args):
             return ptl
 
         mode = ptl_model().mode
-        parents = finetune("ptl_unpruned", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
+        parents = finetune(f"ptl_{mode}", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
                            f"ptl_{mode}", before=False)
         parents = parents or {seeds[0]: ptl_model()}  # --before-only: the PTL model as built
         cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
@@ -379,7 +384,7 @@ def accuracy_section(args):
         extra = max(1, args.target_epochs // 2)
         for key in ptl_rows:
             kd = key.endswith("+kd")
-            finetune(key.replace("ptl", "ptl_pruned"),
+            finetune(key.replace("ptl", f"ptl_{mode}_pruned"),
                      f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs (+{extra} epochs)",
                      variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd), lambda seed: copy.deepcopy(cut[seed]),
                      f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra, teacher=parents if kd else None)
@@ -521,7 +526,7 @@ def merged_report(paths):
     """One accuracy table from the result files of several runs (in the order given)."""
     import json
 
-    header, results, by_key, size = None, [], {}, None
+    header, results, by_key, sources, size = None, [], {}, {}, None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -529,9 +534,18 @@ def merged_report(paths):
         size = size or tuple(data.get("size", (128, 64)))  # files written before the size was recorded: 128x64
         for r in data["results"]:  # the same row from several runs: its seeds join
             if r["key"] in by_key:
-                by_key[r["key"]]["rank1"].update(r["rank1"])
-                by_key[r["key"]]["mAP"].update(r["mAP"])
+                row, source = by_key[r["key"]], sources[r["key"]]
+                if (row["name"], row["variant"]) != (r["name"], r["variant"]):
+                    raise BenchmarkError(f"{path}: row '{r['key']}' is '{r['name']}' ({r['variant']}) there and "
+                                         f"'{row['name']}' ({row['variant']}) in {source}; only the same row joins")
+                twice = sorted(set(row["mAP"]) & set(r["mAP"]), key=int)
+                if twice:
+                    raise BenchmarkError(f"{path}: row '{r['key']}' has seed(s) {', '.join(twice)} in {source} too; "
+                                         "give each seed of a row once")
+                row["rank1"].update(r["rank1"])
+                row["mAP"].update(r["mAP"])
             else:
+                sources[r["key"]] = path
                 by_key[r["key"]] = r
                 results.append(r)
     text = "\n".join(header + accuracy_table(results, size))
@@ -550,4 +564,8 @@ def _emit(lines, args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchmarkError as error:
+        print(f"benchmark_prune.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
