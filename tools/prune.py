@@ -73,14 +73,13 @@ def load_model(args):
             return load_pruned_model(checkpoint), arch
     if not args.arch:
         raise ConfigError("--arch is required unless --weights is a pruned checkpoint")
+    state = extract_state_dict(checkpoint) if args.weights else {}
     num_classes = args.num_classes
-    if num_classes is None and args.weights:
-        classifier = extract_state_dict(checkpoint).get("classifier.weight")
-        num_classes = int(classifier.shape[0]) if classifier is not None else None
+    if num_classes is None and "classifier.weight" in state:
+        num_classes = int(state["classifier.weight"].shape[0])
     kwargs = {}
     if args.arch.startswith("ptl_"):  # the PTL head's shape (mode, head, stages) is the checkpoint's
-        saved = PTLNet.saved_options(extract_state_dict(checkpoint)) if args.weights else None
-        kwargs = dict(input_size=(args.height, args.width), **(saved or {}))
+        kwargs = dict(input_size=(args.height, args.width), **(PTLNet.saved_options(state) or {}))
     model = build_model(args.arch, num_classes=num_classes or 1, loss=args.loss, pretrained=False, **kwargs)
     if args.weights:
         load_pretrained_weights(model, checkpoint)  # the file read above
