@@ -52,14 +52,26 @@ VARIANTS = {
     "plain": (False, (), "plain torchreid fine-tuning"),
     "branch": (True, BRANCH, "side stream into the embedding (zero-initialised projection)"),
     "rectify": (True, RECTIFY, "cells modulate stages 1-3 and the last stage (FiLM)"),
-    "branch-stateless": (True, BRANCH + STATELESS, "branch, state reset before every step"),
-    "rectify-stateless": (True, RECTIFY + STATELESS, "rectify, state reset before every step"),
-    "branch-adapter": (True, BRANCH + ("ptl.cell_type", "conv"),
-                       "branch with plain conv adapters instead of cells (capacity-matched)"),
-    "rectify-adapter": (True, RECTIFY + ("ptl.cell_type", "conv"),
-                        "rectify with plain conv adapters instead of cells (capacity-matched)"),
     "rectify-last": (True, RECTIFY + ("ptl.rectify_stages", "['last']"), "rectify the last stage only"),
     "rectify-early": (True, RECTIFY + ("ptl.rectify_stages", "['stage1', 'stage2']"), "rectify stages 1 and 2 only"),
+}
+
+
+def _add_state_controls(labels):
+    """The controls that isolate the state, for each of ``labels``: the same variant with its state reset before
+    every step, and with stateless conv adapters of the cells' size instead of cells. Returns their names."""
+    stateless, adapter = {}, {}
+    for label in labels:
+        opts = VARIANTS[label][1]
+        stateless[label], adapter[label] = f"{label}-stateless", f"{label}-adapter"
+        VARIANTS[stateless[label]] = (True, opts + STATELESS, f"{label}, state reset before every step")
+        VARIANTS[adapter[label]] = (True, opts + ("ptl.cell_type", "conv"),
+                                    f"{label} with plain conv adapters instead of cells (capacity-matched)")
+    return stateless, adapter
+
+
+STATELESS_OF, ADAPTER_OF = _add_state_controls(("branch", "rectify", "rectify-early"))
+VARIANTS.update({
     "branch-maxpool": (True, BRANCH + ("ptl.side_pool", "max"), "branch, max-pooled side stream (reference)"),
     "branch-fan_in": (True, BRANCH + ("ptl.cell_init", "fan_in"), "branch, fan_in gate init (reference)"),
     "branch-block-tap": (True, BRANCH + ("ptl.stage3_tap", "first_block"),
@@ -69,9 +81,7 @@ VARIANTS = {
     "reference-as-run": (True, BRANCH + ("ptl.head", "concat", "ptl.side_pool", "max", "ptl.cell_init", "fan_in",
                                          "ptl.stage3_tap", "first_block") + STATELESS,
                          "the reference's choices with its state re-initialised before every forward"),
-}
-ADAPTER_OF = {"branch": "branch-adapter", "rectify": "rectify-adapter"}
-STATELESS_OF = {"branch": "branch-stateless", "rectify": "rectify-stateless"}
+})
 
 # The enlarged target domain: >= 200 test identities and >= 1000 fine-tuning steps at batch 32.
 DEFAULT_SETS = ["data.synthetic.num_train_ids=160", "data.synthetic.num_test_ids=200", "data.height=64",
