@@ -71,15 +71,17 @@ def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
     baseline = next(line for line in proc.stdout.splitlines() if line.startswith("| baseline |"))
     assert baseline.count("| - |") == 1  # paired with L1, not with itself
 
-    # the same row from two runs joins its seeds; two different rows under one key, or a seed given twice, are
-    # refused with the file named, not silently overwritten
+    # the same row from two runs joins its seeds, and a seed run again with the same results counts once; two
+    # different rows under one key, or a seed given twice with other results, are refused with the file named,
+    # not silently overwritten
     c = dict(header=["## third"], size=[64, 32], results=[result("magnitude", {3: 44.0})])
     d = dict(header=["## fourth"], size=[64, 32], results=[dict(result("magnitude", {4: 40.0}), name="other")])
-    for name, data in (("c.json", c), ("d.json", d)):
+    e = dict(header=["## fifth"], size=[64, 32], results=[result("magnitude", {1: 41.0, 2: 44.0})])
+    for name, data in (("c.json", c), ("d.json", d), ("e.json", e)):
         (tmp_path / name).write_text(json.dumps(data))
-    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b.json", tmp_path / "c.json")
-    assert proc.returncode == 0 and "3:44.0" in proc.stdout and "1:41.0" in proc.stdout
-    for other, message in (("d.json", "only the same row joins"), ("b.json", "seed(s) 1, 2 in")):
+    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b.json", tmp_path / "c.json", tmp_path / "b.json")
+    assert proc.returncode == 0 and "| 1:41.0 2:45.0 3:44.0 |" in proc.stdout
+    for other, message in (("d.json", "only the same row joins"), ("e.json", "seed(s) 2 in")):
         proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b.json", tmp_path / other)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
         assert f"{tmp_path / other}: row 'magnitude'" in proc.stderr
