@@ -380,7 +380,8 @@ def plot_study(report, path):
     ax.set_yticklabels(labels[::-1], fontsize=8)
     ax.set_xlabel("mAP − plain fine-tuning (points): mean, 95% CI, seeds")
     ax.set_title("PTL variants vs plain fine-tuning (paired seeds)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(-0.5, len(labels) + 0.3)  # headroom above the first row, so the legend covers no data
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return br.save_figure(fig, path)
