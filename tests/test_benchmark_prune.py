@@ -108,16 +108,40 @@ def test_source_training_learns_its_identities_and_the_iterative_row_runs(tmp_pa
 
 
 @pytest.mark.slow
-def test_torch_pruning_peer_is_cut_to_the_flops_of_cop(tmp_path):
-    """The peer rows: Torch-Pruning's global L1 pruning, bisected to the FLOPs of COP's paper mode."""
+def test_torch_pruning_peer_is_cut_to_the_flops_of_cop_and_every_row_can_be_timed(tmp_path):
+    """The peer rows: Torch-Pruning's global L1 pruning, bisected to the FLOPs of COP's paper mode. Each row
+    records the architecture it ended with, and ``--latency-of`` times those (also for the PTL rows, which
+    ``--before-only`` leaves without any accuracy figure for the unpruned parent)."""
     proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-epochs",
-                    "1", "--before-only", "--rows", "tp_l1", "--work-dir", tmp_path, "--results-json",
-                    tmp_path / "r.json")
+                    "1", "--before-only", "--rows", "tp_l1", "ptl", "--ptl-mode", "branch", "--work-dir", tmp_path,
+                    "--results-json", tmp_path / "r.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads((tmp_path / "r.json").read_text())["results"][0]
-    assert row["key"] == "tp_l1" and row["before"] is not None and not row["mAP"]
+    peer, ptl, ptl_pruned = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert peer["key"] == "tp_l1" and peer["before"] is not None and not peer["mAP"]
     source = build_model("osnet_x0_25", num_classes=1)
-    assert row["gflops"] * 1e9 == pytest.approx(count_flops(source, SIZE) / 2, rel=0.03)
+    assert peer["gflops"] * 1e9 == pytest.approx(count_flops(source, SIZE) / 2, rel=0.03)
+    assert ptl["architecture"]["arch"] == "ptl_osnet_x0_25" and ptl["architecture"]["build_kwargs"]["mode"] == "branch"
+
+    proc = run_tool("benchmark_prune.py", "--latency-of", tmp_path / "r.json", "--threads", "1", "--rounds", "1",
+                    "--batch-size", "2", "--height", "128", "--width", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in proc.stdout.splitlines()
+             if line.startswith("| ") and "GFLOPs" not in line}
+    assert set(table) == {"osnet_x0_25 (unpruned)", "tp_l1", "ptl_branch", "ptl_branch_pruned"}
+    reduction = {key: float(cells[1].strip().rstrip("%")) for key, cells in table.items()}
+    assert reduction["osnet_x0_25 (unpruned)"] == 0.0
+    assert reduction["tp_l1"] == pytest.approx(50.0, abs=3.0)  # the saved channel counts, rebuilt
+    assert reduction["ptl_branch"] < 0 and reduction["ptl_branch_pruned"] == pytest.approx(0.0, abs=3.0)
+
+
+def test_latency_of_names_the_files_whose_rows_recorded_no_architecture(tmp_path):
+    old = dict(header=["## old"], size=[64, 32], results=[dict(key="magnitude", name="m", variant="magnitude",
+                                                                 gflops=0.1, mparams=1.0, before=None, minutes=1.0,
+                                                                 rank1={"1": 1.0}, mAP={"1": 1.0})])
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    proc = run_tool("benchmark_prune.py", "--latency-of", tmp_path / "old.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"no row in {tmp_path / 'old.json'} records its architecture" in proc.stderr
 
 
 @pytest.mark.slow

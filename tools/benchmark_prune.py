@@ -41,7 +41,15 @@ from ptl_torchreid import _torchreid
 from ptl_torchreid.benchmarking.measure import cpu_model, load_average
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
-from ptl_torchreid.compress import build_graph, compare_latency, count_flops, count_params, prune_cop
+from ptl_torchreid.compress import (
+                                    build_graph,
+                                    build_pruned_architecture,
+                                    compare_latency,
+                                    count_flops,
+                                    count_params,
+                                    make_pruning_info,
+                                    prune_cop,
+)
 from ptl_torchreid.compress.cop import COMPENSATIONS, step_reductions, variant_name
 from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
@@ -210,12 +218,12 @@ def accuracy_table(results, size=(128, 64)):
                 d, ci = paired_difference(maps, seed_maps(reference))
                 diff = f"{d:+.1f} ± {ci:.1f}"
             diffs.append(diff)
-        if not maps:
-            rank1_before, map_before = r["before"]
-            lines.append(f"| {r['name']} | {r['variant']} | {r['gflops']:.4f} | {r['mparams']:.3f} | "
-                         f"{rank1_before:.1f} | {map_before:.1f} | - | - | - | - | - | - |")
-            continue
+        # No 'before' for the unpruned PTL parent; nothing but 'before' with --before-only
         before = "- | -" if r["before"] is None else f"{r['before'][0]:.1f} | {r['before'][1]:.1f}"
+        if not maps:
+            lines.append(f"| {r['name']} | {r['variant']} | {r['gflops']:.4f} | {r['mparams']:.3f} | {before} | "
+                         "- | - | - | - | - | - |")
+            continue
         lines.append(f"| {r['name']} | {r['variant']} | {r['gflops']:.4f} | {r['mparams']:.3f} | {before} | {r_m:.1f} "
                      f"± {r_s:.1f} | {m_m:.1f} ± {m_s:.1f} | {' | '.join(diffs)} | "
                      f"{' '.join(f'{s}:{maps[s]:.1f}' for s in sorted(maps))} | {r['minutes']:.1f} |")
@@ -269,9 +277,9 @@ def accuracy_section(args):
         load_pretrained_weights(m, source_ckpt)
         return m.eval()
 
-    def finetune(key, name, variant, make_model, tag, epochs=None, before=True, teacher=None):
+    def finetune(key, name, variant, make_model, tag, epochs=None, before=True, teacher=None, model_name=arch):
         """Fine-tune a fresh ``make_model(seed)`` once per seed; returns the trained models by seed. ``teacher``:
-        the model to distil from, by seed."""
+        the model to distil from, by seed; ``model_name``: the registered name that builds the model."""
         trained, rank1, mAP, minutes = {}, {}, {}, []
         pre = None
         if before:
@@ -292,7 +300,8 @@ def accuracy_section(args):
         first = trained[seeds[0]] if trained else make_model(seeds[0])
         record(dict(key=key, name=name, variant=variant, gflops=count_flops(first, size) / 1e9,
                     mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
-                    minutes=sum(minutes) / len(minutes) if minutes else 0.0))
+                    minutes=sum(minutes) / len(minutes) if minutes else 0.0,
+                    architecture=make_pruning_info(first, model_name)))
         return trained
 
     def record(result):
@@ -304,7 +313,7 @@ def accuracy_section(args):
     def iterative(key, criterion, compensate, calibration, steps, round_to, teacher):
         """The iterative schedule: ``steps`` cuts, each to its share of the 50% reduction, each followed by its
         share of the same fine-tuning budget (as ``prune --steps``)."""
-        rank1, mAP, minutes, model = {}, {}, [], None
+        rank1, mAP, minutes, first = {}, {}, [], None
         for seed in ([] if args.before_only else seeds):
             model, epochs_left, t = source_model(), args.target_epochs, time.perf_counter()
             for step, reduction in enumerate(step_reductions(0.5, steps)):
@@ -317,10 +326,15 @@ def accuracy_section(args):
                 res = _train(cfg, model, teacher=None if teacher is None else teacher[seed])
             rank1[seed], mAP[seed] = res["rank1"] * 100, res["mAP"] * 100
             minutes.append((time.perf_counter() - t) / 60)
+            # Each seed's fine-tuning between the cuts leads to other channel counts: the first seed's stand for
+            # the row, as in the one-shot rows.
+            if first is None:
+                first = model
         name = f"COP faster, {criterion}, {steps} steps of pruning and fine-tuning (round_to={round_to})"
-        cost = (count_flops(model, size) / 1e9, count_params(model) / 1e6) if model is not None else (nan, nan)
+        cost = (count_flops(first, size) / 1e9, count_params(first) / 1e6) if first is not None else (nan, nan)
         record(dict(key=key, name=name, variant=key, gflops=cost[0], mparams=cost[1], before=None,
-                    rank1=rank1, mAP=mAP, minutes=sum(minutes) / len(minutes) if minutes else 0.0))
+                    rank1=rank1, mAP=mAP, minutes=sum(minutes) / len(minutes) if minutes else 0.0,
+                    architecture=make_pruning_info(first, arch) if first is not None else None))
 
     if "baseline" in rows:
         teachers = finetune("baseline", f"{arch} (unpruned)", "-", lambda seed: source_model(), "baseline")
@@ -377,7 +391,7 @@ def accuracy_section(args):
 
         mode = ptl_model().mode
         parents = finetune(f"ptl_{mode}", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
-                           f"ptl_{mode}", before=False)
+                           f"ptl_{mode}", before=False, model_name="ptl_" + arch)
         parents = parents or {seeds[0]: ptl_model()}  # --before-only: the PTL model as built
         cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
                                          preset="faster", calibration=images)[0] for seed, parent in parents.items()}
@@ -387,8 +401,44 @@ def accuracy_section(args):
             finetune(key.replace("ptl", f"ptl_{mode}_pruned"),
                      f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs (+{extra} epochs)",
                      variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd), lambda seed: copy.deepcopy(cut[seed]),
-                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra, teacher=parents if kd else None)
+                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra, teacher=parents if kd else None,
+                     model_name="ptl_" + arch)
     return lines + accuracy_table(results, size) + [""]
+
+
+def latency_section(paths, size, batch_size, rounds, threads):
+    """Latency of the architectures the accuracy rows ended with (their first seed's channel counts, from
+    ``--results-json`` files), rebuilt with fresh weights and timed against the unpruned model at ``size``."""
+    import json
+
+    rows, missing = {}, []
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                if not r.get("architecture"):
+                    missing.append(f"{r['key']} ({path})")
+                elif r["key"] not in rows:
+                    rows[r["key"]] = r
+    if not rows:
+        raise BenchmarkError(f"--latency-of: no row in {', '.join(map(str, paths))} records its architecture (files "
+                             "written before rows recorded it); run the rows again")
+    # The plain model's name: PTL rows' models are 'ptl_' + it
+    arch = next(iter(rows.values()))["architecture"]["arch"].removeprefix("ptl_")
+    models = {} if "baseline" in rows else {f"{arch} (unpruned)": build_model(arch, num_classes=1).eval()}
+    for key, r in rows.items():
+        info = dict(r["architecture"])
+        if info.get("build_kwargs", {}).get("input_size"):  # PTL cells are built for an input size: the timed one
+            info["build_kwargs"] = dict(info["build_kwargs"], input_size=list(size))
+        models[key] = build_pruned_architecture(info, f"row '{key}'").eval()
+    reference = "baseline" if "baseline" in rows else f"{arch} (unpruned)"
+    lats = {t: compare_latency(models, size, batch_size, rounds=rounds, num_threads=t) for t in threads}
+    lines = [f"## Latency of the accuracy rows' architectures ({arch})", "",
+             "Each row's model as it ended its first seed (channel counts; fresh weights, as latency does not depend "
+             f"on them), timed against the unpruned {arch}.", ""]
+    lines += _table(models, lats, reference, count_flops(models[reference], size), size, threads)
+    if missing:
+        lines += ["", "Rows without a recorded architecture, not timed: " + ", ".join(missing) + "."]
+    return lines + [""]
 
 
 def _table(models, lats, base_name, base_flops, size, threads):
@@ -445,6 +495,9 @@ def main(argv=None):
     parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")
     parser.add_argument("--before-only", action="store_true",
                         help="section 3: prune and evaluate without fine-tuning (the 'before' columns only)")
+    parser.add_argument("--latency-of", nargs="+", default=None, metavar="JSON",
+                        help="only time the architectures the accuracy rows of these --results-json files ended with, "
+                             "at --height x --width, against the unpruned model")
     parser.add_argument("--report", nargs="+", default=None,
                         help="only print one accuracy table from these --results-json files (runs split over "
                              "processes)")
@@ -463,6 +516,9 @@ def main(argv=None):
     lines += [f"Latency: median over {args.rounds} interleaved rounds of an eval-mode embedding of a batch of "
               f"{args.batch_size} at {size[0]}x{size[1]}, with {' and '.join(map(str, threads))} torch threads; "
               "speed-up = ratio of medians.", ""]
+    if args.latency_of:
+        lines += latency_section(args.latency_of, size, args.batch_size, args.rounds, threads)
+        return _emit(lines, args)
 
     # -- section 1 ----------------------------------------------------------------------------------------------
     torch.manual_seed(0)

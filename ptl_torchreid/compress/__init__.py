@@ -17,6 +17,7 @@ from .criterion import PRESET_OPTIONS, PRESETS
 from .graph import ChannelGraph, UnsupportedLayerError, build_graph
 from .io import (
                  build_kwargs_of,
+                 build_pruned_architecture,
                  is_pruned_checkpoint,
                  load_pruned_model,
                  make_pruning_info,
@@ -30,6 +31,6 @@ from .surgery import apply_channel_config, channel_config, shrink
 
 __all__ = ["prune_cop", "PruneReport", "PRESETS", "PRESET_OPTIONS", "check_target", "kept_fraction", "build_graph",
            "ChannelGraph", "UnsupportedLayerError", "shrink", "channel_config", "apply_channel_config", "count_flops",
-           "count_params", "compare_latency", "save_pruned_model", "load_pruned_model",
+           "count_params", "compare_latency", "save_pruned_model", "load_pruned_model", "build_pruned_architecture",
            "pruning_info", "is_pruned_checkpoint", "register_pruned_model", "build_kwargs_of", "make_pruning_info",
            "LayerPruner", "KeepChannels", "register_layer_pruner", "select_channels", "resize_tensor"]

@@ -7,7 +7,8 @@ A pruned checkpoint is an ordinary one (``state_dict`` plus plain metadata, load
      "build_kwargs": {...PTL options...}, "channels": {module name: {attr: int}}, "report": {...}}
 
 ``load_pruned_model`` builds ``arch`` as usual (random weights), gives every layer the saved channel counts and
-loads the weights strictly. ``register_pruned_model`` makes the file available to torchreid by name, e.g. for
+loads the weights strictly (``build_pruned_architecture`` does the first two steps alone, from the entry).
+``register_pruned_model`` makes the file available to torchreid by name, e.g. for
 ``torchreid.utils.FeatureExtractor(model_name=name, model_path=path)``.
 """
 import os.path as osp
@@ -20,8 +21,8 @@ from ..models import build_model, is_ptl, unwrap
 from ..utils.checkpoint import extract_state_dict, load_checkpoint, save_checkpoint
 from .surgery import apply_channel_config, channel_config
 
-__all__ = ["save_pruned_model", "load_pruned_model", "pruning_info", "is_pruned_checkpoint",
-           "register_pruned_model", "build_kwargs_of", "make_pruning_info"]
+__all__ = ["save_pruned_model", "load_pruned_model", "build_pruned_architecture", "pruning_info",
+           "is_pruned_checkpoint", "register_pruned_model", "build_kwargs_of", "make_pruning_info"]
 
 FORMAT = 1
 
@@ -108,18 +109,9 @@ def pruning_info(path_or_checkpoint, map_location="cpu", trust=False):
     return checkpoint["pruning"]
 
 
-def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_classes=None, loss=None):
-    """Rebuild a pruned model from a checkpoint holding a ``pruning`` entry (no pruning run needed).
-
-    Args:
-        path_or_checkpoint: a file written by :func:`save_pruned_model` (or by a training engine given
-            :func:`make_pruning_info` as a checkpoint extra), or the loaded dict.
-        num_classes: when given and different from the saved classifier's, the classifier is replaced by a
-            freshly initialised one of this size (fine-tuning on other identities); the rest loads strictly.
-        loss: sets the model's ``loss`` (torchreid's forward contract) when given.
-    """
-    checkpoint, where = _load(path_or_checkpoint, map_location, trust)
-    info = pruning_info(checkpoint)
+def build_pruned_architecture(info, where="the pruning info"):
+    """The pruned model that ``info`` (a checkpoint's ``pruning`` entry, as :func:`make_pruning_info` makes it)
+    describes, with fresh weights: its architecture alone, e.g. to time it. ``where`` names the source in errors."""
     if int(info.get("format", 0)) > FORMAT:
         raise ValueError(f"{where} uses pruned-model format {info['format']}, newer than this version reads "
                          f"({FORMAT}); upgrade ptl_torchreid")
@@ -133,6 +125,22 @@ def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_c
     model = build_model(info["arch"], num_classes=int(info["num_classes"]), loss=info.get("loss", "softmax"),
                         pretrained=False, **kwargs)
     apply_channel_config(model, channels)
+    return model
+
+
+def load_pruned_model(path_or_checkpoint, map_location="cpu", trust=False, num_classes=None, loss=None):
+    """Rebuild a pruned model from a checkpoint holding a ``pruning`` entry (no pruning run needed).
+
+    Args:
+        path_or_checkpoint: a file written by :func:`save_pruned_model` (or by a training engine given
+            :func:`make_pruning_info` as a checkpoint extra), or the loaded dict.
+        num_classes: when given and different from the saved classifier's, the classifier is replaced by a
+            freshly initialised one of this size (fine-tuning on other identities); the rest loads strictly.
+        loss: sets the model's ``loss`` (torchreid's forward contract) when given.
+    """
+    checkpoint, where = _load(path_or_checkpoint, map_location, trust)
+    info = pruning_info(checkpoint)
+    model = build_pruned_architecture(info, where)
     state_dict = extract_state_dict(checkpoint)
     try:
         model.load_state_dict(state_dict, strict=True)
