@@ -22,6 +22,12 @@ FLOPs (50% at 128x64) are fine-tuned and evaluated (Rank-1, mAP). For "PTL at ba
 (backbone from the same source model; its mode from ``--ptl-mode``) is trained on synthetic_target, pruned to the
 plain model's FLOPs and fine-tuned again, without (row ``ptl``) and with (row ``ptl+kd``) distillation from the
 unpruned PTL model it was cut from.
+
+Each accuracy row records the architecture its first seed's model ended with (channel counts, in the results
+file). ``--latency-of`` times those architectures against the unpruned model as section 1 does, e.g. the models
+an iterative schedule leaves, which section 1's random-weight cuts do not show:
+
+    PYTHONPATH=. python tools/benchmark_prune.py --latency-of log/bench_prune/accuracy.json --threads 1 2
 """
 import argparse
 import copy
