@@ -8,7 +8,7 @@ import torch
 from tiny import run_tool
 
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target, redundancy_vs_scale
-from ptl_torchreid.compress import count_flops, prune_cop
+from ptl_torchreid.compress import count_flops, make_pruning_info, prune_cop
 from ptl_torchreid.models import build_model
 
 SIZE = (128, 64)
@@ -134,14 +134,23 @@ def test_torch_pruning_peer_is_cut_to_the_flops_of_cop_and_every_row_can_be_time
     assert reduction["ptl_branch"] < 0 and reduction["ptl_branch_pruned"] == pytest.approx(0.0, abs=3.0)
 
 
-def test_latency_of_names_the_files_whose_rows_recorded_no_architecture(tmp_path):
-    old = dict(header=["## old"], size=[64, 32], results=[dict(key="magnitude", name="m", variant="magnitude",
-                                                                 gflops=0.1, mparams=1.0, before=None, minutes=1.0,
-                                                                 rank1={"1": 1.0}, mAP={"1": 1.0})])
-    (tmp_path / "old.json").write_text(json.dumps(old))
+def test_latency_of_refuses_files_without_architectures_and_rows_of_two_models(tmp_path):
+    def row(key, **extra):
+        return dict(key=key, name=key, variant=key, gflops=0.1, mparams=1.0, before=None, minutes=1.0,
+                    rank1={"1": 1.0}, mAP={"1": 1.0}, **extra)
+
+    (tmp_path / "old.json").write_text(json.dumps(dict(header=[], size=[64, 32], results=[row("magnitude")])))
     proc = run_tool("benchmark_prune.py", "--latency-of", tmp_path / "old.json")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"no row in {tmp_path / 'old.json'} records its architecture" in proc.stderr
+
+    for name, arch in (("a.json", "osnet_x0_25"), ("b.json", "ptl_resnet50")):
+        info = make_pruning_info(build_model(arch, num_classes=2), arch)
+        (tmp_path / name).write_text(json.dumps(dict(header=[], size=[64, 32],
+                                                     results=[row(name, architecture=info)])))
+    proc = run_tool("benchmark_prune.py", "--latency-of", tmp_path / "a.json", tmp_path / "b.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "rows of osnet_x0_25, resnet50; time one model's rows at a time" in proc.stderr
 
 
 @pytest.mark.slow

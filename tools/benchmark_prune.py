@@ -428,8 +428,12 @@ def latency_section(paths, size, batch_size, rounds, threads):
     if not rows:
         raise BenchmarkError(f"--latency-of: no row in {', '.join(map(str, paths))} records its architecture (files "
                              "written before rows recorded it); run the rows again")
-    # The plain model's name: PTL rows' models are 'ptl_' + it
-    arch = next(iter(rows.values()))["architecture"]["arch"].removeprefix("ptl_")
+    # The plain model's name (PTL rows' models are 'ptl_' + it): one reference, so one model family
+    archs = {r["architecture"]["arch"].removeprefix("ptl_") for r in rows.values()}
+    if len(archs) > 1:
+        raise BenchmarkError(f"--latency-of: the files hold rows of {', '.join(sorted(archs))}; time one model's "
+                             "rows at a time")
+    arch = archs.pop()
     models = {} if "baseline" in rows else {f"{arch} (unpruned)": build_model(arch, num_classes=1).eval()}
     for key, r in rows.items():
         info = dict(r["architecture"])
