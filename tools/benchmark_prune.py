@@ -60,7 +60,7 @@ from ptl_torchreid.compress.cop import COMPENSATIONS, step_reductions, variant_n
 from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
-from ptl_torchreid.models import MODES, build_model, load_pretrained_weights
+from ptl_torchreid.models import MODES, build_model, is_ptl, load_pretrained_weights
 
 
 class BenchmarkError(ValueError):
@@ -283,9 +283,13 @@ def accuracy_section(args):
         load_pretrained_weights(m, source_ckpt)
         return m.eval()
 
-    def finetune(key, name, variant, make_model, tag, epochs=None, before=True, teacher=None, model_name=arch):
+    def architecture(model):
+        """What ``--latency-of`` rebuilds ``model`` from: its channel counts and the name that builds it."""
+        return make_pruning_info(model, ("ptl_" if is_ptl(model) else "") + arch)
+
+    def finetune(key, name, variant, make_model, tag, epochs=None, before=True, teacher=None):
         """Fine-tune a fresh ``make_model(seed)`` once per seed; returns the trained models by seed. ``teacher``:
-        the model to distil from, by seed; ``model_name``: the registered name that builds the model."""
+        the model to distil from, by seed."""
         trained, rank1, mAP, minutes = {}, {}, {}, []
         pre = None
         if before:
@@ -307,7 +311,7 @@ def accuracy_section(args):
         record(dict(key=key, name=name, variant=variant, gflops=count_flops(first, size) / 1e9,
                     mparams=count_params(first) / 1e6, before=pre, rank1=rank1, mAP=mAP,
                     minutes=sum(minutes) / len(minutes) if minutes else 0.0,
-                    architecture=make_pruning_info(first, model_name)))
+                    architecture=architecture(first)))
         return trained
 
     def record(result):
@@ -340,7 +344,7 @@ def accuracy_section(args):
         cost = (count_flops(first, size) / 1e9, count_params(first) / 1e6) if first is not None else (nan, nan)
         record(dict(key=key, name=name, variant=key, gflops=cost[0], mparams=cost[1], before=None,
                     rank1=rank1, mAP=mAP, minutes=sum(minutes) / len(minutes) if minutes else 0.0,
-                    architecture=make_pruning_info(first, arch) if first is not None else None))
+                    architecture=architecture(first) if first is not None else None))
 
     if "baseline" in rows:
         teachers = finetune("baseline", f"{arch} (unpruned)", "-", lambda seed: source_model(), "baseline")
@@ -397,7 +401,7 @@ def accuracy_section(args):
 
         mode = ptl_model().mode
         parents = finetune(f"ptl_{mode}", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
-                           f"ptl_{mode}", before=False, model_name="ptl_" + arch)
+                           f"ptl_{mode}", before=False)
         parents = parents or {seeds[0]: ptl_model()}  # --before-only: the PTL model as built
         cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
                                          preset="faster", calibration=images)[0] for seed, parent in parents.items()}
@@ -407,8 +411,7 @@ def accuracy_section(args):
             finetune(key.replace("ptl", f"ptl_{mode}_pruned"),
                      f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs (+{extra} epochs)",
                      variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd), lambda seed: copy.deepcopy(cut[seed]),
-                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra, teacher=parents if kd else None,
-                     model_name="ptl_" + arch)
+                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra, teacher=parents if kd else None)
     return lines + accuracy_table(results, size) + [""]
 
 
