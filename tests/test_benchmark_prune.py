@@ -85,6 +85,17 @@ def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
         proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b.json", tmp_path / other)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
         assert f"{tmp_path / other}: row 'magnitude'" in proc.stderr
+        assert "torch threads" not in proc.stderr  # no thread counts recorded: no guess about them
+
+    # a seed that differs between runs with other thread counts: the error says that this is why
+    for name, data, count in (("b2.json", b, 2), ("e1.json", e, 1)):
+        (tmp_path / name).write_text(json.dumps(dict(data, threads=count)))
+    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b2.json", tmp_path / "e1.json")
+    assert proc.returncode == 2 and "seed(s) 2 in" in proc.stderr
+    assert "ran with 1 and 2 torch threads" in proc.stderr
+    (tmp_path / "c1.json").write_text(json.dumps(dict(c, threads=1)))  # no clash: joined, the counts said
+    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b2.json", tmp_path / "c1.json")
+    assert proc.returncode == 0 and "different torch thread counts: b2.json 2, c1.json 1." in proc.stdout
 
 
 @pytest.mark.slow
@@ -173,9 +184,11 @@ def test_ptl_at_baseline_cost_in_the_chosen_mode_distils_from_its_unpruned_paren
 
 
 @pytest.mark.slow
-def test_a_seed_of_a_row_does_not_depend_on_the_rows_run_before_it(tmp_path):
+def test_a_seed_of_a_row_does_not_depend_on_the_rows_run_before_it(tmp_path, monkeypatch):
     """The PTL side stream, which the source weights do not fill, is initialised from the seed, not from whatever
-    random state the rows run before it in the process left."""
+    random state the rows run before it in the process left. Both runs use one thread: results repeat bit for
+    bit only at the same thread count."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     maps = []
     for rows in (["ptl"], ["magnitude", "ptl"]):
         out = tmp_path / f"{len(rows)}.json"
@@ -183,5 +196,7 @@ def test_a_seed_of_a_row_does_not_depend_on_the_rows_run_before_it(tmp_path):
                         "1", "--target-epochs", "1", "--seeds", "1", "--rows", *rows, "--work-dir", tmp_path / "w",
                         "--results-json", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        maps.append(next(r["mAP"] for r in json.loads(out.read_text())["results"] if r["key"] == "ptl_rectify"))
+        data = json.loads(out.read_text())
+        assert data["threads"] == 1 and "Computed with 1 torch CPU thread:" in " ".join(data["header"])
+        maps.append(next(r["mAP"] for r in data["results"] if r["key"] == "ptl_rectify"))
     assert maps[0] == maps[1]

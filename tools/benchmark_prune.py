@@ -248,6 +248,7 @@ def accuracy_section(args):
     size = (target_cfg.data.height, target_cfg.data.width)
     losses = "triplet + softmax" if target_cfg.loss.name == "triplet" else target_cfg.loss.name
     seeds = args.seeds
+    threads = torch.get_num_threads()
     rows = args.rows or ACCURACY_ROWS
     unknown = sorted(set(rows) - set(VALID_ROWS))
     if unknown:
@@ -268,7 +269,10 @@ def accuracy_section(args):
              "adds feature distillation from the unpruned model fine-tuned with the same seed. Pruning is "
              "deterministic, so the seeds vary the fine-tuning only (for PTL at baseline cost, each seed's PTL "
              "model is pruned, so they vary the parent too). 'before': the pruned model "
-             "right after pruning and compensation, without fine-tuning.", ""]
+             "right after pruning and compensation, without fine-tuning. Computed with "
+             f"{threads} torch CPU thread{'s' if threads > 1 else ''}: a seed's result repeats bit for bit at the "
+             "same thread count only (another count rounds the sums differently, and the fine-tuning amplifies "
+             "that).", ""]
     if not source_ckpt:
         cfg = _config(source_config, root, osp.join(work, "source"), args.source_epochs, arch)
         torch.manual_seed(0)
@@ -317,7 +321,7 @@ def accuracy_section(args):
     def record(result):
         results.append(result)
         with open(out_json, "w") as f:
-            json.dump(dict(header=lines, results=results, size=size), f, indent=1)
+            json.dump(dict(header=lines, results=results, size=size, threads=threads), f, indent=1)
         print("\n".join(accuracy_table(results, size)), flush=True)
 
     def iterative(key, criterion, compensate, calibration, steps, round_to, teacher):
@@ -595,10 +599,11 @@ def merged_report(paths):
     """One accuracy table from the result files of several runs (in the order given)."""
     import json
 
-    header, results, by_key, sources, size = None, [], {}, {}, None
+    header, results, by_key, sources, size, threads = None, [], {}, {}, None, {}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
+        threads[path] = data.get("threads")  # files written before the thread count was recorded: None
         header = header or data["header"]
         size = size or tuple(data.get("size", (128, 64)))  # files written before the size was recorded: 128x64
         for r in data["results"]:  # the same row from several runs: its seeds join
@@ -612,14 +617,22 @@ def merged_report(paths):
                 clash = sorted((s for s in set(row["mAP"]) & set(r["mAP"])
                                 if (row["mAP"][s], row["rank1"][s]) != (r["mAP"][s], r["rank1"][s])), key=int)
                 if clash:
+                    counts = (threads[path], threads[source])
+                    why = (f"; the two ran with {counts[0]} and {counts[1]} torch threads, and a seed repeats "
+                           "its result only at the same count (set OMP_NUM_THREADS alike)"
+                           if None not in counts and counts[0] != counts[1] else "")
                     raise BenchmarkError(f"{path}: row '{r['key']}' has seed(s) {', '.join(clash)} in {source} too, "
-                                         "with other results; give each seed of a row once")
+                                         f"with other results; give each seed of a row once{why}")
                 row["rank1"].update(r["rank1"])
                 row["mAP"].update(r["mAP"])
             else:
                 sources[r["key"]] = path
                 by_key[r["key"]] = r
                 results.append(r)
+    counts = sorted({t for t in threads.values() if t is not None})
+    if len(counts) > 1:  # the header is the first file's, which names its own count only
+        header = header + ["The merged runs used different torch thread counts: " +
+                           ", ".join(f"{osp.basename(p)} {t}" for p, t in threads.items() if t is not None) + ".", ""]
     text = "\n".join(header + accuracy_table(results, size))
     print(text)
     return text
