@@ -71,6 +71,16 @@ def test_tiny_study_over_two_processes_merges_into_one_paired_report(tmp_path):
     grid = json.load(open(tmp_path / "g.json"))
     assert grid["seeds"] == [1, 2] and [r["seed"] for r in grid["runs"]["rectify-adapter"]] == [1, 2]
     assert "Δ mAP vs its adapter" in proc.stdout
+    # --variants merges a subset: here the variants with seed 2 too, though s1a.json's adapter has seed 1 only
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s2.json", tmp_path / "s1a.json",
+                    "--variants", "plain", "rectify", "--json", tmp_path / "sub.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sub = json.load(open(tmp_path / "sub.json"))
+    assert sub["variants"] == ["plain", "rectify"] and sub["seeds"] == [1, 2]
+    assert set(sub["runs"]) == set(sub["epoch0"]) == {"plain", "rectify"}
+    proc = run_tool("benchmark_study.py", "--merge", tmp_path / "s1.json", tmp_path / "s1a.json", tmp_path / "s2.json",
+                    "--variants", "plain", "rectify-adapter", "branch-adapter")
+    assert proc.returncode == 2 and "--variants: no report holds branch-adapter" in proc.stderr
 
     # a run from before an option existed merges when the newer run has it at its default, not otherwise
     adapter = json.load(open(tmp_path / "s1a.json"))

@@ -224,13 +224,19 @@ class MergeError(ValueError):
     """Reports that cannot be joined into one paired study; the message names the file and what differs."""
 
 
-def merge_reports(paths):
+def merge_reports(paths, variants=None):
     """One paired report from studies of the same design run as separate processes (one per core, or an ablation
     added later): each report holds some variants over some seeds, every (variant, seed) run comes from exactly one
-    report, and together they must cover every variant on every seed, so each difference stays paired."""
+    report, and together they must cover every variant on every seed, so each difference stays paired.
+    ``variants``: merge only these (e.g. the variants that later runs added seeds to); default: all."""
     reports = [json.load(open(p)) for p in paths]
     first = reports[0]
-    variants = list(dict.fromkeys(v for r in reports for v in r["variants"]))
+    held = list(dict.fromkeys(v for r in reports for v in r["variants"]))
+    if variants is not None:
+        absent = [v for v in variants if v not in held]
+        if absent:
+            raise MergeError(f"--variants: no report holds {', '.join(absent)} (they hold {', '.join(held)})")
+    variants = held if variants is None else list(variants)
     for other, path in zip(reports[1:], paths[1:]):
         differing = [key for key in config_differences(first["finetune_config"], other["finetune_config"])
                      if any(reads_base_key(v, key) for v in variants)]
@@ -240,16 +246,16 @@ def merge_reports(paths):
         for key in ("pretrain_weights", "steps_per_variant"):
             if other[key] != first[key]:
                 raise MergeError(f"{path}: '{key}' differs from {paths[0]}; only studies of the same design merge")
-    seeds = sorted({s for r in reports for s in r["seeds"]})
     cells, epoch0 = {}, {}
     for report, path in zip(reports, paths):
-        epoch0.update({v: e for v, e in report["epoch0"].items() if v not in epoch0})
+        epoch0.update({v: e for v, e in report["epoch0"].items() if v in variants and v not in epoch0})
         for variant, runs in report["runs"].items():
-            for run in runs:
+            for run in runs if variant in variants else ():
                 key = (variant, run["seed"])
                 if key in cells:
                     raise MergeError(f"{path}: {variant} seed {run['seed']} is in {cells[key][1]} too")
                 cells[key] = (run, path)
+    seeds = sorted({s for _, s in cells})
     missing = [f"{v} seed {s}" for v in variants for s in seeds if (v, s) not in cells]
     if missing:
         raise MergeError(f"no run of {', '.join(missing)}: every variant needs every seed for paired differences; "
@@ -392,7 +398,9 @@ def parse_args(argv=None):
     p.add_argument("--config-file", default=bench.SYNTHETIC_FINETUNE_CONFIG, help="fine-tuning config")
     p.add_argument("--pretrain-config", default=bench.SYNTHETIC_PRETRAIN_CONFIG, help="source-domain config")
     p.add_argument("--root", default="log/study-data", help="dataset root (the enlarged target lives here)")
-    p.add_argument("--variants", nargs="+", default=["plain", "branch", "rectify"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="variants to run (default: plain branch rectify); with --merge, the ones to merge "
+                        "(default: every one in the reports)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--min-steps", type=int, default=1000, help="fine-tuning steps every variant gets at least")
     p.add_argument("--budget-minutes", type=float, default=0, help="stop before a seed that would exceed this")
@@ -439,6 +447,8 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for both stages")
     args = p.parse_args(argv)
+    if args.variants is None and not args.merge:
+        args.variants = ["plain", "branch", "rectify"]
     args.set = DEFAULT_SETS if args.set is None else args.set
     args.pretrain_set = DEFAULT_PRETRAIN_SETS if args.pretrain_set is None else args.pretrain_set
     # what benchmark.py's pretraining and base-config helpers read
@@ -475,7 +485,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.merge:
         try:
-            report = merge_reports(args.merge)
+            report = merge_reports(args.merge, args.variants)
         except (MergeError, OSError, json.JSONDecodeError) as e:  # the message names the report file
             print(f"benchmark_study.py: error: {e}", file=sys.stderr)
             return 2
