@@ -20,6 +20,7 @@ the variant's capacity-matched adapter where one was run, the direct-transfer re
 complete seeds only, so the pairs stay complete. Runs can be split over processes (one per core, down to one
 variant on one seed each) and the reports joined with ``--merge a.json b.json ...``, which checks that they share
 the design and together cover every variant on every seed; a study without ``plain`` is paired with it once merged.
+With ``--variants``, a merge takes only those variants, e.g. the ones that later runs added seeds to.
 Trailing ``KEY VALUE`` pairs override config keys of both stages.
 """
 import argparse
