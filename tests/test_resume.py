@@ -136,6 +136,30 @@ def test_resume_mid_epoch_is_exact(data_root, datamanager, tmp_path, mode):
     assert resumed.epoch_summary["loss"] == pytest.approx(full.epoch_summary["loss"], abs=1e-6)
 
 
+def test_resume_at_another_cpu_thread_count_says_it_is_not_exact(data_root, datamanager, tmp_path, capsys):
+    """CPU sums are rounded by thread count: the checkpoint records the count, and a resume at another one says
+    that the continuation is not bit for bit, and how to make it so."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cfg = tiny_cfg(data_root, tmp_path, "train.checkpoint_every_n_iters", "2", "train.max_epoch", "1")
+        engine = build_engine(cfg, datamanager=datamanager)
+        record_losses(engine, stop_at=3)
+        with pytest.raises(Interrupted):
+            run_engine(engine, cfg)
+        path = osp.join(str(tmp_path), "model", "model-iter2.pth.tar")
+        assert load_checkpoint(path)["cpu_threads"] == 1
+        for count, noted in ((1, False), (2, True)):
+            torch.set_num_threads(count)
+            capsys.readouterr()
+            build_engine(tiny_cfg(data_root, tmp_path, "train.max_epoch", "1"), datamanager=datamanager).resume(path)
+            out = capsys.readouterr().out
+            assert ("written by a run computing with 1 torch CPU threads, this run uses 2" in out) == noted, out
+            assert ("Set train.cpu_threads 1 for an exact continuation" in out) == noted
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_resume_restores_cell_state_meters_and_rng(data_root, datamanager, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path, "train.checkpoint_every_n_iters", "2", "train.max_epoch", "1")
     engine = build_engine(cfg, datamanager=datamanager)

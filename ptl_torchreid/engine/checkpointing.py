@@ -3,7 +3,8 @@
 Every write goes through :meth:`CheckpointMixin._write_checkpoint`: atomic (a failed write leaves the previous
 files intact), weights-only loadable, refused for non-finite weights, rank 0 only under several ranks.
 :meth:`CheckpointMixin.resume` restores weights, optimizer, scheduler, scaler, progress, the run's seed and RNG
-states, and the position inside an epoch, so a run stopped mid-epoch continues exactly.
+states, and the position inside an epoch, so a run stopped mid-epoch continues exactly (on the CPU, at the same
+torch thread count: resuming at another count says so).
 """
 import math
 import os.path as osp
@@ -54,6 +55,7 @@ class CheckpointMixin:
             "rng": self._capture_rng_state(),
             "optimizer_type": type(self.optimizer).__name__,
             "reference_param_norm": self.reference_param_norm,
+            "cpu_threads": torch.get_num_threads(),  # CPU results repeat bit for bit at this count only
         }
         state.update(self.checkpoint_extras)
         return to_plain(state)
@@ -122,6 +124,14 @@ class CheckpointMixin:
                 "weights, give it as model.load_weights instead.",
             )
         self.load_checkpoint_state(state, source=path)
+        saved_threads, threads = state.get("cpu_threads"), torch.get_num_threads()
+        if self.device.type == "cpu" and saved_threads is not None and saved_threads != threads:
+            print(
+                f"Note: the checkpoint was written by a run computing with {saved_threads} torch CPU threads, this "
+                f"run uses {threads}: it continues faithfully, but not bit for bit as the uninterrupted run would "
+                f"(sums are rounded in another order). Set train.cpu_threads {saved_threads} for an exact "
+                "continuation."
+            )
         batch, epoch = int(state.get("batch", 0)), int(state["epoch"]) + 1
         where = f"epoch {epoch}, after batch {batch}" if batch else f"start of epoch {epoch}"
         print(
