@@ -617,10 +617,10 @@ def merged_report(paths):
                 clash = sorted((s for s in set(row["mAP"]) & set(r["mAP"])
                                 if (row["mAP"][s], row["rank1"][s]) != (r["mAP"][s], r["rank1"][s])), key=int)
                 if clash:
-                    counts = (threads[path], threads[source])
-                    why = (f"; the two ran with {counts[0]} and {counts[1]} torch threads, and a seed repeats "
+                    here, there = threads[path], threads[source]
+                    why = (f"; the two ran with {here} and {there} torch threads, and a seed repeats "
                            "its result only at the same count (set OMP_NUM_THREADS alike)"
-                           if None not in counts and counts[0] != counts[1] else "")
+                           if None not in (here, there) and here != there else "")
                     raise BenchmarkError(f"{path}: row '{r['key']}' has seed(s) {', '.join(clash)} in {source} too, "
                                          f"with other results; give each seed of a row once{why}")
                 row["rank1"].update(r["rank1"])

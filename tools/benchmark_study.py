@@ -251,7 +251,9 @@ def merge_reports(paths, variants=None):
     for report, path in zip(reports, paths):
         epoch0.update({v: e for v, e in report["epoch0"].items() if v in variants and v not in epoch0})
         for variant, runs in report["runs"].items():
-            for run in runs if variant in variants else ():
+            if variant not in variants:
+                continue
+            for run in runs:
                 key = (variant, run["seed"])
                 if key in cells:
                     raise MergeError(f"{path}: {variant} seed {run['seed']} is in {cells[key][1]} too")
