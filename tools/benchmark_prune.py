@@ -48,6 +48,7 @@ from ptl_torchreid.benchmarking.measure import cpu_model, load_average
 from ptl_torchreid.benchmarking.pruning import prune_cop_to_target
 from ptl_torchreid.benchmarking.report import mean_std
 from ptl_torchreid.compress import (
+                                    SIDE_STREAM,
                                     build_graph,
                                     build_pruned_architecture,
                                     compare_latency,
@@ -253,6 +254,11 @@ def accuracy_section(args):
     unknown = sorted(set(rows) - set(VALID_ROWS))
     if unknown:
         raise BenchmarkError(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(VALID_ROWS)}")
+    if any(w < 0 for w in args.ptl_side_weights):
+        raise BenchmarkError(f"--ptl-side-weights {' '.join(f'{w:g}' for w in args.ptl_side_weights)}: use numbers "
+                             ">= 0 (1: not weighted)")
+    if args.ptl_side_weights != [1.0] and not set(rows) & set(PTL_ROWS):
+        raise BenchmarkError(f"--ptl-side-weights weights the 'ptl' rows' pruning; add --rows {' '.join(PTL_ROWS)}")
     source_ckpt = args.source_weights
     origin = f"given weights {osp.basename(source_ckpt)}" if source_ckpt else \
         f"trained {args.source_epochs} epochs on synthetic_source"
@@ -407,15 +413,21 @@ def accuracy_section(args):
         parents = finetune(f"ptl_{mode}", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
                            f"ptl_{mode}", before=False)
         parents = parents or {seeds[0]: ptl_model()}  # --before-only: the PTL model as built
-        cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
-                                         preset="faster", calibration=images)[0] for seed, parent in parents.items()}
         extra = max(1, args.target_epochs // 2)
-        for key in ptl_rows:
-            kd = key.endswith("+kd")
-            finetune(key.replace("ptl", f"ptl_{mode}_pruned"),
-                     f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs (+{extra} epochs)",
-                     variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd), lambda seed: copy.deepcopy(cut[seed]),
-                     f"ptl_{mode}_pruned" + ("_kd" if kd else ""), extra, teacher=parents if kd else None)
+        for side in args.ptl_side_weights:
+            # side: the factor on the side stream's importance in the global ranking (1: not weighted)
+            weights = None if side == 1 else {SIDE_STREAM: side}
+            cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
+                                             preset="faster", calibration=images, importance_weights=weights)[0]
+                   for seed, parent in parents.items()}
+            tail, said = ("", "") if side == 1 else (f"_side{side:g}", f", side stream weighted x{side:g}")
+            for key in ptl_rows:
+                kd = key.endswith("+kd")
+                tag = f"ptl_{mode}_pruned" + ("_kd" if kd else "") + tail
+                finetune(key.replace("ptl", f"ptl_{mode}_pruned") + tail,
+                         f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs{said} (+{extra} epochs)",
+                         variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd),
+                         lambda seed, cut=cut: copy.deepcopy(cut[seed]), tag, extra, teacher=parents if kd else None)
     return lines + accuracy_table(results, size) + [""]
 
 
@@ -507,6 +519,9 @@ def main(argv=None):
                         help=f"section 3: rows to run (default: {' '.join(ACCURACY_ROWS)})")
     parser.add_argument("--ptl-mode", choices=MODES, default=None,
                         help="section 3: mode of the PTL models of the 'ptl' rows (default: the models' default)")
+    parser.add_argument("--ptl-side-weights", type=float, nargs="+", default=[1.0], metavar="W",
+                        help="section 3: prune the 'ptl' rows' models once per weight on the side stream's importance "
+                             "(below 1 the side stream is cut first; 0 to its floor; default 1: not weighted)")
     parser.add_argument("--calibration-images", type=int, default=64,
                         help="section 3: training images for the data-aware criteria and compensation")
     parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")

@@ -9,7 +9,8 @@ Modules: ``pruners`` (one registered pruner per layer type: detection, slicing, 
 ``bconv_pruner`` registers the BConv-Cell's), ``trace`` and ``graph`` (channel dependency graph), ``criterion``
 (correlation, redundancy, costs, greedy selection), ``scores`` (further criteria), ``calibration``, ``compensate``,
 ``surgery`` (physical shrinking, channel configuration), ``io`` (saving/reloading pruned models), ``measure``
-(FLOPs by torch's counter, parameters, latency), ``cop`` (``prune_cop``).
+(FLOPs by torch's counter, parameters, latency), ``weighting`` (importance weights by module), ``cop``
+(``prune_cop``).
 """
 from . import bconv_pruner  # noqa: F401  (registers the BConv-Cell's pruner)
 from .cop import PruneReport, check_target, kept_fraction, prune_cop
@@ -28,9 +29,11 @@ from .io import (
 from .measure import compare_latency, count_flops, count_params
 from .pruners import KeepChannels, LayerPruner, register_layer_pruner, resize_tensor, select_channels
 from .surgery import apply_channel_config, channel_config, shrink
+from .weighting import SIDE_STREAM
 
 __all__ = ["prune_cop", "PruneReport", "PRESETS", "PRESET_OPTIONS", "check_target", "kept_fraction", "build_graph",
            "ChannelGraph", "UnsupportedLayerError", "shrink", "channel_config", "apply_channel_config", "count_flops",
            "count_params", "compare_latency", "save_pruned_model", "load_pruned_model", "build_pruned_architecture",
            "pruning_info", "is_pruned_checkpoint", "register_pruned_model", "build_kwargs_of", "make_pruning_info",
-           "LayerPruner", "KeepChannels", "register_layer_pruner", "select_channels", "resize_tensor"]
+           "LayerPruner", "KeepChannels", "register_layer_pruner", "select_channels", "resize_tensor",
+           "SIDE_STREAM"]

@@ -21,6 +21,7 @@ from .scores import (
     taylor_scores,
 )
 from .surgery import shrink
+from .weighting import check_importance_weights, group_weights
 
 __all__ = ["prune_cop", "PruneReport", "check_target", "check_options", "kept_fraction", "variant_name",
            "step_reductions", "compensation_mode", "COMPENSATIONS", "DEFAULT_CRITERION", "DEFAULT_DATA_FREE_CRITERION",
@@ -95,6 +96,7 @@ class PruneReport:
     compensation: list = field(default_factory=list)  # (layer, squared error before, after the refit)
     steps: int = 1          # pruning steps with fine-tuning between them (the prune command's --steps)
     distill: bool = False   # fine-tuned with distillation from the unpruned model (the prune command's --distill)
+    importance_weights: dict = field(default_factory=dict)  # {module name: factor on its filters' importance}
 
     @property
     def variant(self):
@@ -125,6 +127,7 @@ class PruneReport:
                     criterion=str(self.criterion), compensate=str(self.compensate), variant=self.variant,
                     defaults=[str(d) for d in self.defaults], calibration_images=int(self.calibration_images),
                     steps=int(self.steps), distill=bool(self.distill),
+                    importance_weights={str(k): float(v) for k, v in self.importance_weights.items()},
                     compensation=[[str(n), float(a), float(b)] for n, a, b in self.compensation])
 
     def __str__(self):
@@ -137,6 +140,9 @@ class PruneReport:
             f"  params {self.params_before:>14,d} -> {self.params_after:>14,d}  (-{self.params_reduction:.1%})",
             f"  filters removed {self.filters_removed} of {self.filters_total} prunable ({self.prune_rate:.1%})",
         ]
+        if self.importance_weights:
+            weights = ", ".join(f"{k} x{v:g}" for k, v in self.importance_weights.items())
+            lines.insert(1, f"  importance weighted by module: {weights}")
         if self.compensation:
             before = sum(b for _, b, _ in self.compensation)
             after = sum(a for _, _, a in self.compensation)
@@ -228,10 +234,12 @@ def check_options(
     criterion=None,
     compensate=None,
     has_data=False,
+    importance_weights=None,
 ):
-    """Validate ``prune_cop``'s options (everything but the model) and resolve the preset's and the criterion's
-    defaults. Returns dict(target, value, weights, round_to, group_cost, max_prune_ratio, criterion, compensate,
-    defaults); raises ValueError naming the bad option."""
+    """Validate ``prune_cop``'s options (everything but the model; module names in ``importance_weights`` are
+    checked against it when pruning) and resolve the preset's and the criterion's defaults. Returns dict(target,
+    value, weights, round_to, group_cost, max_prune_ratio, criterion, compensate, defaults, importance_weights);
+    raises ValueError naming the bad option."""
     target, value = check_target(flops_reduction, params_reduction, prune_rate)
     criterion, compensate, defaults = check_criterion(criterion, compensate, has_data)
     weights = _weights(preset, alpha, beta, gamma)
@@ -265,6 +273,7 @@ def check_options(
         criterion=criterion,
         compensate=compensate,
         defaults=defaults,
+        importance_weights=check_importance_weights(importance_weights),
     )
 
 
@@ -308,6 +317,7 @@ def prune_cop(
     calibration=None,
     compensate=None,
     calibration_size=64,
+    importance_weights=None,
 ):
     """Prune ``model`` with COP and return the smaller model (an ordinary module with fewer channels).
 
@@ -331,6 +341,11 @@ def prune_cop(
         max_prune_ratio: largest fraction of any group's channels that may be removed (default: no limit, as in
             the paper); e.g. 0.75 keeps at least a quarter of every layer.
         exclude: names of modules whose input and output channels are kept.
+        importance_weights: {module name: factor} multiplying the importance of the filters a module (and its
+            submodules) produces in the global ranking: below 1 that module is cut first, above 1 last, 0 cuts it
+            to its floor before anything else (``compress.weighting``). ``'side_stream'`` names a PTL model's
+            side stream (``PTLNet.side_modules()``), e.g. ``{'side_stream': 0.5}``. Unlike ``exclude``, nothing
+            is kept whole, so a target stays reachable.
         inplace: prune ``model`` itself instead of a copy.
         tolerance: a FLOP target missed by more than this (as counted after surgery) gives a warning; near the
             target, cuts that would overshoot by more than half of it give way to cuts that fit.
@@ -371,6 +386,7 @@ def prune_cop(
         criterion,
         compensate,
         has_data=calibration is not None,
+        importance_weights=importance_weights,
     )
     criterion, compensate = opts["criterion"], opts["compensate"]
     target, value, (a, b, c) = opts["target"], opts["value"], opts["weights"]
@@ -410,6 +426,7 @@ def prune_cop(
         group_cost=group_cost,
         max_prune_ratio=max_prune_ratio,
         states=_selection_states(graph, criterion, images, topk),
+        weights=group_weights(net, graph, opts["importance_weights"]),
     )
     flops_outside = flops_before - selector.flops  # layers the graph does not change
     params_outside = params_before - selector.params
@@ -495,6 +512,7 @@ def prune_cop(
         defaults=opts["defaults"],
         calibration_images=0 if images is None else len(images),
         compensation=fits,
+        importance_weights=opts["importance_weights"],
     )
     if verbose:
         print(report)

@@ -243,13 +243,15 @@ class COPSelector:
             behaviour); like Torch-Pruning's ``max_pruning_ratio``, it stops one layer being cut to a sliver.
         states: {group index: selection state} of another criterion (``compress.scores``); default: COP's
             correlation redundancy.
+        weights: {group index: factor} multiplying the importance of a group's filters (``compress.weighting``);
+            missing groups keep factor 1.
         group_cost: how a group of coupled layers (a residual stage) gets its F_l / P_l: ``'mean'`` over its
             producing layers (each layer plus its consumer, averaged) or ``'sum'`` (every layer its channels
             touch: what removing one of its channels saves).
     """
 
     def __init__(self, graph, alpha, beta, gamma, topk=3, round_to=1, min_channels=1, group_cost="mean",
-                 max_prune_ratio=1.0, states=None):
+                 max_prune_ratio=1.0, states=None, weights=None):
         if group_cost not in GROUP_COSTS:
             raise ValueError(f"group_cost={group_cost!r} is not valid; choose one of {', '.join(GROUP_COSTS)}")
         self.graph = graph
@@ -267,6 +269,7 @@ class COPSelector:
         self.states = states
         self.order = sorted(self.states)           # prunable group indices
         self.slot = {gi: s for s, gi in enumerate(self.order)}
+        self.weights = np.array([(weights or {}).get(gi, 1.0) for gi in self.order], dtype=np.float64)
         rec_index = {id(r): i for i, r in enumerate(graph.records)}
         # Which prunable groups each record's costs count towards, and each group's F_l / P_l.
         self.rec_groups = [[] for _ in graph.records]
@@ -323,7 +326,7 @@ class COPSelector:
         """Importance of the next filter each prunable group would lose (inf where it cannot shrink)."""
         f_hat, p_hat = self.cost_terms()
         r = np.array([self.states[gi].r_live.max() for gi in self.order])
-        imp = importance(np.minimum(r, 1.0), f_hat, p_hat, self.alpha, self.beta, self.gamma)
+        imp = importance(np.minimum(r, 1.0), f_hat, p_hat, self.alpha, self.beta, self.gamma) * self.weights
         blocked = np.array([self.next_keep(gi) is None for gi in self.order], dtype=bool)
         imp[blocked] = np.inf
         return imp
@@ -333,7 +336,7 @@ class COPSelector:
         f_hat, p_hat = self.cost_terms()
         st = self.states[gi]
         s = self.slot[gi]
-        imp = importance(np.minimum(st.r, 1.0), f_hat[s], p_hat[s], self.alpha, self.beta, self.gamma)
+        imp = importance(np.minimum(st.r, 1.0), f_hat[s], p_hat[s], self.alpha, self.beta, self.gamma) * self.weights[s]
         imp[~st.alive] = np.inf
         return imp
 
