@@ -16,6 +16,7 @@ import os.path as osp
 from ptl_torchreid import _torchreid
 from ptl_torchreid.compress import (
     PRESETS,
+    SIDE_STREAM,
     compare_latency,
     count_flops,
     count_params,
@@ -61,6 +62,14 @@ def add_cop_arguments(group, target_required=False):
     group.add_argument("--max-prune-ratio", type=float, default=None,
                        help="most of any layer's channels that may go, e.g. 0.5 (default: no limit)")
     group.add_argument("--exclude", nargs="+", default=(), help="module names whose channels are kept")
+    group.add_argument(
+        "--importance-weight",
+        nargs="+",
+        default=(),
+        metavar="MODULE=W",
+        help="multiply the importance of a module's filters in the global ranking by W: below 1 it is cut first, "
+        f"above 1 last (e.g. {SIDE_STREAM}=0.5 for a PTL model's side stream)",
+    )
     group.add_argument(
         "--criterion",
         default=None,
@@ -143,6 +152,8 @@ def prune_options(args, has_data=False):
     )
     checked = {k: v for k, v in options.items() if k != "exclude"}
     try:
+        options["importance_weights"] = checked["importance_weights"] = parse_importance_weights(
+            args.importance_weight)
         check_options(has_data=has_data, **checked)
         if args.calibration_images < 2:
             raise ValueError(f"--calibration-images {args.calibration_images} is too few; use 2 or more")
@@ -155,6 +166,21 @@ def prune_options(args, has_data=False):
     except ValueError as e:
         raise ConfigError(f"prune: {e} (see ptl-torchreid prune --help)") from None
     return options
+
+
+def parse_importance_weights(pairs):
+    """{module name: weight} from ``--importance-weight`` values 'NAME=W' (None when none are given)."""
+    weights = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or not name or weight is None:
+            raise ValueError(f"--importance-weight {pair!r} is not valid; write MODULE=W, e.g. {SIDE_STREAM}=0.5")
+        weights[name] = weight
+    return weights or None
 
 
 def step_targets(options, steps):

@@ -99,7 +99,11 @@ def main(argv=None):
         print(f"prune.py: error: {e}", file=sys.stderr)
         return 2
     model.eval()
-    pruned, report = prune_cop(model, input_size=size, return_report=True, **options)
+    try:
+        pruned, report = prune_cop(model, input_size=size, return_report=True, **options)
+    except ValueError as e:  # a module name the model lacks, an unreachable target, an unsupported layer
+        print(f"prune.py: error: {e}", file=sys.stderr)
+        return 2
     print(report)
     if args.show_layers:
         print(report.layer_table())
