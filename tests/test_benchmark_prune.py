@@ -97,6 +97,16 @@ def test_merged_report_gives_the_recipe_input_size_and_pairs_with_l1(tmp_path):
     proc = run_tool("benchmark_prune.py", "--report", tmp_path / "b2.json", tmp_path / "c1.json")
     assert proc.returncode == 0 and "different torch thread counts: b2.json 2, c1.json 1." in proc.stdout
 
+    # the same thread count on other CPUs: the error and the merged header name the CPUs, not the threads
+    for name, data, cpu in (("bx.json", b, "Intel Xeon"), ("ea.json", e, "AMD EPYC"), ("ca.json", c, "AMD EPYC")):
+        (tmp_path / name).write_text(json.dumps(dict(data, threads=1, cpu=cpu, kernels="AVX512", torch="2.14.1")))
+    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "bx.json", tmp_path / "ea.json")
+    assert proc.returncode == 2 and "the two ran on AMD EPYC and Intel Xeon, and a seed" in proc.stderr
+    assert "torch threads" not in proc.stderr
+    proc = run_tool("benchmark_prune.py", "--report", tmp_path / "bx.json", tmp_path / "ca.json")
+    assert proc.returncode == 0 and "different CPUs: bx.json Intel Xeon, ca.json AMD EPYC." in proc.stdout
+    assert "thread counts" not in proc.stdout
+
 
 @pytest.mark.slow
 def test_source_training_learns_its_identities_and_the_iterative_row_runs(tmp_path):
@@ -198,5 +208,6 @@ def test_a_seed_of_a_row_does_not_depend_on_the_rows_run_before_it(tmp_path, mon
         assert proc.returncode == 0, proc.stderr[-3000:]
         data = json.loads(out.read_text())
         assert data["threads"] == 1 and "Computed with 1 torch CPU thread:" in " ".join(data["header"])
+        assert data["torch"] == torch.__version__ and data["cpu"] and data["kernels"]
         maps.append(next(r["mAP"] for r in data["results"] if r["key"] == "ptl_rectify"))
     assert maps[0] == maps[1]

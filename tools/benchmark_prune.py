@@ -250,6 +250,7 @@ def accuracy_section(args):
     losses = "triplet + softmax" if target_cfg.loss.name == "triplet" else target_cfg.loss.name
     seeds = args.seeds
     threads = torch.get_num_threads()
+    machine = run_setting(threads)
     rows = args.rows or ACCURACY_ROWS
     unknown = sorted(set(rows) - set(VALID_ROWS))
     if unknown:
@@ -276,8 +277,9 @@ def accuracy_section(args):
              "deterministic, so the seeds vary the fine-tuning only (for PTL at baseline cost, each seed's PTL "
              "model is pruned, so they vary the parent too). 'before': the pruned model "
              "right after pruning and compensation, without fine-tuning. Computed with "
-             f"{threads} torch CPU thread{'s' if threads > 1 else ''}: a seed's result repeats bit for bit at the "
-             "same thread count only (another count rounds the sums differently, and the fine-tuning amplifies "
+             f"{threads} torch CPU thread{'s' if threads > 1 else ''}: on {machine['cpu']} ({machine['kernels']} "
+             f"kernels), torch {machine['torch']}. A seed's result repeats bit for bit with the same thread count, "
+             "CPU kernels and torch only (another one rounds the sums differently, and the fine-tuning amplifies "
              "that).", ""]
     if not source_ckpt:
         cfg = _config(source_config, root, osp.join(work, "source"), args.source_epochs, arch)
@@ -327,7 +329,7 @@ def accuracy_section(args):
     def record(result):
         results.append(result)
         with open(out_json, "w") as f:
-            json.dump(dict(header=lines, results=results, size=size, threads=threads), f, indent=1)
+            json.dump(dict(header=lines, results=results, size=size, **machine), f, indent=1)
         print("\n".join(accuracy_table(results, size)), flush=True)
 
     def iterative(key, criterion, compensate, calibration, steps, round_to, teacher):
@@ -610,15 +612,29 @@ def main(argv=None):
     return _emit(lines, args)
 
 
+def run_setting(threads):
+    """What a seed's result depends on besides the seed: the thread count, the CPU and its kernels, torch."""
+    return dict(threads=threads, cpu=cpu_model() or "unknown CPU", kernels=torch.backends.cpu.get_cpu_capability(),
+                torch=torch.__version__)
+
+
+# Settings of a run that change a seed's result, as ``run_setting`` records them; files written before a setting
+# was recorded lack it (None), and nothing is guessed about them.
+SETTING_PHRASES = {"threads": ("torch thread counts", "with {} and {} torch threads"),
+                   "cpu": ("CPUs", "on {} and {}"),
+                   "kernels": ("CPU kernels", "with {} and {} CPU kernels"),
+                   "torch": ("torch versions", "with torch {} and {}")}
+
+
 def merged_report(paths):
     """One accuracy table from the result files of several runs (in the order given)."""
     import json
 
-    header, results, by_key, sources, size, threads = None, [], {}, {}, None, {}
+    header, results, by_key, sources, size, settings = None, [], {}, {}, None, {}
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        threads[path] = data.get("threads")  # files written before the thread count was recorded: None
+        settings[path] = {k: data.get(k) for k in SETTING_PHRASES}
         header = header or data["header"]
         size = size or tuple(data.get("size", (128, 64)))  # files written before the size was recorded: 128x64
         for r in data["results"]:  # the same row from several runs: its seeds join
@@ -632,10 +648,13 @@ def merged_report(paths):
                 clash = sorted((s for s in set(row["mAP"]) & set(r["mAP"])
                                 if (row["mAP"][s], row["rank1"][s]) != (r["mAP"][s], r["rank1"][s])), key=int)
                 if clash:
-                    here, there = threads[path], threads[source]
-                    why = (f"; the two ran with {here} and {there} torch threads, and a seed repeats "
-                           "its result only at the same count (set OMP_NUM_THREADS alike)"
-                           if None not in (here, there) and here != there else "")
+                    differ = [phrase.format(settings[path][k], settings[source][k])
+                              for k, (_, phrase) in SETTING_PHRASES.items()
+                              if None not in (settings[path][k], settings[source][k])
+                              and settings[path][k] != settings[source][k]]
+                    why = (f"; the two ran {', '.join(differ)}, and a seed repeats its result only with the same "
+                           "thread count, CPU kernels and torch (set OMP_NUM_THREADS alike, run on one machine "
+                           "type)" if differ else "")
                     raise BenchmarkError(f"{path}: row '{r['key']}' has seed(s) {', '.join(clash)} in {source} too, "
                                          f"with other results; give each seed of a row once{why}")
                 row["rank1"].update(r["rank1"])
@@ -644,10 +663,11 @@ def merged_report(paths):
                 sources[r["key"]] = path
                 by_key[r["key"]] = r
                 results.append(r)
-    counts = sorted({t for t in threads.values() if t is not None})
-    if len(counts) > 1:  # the header is the first file's, which names its own count only
-        header = header + ["The merged runs used different torch thread counts: " +
-                           ", ".join(f"{osp.basename(p)} {t}" for p, t in threads.items() if t is not None) + ".", ""]
+    for k, (label, _) in SETTING_PHRASES.items():  # the header is the first file's, which names its own setting only
+        known = {p: s[k] for p, s in settings.items() if s[k] is not None}
+        if len(set(known.values())) > 1:
+            header = header + [f"The merged runs used different {label}: " +
+                               ", ".join(f"{osp.basename(p)} {v}" for p, v in known.items()) + ".", ""]
     text = "\n".join(header + accuracy_table(results, size))
     print(text)
     return text
