@@ -184,8 +184,9 @@ def test_ptl_at_baseline_cost_in_the_chosen_mode_distils_from_its_unpruned_paren
     assert proc.returncode == 0, proc.stderr[-3000:]
     unpruned, pruned = json.loads((tmp_path / "r.json").read_text())["results"]
     assert unpruned["key"] == "ptl_branch" and "(branch, unpruned)" in unpruned["name"]
-    assert pruned["key"] == "ptl_branch_pruned+kd" and pruned["variant"].endswith("+kd")
-    assert "(branch)" in pruned["name"]
+    # pruned with prune_cop's default for PTL models: the side stream's importance halved
+    assert pruned["key"] == "ptl_branch_pruned_side0.5+kd" and pruned["variant"].endswith("+kd")
+    assert "(branch)" in pruned["name"] and "side stream weighted x0.5" in pruned["name"]
     assert set(pruned["mAP"]) == {"1"}
     plain = build_model("osnet_x0_25", num_classes=1)
     assert pruned["gflops"] * 1e9 <= count_flops(plain, SIZE) * 1.01 < unpruned["gflops"] * 1e9

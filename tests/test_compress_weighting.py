@@ -18,6 +18,7 @@ from ptl_torchreid.compress import (
     pruning_info,
     save_pruned_model,
 )
+from ptl_torchreid.compress.cop import DEFAULT_SIDE_STREAM_WEIGHT
 from ptl_torchreid.config import ConfigError
 from ptl_torchreid.models import build_model
 
@@ -42,7 +43,7 @@ def _cut(report, side):
 
 def test_a_zero_weight_cuts_the_side_stream_first_and_spares_the_backbone():
     model = _ptl_branch()
-    _, plain = _prune(model)
+    _, plain = _prune(model, {})
     _, weighted = _prune(model, {SIDE_STREAM: 0.0})
     assert _cut(plain, side=False) > 0  # unweighted, the cut reaches the backbone
     assert _cut(weighted, side=False) == 0 and _cut(weighted, side=True) > _cut(plain, side=True)
@@ -51,7 +52,7 @@ def test_a_zero_weight_cuts_the_side_stream_first_and_spares_the_backbone():
 
 def test_a_weight_above_one_protects_the_side_stream():
     model = _ptl_branch()
-    _, plain = _prune(model, reduction=0.3)
+    _, plain = _prune(model, {}, reduction=0.3)
     _, protected = _prune(model, {SIDE_STREAM: 100.0}, reduction=0.3)
     assert _cut(plain, side=True) > 0
     assert _cut(protected, side=True) < _cut(plain, side=True)
@@ -59,7 +60,7 @@ def test_a_weight_above_one_protects_the_side_stream():
 
 def test_weight_one_changes_nothing():
     model = _ptl_branch()
-    pruned, plain = _prune(model)
+    pruned, plain = _prune(model, {})
     same, weighted = _prune(model, {SIDE_STREAM: 1.0})
     assert weighted.groups == plain.groups
     x = torch.randn(2, 3, *SIZE)
@@ -86,7 +87,7 @@ def test_weights_are_recorded_printed_saved_and_reloaded(tmp_path):
     x = torch.randn(2, 3, *SIZE)
     with torch.no_grad():
         torch.testing.assert_close(load_pruned_model(path).eval()(x), pruned(x))
-    assert _prune(model)[1].as_dict()["importance_weights"] == {}
+    assert _prune(model, {})[1].as_dict()["importance_weights"] == {}
 
 
 @pytest.mark.parametrize("weights, message", [
@@ -140,7 +141,7 @@ def test_prune_tool_weights_the_side_stream_and_names_an_unknown_module(tmp_path
 
 def test_benchmark_side_weights_need_ptl_rows_and_non_negative_values(tmp_path):
     base = ["--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--work-dir", tmp_path]
-    proc = run_tool("benchmark_prune.py", *base, "--rows", "baseline", "--ptl-side-weights", "0.5")
+    proc = run_tool("benchmark_prune.py", *base, "--rows", "baseline", "--ptl-side-weights", "0.25")
     assert proc.returncode == 2 and "add --rows ptl ptl+kd" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_tool("benchmark_prune.py", *base, "--rows", "ptl", "--ptl-side-weights", "1", "-0.5")
     assert proc.returncode == 2 and "--ptl-side-weights 1 -0.5: use numbers >= 0" in proc.stderr
@@ -164,3 +165,17 @@ def test_benchmark_prunes_each_ptl_parent_once_per_side_weight(tmp_path):
                      if name.startswith(SIDE_PREFIXES) for v in attrs.values())
             for key in ("ptl_branch_pruned", "ptl_branch_pruned_side0")}
     assert side["ptl_branch_pruned_side0"] < side["ptl_branch_pruned"]
+
+
+def test_ptl_models_default_to_the_side_stream_first_and_an_empty_dict_turns_it_off():
+    model = _ptl_branch()
+    _, default = _prune(model)
+    _, explicit = _prune(model, {SIDE_STREAM: DEFAULT_SIDE_STREAM_WEIGHT})
+    _, off = _prune(model, {})
+    assert default.importance_weights == {SIDE_STREAM: DEFAULT_SIDE_STREAM_WEIGHT}
+    assert "importance_weights" in default.defaults and "importance_weights" not in explicit.defaults
+    assert "(the default for PTL models)" in str(default)
+    assert default.groups == explicit.groups and off.importance_weights == {}
+    assert _cut(off, side=True) < _cut(default, side=True)
+    plain = _prune(build_model("osnet_x0_25", num_classes=3).eval())[1]
+    assert plain.importance_weights == {} and "importance_weights" in plain.defaults

@@ -21,7 +21,8 @@ budget on synthetic_target, the unpruned model, COP (faster, balanced) and Torch
 FLOPs (50% at 128x64) are fine-tuned and evaluated (Rank-1, mAP). For "PTL at baseline cost", the PTL model
 (backbone from the same source model; its mode from ``--ptl-mode``) is trained on synthetic_target, pruned to the
 plain model's FLOPs and fine-tuned again, without (row ``ptl``) and with (row ``ptl+kd``) distillation from the
-unpruned PTL model it was cut from.
+unpruned PTL model it was cut from; ``--ptl-side-weights`` prunes it once per weight on the side stream's
+importance (``prune_cop``'s ``importance_weights``; its default for PTL models unless given).
 
 Each accuracy row records the architecture its first seed's model ended with (channel counts, in the results
 file). ``--latency-of`` times those architectures against the unpruned model as section 1 does, e.g. the models
@@ -57,7 +58,7 @@ from ptl_torchreid.compress import (
                                     make_pruning_info,
                                     prune_cop,
 )
-from ptl_torchreid.compress.cop import COMPENSATIONS, step_reductions, variant_name
+from ptl_torchreid.compress.cop import COMPENSATIONS, DEFAULT_SIDE_STREAM_WEIGHT, step_reductions, variant_name
 from ptl_torchreid.compress.scores import CRITERIA, DATA_CRITERIA
 from ptl_torchreid.engine import build_datamanager, build_engine, run
 from ptl_torchreid.engine.distill import Distillation
@@ -258,7 +259,7 @@ def accuracy_section(args):
     if any(w < 0 for w in args.ptl_side_weights):
         raise BenchmarkError(f"--ptl-side-weights {' '.join(f'{w:g}' for w in args.ptl_side_weights)}: use numbers "
                              ">= 0 (1: not weighted)")
-    if args.ptl_side_weights != [1.0] and not set(rows) & set(PTL_ROWS):
+    if args.ptl_side_weights != [DEFAULT_SIDE_STREAM_WEIGHT] and not set(rows) & set(PTL_ROWS):
         raise BenchmarkError(f"--ptl-side-weights weights the 'ptl' rows' pruning; add --rows {' '.join(PTL_ROWS)}")
     source_ckpt = args.source_weights
     origin = f"given weights {osp.basename(source_ckpt)}" if source_ckpt else \
@@ -418,7 +419,7 @@ def accuracy_section(args):
         extra = max(1, args.target_epochs // 2)
         for side in args.ptl_side_weights:
             # side: the factor on the side stream's importance in the global ranking (1: not weighted)
-            weights = None if side == 1 else {SIDE_STREAM: side}
+            weights = {} if side == 1 else {SIDE_STREAM: side}
             cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
                                              preset="faster", calibration=images, importance_weights=weights)[0]
                    for seed, parent in parents.items()}
@@ -426,7 +427,7 @@ def accuracy_section(args):
             for key in ptl_rows:
                 kd = key.endswith("+kd")
                 tag = f"ptl_{mode}_pruned" + ("_kd" if kd else "") + tail
-                finetune(key.replace("ptl", f"ptl_{mode}_pruned") + tail,
+                finetune(f"ptl_{mode}_pruned{tail}" + ("+kd" if kd else ""),
                          f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs{said} (+{extra} epochs)",
                          variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd),
                          lambda seed, cut=cut: copy.deepcopy(cut[seed]), tag, extra, teacher=parents if kd else None)
@@ -521,9 +522,11 @@ def main(argv=None):
                         help=f"section 3: rows to run (default: {' '.join(ACCURACY_ROWS)})")
     parser.add_argument("--ptl-mode", choices=MODES, default=None,
                         help="section 3: mode of the PTL models of the 'ptl' rows (default: the models' default)")
-    parser.add_argument("--ptl-side-weights", type=float, nargs="+", default=[1.0], metavar="W",
+    parser.add_argument("--ptl-side-weights", type=float, nargs="+", default=[DEFAULT_SIDE_STREAM_WEIGHT],
+                        metavar="W",
                         help="section 3: prune the 'ptl' rows' models once per weight on the side stream's importance "
-                             "(below 1 the side stream is cut first; 0 to its floor; default 1: not weighted)")
+                             "(below 1 the side stream is cut first, 0 to its floor, 1 not weighted; default "
+                             f"{DEFAULT_SIDE_STREAM_WEIGHT:g}, prune_cop's default for PTL models)")
     parser.add_argument("--calibration-images", type=int, default=64,
                         help="section 3: training images for the data-aware criteria and compensation")
     parser.add_argument("--results-json", default="", help="section 3: per-seed results (default in --work-dir)")

@@ -16,9 +16,10 @@ SIDE_STREAM = "side_stream"
 
 
 def check_importance_weights(weights):
-    """``weights`` ({module name: weight}, or None) as a plain dict, each weight a finite number >= 0."""
+    """``weights`` ({module name: weight}) as a plain dict, each weight a finite number >= 0; None (the default
+    weighting) stays None."""
     if weights is None:
-        return {}
+        return None
     if not isinstance(weights, dict):
         raise ValueError(f"importance_weights={weights!r} is not valid; give a dict {{module name: weight >= 0}}")
     checked = {}
