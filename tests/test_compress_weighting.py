@@ -148,23 +148,26 @@ def test_benchmark_side_weights_need_ptl_rows_and_non_negative_values(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_prunes_each_ptl_parent_once_per_side_weight(tmp_path):
+def test_benchmark_prunes_each_ptl_model_once_per_side_weight_after_or_before_fine_tuning(tmp_path):
+    """'ptl' prunes the fine-tuned PTL parent, 'ptl_first' the PTL model as built; each once per side weight."""
     out = tmp_path / "r.json"
     proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-weights",
-                    shared_weights(), "--seeds", "1", "--rows", "ptl", "--ptl-mode", "branch", "--ptl-side-weights",
-                    "1", "0", "--before-only", "--work-dir", tmp_path, "--results-json", out)
+                    shared_weights(), "--seeds", "1", "--rows", "ptl", "ptl_first", "--ptl-mode", "branch",
+                    "--ptl-side-weights", "1", "0", "--before-only", "--work-dir", tmp_path, "--results-json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["key"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"ptl_branch", "ptl_branch_pruned", "ptl_branch_pruned_side0"}
+    pruned = ["ptl_branch_pruned", "ptl_branch_pruned_side0", "ptl_branch_first", "ptl_branch_first_side0"]
+    assert set(rows) == {"ptl_branch", *pruned}
     assert "side stream weighted x0" in rows["ptl_branch_pruned_side0"]["name"]
     assert "weighted" not in rows["ptl_branch_pruned"]["name"]
+    assert "before fine-tuning" in rows["ptl_branch_first"]["name"]
     plain = count_flops(build_model("osnet_x0_25", num_classes=1), SIZE)
-    for key in ("ptl_branch_pruned", "ptl_branch_pruned_side0"):
-        assert rows[key]["gflops"] * 1e9 <= plain * 1.01
+    for key in pruned:
+        assert rows[key]["gflops"] * 1e9 <= plain * 1.01 and rows[key]["before"] is not None
     side = {key: sum(v for name, attrs in rows[key]["architecture"]["channels"].items()
-                     if name.startswith(SIDE_PREFIXES) for v in attrs.values())
-            for key in ("ptl_branch_pruned", "ptl_branch_pruned_side0")}
+                     if name.startswith(SIDE_PREFIXES) for v in attrs.values()) for key in pruned}
     assert side["ptl_branch_pruned_side0"] < side["ptl_branch_pruned"]
+    assert side["ptl_branch_first_side0"] < side["ptl_branch_first"]
 
 
 def test_ptl_models_default_to_the_side_stream_first_and_an_empty_dict_turns_it_off():

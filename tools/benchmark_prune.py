@@ -22,7 +22,8 @@ FLOPs (50% at 128x64) are fine-tuned and evaluated (Rank-1, mAP). For "PTL at ba
 (backbone from the same source model; its mode from ``--ptl-mode``) is trained on synthetic_target, pruned to the
 plain model's FLOPs and fine-tuned again, without (row ``ptl``) and with (row ``ptl+kd``) distillation from the
 unpruned PTL model it was cut from; ``--ptl-side-weights`` prunes it once per weight on the side stream's
-importance (``prune_cop``'s ``importance_weights``; its default for PTL models unless given).
+importance (``prune_cop``'s ``importance_weights``; its default for PTL models unless given). Row ``ptl_first``
+prunes the PTL model before its fine-tuning instead, and gives it the plain model's budget.
 
 Each accuracy row records the architecture its first seed's model ended with (channel counts, in the results
 file). ``--latency-of`` times those architectures against the unpruned model as section 1 does, e.g. the models
@@ -159,8 +160,9 @@ ACCURACY_ROWS = ("baseline", "cop", "cop+bn+ls", "cop_magnitude", "cop_magnitude
                  "cop_activation", "cop_activation+bn+ls", "taylor", "taylor+bn+ls", "magnitude+bn+ls+kd",
                  "magnitude+bn+ls+steps3", "tp_l1", "tp_taylor", "tp_random", "ptl", "ptl+kd")
 # 'ptl': PTL at baseline cost, pruned with the default criterion and compensation; 'ptl+kd': the same pruned model
-# also distilled from the unpruned PTL model it was cut from (the prune command's default recovery).
-PTL_ROWS = ("ptl", "ptl+kd")
+# also distilled from the unpruned PTL model it was cut from (the prune command's default recovery); 'ptl_first':
+# the PTL model pruned before its fine-tuning, which then gets the plain rows' budget (not a default row).
+PTL_ROWS = ("ptl", "ptl+kd", "ptl_first")
 VALID_ROWS = ("baseline", "tp_l1", "tp_taylor", "tp_random") + PTL_ROWS + tuple(
     variant_name(c, comp, kd) + tail for c in CRITERIA for comp in COMPENSATIONS for kd in (False, True)
     for tail in ("", "+steps2", "+steps3", "+steps4"))
@@ -403,7 +405,8 @@ def accuracy_section(args):
     if ptl_rows:
         # PTL at baseline cost: the PTL model trained on the target with each seed, each seed's model pruned to the
         # plain model's FLOPs with the default criterion and compensation, then fine-tuned again with that seed
-        # (so the seeds vary the parent too, and pair with the plain model's seeds).
+        # (so the seeds vary the parent too, and pair with the plain model's seeds); 'ptl_first' prunes the PTL
+        # model as built instead (source backbone, side stream from the seed) and gives it the plain rows' budget.
         base_flops = count_flops(source_model(), size)
         options = {"mode": args.ptl_mode} if args.ptl_mode else {}
 
@@ -412,25 +415,36 @@ def accuracy_section(args):
             load_pretrained_weights(ptl, source_ckpt)  # the plain source model goes into the PTL backbone
             return ptl
 
+        def cut(model, weights):
+            return prune_cop_to_target(model, size, reduction=1 - base_flops / count_flops(model, size),
+                                       preset="faster", calibration=images, importance_weights=weights)[0]
+
         mode = ptl_model().mode
-        parents = finetune(f"ptl_{mode}", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
-                           f"ptl_{mode}", before=False)
-        parents = parents or {seeds[0]: ptl_model()}  # --before-only: the PTL model as built
+        after = [k for k in ptl_rows if k != "ptl_first"]
+        parents = {}
+        if after:
+            parents = finetune(f"ptl_{mode}", f"ptl_{arch} ({mode}, unpruned)", "-", lambda seed: ptl_model(),
+                               f"ptl_{mode}", before=False)
+            parents = parents or {seeds[0]: ptl_model()}  # --before-only: the PTL model as built
         extra = max(1, args.target_epochs // 2)
         for side in args.ptl_side_weights:
             # side: the factor on the side stream's importance in the global ranking (1: not weighted)
             weights = {} if side == 1 else {SIDE_STREAM: side}
-            cut = {seed: prune_cop_to_target(parent, size, reduction=1 - base_flops / count_flops(parent, size),
-                                             preset="faster", calibration=images, importance_weights=weights)[0]
-                   for seed, parent in parents.items()}
             tail, said = ("", "") if side == 1 else (f"_side{side:g}", f", side stream weighted x{side:g}")
-            for key in ptl_rows:
+            pruned = {seed: cut(parent, weights) for seed, parent in parents.items()}
+            for key in after:
                 kd = key.endswith("+kd")
                 tag = f"ptl_{mode}_pruned" + ("_kd" if kd else "") + tail
                 finetune(f"ptl_{mode}_pruned{tail}" + ("+kd" if kd else ""),
                          f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs{said} (+{extra} epochs)",
                          variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, kd),
-                         lambda seed, cut=cut: copy.deepcopy(cut[seed]), tag, extra, teacher=parents if kd else None)
+                         lambda seed, pruned=pruned: copy.deepcopy(pruned[seed]), tag, extra,
+                         teacher=parents if kd else None)
+            if "ptl_first" in ptl_rows:
+                finetune(f"ptl_{mode}_first{tail}",
+                         f"ptl_{arch} ({mode}) pruned to {arch}'s FLOPs before fine-tuning{said}",
+                         variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE),
+                         lambda seed, weights=weights: cut(ptl_model(), weights), f"ptl_{mode}_first{tail}")
     return lines + accuracy_table(results, size) + [""]
 
 
