@@ -148,11 +148,11 @@ def test_torch_pruning_peer_is_cut_to_the_flops_of_cop_and_every_row_can_be_time
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in proc.stdout.splitlines()
              if line.startswith("| ") and "GFLOPs" not in line}
-    assert set(table) == {"osnet_x0_25 (unpruned)", "tp_l1", "ptl_branch", "ptl_branch_pruned"}
+    assert set(table) == {"osnet_x0_25 (unpruned)", "tp_l1", "ptl_branch", "ptl_branch_pruned_side0.5"}
     reduction = {key: float(cells[1].strip().rstrip("%")) for key, cells in table.items()}
     assert reduction["osnet_x0_25 (unpruned)"] == 0.0
     assert reduction["tp_l1"] == pytest.approx(50.0, abs=3.0)  # the saved channel counts, rebuilt
-    assert reduction["ptl_branch"] < 0 and reduction["ptl_branch_pruned"] == pytest.approx(0.0, abs=3.0)
+    assert reduction["ptl_branch"] < 0 and reduction["ptl_branch_pruned_side0.5"] == pytest.approx(0.0, abs=3.0)
 
 
 def test_latency_of_refuses_files_without_architectures_and_rows_of_two_models(tmp_path):

@@ -334,13 +334,14 @@ def test_default_selection_is_recorded_and_reloads(tmp_path):
     pruned, report = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=4, input_size=(64, 32),
                                calibration=images, return_report=True)
     assert (report.criterion, report.compensate) == (DEFAULT_CRITERION, DEFAULT_COMPENSATE)
-    assert report.defaults == ["criterion", "compensate"] and report.calibration_images == 8
+    assert report.defaults == ["criterion", "compensate", "importance_weights"] and report.calibration_images == 8
+    assert report.importance_weights == {}  # a plain model: no weighting by default
     assert f"COP pruning, {report.variant} (default)," in str(report)
     path = str(tmp_path / "pruned.pth")
     save_pruned_model(pruned, path, arch="osnet_x0_25", report=report)
     info = pruning_info(path)["report"]
     assert info["criterion"] == DEFAULT_CRITERION and info["compensate"] == DEFAULT_COMPENSATE
-    assert info["defaults"] == ["criterion", "compensate"]
+    assert info["defaults"] == ["criterion", "compensate", "importance_weights"]
     assert info["variant"] == variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE)
     reloaded = load_pruned_model(path).eval()
     with torch.no_grad():
@@ -352,7 +353,7 @@ def test_default_selection_is_recorded_and_reloads(tmp_path):
         _, paper = prune_cop(model, flops_reduction=0.3, preset="faster", round_to=4, input_size=(64, 32),
                              criterion="cop", return_report=True)
     assert free.criterion == DEFAULT_DATA_FREE_CRITERION and free.compensate == "none"
-    assert paper.variant == "cop" and paper.defaults == ["compensate"]  # off by default without data
+    assert paper.variant == "cop" and paper.defaults == ["compensate", "importance_weights"]  # no data: off
     assert any(f"the default compensation is '{DEFAULT_COMPENSATE}'" in note for note in free.notes)
     assert not any("no calibration data" in note for note in report.notes)
 
@@ -423,7 +424,7 @@ def test_prune_command_iterative_with_distillation_records_the_variant(tmp_path,
     info = pruning_info(str(tmp_path / "run" / "model" / "pruned.pth.tar"))["report"]
     assert info["steps"] == 2 and info["distill"] is True
     assert info["variant"] == variant_name(DEFAULT_CRITERION, DEFAULT_COMPENSATE, True)
-    assert info["defaults"] == ["criterion", "compensate"]
+    assert info["defaults"] == ["criterion", "compensate", "importance_weights"]
     assert 0.38 <= 1 - info["flops_after"] / info["flops_before"] <= 0.42
 
 
