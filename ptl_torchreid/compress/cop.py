@@ -36,8 +36,9 @@ DEFAULT_CRITERION = "magnitude"
 DEFAULT_DATA_FREE_CRITERION = "magnitude"
 DEFAULT_COMPENSATE = "bn+ls"
 # A PTL model's side stream goes first: with its filters' importance halved, ptl_osnet_x0_25 pruned to
-# osnet_x0_25's FLOPs kept +5.6 mAP [+2.6, +8.6] more than unweighted after fine-tuning (docs/BENCHMARKS.md,
-# "PTL at baseline cost with the side stream cut first").
+# osnet_x0_25's FLOPs kept +5.6 mAP [+2.6, +8.6] (branch) and +6.5 [+1.2, +11.7] (rectify) more than unweighted
+# after fine-tuning; 0 (the side stream to its floor) was level in branch mode and 5.4 points worse in rectify
+# mode (docs/BENCHMARKS.md, "PTL at baseline cost with the side stream cut first").
 DEFAULT_SIDE_STREAM_WEIGHT = 0.5
 
 # What is done after the cut, on the calibration images: nothing; 'bn' re-estimates the BatchNorm statistics;
