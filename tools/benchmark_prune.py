@@ -280,9 +280,9 @@ def accuracy_section(args):
              "deterministic, so the seeds vary the fine-tuning only (for PTL at baseline cost, each seed's PTL "
              "model is pruned, so they vary the parent too). 'before': the pruned model "
              "right after pruning and compensation, without fine-tuning. Computed with "
-             f"{threads} torch CPU thread{'s' if threads > 1 else ''}: on {machine['cpu']} ({machine['kernels']} "
-             f"kernels), torch {machine['torch']}. A seed's result repeats bit for bit with the same thread count, "
-             "CPU kernels and torch only (another one rounds the sums differently, and the fine-tuning amplifies "
+             f"{threads} torch CPU thread{'s' if threads > 1 else ''}: {machine['cpu']}, {machine['kernels']} "
+             f"kernels, torch {machine['torch']}. A seed's result repeats bit for bit only with the same thread "
+             "count, CPU kernels and torch (another one rounds the sums differently, and the fine-tuning amplifies "
              "that).", ""]
     if not source_ckpt:
         cfg = _config(source_config, root, osp.join(work, "source"), args.source_epochs, arch)
