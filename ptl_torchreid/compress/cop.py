@@ -38,7 +38,8 @@ DEFAULT_COMPENSATE = "bn+ls"
 # A PTL model's side stream goes first: with its filters' importance halved, ptl_osnet_x0_25 pruned to
 # osnet_x0_25's FLOPs kept +5.6 mAP [+2.6, +8.6] (branch) and +6.5 [+1.2, +11.7] (rectify) more than unweighted
 # after fine-tuning; 0 (the side stream to its floor) was level in branch mode and 5.4 points worse in rectify
-# mode (docs/BENCHMARKS.md, "PTL at baseline cost with the side stream cut first").
+# mode (docs/BENCHMARKS.md, "PTL at baseline cost with the side stream cut first"). On ResNet-50 it was -1.4
+# [-3.4, +0.6], and at equal FLOPs it is slower than the unweighted cut on both backbones (README).
 DEFAULT_SIDE_STREAM_WEIGHT = 0.5
 
 # What is done after the cut, on the calibration images: nothing; 'bn' re-estimates the BatchNorm statistics;
