@@ -42,13 +42,14 @@ def _modules_of(net, name):
             raise ValueError(f"importance_weights: {SIDE_STREAM!r} names a PTL model's side stream; this model "
                              f"({type(net).__name__}) has none")
         return {id(m) for m in net.side_modules()}
-    found = dict(net.named_modules()).get(name)
-    if found is None or name == "":
+    try:
+        found = net.get_submodule(name)  # names are non-empty (check_importance_weights)
+    except AttributeError:
         names = sorted(n for n, _ in net.named_children())
         raise ValueError(
             f"importance_weights: {name!r} is not a module of the model; use names of model.named_modules(), e.g. "
             f"{names[:6]}" + (f", or {SIDE_STREAM!r} for the side stream" if hasattr(net, "side_modules") else "")
-        )
+        ) from None
     return {id(m) for m in found.modules()}
 
 
