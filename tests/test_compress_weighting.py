@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tiny import run_tool, shared_weights
+from tiny import run_tool
 
 import ptl_torchreid  # noqa: F401  (registers the ptl_* models)
 from ptl_torchreid.cli_prune import add_cop_arguments, prune_options
@@ -151,8 +151,8 @@ def test_benchmark_side_weights_need_ptl_rows_and_non_negative_values(tmp_path):
 def test_benchmark_prunes_each_ptl_model_once_per_side_weight_after_or_before_fine_tuning(tmp_path):
     """'ptl' prunes the fine-tuned PTL parent, 'ptl_first' the PTL model as built; each once per side weight."""
     out = tmp_path / "r.json"
-    proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-weights",
-                    shared_weights(), "--seeds", "1", "--rows", "ptl", "ptl_first", "--ptl-mode", "branch",
+    proc = run_tool("benchmark_prune.py", "--only-accuracy", "--accuracy-arch", "osnet_x0_25", "--source-epochs",
+                    "1", "--seeds", "1", "--rows", "ptl", "ptl_first", "--ptl-mode", "branch",
                     "--ptl-side-weights", "1", "0", "--before-only", "--work-dir", tmp_path, "--results-json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["key"]: r for r in json.loads(out.read_text())["results"]}
